@@ -1,0 +1,163 @@
+"""The engine interface's data types: what goes into an engine and what streams out.
+
+Requests are pydantic models because they are validated at the boundary (bad input must
+raise a typed error, never crash an engine). Chunks are slotted dataclasses because an
+engine emits many of them on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters, named as SGLang names them (`max_new_tokens`, `stop`, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=0, description="0 means prefill only (used by select)")
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1 disables top-k")
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    n: int = Field(1, ge=1, le=1, description="engines take one sequence per request")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+
+class GenerateRequest(BaseModel):
+    """One generation request to one engine.
+
+    `priority`: *lower values are served first* (it is the scheduler's attained-service
+    rank; 0 is the most urgent). Backends translate it to their engine's convention.
+    `program_id` lets an engine attribute cache entries to a program, so that retention
+    hints (`Engine.retain`) can protect that program's prefix.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rid: str = Field(min_length=1, max_length=256)
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    priority: float = 0.0
+    program_id: str | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = Field(-1, ge=-1, description="-1: output tokens only")
+    top_logprobs_num: int = Field(0, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt(self) -> GenerateRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of `text` or `input_ids`")
+        if self.text is not None and self.text == "":
+            raise ValueError("`text` must not be empty")
+        if self.input_ids is not None and len(self.input_ids) == 0:
+            raise ValueError("`input_ids` must not be empty")
+        return self
+
+
+class FinishType(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(slots=True, frozen=True)
+class FinishReason:
+    """SGLang's finish reason: `{"type": "stop", "matched": ...}`, `{"type": "length",
+    "length": n}` or `{"type": "abort", "message": ...}`."""
+
+    type: FinishType
+    matched: str | int | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type.value}
+        if self.type is FinishType.STOP:
+            out["matched"] = self.matched
+        elif self.type is FinishType.LENGTH:
+            out["length"] = self.length
+        else:
+            out["message"] = self.message
+        return out
+
+
+# A logprob entry as SGLang returns it: (logprob, token_id, token_text or None).
+LogprobEntry = tuple[float, int, str | None]
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A piece of a generation stream. `text` and `token_ids` are deltas (new since the
+    previous chunk). The final chunk has `finish_reason` set and the token counters
+    filled; earlier chunks may leave the counters at 0."""
+
+    rid: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[LogprobEntry] | None = None
+    input_logprobs: list[LogprobEntry] | None = None  # final chunk only
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True, frozen=True)
+class Capabilities:
+    priority: bool = False  # honours GenerateRequest.priority
+    logprobs: bool = False  # output and prompt logprobs
+    constrained_decoding: bool = False  # regex / json_schema
+    token_ids: bool = False  # accepts input_ids, returns token ids
+    retention: bool = False  # honours Engine.retain hints
+    abort: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    queue_len: int  # waiting inside the engine
+    running: int  # decoding or prefilling now
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    cache_hit_tokens: int  # cumulative prompt tokens served from the prefix cache
+    cache_query_tokens: int  # cumulative prompt tokens looked up
+    preemptions: int = 0  # cumulative retractions / preemptions
+    recomputed_tokens: int = 0  # cumulative prefill tokens redone after preemption
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_used_tokens / self.kv_capacity_tokens if self.kv_capacity_tokens else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    model_path: str
+    tokenizer_path: str | None = None
+    is_generation: bool = True
+    max_context_len: int = 8192
+    chat_template: str | None = None

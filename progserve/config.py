@@ -1,0 +1,84 @@
+"""progserve's one settings model: defaults < config file < environment < command-line flags.
+
+Environment variables are prefixed `PROGSERVE_`; nested sections use `__`
+(`PROGSERVE_SCHEDULER__POLICY=plas`). The file is TOML or JSON (`--config FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from engine_backend.sim.config import SimConfig
+from scheduler.config import SchedulerConfig
+
+EngineKind = Literal["sim", "torch", "sglang", "openai"]
+
+
+class LimitsConfig(BaseModel):
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_tokens: int = Field(16384, ge=1, description="cap on max_tokens / max_new_tokens")
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROGSERVE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(30080, ge=0, le=65535)
+    engine: EngineKind = "sim"
+    engine_url: list[str] = Field(default_factory=list, description="one per replica")
+    replicas: int = Field(1, ge=1, description="embedded engine replicas (sim/torch)")
+    model: str | None = Field(None, description="model path or name served")
+    redis_url: str | None = None
+    api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
+    log_level: str = "info"
+    otlp_endpoint: str | None = None
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (flags and file, merged by `load_settings`) beats the environment.
+        return init_settings, env_settings
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional file plus explicit overrides (e.g. CLI flags).
+
+    `overrides` may be nested dicts (`scheduler={"policy": "plas"}`); None values are
+    dropped so that an unset flag never hides the environment or the file.
+    """
+    base = read_config_file(config_file) if config_file else {}
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**deep_merge(base, clean))

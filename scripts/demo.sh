@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job on the embedded default engine: venv, dependencies, `progserve demo`.
+# Usage: bash scripts/demo.sh [progserve demo args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup_venv.sh ""
+exec progserve demo "$@"

