@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # subcommand -> module exposing `configure(parser)` and `main(args) -> int`
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue  # not part of this build
         module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         module.configure(sub_parser)
