@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engine_backend.http_client import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from scheduler.config import SchedulerConfig
 
@@ -24,6 +25,9 @@ class LimitsConfig(BaseModel):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_tokens: int = Field(16384, ge=1, description="cap on max_tokens / max_new_tokens")
     max_prompt_chars: int = Field(1_000_000, ge=1)
+    default_max_tokens: int = Field(
+        1024, ge=1, description="chat completions without max_tokens generate at most this"
+    )
 
 
 class Settings(BaseSettings):
@@ -44,6 +48,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    http_engine: HTTPEngineConfig = Field(default_factory=HTTPEngineConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,353 @@
+"""`SGLangHTTPEngine`: one SGLang server replica, driven through its native HTTP API.
+
+- `POST /generate` with `stream: true`. SGLang's events carry the *cumulative* text (and,
+  by default, cumulative `output_ids`); they are turned into delta `Chunk`s here.
+- `rid` is passed through, so `abort(rid)` can `POST /abort_request`. Closing the stream
+  early (the consumer stopped) also aborts upstream: SGLang aborts on disconnect and an
+  explicit abort is sent as well.
+- `priority`: progserve's priority is *lower is more urgent* (attained service, seconds).
+  SGLang's `--enable-priority-scheduling` takes integers and, unless the server runs with
+  `--schedule-low-priority-values-first`, serves *larger* values first. The translation
+  is `-round(priority * priority_scale)` (or `+` for low-values-first servers).
+- `cached_tokens`, `prompt_tokens`, `completion_tokens` and the finish reason come from
+  `meta_info`.
+
+One instance per replica URL. Any server speaking this protocol works, progserve's own
+`/generate` included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .base import Engine
+from .errors import EngineUnavailableError, InvalidRequestError, UnknownRequestError
+from .http_client import error_for_status, iter_sse_json, make_client, unavailable
+from .types import (
+    Capabilities,
+    Chunk,
+    EngineStats,
+    FinishReason,
+    FinishType,
+    GenerateRequest,
+    LogprobEntry,
+    ModelInfo,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+_INT32 = 2**31 - 1
+
+
+def finish_reason_from_json(value: Any) -> FinishReason | None:
+    """SGLang's `meta_info.finish_reason` (a dict, or a bare string in old versions)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"type": value}
+    kind = str(value.get("type", "stop"))
+    if kind == "length":
+        return FinishReason(FinishType.LENGTH, length=value.get("length"))
+    if kind == "abort":
+        return FinishReason(FinishType.ABORT, message=value.get("message"))
+    return FinishReason(FinishType.STOP, matched=value.get("matched"))
+
+
+def logprobs_from_json(entries: Any) -> list[LogprobEntry]:
+    """`[[logprob, token_id, text], ...]` -> entries; SGLang gives None for the first
+    prompt token's logprob."""
+    out: list[LogprobEntry] = []
+    for entry in entries or ():
+        logprob, token_id = entry[0], entry[1]
+        text = entry[2] if len(entry) > 2 else None
+        out.append((logprob, int(token_id), text))  # type: ignore[arg-type]
+    return out
+
+
+def sampling_to_json(sampling: SamplingParams) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "ignore_eos": sampling.ignore_eos,
+    }
+    # Optional fields only when set, so older servers that lack them still accept the call.
+    if sampling.min_new_tokens:
+        params["min_new_tokens"] = sampling.min_new_tokens
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        params["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.regex is not None:
+        params["regex"] = sampling.regex
+    if sampling.json_schema is not None:
+        params["json_schema"] = sampling.json_schema
+    if sampling.seed is not None:
+        params["sampling_seed"] = sampling.seed
+    return params
+
+
+class _Progress:
+    """Turns SGLang's cumulative stream fields into deltas."""
+
+    __slots__ = ("text_len", "ids_len", "logprobs_len")
+
+    def __init__(self) -> None:
+        self.text_len = 0
+        self.ids_len = 0
+        self.logprobs_len = 0
+
+    def delta_text(self, text: str) -> str:
+        delta = text[self.text_len:]
+        self.text_len = len(text)
+        return delta
+
+    def delta_list(self, items: list[Any], attr: str, total: int) -> list[Any]:
+        """A list field is cumulative when its length equals the completion-token count
+        so far (SGLang's default); otherwise the server streams it incrementally."""
+        seen = getattr(self, attr)
+        if len(items) == total and len(items) >= seen:
+            setattr(self, attr, len(items))
+            return items[seen:]
+        setattr(self, attr, seen + len(items))
+        return items
+
+
+class SGLangHTTPEngine(Engine):
+    name = "sglang"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        send_priority: bool = True,
+        priority_scale: float = 1000.0,
+        low_priority_values_first: bool = False,
+        model_path: str | None = None,
+        connect_timeout: float = 5.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._send_priority = send_priority
+        self._priority_scale = priority_scale
+        self._low_first = low_priority_values_first
+        self._connect_timeout = connect_timeout
+        self._client: httpx.AsyncClient | None = None
+        self._model_info = ModelInfo(model_path=model_path or self.base_url)
+        self._kv_capacity = 0
+        self._active: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._cache_hit_tokens = 0
+        self._cache_query_tokens = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        self._client = make_client(self.base_url, api_key=self._api_key,
+                                   connect_timeout=self._connect_timeout)
+        try:
+            await self._load_model_info()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("sglang replica %s: no model info yet (%s)", self.base_url, exc)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _load_model_info(self) -> None:
+        client = self._require_client()
+        resp = await client.get("/get_model_info", timeout=self._connect_timeout)
+        resp.raise_for_status()
+        info = resp.json()
+        max_len = self._model_info.max_context_len
+        try:
+            server = (await client.get("/get_server_info", timeout=self._connect_timeout)).json()
+            max_len = int(server.get("context_length") or server.get("max_context_len")
+                          or max_len)
+            self._kv_capacity = int(server.get("max_total_num_tokens") or 0)
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+            pass  # optional: older servers or proxies without it
+        self._model_info = ModelInfo(
+            model_path=str(info.get("model_path") or self._model_info.model_path),
+            tokenizer_path=info.get("tokenizer_path"),
+            is_generation=bool(info.get("is_generation", True)),
+            max_context_len=max_len,
+            chat_template=info.get("chat_template"),
+        )
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineUnavailableError(f"sglang replica {self.base_url} is not started")
+        return self._client
+
+    # ---------------------------------------------------------------- generate
+
+    def sglang_priority(self, priority: float) -> int:
+        scaled = round(priority * self._priority_scale)
+        value = scaled if self._low_first else -scaled
+        return max(-_INT32, min(_INT32, value))
+
+    def request_json(self, request: GenerateRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "rid": request.rid,
+            "sampling_params": sampling_to_json(request.sampling),
+            "stream": True,
+        }
+        if request.text is not None:
+            body["text"] = request.text
+        else:
+            body["input_ids"] = request.input_ids
+        if request.return_logprob:
+            body.update(
+                return_logprob=True,
+                logprob_start_len=request.logprob_start_len,
+                top_logprobs_num=request.top_logprobs_num,
+                return_text_in_logprobs=True,
+            )
+        if self._send_priority:
+            body["priority"] = self.sglang_priority(request.priority)
+        return body
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        client = self._require_client()
+        rid = request.rid
+        self._active.add(rid)
+        opened = finished = False
+        try:
+            try:
+                async with client.stream("POST", "/generate",
+                                         json=self.request_json(request)) as resp:
+                    if resp.status_code != 200:
+                        raise error_for_status(resp.status_code, await resp.aread(),
+                                               f"sglang {self.base_url}")
+                    opened = True
+                    progress = _Progress()
+                    async for event in iter_sse_json(resp):
+                        chunk = self._chunk_from_event(rid, event, progress)
+                        finished = chunk.finished
+                        yield chunk
+                        if finished:
+                            break
+            except httpx.HTTPError as exc:
+                raise unavailable(exc, f"sglang {self.base_url}") from exc
+            if not finished:
+                raise EngineUnavailableError(
+                    f"sglang {self.base_url}: stream for {rid} ended without a finish reason")
+        finally:
+            self._active.discard(rid)
+            if opened and not finished:
+                self._abort_in_background(rid)
+
+    def _chunk_from_event(self, rid: str, event: dict[str, Any], progress: _Progress) -> Chunk:
+        if "error" in event:
+            err = event["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise InvalidRequestError(f"sglang {self.base_url}: {message}")
+        meta = event.get("meta_info") or {}
+        completion_tokens = int(meta.get("completion_tokens") or 0)
+        ids = event.get("output_ids") or []
+        chunk = Chunk(
+            rid=rid,
+            text=progress.delta_text(event.get("text") or ""),
+            token_ids=progress.delta_list(ids, "ids_len", completion_tokens),
+            finish_reason=finish_reason_from_json(meta.get("finish_reason")),
+            prompt_tokens=int(meta.get("prompt_tokens") or 0),
+            completion_tokens=completion_tokens,
+            cached_tokens=int(meta.get("cached_tokens") or 0),
+        )
+        if "output_token_logprobs" in meta:
+            chunk.output_logprobs = logprobs_from_json(progress.delta_list(
+                meta["output_token_logprobs"] or [], "logprobs_len", completion_tokens))
+        if chunk.finished:
+            if "input_token_logprobs" in meta:
+                chunk.input_logprobs = logprobs_from_json(meta["input_token_logprobs"])
+            self._cache_hit_tokens += chunk.cached_tokens
+            self._cache_query_tokens += chunk.prompt_tokens
+        return chunk
+
+    # ---------------------------------------------------------------- control
+
+    def _abort_in_background(self, rid: str) -> None:
+        """The consumer went away mid-stream: make sure the server frees the request."""
+        if self._client is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._post_abort(rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _post_abort(self, rid: str) -> None:
+        try:
+            client = self._require_client()
+            await client.post("/abort_request", json={"rid": rid}, timeout=self._connect_timeout)
+        except (httpx.HTTPError, EngineUnavailableError) as exc:
+            log.debug("abort of %s on %s failed: %s", rid, self.base_url, exc)
+
+    async def abort(self, rid: str) -> None:
+        if rid not in self._active:
+            raise UnknownRequestError(f"no running request {rid!r} on {self.base_url}")
+        client = self._require_client()
+        try:
+            resp = await client.post("/abort_request", json={"rid": rid},
+                                     timeout=self._connect_timeout)
+        except httpx.HTTPError as exc:
+            raise unavailable(exc, f"sglang {self.base_url}") from exc
+        if resp.status_code >= 400:
+            raise error_for_status(resp.status_code, resp.content, f"sglang {self.base_url}")
+
+    async def flush_cache(self) -> bool:
+        client = self._require_client()
+        try:
+            resp = await client.post("/flush_cache", timeout=self._connect_timeout)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def health(self) -> bool:
+        if self._client is None:
+            return False
+        for path in ("/health", "/get_model_info"):
+            try:
+                resp = await self._client.get(path, timeout=self._connect_timeout)
+            except httpx.HTTPError:
+                return False
+            if resp.status_code == 200:
+                return True
+            if resp.status_code != 404:
+                return False
+        return False
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_len=0,
+            running=len(self._active),
+            kv_used_tokens=0,
+            kv_capacity_tokens=self._kv_capacity,
+            cache_hit_tokens=self._cache_hit_tokens,
+            cache_query_tokens=self._cache_query_tokens,
+        )
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            priority=self._send_priority,
+            logprobs=True,
+            constrained_decoding=True,
+            token_ids=True,
+            retention=False,
+            abort=True,
+        )
+
+    def model_info(self) -> ModelInfo:
+        return self._model_info
