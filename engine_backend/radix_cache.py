@@ -5,9 +5,12 @@ indices, `store_values=True`), and the scheduler's per-replica approximate prefi
 (`match_prefix(..., touch=False)`).
 
 Design:
-- An edge holds a list of tokens; a node's children are keyed by their first token.
-- Prefix comparison is C-speed list-slice equality; only the single edge where two
-  sequences diverge is searched (galloping, then binary search on slice equality).
+- Keys are encoded once into bytes, 8 bytes per token (`TokenKey`), so every prefix
+  comparison is a memcmp (`bytes.startswith` at an offset) instead of a per-token loop;
+  a caller that reuses a `TokenKey` (the router across replicas, an engine from
+  admission to finish) pays the encoding once. A node's children are keyed by their
+  first token's bytes.
+- Only the single edge where two keys diverge is searched, by bisection on memcmp.
 - Evictable leaves sit in a heap keyed by the eviction order (`radix_eviction.py`) with
   lazy invalidation: a touch only stamps the node; a stale entry is re-pushed when popped.
 - Locks (`inc_lock_ref`) protect a node and its path to the root; the evictable and
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,32 +36,90 @@ from engine_backend.radix_eviction import (
     make_eviction_policy,
 )
 
-__all__ = ["PrefixMatch", "RadixCache", "TreeNode"]
+__all__ = ["PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
 
-# Divergence search: first compare growing chunks, then bisect down to this many tokens.
-_GALLOP_START = 16
-_LINEAR_SCAN = 16
+TOKEN_BYTES = 8  # an encoded token: little-endian int64 (packs faster than int32 here)
+
+
+def _as_token_list(seq: Sequence[int]) -> list[int]:
+    if type(seq) is list:
+        return seq
+    tolist = getattr(seq, "tolist", None)  # numpy arrays, torch tensors
+    return tolist() if tolist is not None else list(seq)
+
+
+def encode_tokens(tokens: Sequence[int]) -> bytes:
+    """Token ids -> 8 bytes each. One C-level pass; every later comparison is a memcmp."""
+    tokens = _as_token_list(tokens)
+    try:
+        return struct.pack(f"<{len(tokens)}q", *tokens)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be 64-bit ints: {exc}") from None
+
+
+def decode_tokens(data: bytes) -> list[int]:
+    tokens = array("q")
+    tokens.frombytes(data)
+    return tokens.tolist()
+
+
+class TokenKey:
+    """Token ids encoded once for the cache. Pass it instead of a list to skip re-encoding:
+    the router matches one prompt against every replica's tree, and an engine inserts
+    `key.extended(output_ids)` at finish, encoding only the new tokens."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, tokens: Sequence[int] = ()) -> None:
+        self.data = encode_tokens(tokens)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TokenKey:
+        if len(data) % TOKEN_BYTES:
+            raise ValueError(f"encoded key length is not a multiple of {TOKEN_BYTES} bytes")
+        key = cls.__new__(cls)
+        key.data = data
+        return key
+
+    def extended(self, tokens: Sequence[int] | TokenKey) -> TokenKey:
+        more = tokens.data if type(tokens) is TokenKey else encode_tokens(tokens)
+        return TokenKey.from_bytes(self.data + more)
+
+    def tokens(self) -> list[int]:
+        return decode_tokens(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data) // TOKEN_BYTES
+
+    def __repr__(self) -> str:
+        return f"TokenKey(len={len(self)})"
+
+
+def _key_bytes(key: Sequence[int] | TokenKey) -> bytes:
+    return key.data if type(key) is TokenKey else encode_tokens(key)
 
 
 @dataclass(slots=True, eq=False)
 class TreeNode:
-    key: list[int]
+    key: bytes  # encoded tokens of the edge into this node
     value: list[int] | None
     parent: TreeNode | None
     last_access: float
-    children: dict[int, TreeNode] = field(default_factory=dict)
+    children: dict[bytes, TreeNode] = field(default_factory=dict)  # by first token's bytes
     lock_ref: int = 0
     priority: float = 0.0  # max `insert(priority=...)` seen on this path
     owners: set[str] | None = None
     evicted: bool = False
 
-    def __len__(self) -> int:
-        return len(self.key)
+    @property
+    def size(self) -> int:
+        return len(self.key) // TOKEN_BYTES
+
+    def tokens(self) -> list[int]:
+        return decode_tokens(self.key)
 
     def __repr__(self) -> str:
-        head = self.key[:4]
-        more = "..." if len(self.key) > 4 else ""
-        return f"TreeNode(len={len(self.key)}, key={head}{more}, lock_ref={self.lock_ref})"
+        return f"TreeNode(size={self.size}, lock_ref={self.lock_ref}, evicted={self.evicted})"
 
 
 @dataclass(slots=True)
@@ -66,39 +129,17 @@ class PrefixMatch:
     node: TreeNode  # last matched node, split so it ends exactly at `length`; root if 0
 
 
-def _as_token_list(seq: Sequence[int]) -> list[int]:
-    if type(seq) is list:
-        return seq  # read only, never stored: edges are slices (copies)
-    tolist = getattr(seq, "tolist", None)  # numpy arrays, torch tensors
-    return tolist() if tolist is not None else list(seq)
-
-
-def _common_prefix_len(edge: list[int], key: list[int], start: int) -> int:
-    """Length of the common prefix of `edge` and `key[start:]`, given their first tokens match."""
-    n = len(edge)
-    if key[start : start + n] == edge:
-        return n
-    limit = min(n, len(key) - start)
-    # Gallop with growing chunks: O(position of divergence) C-level compares.
-    lo, step = 1, _GALLOP_START
-    while True:
-        hi = min(lo + step, limit)
-        if key[start + lo : start + hi] != edge[lo:hi]:
-            break
-        if hi == limit:
-            return limit
-        lo, step = hi, step * 2
-    # The first difference lies in [lo, hi): bisect, then scan a short run.
-    while hi - lo > _LINEAR_SCAN:
+def _shared_bytes(edge: bytes, data: bytes, start: int) -> int:
+    """Bytes (whole tokens) shared by `edge` and `data[start:]`; their first tokens are equal."""
+    # Bisect on memcmp: `lo` tokens are shared, `hi` tokens are not.
+    lo, hi = 1, min(len(edge), len(data) - start) // TOKEN_BYTES + 1
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        if key[start + lo : start + mid] == edge[lo:mid]:
+        if data.startswith(edge[: mid * TOKEN_BYTES], start):
             lo = mid
         else:
             hi = mid
-    for i in range(lo, hi):
-        if key[start + i] != edge[i]:
-            return i
-    return hi
+    return lo * TOKEN_BYTES
 
 
 class RadixCache:
@@ -121,7 +162,7 @@ class RadixCache:
 
     def reset(self) -> None:
         """Drop every cached prefix (without calling on_evict). Owner pins/priorities stay."""
-        self.root = TreeNode(key=[], value=[] if self.store_values else None, parent=None,
+        self.root = TreeNode(key=b"", value=[] if self.store_values else None, parent=None,
                              last_access=self.clock())
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable_size = 0
@@ -131,29 +172,26 @@ class RadixCache:
         self._seq = itertools.count()
         self._owner_nodes: dict[str, set[TreeNode]] = {}
 
-    def match_prefix(self, key: Sequence[int], *, touch: bool = True) -> PrefixMatch:
+    def match_prefix(self, key: Sequence[int] | TokenKey, *, touch: bool = True) -> PrefixMatch:
         """Longest cached prefix of `key`. Splits the last edge so the match ends on a node."""
-        key = _as_token_list(key)
+        data = _key_bytes(key)
         now = self.clock() if touch else 0.0
         values: list[int] = []
-        node, pos, end = self.root, 0, len(key)
+        node, pos, end = self.root, 0, len(data)
         while pos < end:
-            child = node.children.get(key[pos])
+            child = self._descend(node, data, pos)
             if child is None:
                 break
-            matched = _common_prefix_len(child.key, key, pos)
-            if matched < len(child.key):
-                child = self._split(child, matched)
             if touch:
                 child.last_access = now
             if child.value is not None:
                 values += child.value
-            node, pos = child, pos + matched
-        return PrefixMatch(length=pos, value=values, node=node)
+            node, pos = child, pos + len(child.key)
+        return PrefixMatch(length=pos // TOKEN_BYTES, value=values, node=node)
 
     def insert(
         self,
-        key: Sequence[int],
+        key: Sequence[int] | TokenKey,
         value: Sequence[int] | None = None,
         *,
         owner: str | None = None,
@@ -163,23 +201,21 @@ class RadixCache:
 
         Values of the already-cached part are not replaced: the caller frees its duplicates.
         """
-        key = _as_token_list(key)
-        value_list = self._checked_values(key, value)
+        data = _key_bytes(key)
+        value_list = self._checked_values(len(data) // TOKEN_BYTES, value)
         now = self.clock()
-        node, pos, end = self.root, 0, len(key)
+        node, pos, end = self.root, 0, len(data)
         while pos < end:
-            child = node.children.get(key[pos])
+            child = self._descend(node, data, pos)
             if child is None:
                 break
-            matched = _common_prefix_len(child.key, key, pos)
-            if matched < len(child.key):
-                child = self._split(child, matched)
             self._visit(child, now, owner, priority)
-            node, pos = child, pos + matched
+            node, pos = child, pos + len(child.key)
+        present = pos // TOKEN_BYTES
         if pos < end:
-            tail = value_list[pos:] if value_list is not None else None
-            self._add_leaf(node, key[pos:], tail, now, owner, priority)
-        return pos
+            tail = value_list[present:] if value_list is not None else None
+            self._add_leaf(node, data[pos:], tail, now, owner, priority)
+        return present
 
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Protect the path node..root from eviction; returns tokens that became protected."""
@@ -188,7 +224,7 @@ class RadixCache:
         root = self.root
         while node is not root:
             if node.lock_ref == 0:
-                moved += len(node.key)
+                moved += node.size
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
         self._evictable_size -= moved
@@ -205,7 +241,7 @@ class RadixCache:
                 raise ValueError(f"dec_lock_ref on an unlocked node {node!r}")
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                moved += len(node.key)
+                moved += node.size
                 if not node.children:
                     self._push(node)
             node = node.parent  # type: ignore[assignment]
@@ -274,7 +310,7 @@ class RadixCache:
 
     # ------------------------------------------------------------------ internals
 
-    def _checked_values(self, key: list[int], value: Sequence[int] | None) -> list[int] | None:
+    def _checked_values(self, num_tokens: int, value: Sequence[int] | None) -> list[int] | None:
         if not self.store_values:
             if value is not None:
                 raise ValueError("this RadixCache stores no values (store_values=False)")
@@ -282,9 +318,16 @@ class RadixCache:
         if value is None:
             raise ValueError("this RadixCache stores values: insert() needs `value`")
         value_list = _as_token_list(value)
-        if len(value_list) != len(key):
-            raise ValueError(f"value has {len(value_list)} entries for {len(key)} tokens")
+        if len(value_list) != num_tokens:
+            raise ValueError(f"value has {len(value_list)} entries for {num_tokens} tokens")
         return value_list
+
+    def _descend(self, node: TreeNode, data: bytes, pos: int) -> TreeNode | None:
+        """The child of `node` on the path of `data[pos:]`, split where the two diverge."""
+        child = node.children.get(data[pos : pos + TOKEN_BYTES])
+        if child is None or data.startswith(child.key, pos):
+            return child
+        return self._split(child, _shared_bytes(child.key, data, pos))
 
     def _visit(self, node: TreeNode, now: float, owner: str | None, priority: float) -> None:
         node.last_access = now
@@ -303,23 +346,24 @@ class RadixCache:
         self._owner_nodes.setdefault(owner, set()).add(node)
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
-        """Cut `child`'s edge after `at` tokens; the new upper node is returned."""
+        """Cut `child`'s edge after `at` bytes; the new upper node is returned."""
         parent = child.parent
         assert parent is not None
+        cut = at // TOKEN_BYTES
         upper = TreeNode(
             key=child.key[:at],
-            value=child.value[:at] if child.value is not None else None,
+            value=child.value[:cut] if child.value is not None else None,
             parent=parent,
             last_access=child.last_access,
             lock_ref=child.lock_ref,
             priority=child.priority,
         )
-        upper.children[child.key[at]] = child
-        parent.children[child.key[0]] = upper
+        upper.children[child.key[at : at + TOKEN_BYTES]] = child
+        parent.children[child.key[:TOKEN_BYTES]] = upper
         child.parent = upper
         child.key = child.key[at:]
         if child.value is not None:
-            child.value = child.value[at:]
+            child.value = child.value[cut:]
         if child.owners:
             for owner in child.owners:
                 self._add_owner(upper, owner)
@@ -329,17 +373,17 @@ class RadixCache:
     def _add_leaf(
         self,
         parent: TreeNode,
-        key: list[int],
+        key: bytes,
         value: list[int] | None,
         now: float,
         owner: str | None,
         priority: float,
     ) -> None:
         leaf = TreeNode(key=key, value=value, parent=parent, last_access=now, priority=priority)
-        parent.children[key[0]] = leaf
+        parent.children[key[:TOKEN_BYTES]] = leaf
         if owner is not None:
             self._add_owner(leaf, owner)
-        self._evictable_size += len(key)
+        self._evictable_size += leaf.size
         self._num_nodes += 1
         self._push(leaf)
         self._maybe_compact_heap()
@@ -347,7 +391,7 @@ class RadixCache:
     def _remove_leaf(self, leaf: TreeNode, freed_values: list[int]) -> int:
         parent = leaf.parent
         assert parent is not None
-        del parent.children[leaf.key[0]]
+        del parent.children[leaf.key[:TOKEN_BYTES]]
         leaf.evicted = True
         if leaf.value is not None:
             freed_values += leaf.value
@@ -356,7 +400,7 @@ class RadixCache:
                 nodes = self._owner_nodes.get(owner)
                 if nodes is not None:
                     nodes.discard(leaf)
-        size = len(leaf.key)
+        size = leaf.size
         self._evictable_size -= size
         self._num_nodes -= 1
         if parent.lock_ref == 0 and not parent.children:

@@ -40,7 +40,7 @@ def test_match_splits_mid_edge_and_returns_values() -> None:
     match = cache.match_prefix([1, 2, 3, 8])
     assert match.length == 3
     assert match.value == [10, 20, 30]
-    assert match.node.key == [1, 2, 3]  # split so the node ends exactly at the match
+    assert match.node.tokens() == [1, 2, 3]  # split so the node ends exactly at the match
     assert cache.num_nodes() == 2
     assert cache.match_prefix([1, 2, 3, 4, 5, 6]).value == [10, 20, 30, 40, 50]
     assert cache.total_size() == 5
