@@ -30,6 +30,19 @@ class LimitsConfig(BaseModel):
     )
 
 
+class ObservabilityConfig(BaseModel):
+    """Traces, metrics and the /ui tracing page (progserve/tracing.py, metrics.py, ui/)."""
+
+    console_spans: bool = Field(False, description="also print every finished span to stdout")
+    trace_max_spans: int = Field(50_000, ge=100, description="spans kept in memory for /ui")
+    trace_max_programs: int = Field(5_000, ge=10, description="program summaries kept for /ui")
+    trace_ttl_s: int = Field(86_400, ge=60, description="lifetime of spans shared in Redis")
+    admin_tenants: list[str] = Field(
+        default_factory=lambda: ["admin"],
+        description="with API keys on, these tenants see every tenant in /metrics and /ui",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROGSERVE_", env_nested_delimiter="__", extra="forbid"
@@ -49,6 +62,7 @@ class Settings(BaseSettings):
     sim: SimConfig = Field(default_factory=SimConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     http_engine: HTTPEngineConfig = Field(default_factory=HTTPEngineConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @classmethod
     def settings_customise_sources(
