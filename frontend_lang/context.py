@@ -105,6 +105,7 @@ class ProgramContext:
         choices: list[str] | None = None,
         thread_id: str | None = None,
         priority_hint: float | None = None,
+        parents: list[str] | None = None,
         site: str,
     ) -> SemanticVariable:
         call_id = self.graph.new_call_id(kind)
@@ -119,6 +120,7 @@ class ProgramContext:
             choices=choices,
             thread_id=thread_id,
             priority_hint=priority_hint,
+            parents=parents or [],
         )
         return self._register(CallRecord(spec, site))
 
@@ -160,9 +162,7 @@ class ProgramContext:
         output = self.graph.new_variable_name(name or getattr(fn, "__name__", None), call_id)
         templated = {k: str(v) if isinstance(v, SemanticVariable) else v for k, v in args.items()}
         tool_name = getattr(fn, "__name__", "callable")[:128]
-        spec = self._spec(
-            call_id, site, kind="tool", tool=tool_name, args=templated, output=output
-        )
+        spec = self._spec(call_id, site, kind="tool", tool=tool_name, args=templated, output=output)
         record = CallRecord(spec, site, client_tool=fn)
         self.graph.check_references(record)  # its inputs must exist now: it starts now
         variable = self._register(record)
@@ -296,10 +296,20 @@ class ProgramContext:
         try:
             return await self.runtime.wait_variable(self.program_id, name)
         except CallFailedError as exc:
-            if exc.site is not None or exc.call_id not in self.graph.calls:
-                raise
-            site = self.graph.calls[exc.call_id].site
-            raise CallFailedError(exc.program_id, exc.call_id, exc.variable, exc.cause, site) from None
+            failed = self._with_site(exc)
+            record = self.graph.producer_of(name)
+            if record is None or record.spec.id == exc.call_id:
+                raise failed from exc
+            # A dependant: name the variable awaited and its call, then the root cause.
+            raise CallFailedError(
+                self.program_id, record.spec.id, name, f"an input failed: {failed}", record.site
+            ) from exc
+
+    def _with_site(self, exc: CallFailedError) -> CallFailedError:
+        record = self.graph.calls.get(exc.call_id)
+        if exc.site is not None or record is None:
+            return exc
+        return CallFailedError(exc.program_id, exc.call_id, exc.variable, exc.cause, record.site)
 
     async def _send_producer(self, name: str) -> None:
         """Flush until the call producing `name` is on the server; while it is held back
@@ -345,7 +355,8 @@ class ProgramContext:
         return list(found.items())
 
     def _check_owner(self, variable: SemanticVariable) -> None:
-        if variable._context is not self:
+        running = _CURRENT.get()
+        if variable._context is not self or (running is not None and running is not self):
             raise ProgramDefinitionError(
                 f"variable {variable.name!r} belongs to another program run: pass values "
                 f"between programs with `await`, not variable handles"

@@ -80,5 +80,9 @@ class ProgramCancelledError(DSLError):
         super().__init__(f"program {program_id!r} {reason}")
 
 
+class ProgramNotFoundError(DSLError, LookupError):
+    """The runtime does not know the program (it ended long ago, or another tenant's)."""
+
+
 class RuntimeUnavailableError(DSLError, ConnectionError):
     """The runtime (remote server or embedded engine) cannot be reached or refused us."""

@@ -36,7 +36,6 @@ class CallRecord:
     sent: bool = False
 
 
-
 class ProgramGraph:
     """The calls and variables of one program run (client side)."""
 
@@ -83,9 +82,7 @@ class ProgramGraph:
     def check_references(self, record: CallRecord) -> None:
         for name in record.spec.input_variables():
             if not self.knows(name):
-                raise UnknownVariableError(
-                    name, record.spec.id, self.known_names(), record.site
-                )
+                raise UnknownVariableError(name, record.spec.id, self.known_names(), record.site)
 
     def known_names(self) -> list[str]:
         return [*self.inputs, *self.producer]
@@ -123,6 +120,8 @@ class ProgramGraph:
         return batch
 
     def _sendable(self, record: CallRecord, client_values: Mapping[str, str]) -> bool:
+        if any(not self.calls[parent].sent for parent in record.spec.parents):
+            return False
         for name in record.spec.input_variables():
             if name in self.server_inputs or name in client_values:
                 continue
@@ -140,6 +139,7 @@ class ProgramGraph:
                 for name in record.spec.input_variables()
                 if self.producer.get(name) in by_id
             ]
+            parents += [p for p in record.spec.parents if p in by_id]
             sorter.add(record.spec.id, *parents)
         try:
             ids = list(sorter.static_order())
@@ -175,7 +175,5 @@ class ProgramGraph:
         if spec.prompt is not None:
             update["prompt"] = fill(spec.prompt)
         if spec.args:
-            update["args"] = {
-                k: fill(v) if isinstance(v, str) else v for k, v in spec.args.items()
-            }
+            update["args"] = {k: fill(v) if isinstance(v, str) else v for k, v in spec.args.items()}
         return spec.model_copy(update=update)

@@ -85,6 +85,7 @@ def _gen(
     sampling: dict[str, Any],
     priority_hint: float | None,
     site: str,
+    parents: list[str] | None = None,
 ) -> SemanticVariable:
     return context.add_llm_call(
         kind="gen",
@@ -93,6 +94,7 @@ def _gen(
         sampling=sampling,
         thread_id=thread_id,
         priority_hint=priority_hint,
+        parents=parents,
         site=site,
     )
 
@@ -105,9 +107,7 @@ def select(
     priority_hint: float | None = None,
 ) -> SemanticVariable:
     """A constrained choice: the variable's value is exactly one of `choices`."""
-    return _select(
-        current_context(), prompt, choices, None, name, priority_hint, caller_site()
-    )
+    return _select(current_context(), prompt, choices, None, name, priority_hint, caller_site())
 
 
 def _select(
@@ -118,6 +118,7 @@ def _select(
     name: str | None,
     priority_hint: float | None,
     site: str,
+    parents: list[str] | None = None,
 ) -> SemanticVariable:
     options = list(choices)
     if not options or not all(isinstance(c, str) and c for c in options):
@@ -130,6 +131,7 @@ def _select(
         choices=options,
         thread_id=thread_id,
         priority_hint=priority_hint,
+        parents=parents,
         site=site,
     )
 
@@ -203,16 +205,22 @@ class Branch:
     `fork` share their prefix, which the engine's prefix cache serves once.
     """
 
-    __slots__ = ("_context", "_parts", "index", "last", "thread_id")
+    __slots__ = ("_after", "_context", "_parts", "index", "last", "thread_id")
 
     def __init__(
-        self, context: ProgramContext, prefix: str, thread_id: str, index: int
+        self,
+        context: ProgramContext,
+        prefix: str,
+        thread_id: str,
+        index: int,
+        after: list[str] | None = None,
     ) -> None:
         self._context = context
         self._parts = [prefix] if prefix else []
         self.thread_id = thread_id
         self.index = index
         self.last: SemanticVariable | None = None
+        self._after = after or []  # call ids the branch's first call waits for
 
     @property
     def text(self) -> str:
@@ -244,6 +252,7 @@ class Branch:
             sampling=_sampling(max_tokens, temperature, top_p, stop, regex, json_schema, seed),
             priority_hint=priority_hint,
             site=caller_site(),
+            parents=self._take_after(),
         )
         return self._append(variable)
 
@@ -262,6 +271,7 @@ class Branch:
             name,
             priority_hint,
             caller_site(),
+            self._take_after(),
         )
         return self._append(variable)
 
@@ -274,6 +284,10 @@ class Branch:
                 f"branch {self.thread_id!r}: generating on an empty prompt; add text first"
             )
         return self.text
+
+    def _take_after(self) -> list[str]:
+        after, self._after = self._after, []
+        return after
 
     def _append(self, variable: SemanticVariable) -> SemanticVariable:
         self._parts.append(str(variable))
@@ -290,9 +304,19 @@ def fork(n: int, prefix: Any = "") -> list[Branch]:
 
 
 def _fork(context: ProgramContext, n: int, prefix: str, site: str) -> list[Branch]:
+    """Branches that share `prefix`. Like SGLang's fork, the prefix is prefilled once first
+    (a call with `max_new_tokens=0`, the branches' parent): branches sent together would
+    otherwise all prefill it at the same time, before any of them has cached it."""
     if not isinstance(n, int) or not 1 <= n <= _MAX_FORK:
         raise ProgramDefinitionError(f"fork() at {site}: n must be an int in 1..{_MAX_FORK}")
-    return [Branch(context, prefix, context.new_thread_id(), i) for i in range(n)]
+    after: list[str] = []
+    if n > 1 and prefix:
+        warm = context.add_llm_call(
+            kind="prefix", prompt=prefix, name=None, sampling={"max_new_tokens": 0}, site=site
+        )
+        assert warm.call_id is not None
+        after = [warm.call_id]
+    return [Branch(context, prefix, context.new_thread_id(), i, after) for i in range(n)]
 
 
 def join(items: Iterable[Branch | SemanticVariable], sep: str = "\n") -> JoinedVariables:
