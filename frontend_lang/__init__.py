@@ -13,6 +13,7 @@ from .errors import (
     NoActiveProgramError,
     ProgramCancelledError,
     ProgramDefinitionError,
+    ProgramNotFoundError,
     RuntimeUnavailableError,
     UnknownVariableError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Program",
     "ProgramCancelledError",
     "ProgramDefinitionError",
+    "ProgramNotFoundError",
     "ProgramResult",
     "Runtime",
     "RuntimeUnavailableError",

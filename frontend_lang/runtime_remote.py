@@ -180,6 +180,8 @@ def _error_from_body(body: dict[str, Any], status: int, program_id: str | None) 
         return _call_failed(body, message, program_id)
     if code == "program_cancelled" or status == 409:
         return ProgramCancelledError(program_id, "was cancelled")
+    if status in (401, 403):
+        return RuntimeUnavailableError(f"HTTP {status}: {message}")
     if status == 404:
         return ProgramNotFoundError(message)
     if 400 <= status < 500 and status != 429:

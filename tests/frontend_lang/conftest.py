@@ -4,6 +4,7 @@ server (uvicorn on a free loopback port) for the remote runtime."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import uvicorn
 from frontend_lang.cli_support import embedded_settings, free_port
 from frontend_lang.runtime_local import LocalRuntime, builtin_tool_registry
 from progserve.app import create_app
+from progserve.auth import hash_key
 from progserve.runtime import Runtime as ServerRuntime
 from scheduler.tools.executor import ToolExecutor
 
@@ -50,10 +52,17 @@ async def progserve_url(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
     builtin tools) running in this event loop."""
     servers: list[tuple[uvicorn.Server, asyncio.Task[None], ToolExecutor]] = []
 
-    async def start(script: list[dict[str, str]] = ()) -> str:  # type: ignore[assignment]
+    async def start(
+        script: list[dict[str, str]] = (),  # type: ignore[assignment]
+        api_keys: dict[str, str] | None = None,
+    ) -> str:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
         settings = embedded_settings("sim", list(script), workdir, TIME_SCALE)
+        if api_keys:  # key -> tenant
+            keys_file = workdir / "keys.json"
+            keys_file.write_text(json.dumps({hash_key(k): t for k, t in api_keys.items()}))
+            settings.api_keys = keys_file
         tools = ToolExecutor(builtin_tool_registry(REPO / "docs"))
         app = create_app(ServerRuntime(settings, tools=tools))
         port = free_port()
