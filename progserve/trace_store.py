@@ -1,0 +1,358 @@
+"""Finished spans and per-program summaries for the tracing UI.
+
+A bounded in-memory store, always on. With Redis (`--redis-url`) every progserve replica
+also mirrors what it observed into Redis, so any replica's UI shows a program whose calls
+ran on several replicas. The mirror is conflict-free by construction:
+
+- spans are appended to one list per program (`RPUSH`); readers dedupe by span id, so a
+  retried write never shows twice;
+- a program's summary is a hash with one field per progserve instance (`HSET prog:{id}
+  {instance} {json}`): each replica writes only its own part, and readers merge the parts.
+
+Redis being down never blocks serving: writes are queued locally (bounded) and flushed in
+the background; the first flush that succeeds after an outage re-syncs everything queued.
+Reads fall back to local data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+SpanDict = dict[str, Any]
+ENDED_STATUSES = ("finished", "failed", "cancelled")
+# Errors that mean "Redis is unreachable right now": keep serving from local state.
+REDIS_DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(slots=True)
+class ProgramRecord:
+    """What one progserve instance observed of one program."""
+
+    program_id: str
+    tenant: str
+    instance: str = ""  # the progserve instance that observed it
+    status: str = "running"  # running | finished | failed | cancelled
+    started_ns: int = 0
+    ended_ns: int | None = None
+    llm_calls: int = 0
+    tool_calls: int = 0
+    failed_calls: int = 0
+    inflight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    updated_ns: int = 0
+
+
+def merge_records(parts: list[ProgramRecord], now_ns: int) -> dict[str, Any]:
+    """One program's summary from the parts its instances observed."""
+    ended = [p for p in parts if p.status in ENDED_STATUSES]
+    # A failure anywhere marks the program failed; else the last instance's word wins.
+    if ended:
+        failed = [p for p in ended if p.status != "finished"]
+        status = (failed or sorted(ended, key=lambda p: p.updated_ns))[-1].status
+    else:
+        status = "running" if any(p.inflight > 0 for p in parts) else "idle"
+    started = min((p.started_ns for p in parts if p.started_ns), default=now_ns)
+    ended_ns = max((p.ended_ns or 0 for p in ended), default=0) or None
+    inflight = sum(p.inflight for p in parts)
+    # An open program's latency so far: up to now while a call runs, else to its last
+    # activity (an idle program waiting on its client is not getting slower).
+    last = ended_ns or (now_ns if inflight else max(p.updated_ns for p in parts))
+    llm = sum(p.llm_calls for p in parts)
+    tools = sum(p.tool_calls for p in parts)
+    return {
+        "id": parts[0].program_id,
+        "tenant": next((p.tenant for p in parts if p.tenant), ""),
+        "status": status,
+        "calls": llm + tools,
+        "llm_calls": llm,
+        "tool_calls": tools,
+        "failed_calls": sum(p.failed_calls for p in parts),
+        "inflight": inflight,
+        "prompt_tokens": sum(p.prompt_tokens for p in parts),
+        "completion_tokens": sum(p.completion_tokens for p in parts),
+        "cached_tokens": sum(p.cached_tokens for p in parts),
+        "started_ms": started / 1e6,
+        "ended_ms": ended_ns / 1e6 if ended_ns else None,
+        "latency_ms": (last - started) / 1e6,
+        "updated_ms": max(p.updated_ns for p in parts) / 1e6,
+        "instances": sorted({p.instance for p in parts}),
+    }
+
+
+class TraceStore:
+    """Spans and program summaries: local ring, optionally mirrored to Redis."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        max_spans: int = 50_000,
+        max_programs: int = 5_000,
+        redis: Redis | None = None,
+        key_prefix: str = "progserve:obs",
+        ttl_s: int = 86_400,
+        flush_interval_s: float = 0.2,
+        redis_timeout_s: float = 1.0,
+    ):
+        self.instance_id = instance_id
+        self._max_spans = max_spans
+        self._max_programs = max_programs
+        self._redis = redis
+        self._prefix = key_prefix
+        self._ttl_s = ttl_s
+        self._flush_interval_s = flush_interval_s
+        self._redis_timeout_s = redis_timeout_s
+        self._spans: OrderedDict[str, list[SpanDict]] = OrderedDict()
+        self._span_count = 0
+        self._records: OrderedDict[str, ProgramRecord] = OrderedDict()
+        # Not yet written to Redis: (program id, span json) and programs whose record changed.
+        self._pending_spans: list[tuple[str, bytes]] = []
+        self._dirty: set[str] = set()
+        self._redis_down = False
+        self.dropped_spans = 0  # pending spans dropped during a long Redis outage
+        self.flushes_failed = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        return self._redis is not None
+
+    @property
+    def redis_ok(self) -> bool:
+        return self._redis is not None and not self._redis_down
+
+    async def start(self) -> None:
+        self._ensure_flusher()
+
+    def _ensure_flusher(self) -> None:
+        """Start the background Redis writer (idempotent; a no-op without Redis or
+        outside an event loop). Writes call it too, so the mirror runs even when nobody
+        called `start`."""
+        if self._redis is None or self._flusher is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flusher = loop.create_task(self._flush_loop(), name="trace-store-flush")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self.flush()
+        if self._redis is not None:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self._redis.aclose()
+
+    # -- writes (sync, on the event loop: called from span export and event listeners) --
+
+    def add_span(self, span: SpanDict) -> None:
+        program_id = span["program_id"]
+        spans = self._spans.get(program_id)
+        if spans is None:
+            spans = self._spans[program_id] = []
+        spans.append(span)
+        self._span_count += 1
+        self._evict_spans(keep=program_id)
+        if self._redis is not None:
+            self._ensure_flusher()
+            self._pending_spans.append((program_id, orjson.dumps(span)))
+            if len(self._pending_spans) > self._max_spans:
+                overflow = len(self._pending_spans) - self._max_spans
+                del self._pending_spans[:overflow]
+                self.dropped_spans += overflow
+
+    def record(self, program_id: str, tenant: str) -> ProgramRecord:
+        """This instance's record of a program (created on first sight). Call `touch`
+        after changing it."""
+        rec = self._records.get(program_id)
+        if rec is None:
+            rec = self._records[program_id] = ProgramRecord(program_id, tenant, self.instance_id)
+            while len(self._records) > self._max_programs:
+                self._records.popitem(last=False)
+        return rec
+
+    def touch(self, rec: ProgramRecord) -> None:
+        rec.updated_ns = time.time_ns()
+        self._records.move_to_end(rec.program_id)
+        if self._redis is not None:
+            self._ensure_flusher()
+            self._dirty.add(rec.program_id)
+
+    def _evict_spans(self, keep: str) -> None:
+        while self._span_count > self._max_spans and len(self._spans) > 1:
+            oldest = next(iter(self._spans))
+            if oldest == keep:
+                self._spans.move_to_end(keep)
+                continue
+            self._span_count -= len(self._spans.pop(oldest))
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def program_spans(self, program_id: str) -> list[SpanDict]:
+        """Every finished span of a program, from this instance and (with Redis) all."""
+        spans = {s["span_id"]: s for s in self._spans.get(program_id, ())}
+        if self._redis is not None:
+            try:
+                raw = await self._call(self._redis.lrange(self._key("spans", program_id), 0, -1))
+            except REDIS_DOWN_ERRORS:
+                raw = []
+            for item in raw:
+                span = orjson.loads(item)
+                spans.setdefault(span["span_id"], span)
+        return sorted(spans.values(), key=lambda s: (s["start_ns"], s["span_id"]))
+
+    async def program_summary(self, program_id: str) -> dict[str, Any] | None:
+        parts = await self._parts([program_id])
+        return merge_records(parts[program_id], time.time_ns()) if parts.get(program_id) else None
+
+    async def program_summaries(
+        self, limit: int = 200, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The most recently updated programs, newest first (only `tenant`'s if given)."""
+        ids = [
+            pid
+            for pid, rec in reversed(self._records.items())
+            if tenant is None or rec.tenant == tenant
+        ][:limit]
+        if self._redis is not None:
+            index = self._key("progs") if tenant is None else self._key("progs:t", tenant)
+            try:
+                remote = await self._call(self._redis.zrevrange(index, 0, limit - 1))
+                ids = list(dict.fromkeys(ids + [r.decode() for r in remote]))
+            except REDIS_DOWN_ERRORS:
+                pass
+        parts = await self._parts(ids)
+        now = time.time_ns()
+        out = [merge_records(parts[pid], now) for pid in ids if parts.get(pid)]
+        if tenant is not None:
+            out = [p for p in out if p["tenant"] == tenant]
+        out.sort(key=lambda p: p["updated_ms"], reverse=True)
+        return out[:limit]
+
+    async def _parts(self, ids: list[str]) -> dict[str, list[ProgramRecord]]:
+        parts: dict[str, dict[str, ProgramRecord]] = {pid: {} for pid in ids}
+        if self._redis is not None and ids:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for pid in ids:
+                    pipe.hgetall(self._key("prog", pid))
+                rows = await self._call(pipe.execute())
+            except REDIS_DOWN_ERRORS:
+                rows = [{} for _ in ids]
+            for pid, row in zip(ids, rows, strict=True):
+                for instance, blob in row.items():
+                    parts[pid][instance.decode()] = ProgramRecord(**orjson.loads(blob))
+        for pid in ids:  # this instance's own part is freshest locally
+            rec = self._records.get(pid)
+            if rec is not None:
+                parts[pid][self.instance_id] = rec
+        return {pid: list(by_instance.values()) for pid, by_instance in parts.items()}
+
+    # -- trace context shared across replicas ----------------------------------------
+
+    async def bind_trace_parent(self, program_id: str, traceparent: str) -> str:
+        """Record the W3C traceparent a program's trace hangs under; the first replica to
+        bind wins. Returns the binding in force (ours or the earlier one)."""
+        if self._redis is None:
+            return traceparent
+        key = self._key("tracectx", program_id)
+        try:
+            if await self._call(self._redis.set(key, traceparent, nx=True, ex=self._ttl_s)):
+                return traceparent
+            earlier = await self._call(self._redis.get(key))
+        except REDIS_DOWN_ERRORS:
+            return traceparent
+        return earlier.decode() if earlier else traceparent
+
+    async def lookup_trace_parent(self, program_id: str) -> str | None:
+        if self._redis is None:
+            return None
+        try:
+            found = await self._call(self._redis.get(self._key("tracectx", program_id)))
+        except REDIS_DOWN_ERRORS:
+            return None
+        return found.decode() if found else None
+
+    # -- the Redis mirror ----------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))
+
+    async def _call(self, awaitable: Any) -> Any:
+        return await asyncio.wait_for(awaitable, self._redis_timeout_s)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            try:
+                await self.flush()
+            except REDIS_DOWN_ERRORS:
+                pass  # flush() logged it; retried on the next tick
+            except Exception:  # never let the mirror die: serving must not notice
+                log.exception("trace store flush failed")
+
+    async def flush(self) -> None:
+        """Write queued spans and changed program records to Redis. On failure they stay
+        queued (the next flush retries them), so an outage loses nothing but memory."""
+        if self._redis is None or not (self._pending_spans or self._dirty):
+            return
+        spans, self._pending_spans = self._pending_spans, []
+        dirty, self._dirty = self._dirty, set()
+        try:
+            await self._call(self._write(spans, dirty))
+        except REDIS_DOWN_ERRORS as exc:
+            self._pending_spans[:0] = spans
+            self._dirty |= dirty
+            self.flushes_failed += 1
+            if not self._redis_down:
+                log.warning("redis unreachable (%s): traces stay local until it returns", exc)
+            self._redis_down = True
+            raise
+        if self._redis_down:
+            log.warning("redis is back: re-synced %d spans, %d programs", len(spans), len(dirty))
+            self._redis_down = False
+
+    async def _write(self, spans: list[tuple[str, bytes]], dirty: set[str]) -> None:
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        touched: set[str] = set()
+        for program_id, blob in spans:
+            pipe.rpush(self._key("spans", program_id), blob)
+            touched.add(program_id)
+        for program_id in touched:
+            pipe.expire(self._key("spans", program_id), self._ttl_s)
+        for program_id in dirty:
+            rec = self._records.get(program_id)
+            if rec is None:
+                continue  # evicted locally; its last flushed state stays in Redis
+            score = rec.updated_ns / 1e9
+            pipe.hset(self._key("prog", program_id), self.instance_id, orjson.dumps(asdict(rec)))
+            pipe.expire(self._key("prog", program_id), self._ttl_s)
+            pipe.zadd(self._key("progs"), {program_id: score})
+            pipe.zadd(self._key("progs:t", rec.tenant), {program_id: score})
+        if dirty:
+            pipe.zremrangebyrank(self._key("progs"), 0, -self._max_programs - 1)
+        await pipe.execute()

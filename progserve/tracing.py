@@ -1,0 +1,674 @@
+"""OpenTelemetry traces: one trace per program, one span per LLM call and per tool call.
+
+The scheduler reports call lifecycles as `SchedulerEvent`s (queued, dispatched, first
+token, finished, ...). `Tracing.on_event` keeps a small timeline per open call and, when
+the call ends, emits one span covering it: start = queued, with span events at dispatch
+and first token, so queue wait, prefill (dispatch -> first token) and decode (first token
+-> end) are all readable from the span. A program span closes the trace when the program
+ends.
+
+Identity across replicas, without coordination: a program's trace id and its root span
+id are derived from the program id, so every progserve replica that serves one of its
+calls files the span under the same trace. If a request carries a W3C `traceparent`, the
+program's trace joins the caller's instead (its root span becomes a child of the
+caller's span); with Redis, that binding is shared so that all replicas agree.
+
+Exporters, all on one per-runtime `TracerProvider` (never the global one):
+- the in-memory ring (`TraceStore`), always on, feeds the UI;
+- the console exporter, when `ObservabilityConfig.console_spans` is set;
+- OTLP over HTTP, when `--otlp-endpoint` is given (`pip install progserve[otlp]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from scheduler.events import EventKind, SchedulerEvent
+
+from .trace_store import SpanDict, TraceStore
+
+log = logging.getLogger(__name__)
+
+A = "progserve."  # attribute namespace
+PROGRAM_ID = A + "program.id"
+SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+MAX_OPEN_CALLS = 200_000  # in-flight call timelines kept (a guard, far above real loads)
+MAX_BINDINGS = 100_000
+
+
+# -- identity ---------------------------------------------------------------------------
+
+
+def _digest_int(kind: str, program_id: str, nbytes: int) -> int:
+    value = int.from_bytes(
+        hashlib.sha256(f"progserve-{kind}:{program_id}".encode()).digest()[:nbytes], "big"
+    )
+    return value or 1  # all-zero ids are invalid in W3C trace context
+
+
+def program_trace_id(program_id: str) -> int:
+    return _digest_int("trace", program_id, 16)
+
+
+def program_root_span_id(program_id: str) -> int:
+    return _digest_int("root", program_id, 8)
+
+
+def format_traceparent(span_context: SpanContext) -> str:
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-01"
+
+
+def parse_traceparent(
+    value: str, propagator: TraceContextTextMapPropagator | None = None
+) -> SpanContext | None:
+    """The span context a W3C `traceparent` names, or None if it is malformed."""
+    ctx = (propagator or TraceContextTextMapPropagator()).extract({"traceparent": value})
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+@dataclass(slots=True, frozen=True)
+class ProgramTrace:
+    """Where a program's spans go: its trace, its root span, and the caller's span above
+    the root (from an incoming `traceparent`), if any."""
+
+    trace_id: int
+    root_span_id: int
+    parent_span_id: int | None = None
+
+    @classmethod
+    def derived(cls, program_id: str) -> ProgramTrace:
+        return cls(program_trace_id(program_id), program_root_span_id(program_id))
+
+    @classmethod
+    def under(cls, program_id: str, caller: SpanContext) -> ProgramTrace:
+        return cls(caller.trace_id, program_root_span_id(program_id), caller.span_id)
+
+    def root_context(self) -> Context:
+        """Context whose current span is the program's root: call spans go under it."""
+        root = SpanContext(self.trace_id, self.root_span_id, is_remote=False, trace_flags=SAMPLED)
+        return trace.set_span_in_context(NonRecordingSpan(root), Context())
+
+    def caller_context(self) -> Context:
+        """Context the root span itself starts in: the caller's span, or nothing."""
+        if self.parent_span_id is None:
+            return Context()
+        caller = SpanContext(
+            self.trace_id, self.parent_span_id, is_remote=True, trace_flags=SAMPLED
+        )
+        return trace.set_span_in_context(NonRecordingSpan(caller), Context())
+
+
+class _ProgramIdGenerator(RandomIdGenerator):
+    """Random ids, except that the next span may be given fixed ids: the program's root
+    span must carry its derived ids so that every replica's call spans point at it."""
+
+    def __init__(self) -> None:
+        self._next_trace_id: int | None = None
+        self._next_span_id: int | None = None
+
+    def fix_next(self, trace_id: int, span_id: int) -> None:
+        self._next_trace_id, self._next_span_id = trace_id, span_id
+
+    def clear(self) -> None:
+        self._next_trace_id = self._next_span_id = None
+
+    def generate_span_id(self) -> int:
+        span_id, self._next_span_id = self._next_span_id, None
+        return span_id or super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        trace_id, self._next_trace_id = self._next_trace_id, None
+        return trace_id or super().generate_trace_id()
+
+
+# -- exporters --------------------------------------------------------------------------
+
+
+def span_to_dict(span: ReadableSpan) -> SpanDict:
+    """A finished span as the UI's JSON (ids in hex, times in ns since the epoch)."""
+    attrs = dict(span.attributes or {})
+    ctx = span.context
+    return {
+        "trace_id": f"{ctx.trace_id:032x}",
+        "span_id": f"{ctx.span_id:016x}",
+        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+        "name": span.name,
+        "kind": attrs.get(A + "span.kind", "other"),
+        "program_id": attrs.get(PROGRAM_ID),
+        "call_id": attrs.get(A + "call.id"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": "error" if span.status.status_code is StatusCode.ERROR else "ok",
+        "error": span.status.description,
+        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
+        "events": [
+            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})}
+            for e in span.events
+        ],
+    }
+
+
+class RingExporter(SpanExporter):
+    """Feeds finished progserve spans into the trace store (and so the UI). It runs in a
+    SimpleSpanProcessor, i.e. synchronously on the event loop where spans end."""
+
+    def __init__(self, store: TraceStore):
+        self._store = store
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            if span.attributes and PROGRAM_ID in span.attributes:
+                self._store.add_span(span_to_dict(span))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def otlp_traces_url(endpoint: str) -> str:
+    """`http://collector:4318` -> `http://collector:4318/v1/traces` (a full URL is kept)."""
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def otlp_exporter(endpoint: str) -> SpanExporter:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise RuntimeError(
+            "--otlp-endpoint needs the OTLP exporter: pip install 'progserve[otlp]'"
+        ) from exc
+    return OTLPSpanExporter(endpoint=otlp_traces_url(endpoint), timeout=5)
+
+
+# -- the scheduler listener -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallTimeline:
+    """An open call, as observed so far (wall-clock ns)."""
+
+    program_id: str
+    call_id: str
+    kind: str  # "llm" | "tool"
+    tenant: str
+    queued_ns: int
+    thread_id: str | None = None
+    tool: str | None = None
+    parents: tuple[str, ...] = ()
+    replica: int | None = None
+    priority: float = 0.0
+    queue_level: int = 0
+    queue_wait_s: float | None = None
+    ttft_s: float | None = None
+    partial_start_s: float | None = None
+    preemptions: int = 0
+    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+
+    def first_event(self, name: str) -> int | None:
+        return next((ts for n, ts, _ in self.events if n == name), None)
+
+
+class Tracing:
+    """Tracing for one progserve runtime. Subscribe `on_event` to the scheduler."""
+
+    def __init__(
+        self,
+        store: TraceStore,
+        *,
+        instance_id: str,
+        console: bool = False,
+        otlp_endpoint: str | None = None,
+        service_name: str = "progserve",
+    ):
+        self.store = store
+        self.instance_id = instance_id
+        self._ids = _ProgramIdGenerator()
+        resource = Resource.create(
+            {"service.name": service_name, "service.instance.id": instance_id}
+        )
+        self.provider = TracerProvider(
+            sampler=ALWAYS_ON,  # the UI must see every program, whatever the caller sampled
+            resource=resource,
+            id_generator=self._ids,
+            shutdown_on_exit=False,
+        )
+        self.provider.add_span_processor(SimpleSpanProcessor(RingExporter(store)))
+        if console:
+            self.provider.add_span_processor(
+                BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout))
+            )
+        if otlp_endpoint:
+            self.provider.add_span_processor(BatchSpanProcessor(otlp_exporter(otlp_endpoint)))
+        self.tracer = self.provider.get_tracer("progserve")
+        self.propagator = TraceContextTextMapPropagator()
+        self._open: OrderedDict[tuple[str, str], CallTimeline] = OrderedDict()
+        self._bindings: OrderedDict[str, ProgramTrace] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.store.close()
+        self.provider.shutdown()
+
+    # -- trace identity ------------------------------------------------------------------
+
+    def adopt_caller(self, program_id: str, caller: SpanContext) -> None:
+        """Hang `program_id`'s trace under a caller's span (from `traceparent`). The first
+        binding wins, here and (with Redis) across replicas."""
+        if program_id in self._bindings:
+            return
+        self._bind(program_id, ProgramTrace.under(program_id, caller))
+        if self.store.shared:
+            self._spawn(self._share_binding(program_id, format_traceparent(caller)))
+
+    def program_trace(self, program_id: str) -> ProgramTrace:
+        return self._bindings.get(program_id) or ProgramTrace.derived(program_id)
+
+    def _bind(self, program_id: str, binding: ProgramTrace) -> None:
+        self._bindings[program_id] = binding
+        while len(self._bindings) > MAX_BINDINGS:
+            self._bindings.popitem(last=False)
+
+    async def _share_binding(self, program_id: str, traceparent: str) -> None:
+        agreed = await self.store.bind_trace_parent(program_id, traceparent)
+        if agreed != traceparent:
+            self._bind_from_traceparent(program_id, agreed)
+
+    async def _adopt_shared_binding(self, program_id: str) -> None:
+        found = await self.store.lookup_trace_parent(program_id)
+        if found and program_id not in self._bindings:
+            self._bind_from_traceparent(program_id, found)
+
+    def _bind_from_traceparent(self, program_id: str, traceparent: str) -> None:
+        caller = parse_traceparent(traceparent, self.propagator)
+        if caller is not None:
+            self._bind(program_id, ProgramTrace.under(program_id, caller))
+
+    def _adopt_current_context(self, program_id: str) -> None:
+        """The scheduler calls listeners synchronously, inside the request that submitted
+        the call: a `traceparent` the middleware attached is the current context here."""
+        if program_id in self._bindings:
+            return
+        caller = trace.get_current_span().get_span_context()
+        if caller.is_valid and caller.is_remote:
+            self.adopt_caller(program_id, caller)
+        elif self.store.shared:
+            self._spawn(self._adopt_shared_binding(program_id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- events --------------------------------------------------------------------------
+
+    def on_event(self, ev: SchedulerEvent) -> None:
+        handler = self._HANDLERS.get(ev.kind)
+        if handler is not None:
+            handler(self, ev, _wall_ns(ev.time))
+
+    def _program_started(self, ev: SchedulerEvent, now_ns: int) -> None:
+        rec = self.store.record(ev.program_id, ev.tenant)
+        if not rec.started_ns:
+            rec.started_ns = now_ns
+        self.store.touch(rec)
+        self._adopt_current_context(ev.program_id)
+
+    def _program_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
+        rec = self.store.record(ev.program_id, ev.tenant)
+        rec.status = ev.status if ev.status in ("finished", "failed", "cancelled") else "finished"
+        rec.ended_ns = now_ns
+        rec.started_ns = rec.started_ns or now_ns
+        for key in [k for k in self._open if k[0] == ev.program_id]:
+            left_open = self._open.pop(key)
+            self._finish_call(left_open, now_ns, error=f"program {rec.status} first", rec=rec)
+        self._emit_program_span(ev, rec.started_ns, now_ns, rec)
+        self.store.touch(rec)
+        self._bindings.pop(ev.program_id, None)
+
+    def _call_queued(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        if timeline is None:
+            self._open_call(ev, now_ns, ev.call_kind or "llm")
+        else:  # re-queued after a preemption
+            timeline.events.append(("requeued", now_ns, {}))
+
+    def _call_dispatched(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._timeline(ev, now_ns)
+        timeline.replica = ev.replica
+        timeline.priority = ev.priority
+        timeline.queue_level = ev.queue_level
+        if ev.queue_wait_s is not None:
+            timeline.queue_wait_s = ev.queue_wait_s
+        timeline.events.append(("dispatched", now_ns, {A + "replica": _replica(ev.replica)}))
+
+    def _call_first_token(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._timeline(ev, now_ns)
+        if timeline.first_event("first_token") is None:
+            timeline.ttft_s = ev.ttft_s
+            timeline.events.append(("first_token", now_ns, {}))
+
+    def _call_preempted(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._timeline(ev, now_ns)
+        timeline.preemptions += 1
+        timeline.events.append(("preempted", now_ns, {A + "replica": _replica(ev.replica)}))
+
+    def _call_promoted(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        if timeline is not None:
+            timeline.events.append(("promoted", now_ns, {A + "policy.queue_level": 0}))
+
+    def _tool_started(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._timeline(ev, now_ns, kind="tool")
+        timeline.tool = ev.tool or timeline.tool
+        partial = getattr(ev, "partial_start_s", None)
+        if partial is not None:
+            timeline.partial_start_s = partial
+        timeline.events.append(("dispatched", now_ns, {}))
+
+    def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
+        timeline = self._open.pop((ev.program_id, ev.call_id or ""), None)
+        if timeline is None:  # ended before we saw it start (e.g. failed validation late)
+            timeline = self._new_timeline(ev, now_ns, ev.call_kind or "llm")
+            rec = self._count_call(timeline)
+        else:
+            rec = self.store.record(ev.program_id, ev.tenant)
+        failed = ev.kind in (EventKind.CALL_FAILED, EventKind.TOOL_FAILED)
+        if ev.replica is not None:
+            timeline.replica = ev.replica
+        if getattr(ev, "partial_start_s", None) is not None:
+            timeline.partial_start_s = ev.partial_start_s  # type: ignore[attr-defined]
+        self._finish_call(
+            timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
+        )
+        self.store.touch(rec)
+
+    _HANDLERS: Mapping[EventKind, Any] = {
+        EventKind.PROGRAM_STARTED: _program_started,
+        EventKind.PROGRAM_ENDED: _program_ended,
+        EventKind.CALL_QUEUED: _call_queued,
+        EventKind.CALL_DISPATCHED: _call_dispatched,
+        EventKind.CALL_FIRST_TOKEN: _call_first_token,
+        EventKind.CALL_PREEMPTED: _call_preempted,
+        EventKind.CALL_PROMOTED: _call_promoted,
+        EventKind.CALL_FINISHED: _call_ended,
+        EventKind.CALL_FAILED: _call_ended,
+        EventKind.TOOL_STARTED: _tool_started,
+        EventKind.TOOL_FINISHED: _call_ended,
+        EventKind.TOOL_FAILED: _call_ended,
+    }
+
+    # -- timelines -----------------------------------------------------------------------
+
+    def _timeline(self, ev: SchedulerEvent, now_ns: int, kind: str | None = None) -> CallTimeline:
+        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        if timeline is None:
+            timeline = self._open_call(ev, now_ns, kind or ev.call_kind or "llm")
+        return timeline
+
+    def _new_timeline(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
+        return CallTimeline(
+            program_id=ev.program_id,
+            call_id=ev.call_id or "",
+            kind=kind,
+            tenant=ev.tenant,
+            queued_ns=now_ns,
+            thread_id=ev.thread_id,
+            tool=ev.tool,
+            parents=tuple(getattr(ev, "parents", ()) or ()),
+            priority=ev.priority,
+            queue_level=ev.queue_level,
+        )
+
+    def _open_call(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
+        timeline = self._new_timeline(ev, now_ns, kind)
+        self._open[(ev.program_id, timeline.call_id)] = timeline
+        while len(self._open) > MAX_OPEN_CALLS:
+            self._open.popitem(last=False)
+        rec = self._count_call(timeline)
+        rec.inflight += 1
+        self.store.touch(rec)
+        self._adopt_current_context(ev.program_id)
+        return timeline
+
+    def _count_call(self, timeline: CallTimeline) -> Any:
+        rec = self.store.record(timeline.program_id, timeline.tenant)
+        rec.started_ns = rec.started_ns or timeline.queued_ns
+        if timeline.kind == "tool":
+            rec.tool_calls += 1
+        else:
+            rec.llm_calls += 1
+        return rec
+
+    def _finish_call(
+        self,
+        timeline: CallTimeline,
+        end_ns: int,
+        *,
+        error: str | None,
+        rec: Any,
+        ev: SchedulerEvent | None = None,
+    ) -> None:
+        rec.inflight = max(0, rec.inflight - 1)
+        if error is not None:
+            rec.failed_calls += 1
+        attrs = _call_attributes(timeline, self.instance_id)
+        if ev is not None:
+            rec.prompt_tokens += ev.prompt_tokens
+            rec.completion_tokens += ev.completion_tokens
+            rec.cached_tokens += ev.cached_tokens
+            attrs.update(_usage_attributes(ev))
+        name = (
+            f"tool {timeline.tool or timeline.call_id}"
+            if timeline.kind == "tool"
+            else (f"llm {timeline.call_id}")
+        )
+        span = self.tracer.start_span(
+            name,
+            context=self.program_trace(timeline.program_id).root_context(),
+            kind=SpanKind.INTERNAL,
+            start_time=timeline.queued_ns,
+            attributes=attrs,
+        )
+        for event_name, ts, event_attrs in timeline.events:
+            span.add_event(event_name, event_attrs, timestamp=ts)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error[:500]))
+        span.end(end_time=max(end_ns, timeline.queued_ns))
+
+    def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
+        binding = self.program_trace(ev.program_id)
+        self._ids.fix_next(binding.trace_id, binding.root_span_id)
+        try:
+            span = self.tracer.start_span(
+                f"program {ev.program_id}",
+                context=binding.caller_context(),
+                kind=SpanKind.SERVER,
+                start_time=start_ns,
+                attributes={
+                    PROGRAM_ID: ev.program_id,
+                    A + "span.kind": "program",
+                    A + "tenant": ev.tenant,
+                    A + "instance": self.instance_id,
+                    A + "program.status": rec.status,
+                    A + "program.calls": rec.llm_calls + rec.tool_calls,
+                },
+            )
+        finally:
+            self._ids.clear()
+        if rec.status != "finished":
+            span.set_status(Status(StatusCode.ERROR, ev.error or rec.status))
+        span.end(end_time=max(end_ns, start_ns))
+
+    # -- reads for the UI ----------------------------------------------------------------
+
+    def open_calls(self, program_id: str) -> list[SpanDict]:
+        """This instance's in-flight calls of a program, shaped like finished spans
+        (`end_ns` None, status "running")."""
+        binding = self.program_trace(program_id)
+        out = []
+        for (pid, _), timeline in self._open.items():
+            if pid != program_id:
+                continue
+            attrs = _call_attributes(timeline, self.instance_id)
+            out.append(
+                {
+                    "trace_id": f"{binding.trace_id:032x}",
+                    "span_id": f"open-{timeline.call_id}",
+                    "parent_id": f"{binding.root_span_id:016x}",
+                    "name": f"{timeline.kind} {timeline.tool or timeline.call_id}",
+                    "kind": timeline.kind,
+                    "program_id": pid,
+                    "call_id": timeline.call_id,
+                    "start_ns": timeline.queued_ns,
+                    "end_ns": None,
+                    "status": "running",
+                    "error": None,
+                    "attributes": {
+                        k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()
+                    },
+                    "events": [
+                        {"name": n, "time_ns": ts, "attributes": a} for n, ts, a in timeline.events
+                    ],
+                }
+            )
+        return out
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _wall_ns(loop_time: float) -> int:
+    """Wall-clock ns of a loop-time instant (the scheduler stamps events with loop time)."""
+    try:
+        now_loop = asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.time_ns()
+    return time.time_ns() - int(max(0.0, now_loop - loop_time) * 1e9)
+
+
+def _replica(replica: int | None) -> int:
+    return -1 if replica is None else replica
+
+
+def _call_attributes(t: CallTimeline, instance_id: str) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        PROGRAM_ID: t.program_id,
+        A + "span.kind": t.kind,
+        A + "call.id": t.call_id,
+        A + "call.kind": t.kind,
+        A + "tenant": t.tenant,
+        A + "instance": instance_id,
+        A + "policy.priority": float(t.priority),
+        A + "policy.queue_level": int(t.queue_level),
+        A + "replica": _replica(t.replica),
+        A + "preemptions": t.preemptions,
+    }
+    if t.thread_id is not None:
+        attrs[A + "thread.id"] = t.thread_id
+    if t.parents:
+        attrs[A + "call.parents"] = list(t.parents)
+    if t.queue_wait_s is not None:
+        attrs[A + "queue_wait_s"] = float(t.queue_wait_s)
+    if t.ttft_s is not None:
+        attrs[A + "ttft_s"] = float(t.ttft_s)
+    if t.tool is not None:
+        attrs[A + "tool.name"] = t.tool
+    if t.partial_start_s is not None:
+        attrs[A + "tool.partial_start_s"] = float(t.partial_start_s)
+    return attrs
+
+
+def _usage_attributes(ev: SchedulerEvent) -> dict[str, Any]:
+    prefill = max(0, ev.prompt_tokens - ev.cached_tokens)
+    attrs: dict[str, Any] = {
+        A + "prompt_tokens": ev.prompt_tokens,
+        A + "prefill_tokens": prefill,
+        A + "cached_tokens": ev.cached_tokens,
+        A + "decode_tokens": ev.completion_tokens,
+        A + "service": float(ev.service),
+        # OpenTelemetry's GenAI semantic conventions, for tools that know them.
+        "gen_ai.usage.input_tokens": ev.prompt_tokens,
+        "gen_ai.usage.output_tokens": ev.completion_tokens,
+    }
+    if ev.queue_wait_s is not None:
+        attrs[A + "queue_wait_s"] = float(ev.queue_wait_s)
+    if ev.ttft_s is not None:
+        attrs[A + "ttft_s"] = float(ev.ttft_s)
+    if ev.duration_s is not None:
+        attrs[A + "duration_s"] = float(ev.duration_s)
+    if ev.replica is not None:
+        attrs[A + "replica"] = ev.replica
+    return attrs
+
+
+class TraceContextMiddleware:
+    """ASGI middleware: a request's W3C `traceparent` becomes the current OpenTelemetry
+    context while it is handled (so the program it submits joins the caller's trace), and
+    binds the program named by `X-Program-Id` right away. Requests without the header
+    pass straight through."""
+
+    def __init__(self, app: Any, tracing: Tracing):
+        self.app = app
+        self.tracing = tracing
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        traceparent = program_id = None
+        for name, value in scope.get("headers", ()):
+            if name == b"traceparent":
+                traceparent = value.decode("latin-1")
+            elif name == b"x-program-id":
+                program_id = value.decode("latin-1").strip()
+        caller = parse_traceparent(traceparent, self.tracing.propagator) if traceparent else None
+        if caller is None:
+            await self.app(scope, receive, send)
+            return
+        if program_id:
+            self.tracing.adopt_caller(program_id, caller)
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(caller)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+
+def install_tracing(app: Any, tracing: Tracing) -> None:
+    """Add the `traceparent` middleware to a FastAPI app (before it starts)."""
+    app.add_middleware(TraceContextMiddleware, tracing=tracing)

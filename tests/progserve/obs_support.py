@@ -1,0 +1,170 @@
+"""Shared pieces of the observability tests: a map-reduce program, a real progserve server
+(uvicorn on a free loopback port, sim engine, builtin tools) in the test's event loop, and
+`progserve serve` processes for the scale-out tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from progserve.app import create_app
+from progserve.config import Settings, load_settings
+from progserve.observability import install_observability
+from progserve.runtime import Runtime
+from scheduler.tools.builtin import register_builtin_tools
+from scheduler.tools.executor import ToolExecutor
+from scheduler.tools.registry import ToolRegistry
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM = (
+    "You are a careful technical summariser. Read the part of the document below and "
+    "write one short sentence that keeps its main claim and its key numbers. "
+) * 3
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mapreduce_spec(n: int = 4, *, with_tool: bool = True) -> dict[str, Any]:
+    """Parrot-style map-reduce: n parallel summaries (sharing a system prefix), a document
+    search on the first summary (a tool node), and a reduce over all of them."""
+    calls: list[dict[str, Any]] = [
+        {
+            "id": f"map-{i}",
+            "prompt": SYSTEM + f"Part {i}: {{{{chunk_{i}}}}}\nSummary:",
+            "output": f"s{i}",
+            "sampling": {"max_new_tokens": 16 + 4 * i, "temperature": 0},
+        }
+        for i in range(n)
+    ]
+    refs = " ".join(f"{{{{s{i}}}}}" for i in range(n))
+    if with_tool:
+        calls.append(
+            {
+                "id": "search",
+                "kind": "tool",
+                "tool": "search_docs",
+                "args": {"query": "{{s0}}"},
+                "output": "hits",
+            }
+        )
+        refs += " Related: {{hits}}"
+    calls.append(
+        {
+            "id": "reduce",
+            "prompt": SYSTEM + refs + "\nSummary of the whole document:",
+            "output": "final",
+            "sampling": {"max_new_tokens": 24, "temperature": 0},
+        }
+    )
+    inputs = {f"chunk_{i}": f"chunk {i} talks about scheduling step {i}. " * 8 for i in range(n)}
+    return {"inputs": inputs, "calls": calls}
+
+
+def sim_settings(**overrides: Any) -> Settings:
+    """Sim engine at 10x real time, two replicas."""
+    base: dict[str, Any] = {"engine": "sim", "replicas": 2, "sim": {"time_scale": 0.1}}
+    base.update(overrides)
+    return load_settings(**base)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+    runtime: Runtime
+
+
+@asynccontextmanager
+async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
+    """A real progserve server in this event loop: uvicorn on a free port."""
+    tools = ToolExecutor(register_builtin_tools(ToolRegistry(), docs_root=REPO / "docs"))
+    runtime = Runtime(settings, tools=tools)
+    app = create_app(runtime)
+    if not hasattr(app.state, "observability"):  # until the app factory installs it
+        install_observability(app, runtime)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield LiveServer(f"http://127.0.0.1:{port}", app, runtime)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+        await tools.aclose()
+
+
+async def run_program(
+    client: httpx.AsyncClient, spec: dict[str, Any], *, headers: dict[str, str] | None = None
+) -> str:
+    """Submit a program, wait for its `final` variable, end it; returns its id."""
+    r = await client.post("/v1/programs", json=spec, headers=headers or {})
+    assert r.status_code == 201, r.text
+    program_id = r.json()["program_id"]
+    r = await client.get(f"/v1/programs/{program_id}/variables/final", headers=headers or {})
+    assert r.status_code == 200, r.text
+    r = await client.post(f"/v1/programs/{program_id}/end", headers=headers or {})
+    assert r.status_code < 300, r.text
+    return program_id
+
+
+class ServeProcess:
+    """`progserve serve` in a subprocess (the real CLI), on a free port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "progserve.cli", "serve", "--port", str(self.port), *args]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"progserve exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"progserve did not come up:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
