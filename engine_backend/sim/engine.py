@@ -1,0 +1,420 @@
+"""SimEngine: the embedded default engine. A continuous-batching engine with a radix KV
+cache of fixed capacity, priority admission and preemption, chunked prefill and a
+calibrated step-cost model; replies come from a pluggable responder.
+
+Time: the engine reads only `loop.time()` and waits on loop timers, so it runs in virtual
+time under `engine_backend.virtual_time.run_virtual` (benchmarks: the clock jumps from
+event to event) and in real time when serving (`SimConfig.time_scale` compresses it).
+One background task advances the batch from event to event (`batch.py`); a new request
+or an abort wakes it mid-plan, and it then accounts the whole steps that elapsed.
+
+Streams: a chunk per `stream_interval` tokens, or with `stream_interval=0` one chunk at
+the end (what virtual-time benchmarks want: no per-token work at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine_backend.base import Engine
+from engine_backend.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    UnknownRequestError,
+    UnsupportedError,
+)
+from engine_backend.radix_cache import TOKEN_BYTES, RadixCache, TokenKey
+from engine_backend.sim.batch import DONE, ContinuousBatcher, SimRequest, StepPlan
+from engine_backend.sim.config import SimConfig
+from engine_backend.sim.cost_model import StepCostModel
+from engine_backend.sim.logprobs import input_logprobs, output_logprobs
+from engine_backend.sim.responders import (
+    PromptView,
+    ReplyBuilder,
+    Responder,
+    ScriptedResponder,
+    SyntheticResponder,
+    parse_choices,
+    request_seed,
+)
+from engine_backend.sim.tokenizer import SimTokenizer
+from engine_backend.types import (
+    Capabilities,
+    Chunk,
+    EngineStats,
+    FinishReason,
+    FinishType,
+    GenerateRequest,
+    ModelInfo,
+)
+
+# Programs whose cache entries stay tagged with their id (for retention) without a
+# retain() call; beyond this many, the least recently seen program's tags are dropped.
+MAX_TAGGED_PROGRAMS = 16_384
+
+
+def _prompt_key(ids: list[int]) -> TokenKey:
+    """Encode token ids for the radix cache, rejecting negative ids on the way (packing as
+    unsigned gives the cache's little-endian int64 bytes for every valid id, in one C pass;
+    ids the vocabulary does not know are accepted and decode as pseudo-words)."""
+    if TOKEN_BYTES != 8:  # the cache changed its encoding: check, then let it encode
+        if min(ids) < 0:
+            raise InvalidRequestError("input_ids must be non-negative")
+        return TokenKey(ids)
+    try:
+        return TokenKey.from_bytes(struct.pack(f"<{len(ids)}Q", *ids))
+    except struct.error:
+        raise InvalidRequestError("input_ids must be non-negative integers") from None
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class SimEngine(Engine):
+    name = "sim"
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        responder: Responder | None = None,
+        tokenizer: SimTokenizer | None = None,
+        cost_model: StepCostModel | None = None,
+    ) -> None:
+        self.config = config = config or SimConfig()
+        self.tokenizer = tokenizer or SimTokenizer()
+        if responder is None:
+            builder = ReplyBuilder(self.tokenizer, config.seed)
+            synthetic = SyntheticResponder(builder, config.synthetic_mean_tokens)
+            responder = (
+                ScriptedResponder.from_file(builder, config.script_file, synthetic)
+                if config.script_file
+                else synthetic
+            )
+        self.responder = responder
+        self.cost_model = cost_model or StepCostModel.from_hardware(config.hardware)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.cache = RadixCache(eviction=config.eviction, clock=self._now)
+        self.batcher = ContinuousBatcher(
+            config, self.cost_model, self.cache, self._on_finish, self._on_progress
+        )
+        self._requests: dict[str, SimRequest] = {}
+        self._programs: OrderedDict[str, None] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[bool] | None = None
+        self._closed = False
+        self._t = 0.0  # time of the last step boundary
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        if self._closed:
+            raise EngineUnavailableError("the sim engine is closed")
+        self._loop = asyncio.get_running_loop()
+        self._t = self._loop.time()
+        self._task = self._loop.create_task(self._run(), name="sim-engine")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for r in list(self._requests.values()):
+            self._abort(r, "the engine closed")
+
+    async def health(self) -> bool:
+        return not self._closed and (self._task is None or not self._task.done())
+
+    # ------------------------------------------------------------ interface
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            priority=True,
+            logprobs=True,
+            constrained_decoding=True,  # regexes that list literal choices
+            token_ids=True,
+            retention=True,
+            abort=True,
+        )
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            model_path=self.config.model_path,
+            tokenizer_path=self.config.model_path,
+            max_context_len=self.config.max_context_len,
+        )
+
+    async def stats(self) -> EngineStats:
+        b = self.batcher
+        return EngineStats(
+            queue_len=b.n_waiting,
+            running=b.running(),
+            kv_used_tokens=b.kv_used(),
+            kv_capacity_tokens=self.config.kv_capacity_tokens,
+            cache_hit_tokens=b.cache_hit_tokens,
+            cache_query_tokens=b.cache_query_tokens,
+            preemptions=b.preemptions,
+            recomputed_tokens=b.recomputed_tokens,
+        )
+
+    async def retain(self, program_id: str, keep: bool) -> None:
+        if keep:
+            self._pinned.add(program_id)
+            self.cache.pin(program_id)
+        else:
+            self._pinned.discard(program_id)
+            # Its next call re-tags its whole context on insert; forgetting bounds memory.
+            self.cache.forget_owner(program_id)
+            self._programs.pop(program_id, None)
+
+    async def flush_cache(self) -> bool:
+        self.cache.evict(self.cache.evictable_size())
+        return True
+
+    async def abort(self, rid: str) -> None:
+        r = self._requests.get(rid)
+        if r is None:
+            raise UnknownRequestError(f"unknown request {rid!r}")
+        self._abort(r, "aborted")
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Validates now (typed errors before anything streams), streams when iterated."""
+        return self._stream(self._prepare(request))
+
+    # ------------------------------------------------------------ requests
+
+    def _prepare(self, request: GenerateRequest) -> SimRequest:
+        if not isinstance(request, GenerateRequest):
+            raise InvalidRequestError(f"expected a GenerateRequest, got {type(request).__name__}")
+        if self._closed:
+            raise EngineUnavailableError("the sim engine is closed")
+        config = self.config
+        sampling = request.sampling
+        if sampling.max_new_tokens < 0:
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {sampling.max_new_tokens}")
+        pieces = None
+        if request.text:
+            ids, pieces = self.tokenizer.encode_pieces(request.text)
+            key = TokenKey(ids)
+        elif request.input_ids:
+            ids = request.input_ids
+            key = _prompt_key(ids)
+        else:
+            raise InvalidRequestError("the prompt is empty")
+        n = len(ids)
+        if n >= config.max_context_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; the context length is {config.max_context_len}"
+            )
+        if n >= config.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; the KV cache holds {config.kv_capacity_tokens}"
+            )
+        if sampling.json_schema is not None:
+            raise UnsupportedError("the sim engine does not support json_schema")
+        choices = parse_choices(sampling.regex) if sampling.regex else None
+        if request.rid in self._requests:
+            raise InvalidRequestError(f"request {request.rid!r} is already running")
+        # Output that cannot fit the context or the KV cache ends with finish "length".
+        max_new = min(sampling.max_new_tokens, config.max_context_len - n,
+                      config.kv_capacity_tokens - n)
+        if max_new < sampling.max_new_tokens:
+            sampling = sampling.model_copy(update={"max_new_tokens": max_new})
+        seed = request_seed(config.seed, request.rid, ids, sampling)
+        view = PromptView(request.rid, ids, sampling, seed, self.tokenizer, request.text)
+        reply = self.responder.choose(view, choices) if choices else self.responder.reply(view)
+        return SimRequest(
+            rid=request.rid,
+            prompt=ids,
+            key=key,
+            priority=request.priority,
+            program_id=request.program_id,
+            max_new=max_new,
+            reserve=min(max_new, config.clip_max_new_tokens),
+            reply=reply,
+            target=len(reply.token_ids),
+            seed=seed,
+            request=request,
+            prompt_pieces=pieces,
+        )
+
+    async def _stream(self, r: SimRequest) -> AsyncIterator[Chunk]:
+        await self.start()
+        if r.rid in self._requests:
+            raise InvalidRequestError(f"request {r.rid!r} is already running")
+        self._requests[r.rid] = r
+        if r.program_id is not None:
+            self._tag_program(r.program_id)
+        self.batcher.enqueue(r)
+        self._wake()
+        assert self._loop is not None
+        try:
+            while True:
+                if not r.chunks:
+                    if r.error is not None:
+                        raise EngineUnavailableError(f"the sim engine failed: {r.error!r}")
+                    r.waiter = self._loop.create_future()
+                    await r.waiter
+                    continue
+                chunks, r.chunks = r.chunks, []
+                for chunk in chunks:
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+        finally:
+            r.waiter = None
+            if r.state != DONE:  # the consumer went away: free its KV
+                self._abort(r, None)
+
+    def _tag_program(self, program_id: str) -> None:
+        programs = self._programs
+        programs[program_id] = None
+        programs.move_to_end(program_id)
+        if len(programs) > MAX_TAGGED_PROGRAMS:
+            oldest, _ = programs.popitem(last=False)
+            if oldest not in self._pinned:
+                self.cache.forget_owner(oldest)
+
+    def _abort(self, r: SimRequest, message: str | None) -> None:
+        """End `r`; `message` None means nobody listens (no final chunk)."""
+        if self._requests.get(r.rid) is r:
+            del self._requests[r.rid]
+        if r.state == DONE:
+            return
+        generated = self.batcher.abort(r)
+        if message is not None:
+            finish = FinishReason(FinishType.ABORT, message=message)
+            self._push(r, self._chunk(r, r.emitted, generated, finish))
+        self._wake()
+
+    # -------------------------------------------------------------- chunks
+
+    def _push(self, r: SimRequest, chunk: Chunk) -> None:
+        r.chunks.append(chunk)
+        waiter = r.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _chunk(self, r: SimRequest, start: int, end: int, finish: FinishReason | None) -> Chunk:
+        reply = r.reply
+        chunk = Chunk(r.rid, reply.text_between(start, end), reply.token_ids[start:end])
+        request = r.request
+        if request.return_logprob:
+            chunk.output_logprobs = output_logprobs(reply, r.seed, start, end)
+        r.emitted = end
+        if finish is not None:
+            chunk.finish_reason = finish
+            chunk.prompt_tokens = len(r.prompt)
+            chunk.completion_tokens = end
+            chunk.cached_tokens = r.cached_tokens
+            if request.return_logprob and request.logprob_start_len >= 0:
+                pieces = r.prompt_pieces or [self.tokenizer.piece(t) for t in r.prompt]
+                chunk.input_logprobs = input_logprobs(
+                    r.prompt, pieces, request.logprob_start_len, self.responder
+                )
+        return chunk
+
+    def _on_finish(self, r: SimRequest) -> None:
+        if self._requests.get(r.rid) is r:
+            del self._requests[r.rid]
+        self._push(r, self._chunk(r, r.emitted, r.target, r.reply.finish))
+
+    def _on_progress(self, r: SimRequest, generated: int) -> None:
+        if generated > r.emitted:
+            self._push(r, self._chunk(r, r.emitted, generated, None))
+
+    # --------------------------------------------------------------- the loop
+
+    def _wake(self) -> None:
+        future = self._wakeup
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    async def _wait(self, deadline: float | None, wakeable: bool) -> bool:
+        """Until `deadline` (None: forever); True if woken early by `_wake`."""
+        assert self._loop is not None
+        future: asyncio.Future[bool] = self._loop.create_future()
+        handle = None if deadline is None else self._loop.call_at(deadline, _resolve, future, False)
+        if wakeable:
+            self._wakeup = future
+        try:
+            return await future
+        finally:
+            if handle is not None:
+                handle.cancel()
+            if self._wakeup is future:
+                self._wakeup = None
+
+    async def _run(self) -> None:
+        try:
+            await self._advance_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug: fail every stream instead of hanging them
+            for r in list(self._requests.values()):
+                r.error = exc
+                self._push_error(r)
+            raise
+
+    def _push_error(self, r: SimRequest) -> None:
+        waiter = r.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _advance_forever(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        batcher, cost, scale = self.batcher, self.cost_model, self.config.time_scale
+        while True:
+            batcher.boundary()
+            plan = batcher.plan()
+            if plan is None:  # nothing runs: sleep until a request arrives
+                await self._wait(None, wakeable=True)
+                self._t = max(self._t, loop.time())
+                continue
+            end = self._t + plan.seconds * scale
+            if plan.steps > 1 and await self._wait(end, wakeable=True):
+                end = self._shorten(plan, loop.time(), cost, scale)
+            await self._wait(end, wakeable=False)
+            self._t = end
+            batcher.commit(plan)
+
+    def _shorten(self, plan: StepPlan, now: float, cost: StepCostModel, scale: float) -> float:
+        """Woken mid-plan: keep the steps done by `now` plus the one in flight."""
+        done = cost.decode_steps_within(plan.batch, plan.context, (now - self._t) / scale)
+        if done + 1 < plan.steps:
+            plan.steps = done + 1
+            plan.seconds = cost.decode_span(plan.batch, plan.context, plan.steps)
+        return self._t + plan.seconds * scale
+
+    def debug_state(self) -> dict[str, Any]:
+        """A snapshot for tests and the UI."""
+        b = self.batcher
+        return {
+            "step": b.step,
+            "time": self._t,
+            "waiting": b.n_waiting,
+            "prefilling": len(b.prefilling),
+            "decoding": b.n_dec,
+            "kv_used": b.kv_used(),
+            "tree_tokens": self.cache.total_size(),
+            "new_token_ratio": b.ratio,
+        }
