@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from engine_backend.http_client import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from scheduler.config import SchedulerConfig
+from scheduler.tools.config import ToolsConfig
 
 EngineKind = Literal["sim", "torch", "sglang", "openai"]
 
@@ -63,6 +64,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     http_engine: HTTPEngineConfig = Field(default_factory=HTTPEngineConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
 
     @classmethod
     def settings_customise_sources(
