@@ -6,6 +6,7 @@ Every example takes the same flags:
                        else sim), sim or torch
     --api-key KEY      for --url servers with API keys
     --time-scale X     sim engine speed in real time (0.1 runs 10x faster)
+    --docs DIR         what the embedded `search_docs` tool searches (default: docs/)
     --json             print one JSON line (result, latency, tokens) instead of text
 With the sim engine the example's scripted responder (pattern -> reply rules) writes the
 model's text, so that its output drives the program's control flow sensibly.
@@ -32,6 +33,8 @@ from progserve.config import Settings, load_settings
 from .program import ProgramResult
 from .runtime import Runtime
 
+# The checkout's docs/ (an editable install); the embedded `search_docs` tool searches it.
+DEFAULT_DOCS = Path(__file__).resolve().parents[1] / "docs"
 ScriptRule = dict[str, str]  # {"pattern": regex over the prompt, "reply": text}
 ExampleMain = Callable[[Runtime, argparse.Namespace], Awaitable[ProgramResult[Any]]]
 
@@ -49,6 +52,12 @@ def example_parser(
     parser.add_argument("--api-key", help="API key of the --url server")
     parser.add_argument(
         "--time-scale", type=float, default=None, help="sim engine speed (0.1: 10x faster)"
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=DEFAULT_DOCS if DEFAULT_DOCS.is_dir() else None,
+        help="embedded runtime: the directory `search_docs` searches (default: docs/)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     if add_arguments is not None:
@@ -104,7 +113,7 @@ async def open_runtime(
         settings = embedded_settings(
             embedded_engine(args.engine), script, Path(workdir), args.time_scale
         )
-        async with LocalRuntime(settings) as local:
+        async with LocalRuntime(settings, docs_root=args.docs) as local:
             yield local
 
 

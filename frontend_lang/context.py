@@ -277,6 +277,9 @@ class ProgramContext:
         async for delta in self.runtime.stream_variable(self.program_id, name):
             parts.append(delta)
             yield delta
+            # Each step of a stream is an await point: calls the program created while
+            # reading this delta (an LLMCompiler task, say) go out now, not at the end.
+            await self.flush()
         self._values[name] = "".join(parts)
 
     async def _value(self, name: str) -> str:

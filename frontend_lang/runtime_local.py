@@ -35,14 +35,18 @@ from .errors import (
 )
 
 
-def builtin_tool_registry(docs_root: str | Path | None = None) -> ToolRegistry:
-    """`calculator`, and `search_docs` over `docs_root` when given."""
-    return register_builtin_tools(ToolRegistry(), docs_root=docs_root)
+def builtin_tool_registry(
+    docs_root: str | Path | None = None, settings: Settings | None = None
+) -> ToolRegistry:
+    """The server's builtin tools, plus `search_docs` over `docs_root` when given."""
+    config = getattr(settings, "tools", None)  # the tools section, once settings have one
+    return register_builtin_tools(ToolRegistry(config), docs_root=docs_root)
 
 
 class LocalRuntime:
     """See the module docstring. `tools`: a registry of server-side tools (default: the
-    builtin ones); `tenant`: the tenant its programs belong to."""
+    server's builtin tools, with `search_docs` over `docs_root` when given); `tenant`: the
+    tenant its programs belong to; `engines`: prebuilt engines instead of the settings'."""
 
     def __init__(
         self,
@@ -55,9 +59,11 @@ class LocalRuntime:
     ) -> None:
         self.settings = settings if settings is not None else load_settings()
         self.tenant = tenant
-        registry = tools if tools is not None else builtin_tool_registry(docs_root)
-        self.tools = ToolExecutor(registry)
-        self._server = ServerRuntime(self.settings, engines=engines, tools=self.tools)
+        if tools is None and docs_root is not None:
+            tools = builtin_tool_registry(docs_root, self.settings)
+        executor = ToolExecutor(tools) if tools is not None else None
+        self._server = ServerRuntime(self.settings, engines=engines, tools=executor)
+        self._own_executor = executor  # the server runtime closes only tools it built
 
     @property
     def scheduler(self) -> Scheduler:
@@ -69,7 +75,8 @@ class LocalRuntime:
 
     async def close(self) -> None:
         await self._server.close()
-        await self.tools.aclose()
+        if self._own_executor is not None:
+            await self._own_executor.aclose()
 
     async def __aenter__(self) -> LocalRuntime:
         return await self.start()
