@@ -22,18 +22,35 @@ from .program import Program, ProgramResult, program
 from .runtime import Runtime
 from .variables import JoinedVariables, SemanticVariable
 
+# The runtimes import the server stack (or httpx): loaded on first use, so that importing
+# the DSL to define programs stays light.
+_LAZY = {
+    "LocalRuntime": "frontend_lang.runtime_local",
+    "RemoteRuntime": "frontend_lang.runtime_remote",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'frontend_lang' has no attribute {name!r}")
+
 __all__ = [
     "Branch",
     "CallFailedError",
     "CycleError",
     "DSLError",
     "JoinedVariables",
+    "LocalRuntime",
     "NoActiveProgramError",
     "Program",
     "ProgramCancelledError",
     "ProgramDefinitionError",
     "ProgramNotFoundError",
     "ProgramResult",
+    "RemoteRuntime",
     "Runtime",
     "RuntimeUnavailableError",
     "SemanticVariable",
