@@ -1,6 +1,14 @@
 """Scheduler knobs. One section of progserve's settings model (`settings.scheduler`).
 
 Every field has a documented default; the README's configuration table lists them.
+
+Service unit. Policies rank calls by *attained service*. With `service_metric =
+"weighted_tokens"` (the default) a call's service is its estimated single-request engine
+time, `uncached_prompt_tokens * prefill_token_cost_s + completion_tokens *
+decode_token_cost_s`, in seconds: it is deterministic and does not grow when the engine is
+busy, so a program is not demoted for the load other programs cause. With
+`"engine_time"` it is the wall time from dispatch to the last token (Autellix's choice).
+Either way the MLFQ bounds below are in seconds.
 """
 
 from __future__ import annotations
@@ -11,30 +19,62 @@ from pydantic import BaseModel, Field
 
 PolicyName = Literal["fcfs", "mlfq", "plas", "atlas", "dlpm"]
 BalanceName = Literal["round_robin", "least_loaded", "affinity"]
+ServiceMetric = Literal["weighted_tokens", "engine_time"]
 
 
 class SchedulerConfig(BaseModel):
     policy: PolicyName = Field("atlas", description="call ordering policy")
+    # Attained service (see the module docstring).
+    service_metric: ServiceMetric = "weighted_tokens"
+    prefill_token_cost_s: float = Field(
+        1e-4, ge=0, description="service per uncached prompt token (~10k tok/s prefill)"
+    )
+    decode_token_cost_s: float = Field(
+        0.012, ge=0, description="service per generated token (~one decode step, 8B on H100)"
+    )
     # MLFQ discretisation (Autellix): K queues, queue i holds priorities below
     # first_bound * growth**i (seconds of attained service).
     mlfq_queues: int = Field(8, ge=1, le=64)
     mlfq_first_bound: float = Field(0.25, gt=0)
     mlfq_growth: float = Field(2.0, gt=1)
-    mlfq_quantum: float = Field(0.5, gt=0, description="service (s) before a running call is demoted")
+    mlfq_quantum: float = Field(
+        0.5,
+        gt=0,
+        description="service (s) a call may run in queue 0 before it is demoted; queue i "
+        "gets mlfq_quantum * mlfq_growth**i",
+    )
     starvation_beta: float = Field(4.0, gt=0, description="promote when wait/service >= beta")
     # DLPM
     dlpm_quantum_tokens: int = Field(4096, gt=0, description="deficit added per tenant per round")
     # Dispatch budget per replica: keeps the engine's own queue short so our order decides.
     max_inflight_requests: int = Field(32, ge=1)
     max_inflight_tokens: int = Field(65536, ge=1)
+    decode_reserve_tokens: int = Field(
+        256, ge=0, description="budget tokens counted per call for its output (capped by max)"
+    )
+    pass_priority: bool = Field(True, description="pass priorities to engines that honour them")
     # Abort-and-resume preemption for engines without priority support.
     preempt_without_priority: bool = False
-    # KV retention across tool gaps.
+    # KV retention across tool gaps and between a program's calls.
     retain_kv: bool = True
-    retention_timeout_s: float = Field(30.0, gt=0)
+    retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
     # Routing.
     balance: BalanceName = "affinity"
     long_context_tokens: int = Field(2048, ge=0, description="affinity above this prompt length")
+    cache_match_fraction: float = Field(
+        0.5, ge=0, le=1, description="short calls go where this share of the prompt is cached"
+    )
+    balance_abs_threshold: int = Field(
+        16, ge=0, description="in-flight imbalance (requests) above which load beats cache"
+    )
+    router_tree_tokens: int = Field(
+        400_000, ge=1, description="tokens each replica's approximate prefix tree remembers"
+    )
+    chars_per_token: int = Field(4, ge=1, description="text prompts: chars per pseudo-token")
     # Limits.
     max_calls_per_program: int = Field(10_000, ge=1)
-    max_programs: int = Field(100_000, ge=1)
+    max_programs: int = Field(100_000, ge=1, description="open programs before 429")
+    max_queued_calls: int = Field(1_000_000, ge=1, description="queued calls before 429")
+    keep_finished_programs: int = Field(
+        10_000, ge=0, description="ended programs kept in memory for state queries"
+    )

@@ -1,0 +1,178 @@
+"""The dispatcher: moves ready calls from the policy's queue onto engine replicas.
+
+Each replica has an in-flight budget (requests and tokens). Keeping it small keeps the
+engine's own queue short, so that progserve's order decides what runs (middleware-mode
+preemption). A pass is scheduled with `call_soon` whenever something changes (a call is
+queued, a call finishes) and coalesced, so a burst of events costs one pass.
+
+A call placed on a replica gets its waiter future resolved with the replica index; the
+coroutine that awaits it (the call's executor) then streams from the engine and calls
+`release` when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from engine_backend.base import Engine
+from engine_backend.types import Capabilities
+
+from .config import SchedulerConfig
+from .policies import Policy
+from .program import CallNode, CallStatus
+from .ready_queue import ReadyHeap
+from .router import PrefixTree, Router
+
+
+@dataclass(slots=True, eq=False)
+class Replica:
+    index: int
+    engine: Engine
+    capabilities: Capabilities
+    tree: PrefixTree
+    max_requests: int
+    max_tokens: int
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+    dispatched: int = 0
+    running: set[CallNode] = field(default_factory=set)
+    parked: ReadyHeap = field(default_factory=lambda: ReadyHeap("parked"))
+
+    def has_room(self, call: CallNode) -> bool:
+        if self.inflight_requests >= self.max_requests:
+            return False
+        # An idle replica always takes one call, however large.
+        return (
+            self.inflight_tokens + call.budget_tokens <= self.max_tokens
+            or self.inflight_requests == 0
+        )
+
+    def has_request_room(self) -> bool:
+        return self.inflight_requests < self.max_requests
+
+    def load_key(self) -> tuple[int, int, int]:
+        return (self.inflight_requests, self.inflight_tokens, self.index)
+
+
+def make_replicas(engines: Sequence[Engine], config: SchedulerConfig) -> list[Replica]:
+    scale = 1.0
+    return [
+        Replica(
+            index=i,
+            engine=engine,
+            capabilities=engine.capabilities(),
+            tree=PrefixTree(config.router_tree_tokens, scale),
+            max_requests=config.max_inflight_requests,
+            max_tokens=config.max_inflight_tokens,
+        )
+        for i, engine in enumerate(engines)
+    ]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        replicas: list[Replica],
+        policy: Policy,
+        router: Router,
+        on_dispatch: Callable[[CallNode, Replica, float], None],
+    ) -> None:
+        self.config = config
+        self.replicas = replicas
+        self.policy = policy
+        self.router = router
+        self.on_dispatch = on_dispatch
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dispatched = 0
+        self.preemptions = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # ------------------------------------------------------------------ entry points
+    def enqueue(self, call: CallNode, now: float) -> None:
+        call.status = CallStatus.QUEUED
+        call.queued_at = now
+        call.program.queued.add(call)
+        self.policy.push(call, now)
+        self.kick()
+
+    def remove(self, call: CallNode) -> None:
+        """Take a queued or parked call out of every queue (cancellation)."""
+        if call.heap is not None:
+            call.heap.remove(call)
+        call.program.queued.discard(call)
+
+    def release(self, call: CallNode) -> None:
+        """The call left its replica (finished, failed, aborted, preempted)."""
+        index = call.replica
+        if index < 0:
+            return
+        replica = self.replicas[index]
+        if call in replica.running:
+            replica.running.discard(call)
+            replica.inflight_requests -= 1
+            replica.inflight_tokens -= call.budget_tokens
+            self.kick()
+
+    def kick(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._run_pass)
+
+    # ------------------------------------------------------------------------- passes
+    def _run_pass(self) -> None:
+        self._scheduled = False
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        # Calls parked for their home replica go first when it has room: they were
+        # popped (ranked first) earlier than anything still in the policy queue.
+        for replica in self.replicas:
+            parked = replica.parked
+            while parked and replica.has_request_room():
+                call = parked.peek()
+                if call is None or not replica.has_room(call):
+                    break
+                parked.pop()
+                self._place(call, replica, now)
+        policy = self.policy
+        router = self.router
+        while len(policy) and any(r.has_request_room() for r in self.replicas):
+            call = policy.pop(now)
+            if call is None:
+                break
+            decision = router.choose(call)
+            replica = decision.replica
+            if replica is None:
+                # Head of line does not fit anywhere: it keeps its place and we wait.
+                policy.requeue(call, now)
+                break
+            if decision.wait_for_home:
+                replica.parked.push(call, call.key)
+                continue
+            self._place(call, replica, now)
+
+    def _place(self, call: CallNode, replica: Replica, now: float) -> None:
+        call.program.queued.discard(call)
+        call.status = CallStatus.RUNNING
+        call.replica = replica.index
+        call.dispatched_at = now
+        replica.running.add(call)
+        replica.inflight_requests += 1
+        replica.inflight_tokens += call.budget_tokens
+        replica.dispatched += 1
+        self.dispatched += 1
+        self.router.on_dispatch(call, replica)
+        self.on_dispatch(call, replica, now)
+        waiter = call.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(replica.index)
+
+    # ---------------------------------------------------------------------- inspection
+    def queued(self) -> int:
+        return len(self.policy) + sum(len(r.parked) for r in self.replicas)

@@ -1,0 +1,177 @@
+"""Replica routing: which engine replica runs a call.
+
+Each replica has an approximate prefix tree (a `RadixCache` without values) of the prompts
+routed to it, bounded to about the engine's KV size, which estimates the cache hit a call
+would get there. The `affinity` balance (Autellix, and the SGLang router's cache-aware
+mode):
+
+- a long-context call (prompt >= `long_context_tokens`) stays on its program's replica,
+  waiting for room there: moving it would re-prefill the whole context;
+- a short call goes where at least `cache_match_fraction` of its prompt is cached, unless
+  that replica is more than `balance_abs_threshold` requests busier than the least-loaded
+  one; otherwise to the least-loaded replica.
+
+`round_robin` and `least_loaded` are the baselines. Every balance only picks among
+replicas with room in their in-flight budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine_backend.radix_cache import RadixCache, TokenKey
+
+from .config import SchedulerConfig
+
+if TYPE_CHECKING:
+    from .dispatcher import Replica
+    from .program import CallNode
+
+# Text prompts are keyed for the tree by blocks of this many characters (one pseudo-token
+# each): coarse, but prefix-consistent and cheap.
+TEXT_BLOCK_CHARS = 16
+
+
+def text_route_key(text: str) -> list[int]:
+    return [hash(text[i : i + TEXT_BLOCK_CHARS]) for i in range(0, len(text), TEXT_BLOCK_CHARS)]
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    replica: Replica | None  # None: no replica can take the call now
+    wait_for_home: bool = False  # park the call on `replica` until it has room
+    estimated_hit: int = 0  # tokens
+
+
+class PrefixTree:
+    """One replica's approximate prefix index, bounded in tokens."""
+
+    __slots__ = ("tree", "capacity", "scale")
+
+    def __init__(self, capacity_tokens: int, scale: float) -> None:
+        ticks = itertools.count()
+        self.tree = RadixCache(eviction="lru", store_values=False, clock=lambda: next(ticks))
+        self.capacity = capacity_tokens
+        self.scale = scale  # tokens per key element
+
+    def match(self, key: TokenKey) -> int:
+        return self.tree.match_prefix(key, touch=False).length
+
+    def insert(self, key: TokenKey) -> None:
+        tree = self.tree
+        tree.insert(key)
+        excess = tree.total_size() - self.capacity
+        if excess > 0:
+            tree.evict(excess)
+
+
+class Router:
+    def __init__(self, config: SchedulerConfig, replicas: Sequence[Replica]) -> None:
+        self.config = config
+        self.replicas = list(replicas)
+        self.balance = config.balance
+        self._next = 0
+        self.long_context = config.long_context_tokens
+
+    # ------------------------------------------------------------------ keys and hints
+    def route_key(self, call: CallNode) -> tuple[TokenKey | None, float]:
+        """The call's prompt encoded for the trees (once per call), and the tokens each
+        key element stands for."""
+        key = call.route_key
+        if key is None:
+            request = call.request
+            if request is None:
+                return None, 1.0
+            if request.input_ids is not None:
+                key = TokenKey(request.input_ids)
+            else:
+                key = TokenKey(text_route_key(request.text or ""))
+                call.route_scale = TEXT_BLOCK_CHARS / self.config.chars_per_token
+            call.route_key = key
+        return key, call.route_scale
+
+    def best_match(self, call: CallNode) -> int:
+        """Tokens of the call's prompt cached on its best replica (DLPM's hint)."""
+        key, scale = self.route_key(call)
+        if not key:
+            return 0
+        return int(max(r.tree.match(key) for r in self.replicas) * scale)
+
+    # ------------------------------------------------------------------------- choice
+    def choose(self, call: CallNode) -> RouteDecision:
+        replicas = self.replicas
+        if len(replicas) == 1:
+            only = replicas[0]
+            return RouteDecision(only if only.has_room(call) else None)
+        balance = self.balance
+        if balance == "round_robin":
+            return RouteDecision(self._round_robin(call))
+        if balance == "least_loaded":
+            return RouteDecision(self._least_loaded(call))
+        return self._affinity(call)
+
+    def _round_robin(self, call: CallNode) -> Replica | None:
+        n = len(self.replicas)
+        for i in range(n):
+            replica = self.replicas[(self._next + i) % n]
+            if replica.has_room(call):
+                self._next = (self._next + i + 1) % n
+                return replica
+        return None
+
+    def _least_loaded(self, call: CallNode) -> Replica | None:
+        best: Replica | None = None
+        for replica in self.replicas:
+            if replica.has_room(call) and (
+                best is None or replica.load_key() < best.load_key()
+            ):
+                best = replica
+        return best
+
+    def _affinity(self, call: CallNode) -> RouteDecision:
+        program = call.program
+        if call.prompt_len >= self.long_context and program.home_replica >= 0:
+            home = self.replicas[program.home_replica]
+            if home.has_room(call):
+                return RouteDecision(home)
+            return RouteDecision(home, wait_for_home=True)
+        key, scale = self.route_key(call)
+        least: Replica | None = None
+        best: Replica | None = None
+        best_hit = -1
+        for replica in self.replicas:
+            if not replica.has_room(call):
+                continue
+            if least is None or replica.load_key() < least.load_key():
+                least = replica
+            hit = replica.tree.match(key) if key else 0
+            if hit > best_hit:
+                best, best_hit = replica, hit
+        if least is None or best is None:
+            return RouteDecision(None)
+        hit_tokens = int(best_hit * scale)
+        imbalance = best.inflight_requests - least.inflight_requests
+        if (
+            hit_tokens > 0
+            and hit_tokens >= self.config.cache_match_fraction * call.prompt_len
+            and imbalance <= self.config.balance_abs_threshold
+        ):
+            return RouteDecision(best, estimated_hit=hit_tokens)
+        return RouteDecision(least)
+
+    # -------------------------------------------------------------------- bookkeeping
+    def on_dispatch(self, call: CallNode, replica: Replica) -> None:
+        """The replica will cache this prompt: remember it, and make it the program's home."""
+        call.program.home_replica = replica.index
+        key, _ = self.route_key(call)
+        if key is not None:
+            replica.tree.insert(key)
+
+    def on_finish(self, call: CallNode, replica: Replica, output_ids: list[int] | None) -> None:
+        """The replica now also caches the output (token-id prompts only)."""
+        key = call.route_key
+        if output_ids and key is not None and call.route_scale == 1.0:
+            replica.tree.insert(key.extended(output_ids))

@@ -1,0 +1,167 @@
+"""Program history behind a small interface: in memory (the default) or in Redis.
+
+The store is the source of truth for the history the policies rank by. With Redis,
+several progserve replicas in front of the same engines share it, so a program whose calls
+land on different progserve processes is still ranked by all the service it received.
+Each finished call is one atomic increment (`record_call`), which returns the new totals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class HistoryTotals:
+    service: float = 0.0
+    engine_time_s: float = 0.0
+    weighted_tokens: float = 0.0
+    wait_s: float = 0.0
+    calls_finished: int = 0
+    engines_used: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    service: float
+    engine_time_s: float
+    weighted_tokens: float
+    wait_s: float
+    replica: int  # -1 for tool calls
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
+        """The program's history, or None if the store has never seen it."""
+        ...
+
+    async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
+        """Add one finished call to the program's history; returns the new totals."""
+        ...
+
+    async def end_program(self, tenant: str, program_id: str, status: str) -> None:
+        """The program ended; the store may expire its history."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class InMemoryStateStore:
+    """The default: one process, a dict. `record_call` never suspends."""
+
+    def __init__(self, max_ended: int = 100_000) -> None:
+        self._totals: dict[tuple[str, str], HistoryTotals] = {}
+        self._ended: dict[tuple[str, str], str] = {}
+        self.max_ended = max_ended
+
+    async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
+        return self._totals.get((tenant, program_id))
+
+    async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
+        totals = self._totals.get((tenant, program_id))
+        if totals is None:
+            totals = self._totals[(tenant, program_id)] = HistoryTotals()
+        totals.service += record.service
+        totals.engine_time_s += record.engine_time_s
+        totals.weighted_tokens += record.weighted_tokens
+        totals.wait_s += record.wait_s
+        totals.calls_finished += 1
+        if record.replica >= 0:
+            totals.engines_used.add(record.replica)
+        return totals
+
+    async def end_program(self, tenant: str, program_id: str, status: str) -> None:
+        key = (tenant, program_id)
+        self._ended[key] = status
+        if len(self._ended) > self.max_ended:  # forget the oldest ended programs
+            oldest = next(iter(self._ended))
+            del self._ended[oldest]
+            self._totals.pop(oldest, None)
+
+    async def close(self) -> None:
+        self._totals.clear()
+        self._ended.clear()
+
+
+class RedisStateStore:
+    """Program history in Redis hashes, shared by several progserve processes.
+
+    Keys: `{prefix}:{tenant}:{program_id}` (a hash of float counters) and `...:engines` (a
+    set of replica indices). Every write refreshes a TTL (`ttl_s`), so abandoned programs
+    expire; an ended program keeps its history for `ended_ttl_s`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "progserve:prog",
+        ttl_s: int = 24 * 3600,
+        ended_ttl_s: int = 3600,
+    ) -> None:
+        import redis.asyncio as redis  # imported here: the in-memory store needs no redis
+
+        self._redis = redis.from_url(url, decode_responses=True)
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.ended_ttl_s = ended_ttl_s
+
+    def _key(self, tenant: str, program_id: str) -> str:
+        return f"{self.prefix}:{tenant}:{program_id}"
+
+    async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
+        key = self._key(tenant, program_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.smembers(f"{key}:engines")
+            fields, engines = await pipe.execute()
+        if not fields:
+            return None
+        return _totals(fields, engines)
+
+    async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
+        key = self._key(tenant, program_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrbyfloat(key, "service", record.service)
+            pipe.hincrbyfloat(key, "engine_time_s", record.engine_time_s)
+            pipe.hincrbyfloat(key, "weighted_tokens", record.weighted_tokens)
+            pipe.hincrbyfloat(key, "wait_s", record.wait_s)
+            pipe.hincrby(key, "calls_finished", 1)
+            pipe.hsetnx(key, "created", time.time())
+            if record.replica >= 0:
+                pipe.sadd(f"{key}:engines", record.replica)
+            pipe.expire(key, self.ttl_s)
+            pipe.expire(f"{key}:engines", self.ttl_s)
+            pipe.hgetall(key)
+            pipe.smembers(f"{key}:engines")
+            results = await pipe.execute()
+        return _totals(results[-2], results[-1])
+
+    async def end_program(self, tenant: str, program_id: str, status: str) -> None:
+        key = self._key(tenant, program_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "status", status)
+            pipe.expire(key, self.ended_ttl_s)
+            pipe.expire(f"{key}:engines", self.ended_ttl_s)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _totals(fields: dict[str, str], engines: set[str]) -> HistoryTotals:
+    return HistoryTotals(
+        service=float(fields.get("service", 0.0)),
+        engine_time_s=float(fields.get("engine_time_s", 0.0)),
+        weighted_tokens=float(fields.get("weighted_tokens", 0.0)),
+        wait_s=float(fields.get("wait_s", 0.0)),
+        calls_finished=int(fields.get("calls_finished", 0)),
+        engines_used={int(e) for e in engines},
+    )
+
+
+def make_store(redis_url: str | None) -> StateStore:
+    return RedisStateStore(redis_url) if redis_url else InMemoryStateStore()
