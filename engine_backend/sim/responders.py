@@ -163,7 +163,7 @@ class ReplyBuilder:
     def _apply_stops(reply: Reply, sampling: SamplingParams) -> Reply:
         """Cut at max_new_tokens, then at the earliest stop token id or stop string."""
         limit = sampling.max_new_tokens
-        if len(reply.token_ids) > limit:
+        if len(reply.token_ids) >= limit:  # its end-of-turn token would be one more
             _truncate(reply, limit, FinishReason(FinishType.LENGTH, length=limit))
         if sampling.stop_token_ids and reply.token_ids:
             stop_ids = set(sampling.stop_token_ids)
