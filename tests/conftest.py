@@ -108,3 +108,134 @@ def make_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 @pytest.fixture
 def redis_server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
     return make_redis_server()
+
+
+# ---------------------------------------------------------------- progserve servers
+# `serve_in_thread(app)`: a real uvicorn server for a FastAPI app on a free loopback port,
+# in a background thread (tests can reach its runtime with `server.call(coro)`).
+# `serve_process(*flags, env=...)`: a real `progserve serve` subprocess on a free port.
+# Both are module-scoped factories; everything they start is stopped at module teardown.
+
+
+class UvicornThread:
+    def __init__(self, app: object, port: int):
+        import uvicorn
+
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                lifespan="on", loop="asyncio", http="httptools")
+        self.server = uvicorn.Server(config)
+        self.loop: object = None
+        self.thread: object = None
+
+    def start(self, timeout_s: float = 30.0) -> UvicornThread:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.serve())  # type: ignore[attr-defined]
+
+        self.thread = threading.Thread(target=run, name=f"uvicorn-{self.port}", daemon=True)
+        self.thread.start()  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                raise RuntimeError(f"uvicorn on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def call(self, coro: object, timeout_s: float = 30.0) -> object:
+        """Run a coroutine on the server's event loop (engines and scheduler live there)."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(30)  # type: ignore[attr-defined]
+
+
+class ServeProcess:
+    def __init__(self, flags: tuple[str, ...], env: dict[str, str] | None, port: int):
+        import os
+        import tempfile
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block it
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning", *flags],
+            env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> ServeProcess:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"progserve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"progserve on port {self.port} not healthy after {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def serve_in_thread() -> Iterator[Callable[[object], UvicornThread]]:
+    servers: list[UvicornThread] = []
+
+    def serve(app: object) -> UvicornThread:
+        server = UvicornThread(app, _free_port())
+        servers.append(server)
+        return server.start()
+
+    yield serve
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    procs: list[ServeProcess] = []
+
+    def serve(*flags: str, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(tuple(flags), env, _free_port())
+        procs.append(proc)
+        return proc.wait_healthy()
+
+    yield serve
+    for proc in reversed(procs):
+        proc.stop()

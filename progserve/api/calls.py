@@ -1,0 +1,222 @@
+"""One LLM call through the scheduler, as every entrance makes it.
+
+`ScheduledCall.start` opens (or creates) the caller's program and asks the scheduler for
+the call's stream; `first()` waits for the first chunk, so that a bad request or an
+overloaded server still answers with a proper HTTP error before any SSE starts.
+Closing the stream (`close()`, or the task being cancelled) aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+
+from engine_backend.types import Chunk, FinishReason, FinishType, GenerateRequest, LogprobEntry
+
+from ..errors import BadRequestError
+from .common import ProgramIdentity, close_quietly, new_id
+
+if TYPE_CHECKING:
+    from ..runtime import InflightRequest, Runtime
+
+ABORTED = FinishReason(FinishType.ABORT, message="aborted by /abort_request")
+
+
+@dataclass(slots=True)
+class CallOutput:
+    """A call's chunks folded together (what a non-streamed answer reports)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[LogprobEntry] = field(default_factory=list)
+    input_logprobs: list[LogprobEntry] | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.text:
+            self.text += chunk.text
+        if chunk.token_ids:
+            self.token_ids.extend(chunk.token_ids)
+        if chunk.output_logprobs:
+            self.output_logprobs.extend(chunk.output_logprobs)
+        if chunk.input_logprobs is not None:
+            self.input_logprobs = chunk.input_logprobs
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        if chunk.prompt_tokens:
+            self.prompt_tokens = chunk.prompt_tokens
+        if chunk.completion_tokens:
+            self.completion_tokens = chunk.completion_tokens
+        if chunk.cached_tokens:
+            self.cached_tokens = chunk.cached_tokens
+
+
+class ScheduledCall:
+    __slots__ = ("runtime", "tenant", "program_id", "call_id", "rid", "identity", "_stream",
+                 "_first", "inflight")
+
+    def __init__(self, runtime: Runtime, tenant: str, program_id: str, call_id: str,
+                 rid: str, identity: ProgramIdentity, stream: AsyncIterator[Chunk],
+                 inflight: InflightRequest | None) -> None:
+        self.runtime = runtime
+        self.tenant = tenant
+        self.program_id = program_id
+        self.call_id = call_id
+        self.rid = rid
+        self.identity = identity
+        self._stream = stream
+        self._first: Chunk | None = None
+        self.inflight = inflight
+
+    @classmethod
+    async def start(cls, runtime: Runtime, tenant: str, identity: ProgramIdentity,
+                    request: GenerateRequest, *, abortable: bool = False) -> ScheduledCall:
+        """`abortable`: register the rid so `/abort_request` can end this call."""
+        inflight = None
+        if abortable:
+            inflight = runtime.requests.add(request.rid, tenant)
+            if inflight is None:
+                raise BadRequestError(f"request id {request.rid!r} is already in flight",
+                                      param="rid")
+        try:
+            scheduler = runtime.scheduler
+            program_id = await scheduler.open_program(identity.program_id, tenant=tenant)
+            call_id = identity.call_id or new_id("call")
+            stream = scheduler.llm_call(
+                program_id, request, tenant=tenant, thread_id=identity.thread_id,
+                parent_ids=identity.parent_ids, call_id=call_id,
+            )
+        except BaseException:
+            if inflight is not None:
+                runtime.requests.remove(inflight)
+            raise
+        return cls(runtime, tenant, program_id, call_id, request.rid, identity, stream,
+                   inflight)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Program-Id": self.program_id, "X-Call-Id": self.call_id}
+
+    def bind_to_current_task(self) -> None:
+        """The task that consumes the stream is the one an abort cancels."""
+        if self.inflight is not None:
+            self.inflight.task = asyncio.current_task()
+
+    @property
+    def aborted(self) -> bool:
+        return self.inflight is not None and self.inflight.aborted
+
+    async def first(self) -> Chunk:
+        """The first chunk; errors before any output surface here (as HTTP errors)."""
+        try:
+            self._first = await anext(self._stream)
+        except StopAsyncIteration:
+            self._first = Chunk(rid=self.rid)
+        except BaseException:
+            await self.close()
+            raise
+        return self._first
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Every chunk (the first one included, if `first()` fetched it)."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            if first.finished:
+                return
+        async for chunk in self._stream:
+            yield chunk
+            if chunk.finished:
+                return
+
+    async def collect(self) -> CallOutput:
+        out = CallOutput()
+        async for chunk in self.chunks():
+            out.add(chunk)
+        return out
+
+    async def collect_abortable(self) -> CallOutput:
+        """`collect()`, except that an `/abort_request` for this call's rid ends it early
+        with finish `abort` (the partial output is kept)."""
+        self.bind_to_current_task()
+        out = CallOutput()
+        try:
+            async for chunk in self.chunks():
+                out.add(chunk)
+        except asyncio.CancelledError:
+            if not self.aborted:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            out.finish_reason = ABORTED
+        finally:
+            await self.close()
+        return out
+
+    async def close(self) -> None:
+        """Abort what is still running and release the rid; safe to call twice."""
+        await close_quietly(self._stream)
+        if self.inflight is not None:
+            self.runtime.requests.remove(self.inflight)
+
+    async def end_program_if_asked(self) -> None:
+        if self.identity.end:
+            await self.runtime.scheduler.end_program(self.program_id, tenant=self.tenant)
+
+
+async def merge_streams(calls: list[ScheduledCall]) -> AsyncIterator[tuple[int, Chunk | None]]:
+    """(index, chunk) from every call as chunks come; (index, None) when a call was
+    aborted through `/abort_request`. One call streams inline; a batch runs a pump task
+    per call, so that each can be aborted (its task cancelled) on its own."""
+    if len(calls) == 1:
+        call = calls[0]
+        call.bind_to_current_task()
+        try:
+            async for chunk in call.chunks():
+                yield 0, chunk
+        except asyncio.CancelledError:
+            if not call.aborted:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, call: ScheduledCall) -> None:
+        call.bind_to_current_task()
+        try:
+            async for chunk in call.chunks():
+                queue.put_nowait((index, chunk))
+        except asyncio.CancelledError:
+            if not call.aborted:
+                raise
+            queue.put_nowait((index, None))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, done))
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(pump(i, c)) for i, c in enumerate(calls)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,218 @@
+"""Helpers every router shares: bounded JSON bodies, fast JSON and SSE responses, the
+caller's tenant, program identity from headers, and streams that abort their engine
+request when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import orjson
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_body
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PROGRAM_ID_HEADER = "X-Program-Id"
+CALL_ID_HEADER = "X-Call-Id"
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def tenant_of(request: Request) -> str:
+    """FastAPI dependency: the caller's tenant (401 when keys are on and missing/wrong)."""
+    return request.app.state.runtime.auth.tenant_for(request.headers)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+# ------------------------------------------------------------------------ request body
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON, refusing bodies over `limits.max_request_bytes` (413)
+    before reading them whole."""
+    limit = runtime_of(request).settings.limits.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequestError("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(f"request body over the {limit}-byte limit")
+        body = await request.body()
+    else:
+        parts: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLargeError(f"request body over the {limit}-byte limit")
+            parts.append(part)
+        body = b"".join(parts)
+    if not body:
+        raise BadRequestError("the request needs a JSON body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise BadRequestError("the JSON body must be an object")
+    return model.model_validate(data)
+
+
+# ------------------------------------------------------------------------ responses
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None,
+                  media_type: str = "application/json") -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers,
+                    media_type=media_type)
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def sse_error(exc: BaseException) -> bytes:
+    """An error after the stream started: the status line is gone, so it goes in-band."""
+    return sse(openai_body(classify(exc)))
+
+
+def sse_response(body: AsyncIterator[bytes], headers: Mapping[str, str] | None = None
+                 ) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **(headers or {})})
+
+
+# ------------------------------------------------------------------------ program identity
+
+
+@dataclass(slots=True, frozen=True)
+class ProgramIdentity:
+    """Which program a proxied call belongs to, and where it sits in it."""
+
+    program_id: str | None = None
+    thread_id: str | None = None
+    parent_ids: tuple[str, ...] = ()
+    call_id: str | None = None
+    end: bool = False
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _split_ids(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def program_identity(headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
+                     user: str | None = None) -> ProgramIdentity:
+    """Headers win; then the body's `metadata` (`program_id`, `thread_id`,
+    `parent_call_ids`, `call_id`, `program_end`); then `user` as the program id."""
+    meta = metadata or {}
+    program_id = headers.get("x-program-id") or meta.get("program_id") or user or None
+    thread_id = headers.get("x-thread-id") or meta.get("thread_id") or None
+    parents_raw = (headers.get("x-parent-call-ids") or headers.get("x-parent-calls")
+                   or meta.get("parent_call_ids") or meta.get("parent_calls"))
+    if isinstance(parents_raw, list):
+        parents = tuple(str(p) for p in parents_raw)
+    else:
+        parents = _split_ids(parents_raw)
+    call_id = headers.get("x-call-id") or meta.get("call_id") or None
+    end_raw = headers.get("x-program-end") or meta.get("program_end") or ""
+    return ProgramIdentity(
+        program_id=str(program_id) if program_id is not None else None,
+        thread_id=str(thread_id) if thread_id is not None else None,
+        parent_ids=parents,
+        call_id=str(call_id) if call_id is not None else None,
+        end=str(end_raw).strip().lower() in _TRUE,
+    )
+
+
+# ------------------------------------------------------------------------ disconnects
+
+
+async def close_quietly(stream: AsyncIterator[Any]) -> None:
+    """Close a scheduler stream even from inside a cancelled scope: closing it is what
+    aborts the engine request and frees its KV, so it must not be cancelled itself."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - the client is gone; nothing to report to
+            pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before a non-streamed answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work()` but cancel it when the client disconnects (uvicorn keeps running a
+    handler whose client left; for a long generation that wastes the engine)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        message = await request.receive()
+        if message["type"] == "http.disconnect" and not done:
+            gone = True
+            task.cancel()
+
+    done = False
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        done = True
+        watcher.cancel()
+
+
+# ------------------------------------------------------------------------ OpenAPI
+
+BODY_DEFS_KEY = "x-progserve-defs"
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses `model` itself (with orjson, after the size
+    check): the schema goes into the OpenAPI document, its `$defs` are moved to
+    `components.schemas` by `app.openapi_with_bodies`."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": schema}}},
+        BODY_DEFS_KEY: defs,
+    }

@@ -1,0 +1,418 @@
+"""OpenAI-compatible proxy: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Every call goes through the scheduler as a call of its program. The program comes from
+`X-Program-Id` (or the body's `metadata.program_id`, or `user`); untagged calls are
+single-call programs. `X-Thread-Id`, `X-Parent-Call-Ids` (or `X-Parent-Calls`) place the
+call in the program's graph, `X-Call-Id` names it, and `X-Program-End: true` ends the
+program once the call is done. Answers carry `X-Program-Id` and `X-Call-Id` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from engine_backend.types import (
+    FinishReason,
+    FinishType,
+    GenerateRequest,
+    LogprobEntry,
+    SamplingParams,
+)
+
+from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
+from ..config import LimitsConfig
+from ..errors import BadRequestError
+from ..runtime import Runtime
+from .calls import CallOutput, ScheduledCall, merge_streams
+from .common import (
+    SSE_DONE,
+    ProgramIdentity,
+    json_response,
+    new_id,
+    program_identity,
+    read_model,
+    request_body,
+    runtime_of,
+    sse,
+    sse_error,
+    sse_response,
+    tenant_of,
+    unless_disconnected,
+)
+from .openai_wire import ChatCompletionRequest, CompletionRequest, ToolChoiceNamed
+
+router = APIRouter(tags=["openai"])
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def finish_reason_text(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    if reason.type is FinishType.LENGTH:
+        return "length"
+    if reason.type is FinishType.ABORT:
+        return "abort"
+    return "stop"
+
+
+def usage_json(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def check_limits(limits: LimitsConfig, max_tokens: int | None, prompt_chars: int) -> None:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise BadRequestError(f"max_tokens {max_tokens} is over this server's limit of "
+                              f"{limits.max_tokens}", param="max_tokens")
+    if prompt_chars > limits.max_prompt_chars:
+        raise BadRequestError(f"the prompt has {prompt_chars} characters, over the limit of "
+                              f"{limits.max_prompt_chars}", param="messages")
+
+
+def sampling_for(body: ChatCompletionRequest | CompletionRequest, max_tokens: int,
+                 extra_stops: list[str], json_schema: str | None = None) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=-1 if body.top_k in (None, 0) else body.top_k,
+        stop=list(body.stop or []) + extra_stops,  # type: ignore[arg-type]
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+        json_schema=json_schema,
+    )
+
+
+def require_logprobs(runtime: Runtime, param: str) -> None:
+    if not runtime.capabilities.logprobs:
+        raise BadRequestError(f"the {runtime.settings.engine} engine cannot return logprobs",
+                              param=param, code="logprobs_unsupported")
+
+
+def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequestError("response_format.json_schema.schema must be an object",
+                                  param="response_format")
+        return json.dumps(schema)
+    if kind in (None, "text"):
+        return None
+    raise BadRequestError(f"response_format type {kind!r} is not supported",
+                          param="response_format")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    info = runtime.model_info
+    return json_response({
+        "object": "list",
+        "data": [{
+            "id": runtime.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "progserve",
+            "root": info.model_path,
+            "max_model_len": info.max_context_len,
+        }],
+    })
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def _chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    return {"content": [
+        {"token": text or "", "logprob": lp if lp is not None else 0.0,
+         "bytes": list((text or "").encode()), "top_logprobs": []}
+        for lp, _tid, text in entries
+    ]}
+
+
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
+async def chat_completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    body = await read_model(request, ChatCompletionRequest)
+    limits = runtime.settings.limits
+    max_tokens = body.requested_max_tokens
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.uses_tools \
+        else None
+    tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceNamed) \
+        else body.tool_choice
+    prompt = runtime.chat_template.render([m.to_template() for m in body.messages], tools,
+                                          tool_choice)
+    check_limits(limits, max_tokens, len(prompt))
+    if body.logprobs:
+        require_logprobs(runtime, "logprobs")
+    sampling = sampling_for(body, limits.default_max_tokens if max_tokens is None else max_tokens,
+                            runtime.chat_template.stop, _json_schema_for(body.response_format))
+    rid = new_id("chatcmpl")
+    gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
+                          top_logprobs_num=body.top_logprobs or 0)
+    identity = program_identity(request.headers, body.metadata, body.user)
+    call = await ScheduledCall.start(runtime, tenant, identity, gen)
+    tool_names = {t["function"]["name"] for t in tools} if tools else None
+    if body.stream:
+        try:
+            await call.first()
+        except BaseException:
+            await call.close()
+            raise
+        return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)
+    try:
+        out = await unless_disconnected(request, call.collect)
+    finally:
+        await call.close()
+    await call.end_program_if_asked()
+    return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers)
+
+
+def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: CallOutput,
+               tool_names: set[str] | None) -> dict[str, Any]:
+    content: str | None = out.text
+    calls: list[ToolCall] = []
+    if tool_names:
+        content, calls = parse_tool_calls(out.text, tool_names)
+        if calls and not body.parallel_tool_calls:
+            calls = calls[:1]
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    finish = finish_reason_text(out.finish_reason)
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+        finish = "tool_calls"
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": runtime.model_name,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": _chat_logprobs(out.output_logprobs) if body.logprobs else None,
+            "finish_reason": finish,
+        }],
+        "usage": usage_json(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
+    }
+
+
+async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompletionRequest,
+                       tool_names: set[str] | None) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    head = {"id": call.rid, "object": "chat.completion.chunk", "created": created,
+            "model": runtime.model_name}
+
+    def event(delta: dict[str, Any], finish: str | None = None,
+              logprobs: list[LogprobEntry] | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta,
+                  "logprobs": _chat_logprobs(logprobs) if logprobs else None,
+                  "finish_reason": finish}
+        return sse({**head, "choices": [choice]})
+
+    parser = ToolCallStreamParser(tool_names) if tool_names else None
+    n_calls = 0
+    finished_ok = False
+    try:
+        yield event({"role": "assistant", "content": ""})
+        out = CallOutput()
+        async for chunk in call.chunks():
+            out.add(chunk)
+            pieces: list[str | ToolCall] = parser.feed(chunk.text) if parser else \
+                ([chunk.text] if chunk.text else [])
+            if chunk.finished and parser:
+                pieces += parser.finish()
+            for piece in pieces:
+                if isinstance(piece, str):
+                    yield event({"content": piece}, logprobs=chunk.output_logprobs
+                                if body.logprobs else None)
+                elif n_calls == 0 or body.parallel_tool_calls:
+                    yield event({"tool_calls": [piece.to_openai(index=n_calls)]})
+                    n_calls += 1
+            if not pieces and body.logprobs and chunk.output_logprobs:
+                yield event({}, logprobs=chunk.output_logprobs)
+        finish = "tool_calls" if n_calls else finish_reason_text(out.finish_reason)
+        yield event({}, finish)
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [],
+                       "usage": usage_json(out.prompt_tokens, out.completion_tokens,
+                                           out.cached_tokens)})
+        finished_ok = True
+    except Exception as exc:  # noqa: BLE001 - reported in-band: headers are already sent
+        yield sse_error(exc)
+    finally:
+        await call.close()
+    if finished_ok:
+        await call.end_program_if_asked()
+    yield SSE_DONE
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def _completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:
+    tokens, values, offsets = [], [], []
+    for lp, _tid, text in entries:
+        tokens.append(text or "")
+        values.append(lp)
+        offsets.append(offset)
+        offset += len(text or "")
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": None,
+            "text_offset": offsets}
+
+
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
+async def completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    body = await read_model(request, CompletionRequest)
+    limits = runtime.settings.limits
+    prompts = body.prompts()
+    check_limits(limits, body.max_tokens,
+                 max(len(p) if isinstance(p, str) else len(p) * 4 for p in prompts))
+    want_logprobs = body.logprobs is not None
+    if want_logprobs:
+        require_logprobs(runtime, "logprobs")
+    if any(not isinstance(p, str) for p in prompts) and not runtime.capabilities.token_ids:
+        raise BadRequestError(f"the {runtime.settings.engine} engine takes text prompts only",
+                              param="prompt")
+    sampling = sampling_for(body, limits.default_max_tokens if body.max_tokens is None
+                            else body.max_tokens, [])
+    rid = new_id("cmpl")
+    identity = program_identity(request.headers, body.metadata, body.user)
+    calls = await _start_completion_calls(runtime, tenant, identity, rid, prompts, body,
+                                          sampling)
+    if body.stream:
+        try:
+            await asyncio.gather(*(c.first() for c in calls))
+        except BaseException:
+            await asyncio.gather(*(c.close() for c in calls))
+            raise
+        return sse_response(_completion_events(runtime, rid, calls, prompts, body),
+                            calls[0].headers)
+    try:
+        outs = await unless_disconnected(
+            request, lambda: asyncio.gather(*(c.collect() for c in calls)))
+    finally:
+        await asyncio.gather(*(c.close() for c in calls))
+    await calls[0].end_program_if_asked()
+    choices = [_completion_choice(i, prompts[i], out, body) for i, out in enumerate(outs)]
+    return json_response({
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": runtime.model_name,
+        "choices": choices,
+        "usage": usage_json(sum(o.prompt_tokens for o in outs),
+                            sum(o.completion_tokens for o in outs),
+                            sum(o.cached_tokens for o in outs)),
+    }, headers=calls[0].headers)
+
+
+async def _start_completion_calls(runtime: Runtime, tenant: str, identity: ProgramIdentity,
+                                  rid: str, prompts: list[str | list[int]],
+                                  body: CompletionRequest, sampling: SamplingParams
+                                  ) -> list[ScheduledCall]:
+    """One scheduled call per prompt; the calls of one request are siblings in the
+    caller's program (each with its own call id)."""
+    want_logprobs = body.logprobs is not None
+    calls: list[ScheduledCall] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            gen = GenerateRequest(
+                rid=rid if len(prompts) == 1 else f"{rid}-{i}",
+                text=prompt if isinstance(prompt, str) else None,
+                input_ids=prompt if not isinstance(prompt, str) else None,
+                sampling=sampling,
+                return_logprob=want_logprobs,
+                logprob_start_len=0 if (want_logprobs and body.echo) else -1,
+                top_logprobs_num=body.logprobs or 0,
+            )
+            ident = identity
+            if len(prompts) > 1 and identity.call_id is not None:
+                ident = replace(identity, call_id=f"{identity.call_id}-{i}")
+            calls.append(await ScheduledCall.start(runtime, tenant, ident, gen))
+    except BaseException:
+        await asyncio.gather(*(c.close() for c in calls))
+        raise
+    return calls
+
+
+def _echo_text(prompt: str | list[int], out: CallOutput) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(t or "" for _, _, t in out.input_logprobs or ())
+
+
+def _completion_choice(index: int, prompt: str | list[int], out: CallOutput,
+                       body: CompletionRequest) -> dict[str, Any]:
+    text = (_echo_text(prompt, out) if body.echo else "") + out.text
+    logprobs = None
+    if body.logprobs is not None:
+        entries = (list(out.input_logprobs or ()) if body.echo else []) + out.output_logprobs
+        logprobs = _completion_logprobs(entries)
+    return {"index": index, "text": text, "logprobs": logprobs,
+            "finish_reason": finish_reason_text(out.finish_reason)}
+
+
+async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCall],
+                             prompts: list[str | list[int]], body: CompletionRequest
+                             ) -> AsyncIterator[bytes]:
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()),
+            "model": runtime.model_name}
+    outs = [CallOutput() for _ in calls]
+    offsets = [0] * len(calls)
+    finished_ok = False
+    try:
+        if body.echo:
+            for i, prompt in enumerate(prompts):
+                if isinstance(prompt, str):
+                    offsets[i] = len(prompt)
+                    yield sse({**head, "choices": [{"index": i, "text": prompt,
+                                                    "logprobs": None, "finish_reason": None}]})
+        async for index, item in merge_streams(calls):
+            if item is None:
+                continue  # completions calls are not abortable by rid
+            outs[index].add(item)
+            logprobs = None
+            if body.logprobs is not None and item.output_logprobs:
+                logprobs = _completion_logprobs(item.output_logprobs, offsets[index])
+            offsets[index] += len(item.text)
+            if item.text or logprobs or item.finished:
+                yield sse({**head, "choices": [{
+                    "index": index, "text": item.text, "logprobs": logprobs,
+                    "finish_reason": finish_reason_text(item.finish_reason)}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_json(
+                sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
+                sum(o.cached_tokens for o in outs))})
+        finished_ok = True
+    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+        yield sse_error(exc)
+    finally:
+        with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
+            await asyncio.gather(*(c.close() for c in calls))
+    if finished_ok:
+        await calls[0].end_program_if_asked()
+    yield SSE_DONE

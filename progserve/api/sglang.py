@@ -1,0 +1,260 @@
+"""SGLang-compatible native API: `/generate`, `/get_model_info`, `/get_server_info`,
+`/flush_cache`, `/abort_request` (and SGLang's newer aliases `/model_info`,
+`/server_info`). SGLang's own frontend (`sgl.RuntimeEndpoint`) runs against it unchanged.
+
+Wire format (SGLang 0.5.x): a streamed `/generate` sends `data: {...}` events whose `text`
+and `output_ids` are *cumulative*, then `data: [DONE]`; `meta_info` has `id`,
+`finish_reason` (null, then `{"type": "stop"|"length"|"abort", ...}`), `prompt_tokens`,
+`completion_tokens`, `cached_tokens` and, with `return_logprob`, `input_token_logprobs`
+and `output_token_logprobs` as `[[logprob, token_id, text_or_null], ...]`.
+
+Every prompt is one call scheduled by progserve (tag it with `X-Program-Id` and friends
+to make it part of a program). A client `priority` is accepted but progserve's policy
+decides the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, Response
+
+import progserve
+from engine_backend.types import GenerateRequest, LogprobEntry
+
+from ..errors import BadRequestError
+from ..runtime import Runtime
+from .calls import ABORTED, CallOutput, ScheduledCall, merge_streams
+from .common import (
+    SSE_DONE,
+    json_response,
+    program_identity,
+    read_model,
+    request_body,
+    runtime_of,
+    sse,
+    sse_error,
+    sse_response,
+    tenant_of,
+    unless_disconnected,
+)
+from .sglang_wire import AbortRequestInput, GenerateInput, GenerateItem
+
+router = APIRouter(tags=["sglang"])
+
+# --------------------------------------------------------------------------- info
+
+
+@router.get("/get_model_info")
+@router.get("/model_info")
+async def model_info(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    info = runtime.model_info
+    return json_response({
+        "model_path": runtime.model_name,
+        "tokenizer_path": info.tokenizer_path or runtime.model_name,
+        "is_generation": info.is_generation,
+        "preferred_sampling_params": None,
+        "weight_version": "default",
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+        "max_context_len": info.max_context_len,
+    })
+
+
+@router.get("/get_server_info")
+@router.get("/server_info")
+async def server_info(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    stats = await runtime.scheduler.stats()
+    caps = runtime.capabilities
+    return json_response({
+        "version": progserve.__version__ if hasattr(progserve, "__version__") else "0.1.0",
+        "server": "progserve",
+        "model_path": runtime.model_name,
+        "served_model_name": runtime.model_name,
+        "context_length": runtime.model_info.max_context_len,
+        "engine": settings.engine,
+        "replicas": len(runtime.engines),
+        "policy": settings.scheduler.policy,
+        "enable_priority_scheduling": True,
+        "capabilities": {
+            "priority": caps.priority, "logprobs": caps.logprobs,
+            "constrained_decoding": caps.constrained_decoding, "token_ids": caps.token_ids,
+            "retention": caps.retention,
+        },
+        "internal_states": [{
+            "queued": stats.queued,
+            "running": stats.running,
+            "programs_open": stats.programs_open,
+        }],
+    })
+
+
+@router.get("/flush_cache")
+@router.post("/flush_cache")
+async def flush_cache(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    if await runtime_of(request).flush_cache():
+        return PlainTextResponse("Cache flushed.\n")
+    raise BadRequestError("cache not flushed: an engine refused (requests still running, or "
+                          "the engine cannot flush)", code="flush_refused")
+
+
+@router.post("/abort_request", openapi_extra=request_body(AbortRequestInput))
+async def abort_request(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    body = await read_model(request, AbortRequestInput)
+    registry = runtime_of(request).requests
+    if body.abort_all:
+        aborted = registry.abort_all(tenant)
+    else:
+        aborted = int(registry.abort(body.rid, tenant))
+    # SGLang answers 200 whether or not the rid was known (an abort may race the finish).
+    return json_response({"success": True, "aborted": aborted})
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
+    limits = runtime.settings.limits
+    caps = runtime.capabilities
+    for item in items:
+        max_new = item.sampling.max_new_tokens
+        if max_new is not None and max_new > limits.max_tokens:
+            raise BadRequestError(f"max_new_tokens {max_new} is over this server's limit of "
+                                  f"{limits.max_tokens}", param="sampling_params.max_new_tokens")
+        if len(item.prompt) > limits.max_prompt_chars:
+            raise BadRequestError(f"prompt over the limit of {limits.max_prompt_chars}",
+                                  param="text")
+        if item.return_logprob and not caps.logprobs:
+            raise BadRequestError(f"the {runtime.settings.engine} engine cannot return logprobs",
+                                  param="return_logprob", code="logprobs_unsupported")
+        if not isinstance(item.prompt, str) and not caps.token_ids:
+            raise BadRequestError(f"the {runtime.settings.engine} engine takes text only",
+                                  param="input_ids", code="token_ids_unsupported")
+
+
+def _engine_request(item: GenerateItem) -> GenerateRequest:
+    prompt = item.prompt
+    return GenerateRequest(
+        rid=item.rid or uuid.uuid4().hex,
+        text=prompt if isinstance(prompt, str) else None,
+        input_ids=prompt if not isinstance(prompt, str) else None,
+        sampling=item.sampling.to_engine(),
+        return_logprob=item.return_logprob,
+        logprob_start_len=item.logprob_start_len,
+        top_logprobs_num=item.top_logprobs_num,
+    )
+
+
+@router.post("/generate", openapi_extra=request_body(GenerateInput))
+@router.put("/generate", openapi_extra=request_body(GenerateInput))
+async def generate(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    runtime = runtime_of(request)
+    body = await read_model(request, GenerateInput)
+    items = body.items()
+    _check(runtime, items)
+    requests = [_engine_request(item) for item in items]
+    identity = program_identity(request.headers)
+    calls: list[ScheduledCall] = []
+    try:
+        for gen in requests:
+            calls.append(await ScheduledCall.start(runtime, tenant, identity, gen,
+                                                   abortable=True))
+    except BaseException:
+        await asyncio.gather(*(c.close() for c in calls))
+        raise
+    started = time.perf_counter()
+    if body.stream:
+        try:
+            await asyncio.gather(*(c.first() for c in calls))
+        except BaseException:
+            await asyncio.gather(*(c.close() for c in calls))
+            raise
+        return sse_response(_events(calls, items, body, started), calls[0].headers)
+    try:
+        if len(calls) == 1:
+            outs = [await unless_disconnected(request, calls[0].collect_abortable)]
+        else:
+            outs = await unless_disconnected(
+                request, lambda: asyncio.gather(*(c.collect_abortable() for c in calls)))
+    finally:
+        await asyncio.gather(*(c.close() for c in calls))
+    if calls:
+        await calls[0].end_program_if_asked()
+    results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
+               for c, item, out in zip(calls, items, outs, strict=True)]
+    return json_response(results if body.is_batch else results[0], headers=calls[0].headers)
+
+
+def _logprobs_json(entries: list[LogprobEntry] | None, with_text: bool) -> list[list[Any]]:
+    if not entries:
+        return []
+    if with_text:
+        return [[lp, tid, text] for lp, tid, text in entries]
+    return [[lp, tid, None] for lp, tid, _ in entries]
+
+
+def _meta(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
+          started: float) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": out.finish_reason.to_json() if out.finish_reason else None,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens or len(out.token_ids),
+        "cached_tokens": out.cached_tokens,
+        "e2e_latency": time.perf_counter() - started,
+    }
+    if item.return_logprob:
+        inputs = _logprobs_json(out.input_logprobs, with_text)
+        outputs = _logprobs_json(out.output_logprobs, with_text)
+        meta["input_token_logprobs"] = inputs
+        meta["output_token_logprobs"] = outputs
+        meta["input_top_logprobs"] = [None] * len(inputs)
+        meta["output_top_logprobs"] = [None] * len(outputs)
+    return meta
+
+
+def _item_json(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
+               started: float) -> dict[str, Any]:
+    return {"text": out.text, "output_ids": out.token_ids,
+            "meta_info": _meta(rid, item, out, with_text, started)}
+
+
+async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: GenerateInput,
+                  started: float) -> AsyncIterator[bytes]:
+    """Cumulative events, one per chunk of any prompt (`index` tells them apart in a
+    batch), then `data: [DONE]`."""
+    batch = body.is_batch
+    outs = [CallOutput() for _ in calls]
+    with_text = body.return_text_in_logprobs
+    finished_ok = False
+    try:
+        async for index, chunk in merge_streams(calls):
+            out = outs[index]
+            if chunk is None:  # aborted through /abort_request
+                out.finish_reason = ABORTED
+            else:
+                out.add(chunk)
+                if not (chunk.text or chunk.token_ids or chunk.finished):
+                    continue
+            event = _item_json(calls[index].rid, items[index], out, with_text, started)
+            if batch:
+                event["index"] = index
+            yield sse(event)
+        finished_ok = True
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        yield sse_error(exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*(c.close() for c in calls))
+    if finished_ok:
+        await calls[0].end_program_if_asked()
+    yield SSE_DONE

@@ -1,0 +1,166 @@
+"""Request models of the SGLang-compatible native API (`/generate`, `/abort_request`).
+
+They follow SGLang's `GenerateReqInput`: `text` or `input_ids`, each single or a batch;
+per-item or shared `sampling_params`, `rid`, `return_logprob`, `logprob_start_len`,
+`top_logprobs_num`; `stream`; `priority` (an int; larger is more urgent, SGLang's
+default convention). Sampling keys SGLang accepts but that do not apply here
+(`skip_special_tokens`, `spaces_between_special_tokens`, penalties, ...) are accepted and
+ignored, so SGLang's own frontend can send what it always sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine_backend.types import SamplingParams
+
+
+class SGLangSamplingParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    max_new_tokens: int | None = Field(128, ge=0)
+    min_new_tokens: int | None = Field(0, ge=0)
+    temperature: float | None = Field(1.0, ge=0.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(-1, ge=-1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = False
+    regex: str | None = None
+    json_schema: str | None = None
+    n: int | None = Field(1, ge=1, le=1)
+    sampling_seed: int | None = None
+    seed: int | None = None
+
+    def to_engine(self) -> SamplingParams:
+        """SGLang sends explicit nulls for unset fields: they mean the defaults."""
+        max_new = 128 if self.max_new_tokens is None else self.max_new_tokens
+        top_k = -1 if self.top_k in (None, 0) else self.top_k
+        return SamplingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=self.min_new_tokens or 0,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=top_k,
+            stop=self.stop or [],
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=bool(self.ignore_eos),
+            regex=self.regex,
+            json_schema=self.json_schema,
+            seed=self.sampling_seed if self.sampling_seed is not None else self.seed,
+        )
+
+
+def _per_item(value: Any, n: int, name: str) -> list[Any]:
+    """A batch field: one value for all items, or a list with one per item."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"`{name}` has {len(value)} entries for a batch of {n}")
+        return value
+    return [value] * n
+
+
+class GenerateInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: SGLangSamplingParams | list[SGLangSamplingParams] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] | None = False
+    logprob_start_len: int | list[int] | None = -1
+    top_logprobs_num: int | list[int] | None = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    priority: int | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _texts(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("`text` must not be an empty list")
+        return v
+
+    @field_validator("input_ids")
+    @classmethod
+    def _ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("`input_ids` must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _one_prompt_kind(self) -> GenerateInput:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of `text` or `input_ids`")
+        n = self.batch_size
+        if n > 1024:
+            raise ValueError("at most 1024 prompts per request")
+        for name in ("sampling_params", "rid", "return_logprob", "logprob_start_len",
+                     "top_logprobs_num"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(f"`{name}` has {len(value)} entries for a batch of {n}")
+        if isinstance(self.rid, list) and len(set(self.rid)) != len(self.rid):
+            raise ValueError("`rid` values must be unique")
+        return self
+
+    @property
+    def is_batch(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, list)
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+    @property
+    def batch_size(self) -> int:
+        if not self.is_batch:
+            return 1
+        return len(self.text if self.text is not None else self.input_ids)  # type: ignore[arg-type]
+
+    def items(self) -> list[GenerateItem]:
+        n = self.batch_size
+        if self.text is not None:
+            prompts: list[Any] = self.text if isinstance(self.text, list) else [self.text]
+        else:
+            prompts = self.input_ids if self.is_batch else [self.input_ids]  # type: ignore[assignment]
+        sampling = _per_item(self.sampling_params or SGLangSamplingParams(), n,
+                             "sampling_params")
+        rids = _per_item(self.rid, n, "rid") if isinstance(self.rid, list) else \
+            [self.rid if n == 1 else (f"{self.rid}-{i}" if self.rid else None) for i in range(n)]
+        want_lp = _per_item(bool(self.return_logprob) if not isinstance(self.return_logprob, list)
+                            else self.return_logprob, n, "return_logprob")
+        starts = _per_item(-1 if self.logprob_start_len is None else self.logprob_start_len, n,
+                           "logprob_start_len")
+        tops = _per_item(self.top_logprobs_num or 0, n, "top_logprobs_num")
+        return [
+            GenerateItem(
+                index=i,
+                prompt=prompts[i],
+                sampling=sampling[i],
+                rid=rids[i],
+                return_logprob=bool(want_lp[i]),
+                logprob_start_len=int(starts[i] if starts[i] is not None else -1),
+                top_logprobs_num=int(tops[i] or 0),
+            )
+            for i in range(n)
+        ]
+
+
+class GenerateItem(BaseModel):
+    """One prompt of a (possibly batched) `/generate` request."""
+
+    index: int
+    prompt: str | list[int]
+    sampling: SGLangSamplingParams
+    rid: str | None
+    return_logprob: bool
+    logprob_start_len: int = Field(ge=-1)
+    top_logprobs_num: int = Field(ge=0, le=20)
+
+
+class AbortRequestInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rid: str = ""
+    abort_all: bool = False

@@ -1,0 +1,153 @@
+"""The FastAPI app: routers, the one error mapping, the runtime's lifespan.
+
+`create_app(runtime)` builds an app around a `Runtime` (tests inject engines), or around
+a new one built from `Settings`. The runtime starts and stops with the app's lifespan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine_backend.errors import EngineError
+from scheduler.errors import CallFailedError, SchedulerError
+
+from .api import health, openai, programs, sglang
+from .api.common import BODY_DEFS_KEY, ClientGone, json_response
+from .config import Settings
+from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
+from .observability import install_observability
+from .runtime import Runtime
+
+# Routes whose errors are RFC 9457 problem JSON; every other route answers OpenAI's shape
+# (which SGLang's `{"error": {"message"}}` clients read too).
+PROBLEM_PREFIXES = ("/v1/programs", "/health")
+
+
+def error_response(request: Request, exc: BaseException) -> Response:
+    if request.url.path.startswith(PROBLEM_PREFIXES):
+        info = classify(exc)
+        return json_response(problem_body(info, _problem_extras(exc)), status=info.status,
+                             headers=info.headers, media_type="application/problem+json")
+    info = _proxy_info(exc)
+    return json_response(openai_body(info), status=info.status, headers=info.headers)
+
+
+def _proxy_info(exc: BaseException) -> ErrorInfo:
+    # A proxied call that failed through the client's fault reports the cause itself.
+    if isinstance(exc, CallFailedError) and isinstance(exc.cause, BaseException) \
+            and 400 <= exc.status_code < 500:
+        return classify(exc.cause)
+    return classify(exc)
+
+
+def _problem_extras(exc: BaseException) -> dict[str, Any]:
+    """RFC 9457 extension members: which call of which program failed."""
+    if isinstance(exc, CallFailedError):
+        return {"program_id": exc.program_id, "call_id": exc.call_id, "variable": exc.variable}
+    program_id = getattr(exc, "program_id", None)
+    return {"program_id": program_id} if isinstance(program_id, str) else {}
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    return error_response(request, exc)
+
+
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is listening; the status is for the logs
+
+
+def create_app(runtime: Runtime | Settings) -> FastAPI:
+    """An app around `runtime` (or a new `Runtime` built from settings)."""
+    if isinstance(runtime, Settings):
+        runtime = Runtime(runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+            await app.state.observability.close()
+
+    app = FastAPI(
+        title="progserve",
+        version="0.1.0",
+        summary="Serving middleware for agentic LLM programs",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_observability(app, runtime)  # traces, /metrics, /ui (progserve/observability.py)
+    for router in (health.router, openai.router, sglang.router, programs.router):
+        app.include_router(router)
+    for exc_type in (ApiError, RequestValidationError, ValidationError, SchedulerError,
+                     EngineError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, _on_error)
+    app.add_exception_handler(ClientGone, _on_client_gone)
+    app.openapi = lambda: openapi_with_bodies(app)  # type: ignore[method-assign]
+    return app
+
+
+def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies that routes parse themselves (see
+    `api.common.request_body`), with every error documented in its shape."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                         routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["OpenAIError"] = _OPENAI_ERROR_SCHEMA
+    components["Problem"] = _PROBLEM_SCHEMA
+    for path, operations in schema.get("paths", {}).items():
+        problem = path.startswith(PROBLEM_PREFIXES)
+        for operation in operations.values():
+            components.update(operation.pop(BODY_DEFS_KEY, {}))
+            operation.setdefault("responses", {}).pop("422", None)
+            operation["responses"]["4XX"] = _error_response_doc(problem)
+    app.openapi_schema = schema
+    return schema
+
+
+_OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "param": {"type": ["string", "null"]},
+            "code": {"type": ["string", "null"]},
+        },
+    }},
+}
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": ["string", "null"]},
+        "param": {"type": ["string", "null"]},
+    },
+}
+
+
+def _error_response_doc(problem: bool) -> dict[str, Any]:
+    if problem:
+        return {"description": "client error (RFC 9457 problem JSON)", "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    return {"description": "client error (OpenAI error shape)", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}

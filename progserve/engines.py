@@ -1,0 +1,89 @@
+"""Settings -> engine replicas. Heavy engines are imported only when chosen, so the core
+install never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from engine_backend.base import Engine
+
+from .config import Settings
+
+
+class EngineConfigError(ValueError):
+    """The settings do not describe a usable engine (a startup error, not a request one)."""
+
+
+def build_engines(settings: Settings) -> list[Engine]:
+    kind = settings.engine
+    if kind == "sim":
+        return _sim_engines(settings)
+    if kind == "torch":
+        return _torch_engines(settings)
+    if kind == "sglang":
+        return _sglang_engines(settings)
+    if kind == "openai":
+        return _openai_engines(settings)
+    raise EngineConfigError(f"unknown engine {kind!r}")
+
+
+def _sim_engines(settings: Settings) -> list[Engine]:
+    from engine_backend.sim import SimEngine
+
+    config = settings.sim
+    if settings.model:
+        config = config.model_copy(update={"model_path": settings.model})
+    return [SimEngine(config.model_copy(update={"seed": config.seed + i}))
+            for i in range(settings.replicas)]
+
+
+def _torch_engines(settings: Settings) -> list[Engine]:
+    if not settings.model:
+        raise EngineConfigError("--engine torch needs --model DIR (a Hugging Face model directory)")
+    if not Path(settings.model).is_dir():
+        raise EngineConfigError(f"--model {settings.model}: not a directory")
+    try:
+        module = importlib.import_module("engine_backend.torch")
+    except ImportError as exc:
+        raise EngineConfigError(
+            f"--engine torch needs the torch extra ({exc}); install it with "
+            "`pip install 'progserve[torch]'`"
+        ) from exc
+    return [module.TorchEngine(settings.model) for _ in range(settings.replicas)]
+
+
+def _require_urls(settings: Settings) -> list[str]:
+    if not settings.engine_url:
+        raise EngineConfigError(
+            f"--engine {settings.engine} needs at least one --engine-url (one per replica)")
+    return settings.engine_url
+
+
+def _sglang_engines(settings: Settings) -> list[Engine]:
+    from engine_backend.sglang_http import SGLangHTTPEngine
+
+    cfg = settings.http_engine
+    return [
+        SGLangHTTPEngine(
+            url,
+            api_key=cfg.api_key,
+            send_priority=cfg.send_priority and settings.scheduler.pass_priority,
+            priority_scale=cfg.priority_scale,
+            low_priority_values_first=cfg.low_priority_values_first,
+            model_path=settings.model,
+            connect_timeout=cfg.connect_timeout_s,
+        )
+        for url in _require_urls(settings)
+    ]
+
+
+def _openai_engines(settings: Settings) -> list[Engine]:
+    from engine_backend.openai_http import OpenAIHTTPEngine
+
+    cfg = settings.http_engine
+    return [
+        OpenAIHTTPEngine(url, model=settings.model, api_key=cfg.api_key, logprobs=cfg.logprobs,
+                         connect_timeout=cfg.connect_timeout_s)
+        for url in _require_urls(settings)
+    ]

@@ -1,0 +1,171 @@
+"""The server's object graph: settings -> engines -> store -> tools -> scheduler.
+
+One `Runtime` per server (no globals). Routes reach it through `request.app.state`; every
+LLM call goes through `runtime.scheduler`, so it is scheduled as part of its program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_backend.base import Engine
+from engine_backend.types import Capabilities, ModelInfo
+from scheduler.service import Scheduler
+from scheduler.store import InMemoryStateStore, RedisStateStore, StateStore
+from scheduler.store_resilient import ResilientStateStore
+from scheduler.tools.builtin import register_builtin_tools
+from scheduler.tools.executor import ToolExecutor
+from scheduler.tools.registry import ToolRegistry
+
+from .auth import Authenticator
+from .chat_template import ChatTemplate
+from .config import Settings
+from .engines import build_engines
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InflightRequest:
+    """A `/generate` (or proxied) request that `/abort_request` may end by its rid."""
+
+    rid: str
+    tenant: str
+    task: asyncio.Task[Any] | None = None
+    aborted: bool = False
+
+
+@dataclass(slots=True)
+class RequestRegistry:
+    """rid -> in-flight request, so an abort can reach the task that consumes its stream.
+    Cancelling that task closes the scheduler's stream, which aborts the engine request."""
+
+    by_rid: dict[str, InflightRequest] = field(default_factory=dict)
+
+    def add(self, rid: str, tenant: str) -> InflightRequest | None:
+        """None when the rid is already in flight."""
+        if rid in self.by_rid:
+            return None
+        entry = self.by_rid[rid] = InflightRequest(rid, tenant)
+        return entry
+
+    def remove(self, entry: InflightRequest) -> None:
+        if self.by_rid.get(entry.rid) is entry:
+            del self.by_rid[entry.rid]
+
+    def abort(self, rid: str, tenant: str) -> bool:
+        entry = self.by_rid.get(rid)
+        if entry is None or entry.tenant != tenant:
+            return False  # another tenant's rid is as good as unknown
+        return self._cancel(entry)
+
+    def abort_all(self, tenant: str) -> int:
+        return sum(self._cancel(e) for e in list(self.by_rid.values()) if e.tenant == tenant)
+
+    @staticmethod
+    def _cancel(entry: InflightRequest) -> bool:
+        if entry.aborted or entry.task is None or entry.task.done():
+            return False
+        entry.aborted = True
+        entry.task.cancel()
+        return True
+
+
+def merged_capabilities(engines: Sequence[Engine]) -> Capabilities:
+    """What every replica can do (a call may land on any of them)."""
+    caps = [e.capabilities() for e in engines]
+    return Capabilities(**{
+        name: all(getattr(c, name) for c in caps)
+        for name in ("priority", "logprobs", "constrained_decoding", "token_ids", "retention",
+                     "abort")
+    })
+
+
+def build_store(settings: Settings) -> StateStore:
+    if settings.redis_url:
+        # Redis down: serve on local history, re-sync when it returns (store_resilient.py).
+        return ResilientStateStore(RedisStateStore(settings.redis_url))
+    return InMemoryStateStore()
+
+
+def build_tools(settings: Settings) -> ToolExecutor:
+    """The server-side tools: the builtin ones (an allowlist; a request never names code)."""
+    return ToolExecutor(register_builtin_tools(ToolRegistry()), getattr(settings, "tools", None))
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engines: list[Engine] | None = None,
+        store: StateStore | None = None,
+        tools: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.auth = Authenticator.from_file(settings.api_keys)
+        self.engines = engines if engines is not None else build_engines(settings)
+        if not self.engines:
+            raise ValueError("the runtime needs at least one engine replica")
+        self.store = store if store is not None else build_store(settings)
+        self._owns_tools = tools is None
+        self.tools = tools if tools is not None else build_tools(settings)
+        self.scheduler = Scheduler(self.engines, settings.scheduler, store=self.store,
+                                   tools=self.tools)
+        self.requests = RequestRegistry()
+        self.chat_template = ChatTemplate(None)
+        self.capabilities = merged_capabilities(self.engines)
+        self._started = False
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.engines[0].model_info()
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model or self.model_info.model_path
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        await asyncio.gather(*(engine.start() for engine in self.engines))
+        # HTTP engines learn their model (and its chat template) at start.
+        self.capabilities = merged_capabilities(self.engines)
+        self.chat_template = ChatTemplate(self.model_info.chat_template)
+        await self.scheduler.start()
+        self._started = True
+        log.info("progserve runtime up: engine=%s replicas=%d model=%s policy=%s",
+                 self.settings.engine, len(self.engines), self.model_name,
+                 self.settings.scheduler.policy)
+
+    async def close(self) -> None:
+        """Stops the scheduler, which closes the engines and the store."""
+        if not self._started:
+            return
+        self._started = False
+        for entry in list(self.requests.by_rid.values()):
+            RequestRegistry._cancel(entry)
+        try:
+            await self.scheduler.close()
+        finally:
+            if self._owns_tools:
+                await self.tools.aclose()
+
+    async def health(self) -> list[bool]:
+        return list(await asyncio.gather(*(self._engine_health(e) for e in self.engines)))
+
+    @staticmethod
+    async def _engine_health(engine: Engine) -> bool:
+        try:
+            return bool(await engine.health())
+        except Exception:  # noqa: BLE001 - a broken replica is just unhealthy
+            return False
+
+    async def flush_cache(self) -> bool:
+        results = await asyncio.gather(*(e.flush_cache() for e in self.engines),
+                                       return_exceptions=True)
+        return all(r is True for r in results)
