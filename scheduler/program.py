@@ -179,11 +179,11 @@ class CallNode:
     waiter: asyncio.Future[int] | None = None
     task: asyncio.Task[None] | None = None  # graph calls: the task executing it
     preempt_requested: bool = False
-    # measurements
-    queued_at: float = 0.0
-    dispatched_at: float = 0.0
-    first_token_at: float = 0.0
-    finished_at: float = 0.0
+    # measurements (loop times; -1 = not yet)
+    queued_at: float = -1.0
+    dispatched_at: float = -1.0
+    first_token_at: float = -1.0
+    finished_at: float = -1.0
     wait: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -214,6 +214,9 @@ class Scheduler:
         else:
             self._check_usable(program)
             self._reopen(program)
+            # With a shared store another progserve replica may have served the program
+            # since: rank its next call by the shared history (one lookup per call).
+            await self._seed_history(program)
         return program.id
 
     async def end_program(self, program_id: str, *, tenant: str = "default") -> None:
@@ -371,10 +374,10 @@ class Scheduler:
             priority=call.priority,
             queue_level=call.level,
             created_at=call.created_at,
-            queued_at=call.queued_at or None,
-            dispatched_at=call.dispatched_at or None,
-            first_token_at=call.first_token_at or None,
-            finished_at=call.finished_at or None,
+            queued_at=_known(call.queued_at),
+            dispatched_at=_known(call.dispatched_at),
+            first_token_at=_known(call.first_token_at),
+            finished_at=_known(call.finished_at),
             queue_wait_s=call.wait,
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
@@ -616,7 +619,7 @@ class Scheduler:
                 try:
                     async with aclosing(replica.engine.generate(engine_request)) as stream:
                         async for chunk in stream:
-                            if call.first_token_at == 0.0:
+                            if call.first_token_at < 0:
                                 call.first_token_at = loop.time()
                                 if self._listeners:
                                     self._emit_call(EventKind.CALL_FIRST_TOKEN, call)
@@ -725,10 +728,11 @@ class Scheduler:
         if replica is not None and status == CallStatus.FINISHED:
             self.router.on_finish(call, replica, call.output_ids)
         call.output_ids = None
+        call.output_parts = None
         call.request = None
-        self._end_call(call, status, error, now)
         if replica is not None and status == CallStatus.FINISHED:
             self.retention.on_call_finished(call.program, replica, now)
+        self._end_call(call, status, error, now)
 
     # ------------------------------------------------------------------ call endings
     def _end_call(
@@ -987,12 +991,9 @@ class Scheduler:
         error: str | None = None,
     ) -> None:
         program = call.program
-        ttft = call.first_token_at - call.dispatched_at if call.first_token_at else None
-        duration = (
-            call.finished_at - call.dispatched_at
-            if call.finished_at and call.dispatched_at
-            else None
-        )
+        dispatched = call.dispatched_at
+        ttft = call.first_token_at - dispatched if call.first_token_at >= 0 else None
+        duration = call.finished_at - dispatched if call.finished_at >= 0 <= dispatched else None
         self._emit(
             SchedulerEvent(
                 kind=kind,
@@ -1029,6 +1030,10 @@ class Scheduler:
                 error=program.error,
             )
         )
+
+
+def _known(t: float) -> float | None:
+    return t if t >= 0 else None
 
 
 def pick_choice(text: str, choices: list[str]) -> str:

@@ -1,0 +1,225 @@
+"""Every policy's ordering on hand-made cases (no engine involved)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from scheduler.config import SchedulerConfig
+from scheduler.policies import make_policy
+from scheduler.program import CallNode, Program
+
+_seq = itertools.count()
+
+
+def program(pid: str, *, service: float = 0.0, wait: float = 0.0, tenant: str = "t") -> Program:
+    p = Program(id=pid, tenant=tenant, arrival=0.0, seq=next(_seq))
+    p.history.service = service
+    p.history.wait_s = wait
+    return p
+
+
+def call(prog: Program, cid: str, *, parents: tuple[str, ...] = (), prompt_len: int = 10) -> CallNode:
+    c = CallNode(id=cid, program=prog, kind="llm", seq=next(_seq), created_at=0.0, parents=parents)
+    c.prompt_len = prompt_len
+    c.budget_tokens = prompt_len + 16
+    prog.calls[cid] = c
+    return c
+
+
+def drain(policy, now: float = 0.0) -> list[str]:
+    out = []
+    while (c := policy.pop(now)) is not None:
+        out.append(c.id)
+    return out
+
+
+def cfg(policy: str, **kw) -> SchedulerConfig:
+    return SchedulerConfig(policy=policy, **kw)
+
+
+def push(policy, c: CallNode, now: float = 0.0) -> None:
+    c.queued_at = now
+    c.program.queued.add(c)
+    policy.push(c, now)
+
+
+def test_fcfs_is_call_arrival_order():
+    pol = make_policy(cfg("fcfs"))
+    heavy, light = program("heavy", service=100.0), program("light")
+    a, b, c = call(heavy, "a"), call(light, "b"), call(heavy, "c")
+    for x in (a, b, c):
+        push(pol, x)
+    assert drain(pol) == ["a", "b", "c"]
+
+
+def test_plas_runs_least_attained_program_first():
+    pol = make_policy(cfg("plas"))
+    heavy, mid, light = program("heavy", service=50.0), program("mid", service=3.0), program("light")
+    order = [call(heavy, "h"), call(mid, "m"), call(light, "l")]
+    for x in order:
+        push(pol, x, now=0.0)
+    assert drain(pol, now=0.0) == ["l", "m", "h"]
+
+
+def test_plas_same_queue_is_fcfs_by_program_arrival():
+    pol = make_policy(cfg("plas", mlfq_first_bound=1.0, mlfq_growth=2.0))
+    older, newer = program("older", service=0.5), program("newer", service=0.1)
+    # both below the first bound: same queue, so the older program goes first
+    push(pol, call(newer, "n"))
+    push(pol, call(older, "o"))
+    assert drain(pol) == ["o", "n"]
+
+
+def test_plas_reranks_queued_calls_when_program_service_grows():
+    pol = make_policy(cfg("plas"))
+    a, b = program("a"), program("b", service=1.0)
+    a1, a2 = call(a, "a1"), call(a, "a2")
+    b1 = call(b, "b1")
+    for x in (a1, a2, b1):
+        push(pol, x)
+    assert pol.pop(0.0).id == "a1"
+    a.queued.discard(a1)
+    # a1 finished with a lot of service: a's queued a2 now ranks behind b1
+    a1.service = 40.0
+    a.history.service = 40.0
+    pol.on_call_finished(a1, 0.0)
+    assert drain(pol) == ["b1", "a2"]
+
+
+def test_atlas_ranks_by_critical_path_service():
+    pol = make_policy(cfg("atlas"))
+    p = program("dag", service=10.1)
+    root = call(p, "root")
+    root.priority, root.service = 0.0, 10.0
+    cheap = call(p, "cheap")
+    cheap.priority, cheap.service = 0.0, 0.1
+    after_root = call(p, "after_root", parents=("root",))
+    after_cheap = call(p, "after_cheap", parents=("cheap",))
+    join = call(p, "join", parents=("root", "cheap"))
+    for x in (after_root, after_cheap, join):
+        push(pol, x)
+    assert after_root.priority == pytest.approx(10.0)
+    assert after_cheap.priority == pytest.approx(0.1)
+    assert join.priority == pytest.approx(10.0)  # max over parents
+    first = drain(pol)
+    assert first[0] == "after_cheap"
+    assert set(first[1:]) == {"after_root", "join"}
+
+
+def test_atlas_differs_from_plas_on_parallel_threads():
+    """A program whose other thread used a lot of service: PLAS demotes the fresh thread,
+    ATLAS does not (its critical path is short)."""
+    p = program("multi", service=100.0)
+    other = program("other", service=5.0)
+    for name, expected in (("plas", ["o", "fresh"]), ("atlas", ["fresh", "o"])):
+        pol = make_policy(cfg(name))
+        fresh = call(p, f"fresh-{name}")
+        fresh.id = "fresh"
+        o = call(other, f"o-{name}", parents=())
+        o.id = "o"
+        o.priority = 0.0
+        other_parent = call(other, f"op-{name}")
+        other_parent.service = 5.0
+        o.parents = (other_parent.id,)
+        push(pol, fresh)
+        push(pol, o)
+        assert drain(pol) == expected, name
+
+
+def test_plain_mlfq_ignores_program_history():
+    pol = make_policy(cfg("mlfq"))
+    heavy, light = program("heavy", service=1e4), program("light")
+    push(pol, call(heavy, "h"))
+    push(pol, call(light, "l"))
+    assert drain(pol) == ["h", "l"]  # both fresh calls: top queue, FCFS
+
+
+def test_plain_mlfq_demotes_a_call_by_its_own_service():
+    pol = make_policy(cfg("mlfq", mlfq_first_bound=0.25))
+    p, q = program("p"), program("q")
+    resumed = call(p, "resumed")
+    resumed.service = 5.0  # ran before being preempted
+    fresh = call(q, "fresh")
+    push(pol, resumed)
+    push(pol, fresh)
+    assert drain(pol) == ["fresh", "resumed"]
+
+
+def test_geometric_levels_and_quantum():
+    pol = make_policy(cfg("plas", mlfq_queues=4, mlfq_first_bound=1.0, mlfq_growth=2.0,
+                          mlfq_quantum=0.5))
+    assert [pol.level_of(x) for x in (0, 0.99, 1.0, 1.99, 2.0, 3.9, 4.0, 1e9)] == [
+        0, 0, 1, 1, 2, 2, 3, 3]
+    c = call(program("x"), "c")
+    c.level = 0
+    assert pol.level_after_running(c, 0.4) == 0
+    assert pol.level_after_running(c, 0.6) == 1  # past quantum 0.5
+    assert pol.level_after_running(c, 0.5 + 1.0 + 0.1) == 2  # quanta 0.5, 1.0, 2.0 ...
+    assert pol.level_after_running(c, 1e9) == 3
+
+
+def test_anti_starvation_promotes_a_long_waiting_program():
+    """beta=2: a program with 10 s of service is promoted once it waited 20 s in total."""
+    pol = make_policy(cfg("plas", starvation_beta=2.0))
+    long_prog = program("long", service=10.0, wait=5.0)
+    starving = call(long_prog, "starving")
+    push(pol, starving, now=0.0)
+    assert starving.level > 0
+    # a flood of fresh short programs keeps arriving
+    shorts = []
+    for i in range(20):
+        s = call(program(f"s{i}"), f"s{i}")
+        push(pol, s, now=float(i))
+        shorts.append(s)
+    assert pol.pop(14.0).id == "s0"  # not yet: 5 + 14 < 2 * 10
+    got = pol.pop(15.0)  # 5 + 15 >= 20: promoted to the top queue
+    assert got.id == "starving"
+    assert pol.promotions == 1
+
+
+def test_promotion_of_fresh_program_is_immediate_and_harmless():
+    pol = make_policy(cfg("atlas"))
+    p = program("new")
+    c = call(p, "c")
+    push(pol, c)
+    assert c.level == 0
+
+
+def test_dlpm_prefers_longest_prefix_within_a_tenant():
+    hints = {}
+    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=10_000), prefix_hint=lambda c: hints[c.id])
+    p = program("p", tenant="a")
+    for cid, hint in (("short", 5), ("long", 500), ("mid", 50)):
+        hints[cid] = hint
+        push(pol, call(p, cid, prompt_len=600))
+    assert drain(pol) == ["long", "mid", "short"]
+
+
+def test_dlpm_deficit_round_robin_is_fair_across_tenants():
+    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=100, decode_reserve_tokens=0),
+                      prefix_hint=lambda c: 0)
+    flood, quiet = program("f", tenant="flood"), program("q", tenant="quiet")
+    for i in range(30):
+        push(pol, call(flood, f"f{i}", prompt_len=50))
+    for i in range(3):
+        push(pol, call(quiet, f"q{i}", prompt_len=50))
+    order = drain(pol)
+    # the quiet tenant's 3 calls all run within the first 8 dispatches, not after 30
+    positions = [order.index(f"q{i}") for i in range(3)]
+    assert max(positions) < 8, order
+    assert len(order) == 33
+
+
+def test_remove_and_requeue_keep_queue_consistent():
+    pol = make_policy(cfg("plas"))
+    p = program("p")
+    a, b, c = call(p, "a"), call(p, "b"), call(p, "c")
+    for x in (a, b, c):
+        push(pol, x)
+    pol.remove(b)
+    first = pol.pop(0.0)
+    pol.requeue(first, 0.0)
+    assert len(pol) == 2
+    assert drain(pol) == ["a", "c"]
