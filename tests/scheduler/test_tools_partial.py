@@ -184,3 +184,20 @@ def test_non_incremental_tool_runs_after_its_arguments_complete() -> None:
         assert out.value == 42
 
     run_virtual(main())
+
+
+def test_tool_finishes_when_its_input_closes_even_if_the_reply_goes_on() -> None:
+    async def main() -> None:
+        seen: list[tuple[float, str, Any]] = []
+        registry = ToolRegistry()
+        registry.register("rec", incremental=lambda: Recorder(seen))
+        executor = ToolExecutor(registry)
+        text = '{"a": 1, "b": 2}\nI called the tool with two arguments and will wait.'
+        result = await run_partial_tool(
+            executor, "rec", tokens(text, 0.1), program_id="p", call_id="c"
+        )
+        assert result.value == {"a": 1, "b": 2}
+        assert result.text == text  # the whole reply was still collected
+        assert result.finished_at < result.stream_done_at - 1.0  # no wait for the prose
+
+    run_virtual(main())
