@@ -61,7 +61,8 @@ class GrammarCompiler:
         """A fresh matcher; raises `InvalidRequestError` for a pattern that does not compile."""
         try:
             if json_schema is not None:
-                compiled = self._compiler.compile_json_schema(json_schema)
+                # Compact JSON: small models otherwise wander off into whitespace.
+                compiled = self._compiler.compile_json_schema(json_schema, any_whitespace=False)
             else:
                 compiled = self._compiler.compile_regex(regex or "")
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError subtypes
