@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from engine_backend.virtual_time import run_virtual
-from scheduler.tools import IncrementalTool, ToolArgumentError, ToolExecutor, ToolRegistry
+from scheduler.tools import (
+    IncrementalTool,
+    ToolArgumentError,
+    ToolCancelledError,
+    ToolExecutor,
+    ToolRegistry,
+    ToolTimeoutError,
+)
 from scheduler.tools.partial import (
     CodeStatementStream,
     JsonArgumentStream,
@@ -199,5 +206,59 @@ def test_tool_finishes_when_its_input_closes_even_if_the_reply_goes_on() -> None
         assert result.value == {"a": 1, "b": 2}
         assert result.text == text  # the whole reply was still collected
         assert result.finished_at < result.stream_done_at - 1.0  # no wait for the prose
+
+    run_virtual(main())
+
+
+class Stuck(IncrementalTool):
+    """Takes its parts, then never finishes; records that it was closed."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def on_partial(self, name: str, value: Any) -> None:
+        self.log.append(name)
+
+    async def finish(self) -> None:
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.log.append("closed")
+
+
+def test_incremental_tool_is_cut_at_its_timeout_after_the_input_ends() -> None:
+    async def main() -> None:
+        log: list[str] = []
+        registry = ToolRegistry()
+        registry.register("stuck", incremental=lambda: Stuck(log), timeout_s=2.0)
+        executor = ToolExecutor(registry)
+        result = run_partial_tool(
+            executor, "stuck", tokens('{"a": 1, "b": 2}', 1.0), program_id="p", call_id="c"
+        )
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(ToolTimeoutError, match="'stuck'.*timed out after 2 s"):
+            await result
+        assert loop.time() - t0 == pytest.approx(4.0 + 2.0)  # 4 chunks of input, then 2 s
+        assert log == ["a", "b", "closed"]
+
+    run_virtual(main())
+
+
+def test_cancelling_the_program_closes_an_open_incremental_tool() -> None:
+    async def main() -> None:
+        log: list[str] = []
+        registry = ToolRegistry()
+        registry.register("stuck", incremental=lambda: Stuck(log))
+        executor = ToolExecutor(registry)
+        text = '{"a": 1, "b": 2, "c": 3, "d": 4}'
+        task = asyncio.create_task(
+            run_partial_tool(executor, "stuck", tokens(text, 1.0), program_id="p", call_id="c")
+        )
+        await asyncio.sleep(3.5)  # "a" delivered, the LLM still writing
+        assert executor.cancel_program("p") == 1
+        with pytest.raises(ToolCancelledError):
+            await task
+        assert log == ["a", "closed"]
 
     run_virtual(main())
