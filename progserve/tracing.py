@@ -395,9 +395,8 @@ class Tracing:
     def _tool_started(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns, kind="tool")
         timeline.tool = ev.tool or timeline.tool
-        partial = getattr(ev, "partial_start_s", None)
-        if partial is not None:
-            timeline.partial_start_s = partial
+        if ev.partial_start_s is not None:
+            timeline.partial_start_s = ev.partial_start_s
         timeline.events.append(("dispatched", now_ns, {}))
 
     def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
@@ -410,8 +409,8 @@ class Tracing:
         failed = ev.kind in (EventKind.CALL_FAILED, EventKind.TOOL_FAILED)
         if ev.replica is not None:
             timeline.replica = ev.replica
-        if getattr(ev, "partial_start_s", None) is not None:
-            timeline.partial_start_s = ev.partial_start_s  # type: ignore[attr-defined]
+        if ev.partial_start_s is not None:
+            timeline.partial_start_s = ev.partial_start_s
         self._finish_call(
             timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
         )
@@ -449,7 +448,7 @@ class Tracing:
             queued_ns=now_ns,
             thread_id=ev.thread_id,
             tool=ev.tool,
-            parents=tuple(getattr(ev, "parents", ()) or ()),
+            parents=ev.parents,
             priority=ev.priority,
             queue_level=ev.queue_level,
         )

@@ -70,6 +70,11 @@ async def test_one_trace_per_program_with_a_span_per_call(server) -> None:  # ty
     # The reduce reads every summary: its span starts (queued) after all of them end.
     last_map_end = max(by_call[f"map-{i}"]["end_ns"] for i in range(4))
     assert by_call["reduce"]["start_ns"] >= min(last_map_end, by_call["search"]["end_ns"])
+    # the DAG edges travel with the spans (a replica without the program can draw it)
+    assert set(by_call["reduce"]["attributes"]["progserve.call.parents"]) == {
+        "map-0", "map-1", "map-2", "map-3", "search",
+    }  # fmt: skip
+    assert by_call["search"]["attributes"]["progserve.call.parents"] == ["map-0"]
     tool = by_call["search"]
     assert tool["kind"] == "tool" and tool["name"] == "tool search_docs"
     assert tool["attributes"]["progserve.tool.name"] == "search_docs"
