@@ -59,7 +59,7 @@ def _paged_decode_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dmask)
     tl.store(Lse + b * stride_lb + h,
-             tl.where(has_keys, m_i + tl.log(l_i), float("-inf")))  # fmt: skip
+             tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf")))  # fmt: skip
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _shared_prefix_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_off = b[:, None] * stride_ob + h[:, None] * stride_oh + d[None, :]
     tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-    tl.store(Lse + b * stride_lb + h, tl.where(has_keys, m_i + tl.log(l_i), float("-inf")),
+    tl.store(Lse + b * stride_lb + h, tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf")),
              mask=rmask)  # fmt: skip
 
 
