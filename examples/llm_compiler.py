@@ -65,12 +65,13 @@ SCRIPT = [
         f"5. join(){END_OF_PLAN}",
     },
     {
-        "pattern": r'Observation: \[\{"path": "([^"]+)".*4\. .*\nObservation: (\d+)\n.*Thought:\Z',
+        "pattern": r'Task 3 \(search_docs\): Observation: \[\{"path": "([^"]+)".*'
+        r"Task 4 \(calculator\): Observation: (\d+)\n.*Thought:\Z",
         "reply": r" Task 4 added the two products; task 3 found the document."
         r"\nAction: Finish(17 * 23 + 12 ** 2 = \2; semantic variables are explained in \1)",
     },
     {
-        "pattern": r"4\. .*\nObservation: (\d+)\n.*Thought:\Z",
+        "pattern": r"Task 4 \(calculator\): Observation: (\d+)\n.*Thought:\Z",
         "reply": r" Task 4 added the two products.\nAction: Finish(17 * 23 + 12 ** 2 = \1)",
     },
 ]
@@ -100,10 +101,10 @@ async def llm_compiler(question: str, max_replans: int = 1) -> dict[str, Any]:
             tasks = await fetch_tasks(plan, registry)
         except PlanError as exc:  # a malformed plan: ask for another one
             if final:
-                raise
+                return {"answer": f"no valid plan: {exc}", "rounds": round_index + 1}
             context += f"The previous plan was invalid: {exc}\n"
             continue
-        scratchpad = await observations(tasks)
+        scratchpad = f"Plan:\n{plan}\n{await observations(tasks)}"
         joined = gen(
             f"{JOINER}\nQuestion: {question}\n{scratchpad}Thought:",
             max_tokens=96,
@@ -155,14 +156,16 @@ def as_template(value: Any, results: dict[int, SemanticVariable]) -> Any:
 
 
 async def observations(tasks: list[tuple[PlanTask, SemanticVariable]]) -> str:
+    """The joiner's view of the plan's outcome: each task with its observation (the result
+    variable itself, so the server fills in its text) or its error."""
     lines = []
     for task, result in tasks:
         try:
-            outcome = f"Observation: {await result}"
+            await result
+            outcome = f"Observation: {result}"
         except CallFailedError as exc:
             outcome = f"Error: {exc.cause}"
-        thought = f"Thought: {task.thought}\n" if task.thought else ""
-        lines.append(f"{thought}{task.line}\n{outcome}\n")
+        lines.append(f"Task {task.index} ({task.tool}): {outcome}\n")
     return "".join(lines)
 
 

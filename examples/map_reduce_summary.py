@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from frontend_lang import ProgramResult, Runtime, gen, join, program
+from frontend_lang import ProgramResult, Runtime, gen, join, let, program
 from frontend_lang.cli_support import run_example
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def chunk_text(text: str, n: int) -> list[str]:
     return [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
 
 
-def summarise_prompt(chunk: str) -> str:
+def summarise_prompt(chunk: object) -> str:
     return (
         "Summarise this part of a document in one sentence.\n\n"
         f"Part:\n{chunk}\n\nOne-sentence summary:"
@@ -65,9 +65,11 @@ def reduce_prompt(summaries: object) -> str:
 
 @program
 async def map_reduce(chunks: list[str]) -> str:
+    # The chunks are program inputs (`let`): data, never read as templates, sent once.
+    parts = [let(chunk, name="chunk") for chunk in chunks]
     summaries = [
-        gen(summarise_prompt(chunk), max_tokens=SUMMARY_TOKENS, temperature=0, name="summary")
-        for chunk in chunks
+        gen(summarise_prompt(part), max_tokens=SUMMARY_TOKENS, temperature=0, name="summary")
+        for part in parts
     ]
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
     return await final
@@ -75,11 +77,13 @@ async def map_reduce(chunks: list[str]) -> str:
 
 @program
 async def sequential_map_reduce(chunks: list[str]) -> str:
+    parts = [let(chunk, name="chunk") for chunk in chunks]
     summaries = []
-    for chunk in chunks:  # awaiting inside the loop: one call at a time
-        summary = gen(summarise_prompt(chunk), max_tokens=SUMMARY_TOKENS, temperature=0)
-        summaries.append(await summary)
-    final = gen(reduce_prompt("\n".join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
+    for part in parts:  # awaiting inside the loop: one call at a time
+        summary = gen(summarise_prompt(part), max_tokens=SUMMARY_TOKENS, temperature=0)
+        await summary
+        summaries.append(summary)
+    final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
     return await final
 
 

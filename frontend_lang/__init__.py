@@ -37,6 +37,7 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'frontend_lang' has no attribute {name!r}")
 
+
 __all__ = [
     "Branch",
     "CallFailedError",

@@ -118,27 +118,48 @@ async def open_runtime(
 
 
 def report(result: ProgramResult[Any], *, as_json: bool) -> None:
+    """Print a program's result with its latency and token counts (text or one JSON line)."""
+    print_report(
+        value=result.value,
+        program_id=result.program_id,
+        latency_s=result.latency_s,
+        calls=result.calls,
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
+        completion_tokens=result.completion_tokens,
+        as_json=as_json,
+    )
+
+
+def print_report(
+    *,
+    value: Any,
+    program_id: str,
+    latency_s: float,
+    calls: int | None,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    as_json: bool,
+) -> None:
+    fields = {
+        "result": value,
+        "program_id": program_id,
+        "latency_s": latency_s,
+        "calls": calls,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+        "completion_tokens": completion_tokens,
+    }
     if as_json:
-        print(json.dumps(result_json(result)))
+        print(json.dumps(fields, default=str))
         return
-    value = result.value
     text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
     print(f"result:\n{text}\n")
-    print(f"latency: {result.latency_s:.3f} s")
-    print(f"cached tokens: {result.cached_tokens} of {result.prompt_tokens} prompt tokens")
-    print(result.summary())
-
-
-def result_json(result: ProgramResult[Any]) -> dict[str, Any]:
-    return {
-        "result": result.value,
-        "program_id": result.program_id,
-        "latency_s": result.latency_s,
-        "calls": result.calls,
-        "prompt_tokens": result.prompt_tokens,
-        "cached_tokens": result.cached_tokens,
-        "completion_tokens": result.completion_tokens,
-    }
+    print(f"program: {program_id}" + (f" ({calls} calls)" if calls is not None else ""))
+    print(f"latency: {latency_s:.3f} s")
+    print(f"cached tokens: {cached_tokens} of {prompt_tokens} prompt tokens")
+    print(f"completion tokens: {completion_tokens}")
 
 
 def run_example(

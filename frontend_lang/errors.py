@@ -31,7 +31,9 @@ class UnknownVariableError(ProgramDefinitionError):
         self.site = site
         hint = f"; known variables: {', '.join(sorted(known)[:12])}" if known else ""
         super().__init__(
-            f"call {call_id!r}{_at(site)} references unknown variable {variable!r}{hint}"
+            f"call {call_id!r}{_at(site)} references unknown variable {variable!r}{hint}. "
+            f"If '{{{{{variable}}}}}' is meant as literal text (a document that contains "
+            f"braces), pass that text as a variable with `let(text)` instead"
         )
 
 
