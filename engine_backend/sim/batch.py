@@ -388,24 +388,28 @@ class ContinuousBatcher:
         return heap[0][2]
 
     def _admit(self, r: SimRequest) -> bool:
-        config = self.config
+        config, cache = self.config, self.cache
         if self.n_dec + len(self.prefilling) >= config.max_running:
             return False
+        busy = self.n_dec or self.prefilling
+        if busy:  # SGLang's headroom; first a check that needs no tree walk
+            headroom = self.ratio * max(0, self._reserve_key - self.n_dec * self.step)
+            own = max(0, min(r.max_new - r.gen, config.clip_max_new_tokens)) + self.n_dec
+            room = self.capacity - self.kv_used() + cache.evictable_size() - headroom
+            if 1 + own > room:  # even a full cache hit would not fit
+                return False
         if r.program_id in self._unpublished:
             self._publish_program(r.program_id)
         fill = r.key if not r.gen else r.key.extended(r.reply.token_ids[: r.gen])
         fill_len = len(r.prompt) + r.gen
-        match = self.cache.match_prefix(fill)
+        match = cache.match_prefix(fill)
         cached = min(match.length, fill_len - 1)  # the last token is always computed
         extend = fill_len - cached
-        cache = self.cache
         cache.inc_lock_ref(match.node)
         free = self.capacity - self.kv_used()
         available = free + cache.evictable_size()
-        if self.n_dec or self.prefilling:
-            headroom = self.ratio * max(0, self._reserve_key - self.n_dec * self.step)
-            own = max(0, min(r.max_new - r.gen, config.clip_max_new_tokens))
-            fits = extend + own + self.n_dec <= available - headroom
+        if busy:
+            fits = extend + own <= available - headroom
         else:
             fits = extend <= available  # alone, it may use everything
         if not fits:

@@ -15,7 +15,8 @@ the end (what virtual-time benchmarks want: no per-token work at all).
 from __future__ import annotations
 
 import asyncio
-import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -61,13 +62,13 @@ def _prompt_key(ids: list[int]) -> TokenKey:
     """Encode token ids for the radix cache, rejecting negative ids on the way (packing as
     unsigned gives the cache's little-endian int64 bytes for every valid id, in one C pass;
     ids the vocabulary does not know are accepted and decode as pseudo-words)."""
-    if TOKEN_BYTES != 8:  # the cache changed its encoding: check, then let it encode
+    if TOKEN_BYTES != 8 or sys.byteorder != "little":  # not the cache's layout: check, encode
         if min(ids) < 0:
             raise InvalidRequestError("input_ids must be non-negative")
         return TokenKey(ids)
     try:
-        return TokenKey.from_bytes(struct.pack(f"<{len(ids)}Q", *ids))
-    except struct.error:
+        return TokenKey.from_bytes(array("Q", ids).tobytes())
+    except (OverflowError, TypeError):
         raise InvalidRequestError("input_ids must be non-negative integers") from None
 
 
@@ -238,7 +239,7 @@ class SimEngine(Engine):
                       config.kv_capacity_tokens - n)
         if max_new < sampling.max_new_tokens:
             sampling = sampling.model_copy(update={"max_new_tokens": max_new})
-        seed = request_seed(config.seed, request.rid, ids, sampling)
+        seed = request_seed(config.seed, request.rid, key.data, sampling)
         view = PromptView(request.rid, ids, sampling, seed, self.tokenizer, request.text)
         reply = self.responder.choose(view, choices) if choices else self.responder.reply(view)
         return SimRequest(

@@ -30,7 +30,7 @@ from engine_backend.sim.tokenizer import EOS_ID, SimTokenizer, pseudo_word
 from engine_backend.types import FinishReason, FinishType, SamplingParams
 
 _MASK64 = (1 << 64) - 1
-POOL_TOKENS = 1 << 14
+POOL_TOKENS = 1 << 12  # synthetic replies are cut from (and longer ones repeat) this pool
 
 
 def mix64(*values: int) -> int:
@@ -206,13 +206,13 @@ def _cut_at_stop_string(reply: Reply, sampling: SamplingParams) -> None:
     reply.text_end = at
 
 
-def request_seed(engine_seed: int, rid: str, ids: list[int], sampling: SamplingParams) -> int:
+def request_seed(engine_seed: int, rid: str, prompt: bytes, sampling: SamplingParams) -> int:
     """Same sampling seed and prompt, or a greedy request's prompt, give the same reply;
-    otherwise the rid decides."""
+    otherwise the rid decides. `prompt` is the prompt's token bytes (its `TokenKey`)."""
     if sampling.seed is not None:
-        return mix64(engine_seed, sampling.seed, hash(tuple(ids)))
+        return mix64(engine_seed, sampling.seed, zlib.crc32(prompt), len(prompt))
     if sampling.temperature == 0.0:
-        return mix64(engine_seed, hash(tuple(ids)))
+        return mix64(engine_seed, zlib.crc32(prompt), len(prompt))
     return mix64(engine_seed, hash_text(rid))
 
 
