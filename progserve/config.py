@@ -101,5 +101,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     dropped so that an unset flag never hides the environment or the file.
     """
     base = read_config_file(config_file) if config_file else {}
+    if base:
+        # The environment beats the file: lay what the environment sets over the file.
+        from_env = Settings().model_dump(exclude_unset=True)
+        base = deep_merge(base, from_env)
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**deep_merge(base, clean))

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.spec import CallSpec, ProgramSpec
 
-from ..errors import NotFoundError, RequestTimeoutError
+from ..errors import BadRequestError, NotFoundError, RequestTimeoutError
 from .common import (
     SSE_DONE,
     close_quietly,
@@ -48,9 +48,23 @@ class AddCallsRequest(BaseModel):
     calls: list[CallSpec] = Field(min_length=1)
 
 
+def _check_tools(request: Request, calls: list[CallSpec]) -> None:
+    """Tools come from the server's allowlist: an unknown name is a 400 now, not a failed
+    call later."""
+    registry = getattr(runtime_of(request).tools, "registry", None)
+    if registry is None:
+        return
+    for call in calls:
+        if call.kind == "tool" and call.tool not in registry:
+            raise BadRequestError(
+                f"call {call.id!r}: unknown tool {call.tool!r}; this server offers "
+                f"{sorted(registry.names())}", param="calls", code="unknown_tool")
+
+
 @router.post("", status_code=201, openapi_extra=request_body(ProgramSpec))
 async def submit_program(request: Request, tenant: str = Depends(tenant_of)) -> Response:
     spec = await read_model(request, ProgramSpec)
+    _check_tools(request, spec.calls)
     program_id = await runtime_of(request).scheduler.submit_program(spec, tenant=tenant)
     return json_response({"program_id": program_id}, status=201,
                          headers={"X-Program-Id": program_id,
@@ -75,6 +89,7 @@ async def program_state(program_id: str, request: Request,
 async def add_calls(program_id: str, request: Request,
                     tenant: str = Depends(tenant_of)) -> Response:
     body = await read_model(request, AddCallsRequest)
+    _check_tools(request, body.calls)
     await runtime_of(request).scheduler.add_calls(program_id, body.calls, tenant=tenant)
     return json_response({"program_id": program_id, "added": [c.id for c in body.calls]})
 
