@@ -408,3 +408,74 @@ def test_text_prompts_capabilities_and_info() -> None:
     caps = engine.capabilities()
     assert caps.priority and caps.logprobs and caps.token_ids and caps.retention
     assert engine.model_info().max_context_len == SimConfig().max_context_len
+
+
+def _check_invariants(engine: SimEngine) -> None:
+    b = engine.batcher
+    assert 0 <= b.kv_used() <= b.capacity
+    private = sum(len(r.prompt) + b.generated(r) - r.tree_len for r in b.decoding)
+    assert private == b._private_key + b.n_dec * b.step
+    assert b._prefill_private == sum(r.fill_len - r.extend_start for r in b.prefilling)
+    assert b.n_dec == len(b.decoding)
+    for r in b.decoding:
+        assert 0 < b.generated(r) <= r.target
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_pressure_workloads_keep_the_books_straight(seed: int) -> None:
+    """Small KV, priorities, shared prefixes, aborts and cancellations at random times:
+    KV never exceeds capacity, the lazy sums match the requests, every request ends with
+    its whole reply (or an abort), and nothing stays locked."""
+    rng = random.Random(seed)
+    config = SimConfig(kv_capacity_tokens=rng.choice([1_500, 3_000, 6_000]),
+                       max_running=rng.choice([4, 16, 64]), chunked_prefill_tokens=256,
+                       stream_interval=rng.choice([0, 0, 3]), seed=seed)
+    system = ids(300, seed)
+
+    async def body(engine: SimEngine) -> None:
+        plan = engine.batcher.plan
+
+        def checked_plan() -> Any:
+            _check_invariants(engine)
+            return plan()
+
+        engine.batcher.plan = checked_plan  # type: ignore[method-assign]
+        outcomes: dict[str, tuple[int, FinishType]] = {}
+        expected: dict[str, int] = {}
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(rng.uniform(0, 4))
+            rid = f"r{i}"
+            expected[rid] = rng.randrange(1, 300)
+            engine.responder.expect(rid, expected[rid])
+            prompt = (system if rng.random() < 0.7 else []) + ids(rng.randrange(1, 400), i)
+            req = request(rid, prompt, 400, priority=rng.choice([0.0, 1.0, 2.0]),
+                          program_id=f"p{i % 7}")
+            chunks = await collect(engine, req)
+            tokens = [t for c in chunks for t in c.token_ids]
+            assert len(tokens) == chunks[-1].completion_tokens
+            outcomes[rid] = (len(tokens), chunks[-1].finish_reason.type)
+
+        async def aborter() -> None:
+            for _ in range(6):
+                await asyncio.sleep(rng.uniform(0, 4))
+                live = sorted(engine._requests)
+                if live:
+                    await engine.abort(rng.choice(live))
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
+        await asyncio.sleep(rng.uniform(0, 3))
+        tasks[0].cancel()  # a consumer that goes away
+        await asyncio.gather(aborter(), *tasks, return_exceptions=True)
+        for rid, (n, finish) in outcomes.items():
+            if finish is FinishType.ABORT:
+                assert n <= expected[rid]
+            else:
+                assert (n, finish) == (expected[rid], FinishType.STOP), rid
+        assert sum(f is not FinishType.ABORT for _, f in outcomes.values()) >= 50
+        stats = await engine.stats()
+        assert stats.running == stats.queue_len == 0
+        assert engine.cache.protected_size() == 0
+        assert stats.kv_used_tokens == engine.cache.total_size() <= config.kv_capacity_tokens
+
+    run(config, body)
