@@ -255,6 +255,15 @@ class Metrics:
         self._first_token_at: _Bounded = _Bounded()
         self._tool_started_at: _Bounded = _Bounded()
         self._programs: _Bounded = _Bounded()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: the lookup is the costly part of an update."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- events --------------------------------------------------------------------------
 
@@ -274,26 +283,26 @@ class Metrics:
         elif kind in (EventKind.TOOL_FINISHED, EventKind.TOOL_FAILED):
             self._tool_ended(ev)
         elif kind is EventKind.CALL_PREEMPTED:
-            self.preemptions.labels(_replica(ev.replica)).inc()
+            self._child(self.preemptions, _replica(ev.replica)).inc()
         elif kind is EventKind.CALL_PROMOTED:
             self.promotions.inc()
         elif kind is EventKind.PROGRAM_STARTED:
             self.programs_started.inc()
-            self.tenant_programs.labels(ev.tenant).inc()
+            self._child(self.tenant_programs, ev.tenant).inc()
             self._programs.put(ev.program_id, _ProgramTally(ev.time))
         elif kind is EventKind.PROGRAM_ENDED:
             self._program_ended(ev)
 
     def _llm_call_ended(self, ev: SchedulerEvent) -> None:
         failed = ev.kind is EventKind.CALL_FAILED
-        self.calls.labels("llm", "failed" if failed else "finished").inc()
-        self.tenant_calls.labels(ev.tenant).inc()
+        self._child(self.calls, "llm", "failed" if failed else "finished").inc()
+        self._child(self.tenant_calls, ev.tenant).inc()
         replica = _replica(ev.replica)
-        self.tokens.labels("prompt", replica).inc(ev.prompt_tokens)
-        self.tokens.labels("cached", replica).inc(ev.cached_tokens)
-        self.tokens.labels("completion", replica).inc(ev.completion_tokens)
-        self.tenant_tokens.labels(ev.tenant, "prompt").inc(ev.prompt_tokens)
-        self.tenant_tokens.labels(ev.tenant, "completion").inc(ev.completion_tokens)
+        self._child(self.tokens, "prompt", replica).inc(ev.prompt_tokens)
+        self._child(self.tokens, "cached", replica).inc(ev.cached_tokens)
+        self._child(self.tokens, "completion", replica).inc(ev.completion_tokens)
+        self._child(self.tenant_tokens, ev.tenant, "prompt").inc(ev.prompt_tokens)
+        self._child(self.tenant_tokens, ev.tenant, "completion").inc(ev.completion_tokens)
         self._snapshot.prompt_tokens += ev.prompt_tokens
         self._snapshot.cached_tokens += ev.cached_tokens
         first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
@@ -306,9 +315,9 @@ class Metrics:
     def _tool_ended(self, ev: SchedulerEvent) -> None:
         tool = ev.tool or "unknown"
         failed = ev.kind is EventKind.TOOL_FAILED
-        self.calls.labels("tool", "failed" if failed else "finished").inc()
-        self.tool_calls.labels(tool, "failed" if failed else "finished").inc()
-        self.tenant_calls.labels(ev.tenant).inc()
+        self._child(self.calls, "tool", "failed" if failed else "finished").inc()
+        self._child(self.tool_calls, tool, "failed" if failed else "finished").inc()
+        self._child(self.tenant_calls, ev.tenant).inc()
         started = self._tool_started_at.pop((ev.program_id, ev.call_id), None)
         latency = (
             ev.duration_s
@@ -316,10 +325,10 @@ class Metrics:
             else (ev.time - started if started is not None else None)
         )
         if latency is not None:
-            self.tool_latency.labels(tool).observe(max(0.0, latency))
+            self._child(self.tool_latency, tool).observe(max(0.0, latency))
 
     def _program_ended(self, ev: SchedulerEvent) -> None:
-        self.programs_ended.labels(ev.status or "finished").inc()
+        self._child(self.programs_ended, ev.status or "finished").inc()
         tally = self._programs.pop(ev.program_id, None)
         if tally is not None and tally.completion_tokens > 0 and ev.status in (None, "finished"):
             self.program_token_latency.observe(

@@ -13,10 +13,20 @@ calls files the span under the same trace. If a request carries a W3C `tracepare
 program's trace joins the caller's instead (its root span becomes a child of the
 caller's span); with Redis, that binding is shared so that all replicas agree.
 
-Exporters, all on one per-runtime `TracerProvider` (never the global one):
+Where spans go:
 - the in-memory ring (`TraceStore`), always on, feeds the UI;
-- the console exporter, when `ObservabilityConfig.console_spans` is set;
-- OTLP over HTTP, when `--otlp-endpoint` is given (`pip install progserve[otlp]`).
+- OpenTelemetry's console exporter, when `ObservabilityConfig.console_spans` is set;
+- OpenTelemetry's OTLP/HTTP exporter, when `--otlp-endpoint` is given
+  (`pip install progserve[otlp]`).
+Both exporters run behind the SDK's `BatchSpanProcessor` (a background thread).
+
+Why spans are built, not started: a call's span is known only when the call ends, and the
+events that shape it arrive from the scheduler, not from code running inside the span. So
+`Tracing` assembles each span once (a JSON-ready dict for the ring) and, only when an
+exporter is configured, turns it into the SDK's `ReadableSpan` for the processors. This
+skips the SDK's live-span machinery (locks, attribute re-validation), which cost several
+times more per call than the scheduling itself; the ids, parentage, attributes and export
+formats are OpenTelemetry's own.
 """
 
 from __future__ import annotations
@@ -24,28 +34,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -110,86 +113,32 @@ class ProgramTrace:
     def under(cls, program_id: str, caller: SpanContext) -> ProgramTrace:
         return cls(caller.trace_id, program_root_span_id(program_id), caller.span_id)
 
-    def root_context(self) -> Context:
-        """Context whose current span is the program's root: call spans go under it."""
-        root = SpanContext(self.trace_id, self.root_span_id, is_remote=False, trace_flags=SAMPLED)
-        return trace.set_span_in_context(NonRecordingSpan(root), Context())
-
-    def caller_context(self) -> Context:
-        """Context the root span itself starts in: the caller's span, or nothing."""
-        if self.parent_span_id is None:
-            return Context()
-        caller = SpanContext(
-            self.trace_id, self.parent_span_id, is_remote=True, trace_flags=SAMPLED
-        )
-        return trace.set_span_in_context(NonRecordingSpan(caller), Context())
-
-
-class _ProgramIdGenerator(RandomIdGenerator):
-    """Random ids, except that the next span may be given fixed ids: the program's root
-    span must carry its derived ids so that every replica's call spans point at it."""
-
-    def __init__(self) -> None:
-        self._next_trace_id: int | None = None
-        self._next_span_id: int | None = None
-
-    def fix_next(self, trace_id: int, span_id: int) -> None:
-        self._next_trace_id, self._next_span_id = trace_id, span_id
-
-    def clear(self) -> None:
-        self._next_trace_id = self._next_span_id = None
-
-    def generate_span_id(self) -> int:
-        span_id, self._next_span_id = self._next_span_id, None
-        return span_id or super().generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        trace_id, self._next_trace_id = self._next_trace_id, None
-        return trace_id or super().generate_trace_id()
-
 
 # -- exporters --------------------------------------------------------------------------
 
 
-def span_to_dict(span: ReadableSpan) -> SpanDict:
-    """A finished span as the UI's JSON (ids in hex, times in ns since the epoch)."""
-    attrs = dict(span.attributes or {})
-    ctx = span.context
-    return {
-        "trace_id": f"{ctx.trace_id:032x}",
-        "span_id": f"{ctx.span_id:016x}",
-        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
-        "name": span.name,
-        "kind": attrs.get(A + "span.kind", "other"),
-        "program_id": attrs.get(PROGRAM_ID),
-        "call_id": attrs.get(A + "call.id"),
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": "error" if span.status.status_code is StatusCode.ERROR else "ok",
-        "error": span.status.description,
-        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
-        "events": [
-            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})}
-            for e in span.events
-        ],
-    }
-
-
-class RingExporter(SpanExporter):
-    """Feeds finished progserve spans into the trace store (and so the UI). It runs in a
-    SimpleSpanProcessor, i.e. synchronously on the event loop where spans end."""
-
-    def __init__(self, store: TraceStore):
-        self._store = store
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        for span in spans:
-            if span.attributes and PROGRAM_ID in span.attributes:
-                self._store.add_span(span_to_dict(span))
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
+def readable_span(span: SpanDict, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+    """One of our span dicts as the SDK's `ReadableSpan`, for OpenTelemetry exporters."""
+    trace_id = int(span["trace_id"], 16)
+    context = SpanContext(trace_id, int(span["span_id"], 16), False, SAMPLED)
+    parent = None
+    if span["parent_id"] is not None:
+        parent = SpanContext(trace_id, int(span["parent_id"], 16), False, SAMPLED)
+    return ReadableSpan(
+        name=span["name"],
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=span["attributes"],
+        events=[Event(e["name"], e["attributes"], e["time_ns"]) for e in span["events"]],
+        kind=SpanKind.SERVER if span["kind"] == "program" else SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, span["error"])
+        if span["status"] == "error"
+        else Status(StatusCode.UNSET),
+        start_time=span["start_ns"],
+        end_time=span["end_ns"],
+        instrumentation_scope=scope,
+    )
 
 
 def otlp_traces_url(endpoint: str) -> str:
@@ -252,27 +201,20 @@ class Tracing:
     ):
         self.store = store
         self.instance_id = instance_id
-        self._ids = _ProgramIdGenerator()
-        resource = Resource.create(
+        self.resource = Resource.create(
             {"service.name": service_name, "service.instance.id": instance_id}
         )
-        self.provider = TracerProvider(
-            sampler=ALWAYS_ON,  # the UI must see every program, whatever the caller sampled
-            resource=resource,
-            id_generator=self._ids,
-            shutdown_on_exit=False,
-        )
-        self.provider.add_span_processor(SimpleSpanProcessor(RingExporter(store)))
+        self.scope = InstrumentationScope("progserve")
+        self.processors: list[SpanProcessor] = []
         if console:
-            self.provider.add_span_processor(
-                BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout))
-            )
+            self.processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
         if otlp_endpoint:
-            self.provider.add_span_processor(BatchSpanProcessor(otlp_exporter(otlp_endpoint)))
-        self.tracer = self.provider.get_tracer("progserve")
+            self.processors.append(BatchSpanProcessor(otlp_exporter(otlp_endpoint)))
+        self._rng = random.Random()
         self.propagator = TraceContextTextMapPropagator()
         self._open: OrderedDict[tuple[str, str], CallTimeline] = OrderedDict()
         self._bindings: OrderedDict[str, ProgramTrace] = OrderedDict()
+        self._derived: OrderedDict[str, ProgramTrace] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -282,7 +224,19 @@ class Tracing:
         for task in list(self._tasks):
             task.cancel()
         await self.store.close()
-        self.provider.shutdown()
+        for processor in self.processors:
+            processor.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Push spans buffered for the exporters out now (True when all made it)."""
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def _emit(self, span: SpanDict) -> None:
+        self.store.add_span(span)
+        if self.processors:
+            readable = readable_span(span, self.resource, self.scope)
+            for processor in self.processors:
+                processor.on_end(readable)
 
     # -- trace identity ------------------------------------------------------------------
 
@@ -296,7 +250,15 @@ class Tracing:
             self._spawn(self._share_binding(program_id, format_traceparent(caller)))
 
     def program_trace(self, program_id: str) -> ProgramTrace:
-        return self._bindings.get(program_id) or ProgramTrace.derived(program_id)
+        bound = self._bindings.get(program_id)
+        if bound is not None:
+            return bound
+        derived = self._derived.get(program_id)
+        if derived is None:  # two SHA-256s: cached, a program has many calls
+            derived = self._derived[program_id] = ProgramTrace.derived(program_id)
+            while len(self._derived) > MAX_BINDINGS:
+                self._derived.popitem(last=False)
+        return derived
 
     def _bind(self, program_id: str, binding: ProgramTrace) -> None:
         self._bindings[program_id] = binding
@@ -359,6 +321,7 @@ class Tracing:
         self._emit_program_span(ev, rec.started_ns, now_ns, rec)
         self.store.touch(rec)
         self._bindings.pop(ev.program_id, None)
+        self._derived.pop(ev.program_id, None)
 
     def _call_queued(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._open.get((ev.program_id, ev.call_id or ""))
@@ -491,34 +454,44 @@ class Tracing:
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
             attrs.update(_usage_attributes(ev))
-        name = (
-            f"tool {timeline.tool or timeline.call_id}"
-            if timeline.kind == "tool"
-            else (f"llm {timeline.call_id}")
+        binding = self.program_trace(timeline.program_id)
+        self._emit(
+            {
+                "trace_id": f"{binding.trace_id:032x}",
+                "span_id": f"{self._rng.getrandbits(64) or 1:016x}",
+                "parent_id": f"{binding.root_span_id:016x}",
+                "name": _span_name(timeline),
+                "kind": timeline.kind,
+                "program_id": timeline.program_id,
+                "call_id": timeline.call_id,
+                "start_ns": timeline.queued_ns,
+                "end_ns": max(end_ns, timeline.queued_ns),
+                "status": "ok" if error is None else "error",
+                "error": None if error is None else error[:500],
+                "attributes": attrs,
+                "events": _events(timeline),
+            }
         )
-        span = self.tracer.start_span(
-            name,
-            context=self.program_trace(timeline.program_id).root_context(),
-            kind=SpanKind.INTERNAL,
-            start_time=timeline.queued_ns,
-            attributes=attrs,
-        )
-        for event_name, ts, event_attrs in timeline.events:
-            span.add_event(event_name, event_attrs, timestamp=ts)
-        if error is not None:
-            span.set_status(Status(StatusCode.ERROR, error[:500]))
-        span.end(end_time=max(end_ns, timeline.queued_ns))
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
         binding = self.program_trace(ev.program_id)
-        self._ids.fix_next(binding.trace_id, binding.root_span_id)
-        try:
-            span = self.tracer.start_span(
-                f"program {ev.program_id}",
-                context=binding.caller_context(),
-                kind=SpanKind.SERVER,
-                start_time=start_ns,
-                attributes={
+        failed = rec.status != "finished"
+        self._emit(
+            {
+                "trace_id": f"{binding.trace_id:032x}",
+                "span_id": f"{binding.root_span_id:016x}",
+                "parent_id": None
+                if binding.parent_span_id is None
+                else f"{binding.parent_span_id:016x}",
+                "name": f"program {ev.program_id}",
+                "kind": "program",
+                "program_id": ev.program_id,
+                "call_id": None,
+                "start_ns": start_ns,
+                "end_ns": max(end_ns, start_ns),
+                "status": "error" if failed else "ok",
+                "error": (ev.error or rec.status) if failed else None,
+                "attributes": {
                     PROGRAM_ID: ev.program_id,
                     A + "span.kind": "program",
                     A + "tenant": ev.tenant,
@@ -526,12 +499,9 @@ class Tracing:
                     A + "program.status": rec.status,
                     A + "program.calls": rec.llm_calls + rec.tool_calls,
                 },
-            )
-        finally:
-            self._ids.clear()
-        if rec.status != "finished":
-            span.set_status(Status(StatusCode.ERROR, ev.error or rec.status))
-        span.end(end_time=max(end_ns, start_ns))
+                "events": [],
+            }
+        )
 
     # -- reads for the UI ----------------------------------------------------------------
 
@@ -543,13 +513,12 @@ class Tracing:
         for (pid, _), timeline in self._open.items():
             if pid != program_id:
                 continue
-            attrs = _call_attributes(timeline, self.instance_id)
             out.append(
                 {
                     "trace_id": f"{binding.trace_id:032x}",
                     "span_id": f"open-{timeline.call_id}",
                     "parent_id": f"{binding.root_span_id:016x}",
-                    "name": f"{timeline.kind} {timeline.tool or timeline.call_id}",
+                    "name": _span_name(timeline),
                     "kind": timeline.kind,
                     "program_id": pid,
                     "call_id": timeline.call_id,
@@ -557,12 +526,8 @@ class Tracing:
                     "end_ns": None,
                     "status": "running",
                     "error": None,
-                    "attributes": {
-                        k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()
-                    },
-                    "events": [
-                        {"name": n, "time_ns": ts, "attributes": a} for n, ts, a in timeline.events
-                    ],
+                    "attributes": _call_attributes(timeline, self.instance_id),
+                    "events": _events(timeline),
                 }
             )
         return out
@@ -578,6 +543,14 @@ def _wall_ns(loop_time: float) -> int:
     except RuntimeError:
         return time.time_ns()
     return time.time_ns() - int(max(0.0, now_loop - loop_time) * 1e9)
+
+
+def _span_name(t: CallTimeline) -> str:
+    return f"tool {t.tool or t.call_id}" if t.kind == "tool" else f"llm {t.call_id}"
+
+
+def _events(t: CallTimeline) -> list[dict[str, Any]]:
+    return [{"name": n, "time_ns": ts, "attributes": a} for n, ts, a in t.events]
 
 
 def _replica(replica: int | None) -> int:

@@ -146,7 +146,7 @@ async def test_otlp_http_exporter_sends_the_program_spans(otlp_collector) -> Non
     async with live_server(sim_settings(otlp_endpoint=endpoint)) as srv:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
             program_id = await run_program(client, mapreduce_spec(2, with_tool=False))
-        assert _obs(srv).tracing.provider.force_flush(10_000)
+        assert _obs(srv).tracing.force_flush(10_000)
     names: set[str] = set()
     for path, body in otlp_collector.received:
         assert path == "/v1/traces"
@@ -166,6 +166,6 @@ async def test_console_exporter_prints_spans(capsys) -> None:  # type: ignore[no
     async with live_server(settings) as srv:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
             program_id = await run_program(client, mapreduce_spec(1, with_tool=False))
-        assert _obs(srv).tracing.provider.force_flush(10_000)
+        assert _obs(srv).tracing.force_flush(10_000)
     out = capsys.readouterr().out
     assert '"name": "llm map-0"' in out and program_id in out
