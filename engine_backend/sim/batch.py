@@ -133,6 +133,8 @@ class ContinuousBatcher:
         # Prefilled prompts not yet in the tree, by program (see `_prefill_done`).
         self._unpublished: dict[str, set[SimRequest]] = {}
         self._batch: list[tuple[SimRequest, int, int]] = []
+        # Tags cost a set insert per tree node; only the `priority` order reads them (pins).
+        self.tag_owners = config.eviction != "lru"
         self.ratio = config.init_new_token_ratio
         self._ratio_decay = (
             config.init_new_token_ratio - config.min_new_token_ratio
@@ -185,7 +187,7 @@ class ContinuousBatcher:
             self._remove_decoding(r)
             self._forget_unpublished(r)
             key = r.key.extended(r.reply.token_ids[: r.gen])
-            self.cache.insert(key, owner=r.program_id, priority=-r.priority)
+            self._insert(key, r)
             self._unlock(r)
         r.state = DONE
         return r.gen
@@ -294,10 +296,14 @@ class ContinuousBatcher:
         self._remove_decoding(r)
         self._forget_unpublished(r)
         key = r.key.extended(r.reply.token_ids)
-        self.cache.insert(key, owner=r.program_id, priority=-r.priority)
+        self._insert(key, r)
         self._unlock(r)
         r.state = DONE
         self._on_finish(r)
+
+    def _insert(self, key: TokenKey, r: SimRequest) -> None:
+        owner = r.program_id if self.tag_owners else None
+        self.cache.insert(key, owner=owner, priority=-r.priority)
 
     def _unlock(self, r: SimRequest) -> None:
         if r.lock_node is not None:
@@ -341,7 +347,7 @@ class ContinuousBatcher:
         r.computed = max(r.computed, len(r.prompt) + r.gen)
         if not r.published:  # as in SGLang, its prefilled prompt stays cached (evictable)
             self._forget_unpublished(r)
-            self.cache.insert(r.fill, owner=r.program_id, priority=-r.priority)
+            self._insert(r.fill, r)
         self._unlock(r)  # its decoded KV is freed
         r.state = WAITING
         heapq.heappush(self._waiting, (r.priority, r.seq, r))
@@ -458,7 +464,7 @@ class ContinuousBatcher:
         r.tree_len = r.extend_start
         r.computed = max(r.computed, r.fill_len)
         if r.gen >= r.target:  # max_new_tokens = 0: prefill only
-            self.cache.insert(r.fill, owner=r.program_id, priority=-r.priority)
+            self._insert(r.fill, r)
             self._unlock(r)
             r.state = DONE
             self._on_finish(r)
@@ -474,7 +480,7 @@ class ContinuousBatcher:
         """Insert a decoding request's prefilled sequence and move its lock there."""
         assert r.fill is not None and r.lock_node is not None
         cache = self.cache
-        cache.insert(r.fill, owner=r.program_id, priority=-r.priority)
+        self._insert(r.fill, r)
         node = cache.match_prefix(r.fill, touch=False).node
         cache.inc_lock_ref(node)
         cache.dec_lock_ref(r.lock_node)

@@ -262,7 +262,7 @@ class SimEngine(Engine):
         if r.rid in self._requests:
             raise InvalidRequestError(f"request {r.rid!r} is already running")
         self._requests[r.rid] = r
-        if r.program_id is not None:
+        if r.program_id is not None and self.batcher.tag_owners:
             self._tag_program(r.program_id)
         self.batcher.enqueue(r)
         self._wake()
@@ -392,9 +392,11 @@ class SimEngine(Engine):
                 self._t = max(self._t, loop.time())
                 continue
             end = self._t + plan.seconds * scale
-            if plan.steps > 1 and await self._wait(end, wakeable=True):
+            if plan.steps == 1:  # a step in flight is never cut short
+                await self._wait(end, wakeable=False)
+            elif await self._wait(end, wakeable=True):  # woken early by a request
                 end = self._shorten(plan, loop.time(), cost, scale)
-            await self._wait(end, wakeable=False)
+                await self._wait(end, wakeable=False)
             self._t = end
             batcher.commit(plan)
 
