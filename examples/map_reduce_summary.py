@@ -36,8 +36,10 @@ SCRIPT = [
     },
     {
         "pattern": r"Summarise this part of a document",
-        "reply": "This part explains how one layer of progserve works and which interface "
-        "it offers to the layer above it, with its configuration and its limits.",
+        "reply": "This part explains how one layer of progserve works, which interface it "
+        "offers to the layer above it, how it is configured, which limits it enforces, and "
+        "why it was designed this way rather than the simpler way that most serving systems "
+        "still choose today.",
     },
 ]
 
@@ -80,7 +82,9 @@ async def sequential_map_reduce(chunks: list[str]) -> str:
     parts = [let(chunk, name="chunk") for chunk in chunks]
     summaries = []
     for part in parts:  # awaiting inside the loop: one call at a time
-        summary = gen(summarise_prompt(part), max_tokens=SUMMARY_TOKENS, temperature=0)
+        summary = gen(
+            summarise_prompt(part), max_tokens=SUMMARY_TOKENS, temperature=0, name="summary"
+        )
         await summary
         summaries.append(summary)
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
