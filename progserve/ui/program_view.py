@@ -125,8 +125,13 @@ def merge_calls(
             known = calls.get(call_state.id)
             if known is None:
                 calls[call_state.id] = call_from_state(call_state, convert)
-            elif not known["parents"] and call_state.parents:
+                continue
+            if not known["parents"] and call_state.parents:
                 known["parents"] = list(call_state.parents)
+            if known["status"] == "running":  # spans carry tokens only once a call ends
+                known["prompt_tokens"] = call_state.prompt_tokens
+                known["cached_tokens"] = call_state.cached_tokens
+                known["decode_tokens"] = call_state.completion_tokens
     return sorted(
         calls.values(), key=lambda c: (c["queued_ms"] is None, c["queued_ms"] or 0, c["id"])
     )
