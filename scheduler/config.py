@@ -71,6 +71,17 @@ class SchedulerConfig(BaseModel):
         400_000, ge=1, description="tokens each replica's approximate prefix tree remembers"
     )
     chars_per_token: int = Field(4, ge=1, description="text prompts: chars per pseudo-token")
+    # Replica failures (scheduler/replica_health.py).
+    engine_retries: int = Field(
+        2, ge=0, description="times a call is resumed on another replica after its replica "
+        "fails (unreachable, or the stream broke)"
+    )
+    health_probe_interval_s: float = Field(
+        1.0, gt=0, description="how often a down replica is probed to rejoin"
+    )
+    replica_down_grace_s: float = Field(
+        10.0, gt=0, description="every replica down this long: queued calls fail"
+    )
     # Limits.
     max_calls_per_program: int = Field(10_000, ge=1)
     max_programs: int = Field(100_000, ge=1, description="open programs before 429")

@@ -39,9 +39,10 @@ class Replica:
     dispatched: int = 0
     running: set[CallNode] = field(default_factory=set)
     parked: ReadyHeap = field(default_factory=lambda: ReadyHeap("parked"))
+    healthy: bool = True  # False while down (scheduler/replica_health.py): takes no calls
 
     def has_room(self, call: CallNode) -> bool:
-        if self.inflight_requests >= self.max_requests:
+        if self.inflight_requests >= self.max_requests or not self.healthy:
             return False
         # An idle replica always takes one call, however large.
         return (
@@ -50,7 +51,7 @@ class Replica:
         )
 
     def has_request_room(self) -> bool:
-        return self.inflight_requests < self.max_requests
+        return self.healthy and self.inflight_requests < self.max_requests
 
     def load_key(self) -> tuple[int, int, int]:
         return (self.inflight_requests, self.inflight_tokens, self.index)
@@ -118,6 +119,15 @@ class Dispatcher:
             replica.inflight_requests -= 1
             replica.inflight_tokens -= call.budget_tokens
             self.kick()
+
+    def evacuate(self, replica: Replica) -> None:
+        """The replica went down: calls parked for it go back to the queue."""
+        now = (self._loop or asyncio.get_running_loop()).time()
+        while replica.parked:
+            call = replica.parked.pop()
+            if call is not None:
+                self.policy.requeue(call, now)
+        self.kick()
 
     def kick(self) -> None:
         if not self._scheduled:

@@ -190,7 +190,8 @@ class CallNode:
     cached_tokens: int = 0
     service: float = 0.0
     engine_time: float = 0.0
-    preemptions: int = 0
+    preemptions: int = 0  # restarts: preemptions plus resumes after a replica failure
+    retries: int = 0  # resumes on another replica after its replica failed
     output_parts: list[str] | None = None
     output_ids: list[int] | None = None
     error: str | None = None

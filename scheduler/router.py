@@ -133,7 +133,8 @@ class Router:
 
     def _affinity(self, call: CallNode) -> RouteDecision:
         program = call.program
-        if call.prompt_len >= self.long_context and program.home_replica >= 0:
+        if call.prompt_len >= self.long_context and program.home_replica >= 0 \
+                and self.replicas[program.home_replica].healthy:  # never wait on a dead home
             home = self.replicas[program.home_replica]
             if home.has_room(call):
                 return RouteDecision(home)

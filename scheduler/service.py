@@ -27,7 +27,7 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from engine_backend.base import Engine
-from engine_backend.errors import EngineError
+from engine_backend.errors import EngineError, EngineUnavailableError
 from engine_backend.types import Chunk, FinishType, GenerateRequest
 
 from .config import SchedulerConfig
@@ -52,6 +52,7 @@ from .program import (
     dependency_ids,
     validate_new_calls,
 )
+from .replica_health import ReplicaHealth
 from .retention import RetentionManager
 from .router import Router
 from .spec import VARIABLE_REF, CallSpec, ProgramSpec
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Scheduler", "ToolRunner"]
 
 
-class EngineStreamEndedError(EngineError):
+class EngineStreamEndedError(EngineUnavailableError):
     """An engine stream ended without a final chunk."""
 
     status_code = 502
@@ -102,6 +103,10 @@ class Scheduler:
             config, self.replicas, self.policy, self.router, self._on_dispatch
         )
         self.retention = RetentionManager(config, self.replicas)
+        self.health = ReplicaHealth(
+            config, self.replicas, on_down=self.dispatcher.evacuate,
+            on_rejoin=lambda _replica: self.dispatcher.kick(), fail_queued=self._fail_queued,
+        )
         self.store: StateStore = store if store is not None else InMemoryStateStore()
         self.tools = tools
         self._programs: dict[tuple[str, str], Program] = {}
@@ -138,6 +143,7 @@ class Scheduler:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.retention.close()
+        await self.health.close()
         for engine in self.engines:
             await engine.close()
         await self.store.close()
@@ -596,7 +602,9 @@ class Scheduler:
         request = call.request
         assert request is not None
         keep_ids = request.input_ids is not None
-        keep_text = self._preempt
+        # The output so far is what a resume re-sends: after a preemption, or on another
+        # replica after a failure (`_fail_over`).
+        keep_text = self._preempt or (self.config.engine_retries > 0 and len(self.replicas) > 1)
         slot = program.variables.get(call.output) if call.output is not None else None
         choices = call.spec.choices if call.spec is not None else None
         stream_slot = slot if slot is not None and not choices else None
@@ -614,11 +622,16 @@ class Scheduler:
                 index = await call.waiter
                 replica = self.replicas[index]
                 engine_request = self._engine_request(call, replica)
-                preempted = False
+                preempted = failed_over = False
                 attempt_start = loop.time()
+                attempt_tokens = 0
                 try:
                     async with aclosing(replica.engine.generate(engine_request)) as stream:
                         async for chunk in stream:
+                            attempt_tokens = max(attempt_tokens + len(chunk.token_ids),
+                                                 chunk.completion_tokens)
+                            if not call.prompt_tokens and chunk.prompt_tokens:
+                                call.prompt_tokens = chunk.prompt_tokens
                             if call.first_token_at < 0:
                                 call.first_token_at = loop.time()
                                 if self._listeners:
@@ -654,14 +667,20 @@ class Scheduler:
                             self._end_llm_call(call, replica, outcome, None)
                             yield chunk
                             return
+                    if not preempted:
+                        raise EngineStreamEndedError(
+                            f"engine stream of call {call.id!r} ended early")
+                except EngineUnavailableError as exc:
+                    if not self._fail_over(call, replica, exc, attempt_tokens):
+                        raise
+                    failed_over = True
                 finally:
                     self.dispatcher.release(call)
-                if not preempted:
-                    raise EngineStreamEndedError(f"engine stream of call {call.id!r} ended early")
-                call.preempt_requested = False
+                if not failed_over:
+                    call.preempt_requested = False
+                    if self._listeners:
+                        self._emit_call(EventKind.CALL_PREEMPTED, call)
                 call.preemptions += 1
-                if self._listeners:
-                    self._emit_call(EventKind.CALL_PREEMPTED, call)
                 self._enqueue(call)
         except EngineError as exc:
             outcome, error = CallStatus.FAILED, exc
@@ -672,6 +691,23 @@ class Scheduler:
         finally:
             if not call.done:
                 self._end_llm_call(call, None, outcome, error)
+
+    def _fail_over(
+        self, call: CallNode, replica: Replica, exc: EngineUnavailableError, tokens: int
+    ) -> bool:
+        """The call's replica failed: take it out of rotation and, while retries remain and
+        another replica is up, resume the call elsewhere with its prompt plus the output
+        so far (the client's stream just continues). False: fail the call."""
+        self.health.mark_down(replica, exc)
+        if call.retries >= self.config.engine_retries or not self.health.any_up():
+            return False
+        call.retries += 1
+        call.completion_tokens += tokens
+        self.health.counters.failovers += 1
+        log.warning("call %s of program %s: replica %d failed (%s); resuming on another "
+                    "replica (retry %d)", call.id, call.program.id, replica.index,
+                    type(exc).__name__, call.retries)
+        return True
 
     @staticmethod
     def _account_final(call: CallNode, chunk: Chunk) -> None:
@@ -738,53 +774,61 @@ class Scheduler:
     def _end_call(
         self, call: CallNode, status: CallStatus, error: BaseException | None, now: float
     ) -> None:
-        """Common ending of every call: status, program bookkeeping, events, dependants."""
-        call.status = status
-        call.finished_at = now
-        program = call.program
-        program.running.discard(call)
-        program.queued.discard(call)
-        program.open_calls -= 1
-        program.history.thread_closed(call.thread_id)
-        if status == CallStatus.FINISHED:
-            self.calls_finished += 1
-            kind = EventKind.CALL_FINISHED if call.kind == "llm" else EventKind.TOOL_FINISHED
-        else:
-            if status == CallStatus.FAILED:
-                self.calls_failed += 1
-            call.error = str(error) if error is not None else CALL_STATUS_NAMES[status]
-            kind = EventKind.CALL_FAILED if call.kind == "llm" else EventKind.TOOL_FAILED
-        if self._listeners:
-            self._emit_call(kind, call, error=call.error)
-        if call.output is not None:
-            slot = program.variables[call.output]
+        """Common ending of every call: status, program bookkeeping, events, dependants.
+        Dependants of a call that did not finish end with it, through a worklist rather
+        than recursion: a deep chain (thousands of calls) must not exhaust the stack."""
+        first = call
+        pending: list[tuple[CallNode, CallStatus, BaseException | None]] = [
+            (call, status, error)]
+        while pending:
+            call, status, error = pending.pop()
+            if call is not first and call.status != CallStatus.PENDING:
+                continue  # a dependant of two failed calls ends once
+            call.status = status
+            call.finished_at = now
+            program = call.program
+            program.running.discard(call)
+            program.queued.discard(call)
+            program.open_calls -= 1
+            program.history.thread_closed(call.thread_id)
             if status == CallStatus.FINISHED:
-                slot.finish()
+                self.calls_finished += 1
+                kind = EventKind.CALL_FINISHED if call.kind == "llm" else EventKind.TOOL_FINISHED
             else:
-                slot.fail(self._failure(call, error))
-        for child in call.children:
-            if child.status != CallStatus.PENDING:
-                continue
-            if status == CallStatus.FINISHED:
-                child.unresolved -= 1
-                if child.unresolved == 0:
-                    self._start_graph_call(child)
-            else:
-                self._end_call(
-                    child,
-                    CallStatus.FAILED if status == CallStatus.FAILED else CallStatus.CANCELLED,
-                    self._failure(call, error),
-                    now,
-                )
-        if status == CallStatus.FAILED and program.error is None:
-            program.error = call.error
-        if program.open_calls == 0 and not program.is_closed:
-            program.status = ProgramStatus.IDLE
-            program.idle_since = now
-            if program.single_call:
-                self._close_program(program, ProgramStatus.FINISHED)
-            else:
-                self.retention.on_idle(program, now)
+                if status == CallStatus.FAILED:
+                    self.calls_failed += 1
+                call.error = str(error) if error is not None else CALL_STATUS_NAMES[status]
+                kind = EventKind.CALL_FAILED if call.kind == "llm" else EventKind.TOOL_FAILED
+            if self._listeners:
+                self._emit_call(kind, call, error=call.error)
+            if call.output is not None:
+                slot = program.variables[call.output]
+                if status == CallStatus.FINISHED:
+                    slot.finish()
+                else:
+                    slot.fail(self._failure(call, error))
+            for child in call.children:
+                if child.status != CallStatus.PENDING:
+                    continue
+                if status == CallStatus.FINISHED:
+                    child.unresolved -= 1
+                    if child.unresolved == 0:
+                        self._start_graph_call(child)
+                else:
+                    pending.append((
+                        child,
+                        CallStatus.FAILED if status == CallStatus.FAILED else CallStatus.CANCELLED,
+                        self._failure(call, error),
+                    ))
+            if status == CallStatus.FAILED and program.error is None:
+                program.error = call.error
+            if program.open_calls == 0 and not program.is_closed:
+                program.status = ProgramStatus.IDLE
+                program.idle_since = now
+                if program.single_call:
+                    self._close_program(program, ProgramStatus.FINISHED)
+                else:
+                    self.retention.on_idle(program, now)
 
     def _failure(self, call: CallNode, error: BaseException | None) -> BaseException:
         if isinstance(error, CallFailedError | ProgramCancelledError):
@@ -943,6 +987,17 @@ class Scheduler:
         for slot in program.variables.values():
             if not slot.done and slot.failed is None:
                 slot.fail(error)
+
+    def _fail_queued(self, error: BaseException) -> int:
+        """Fail every queued LLM call with `error` (every replica stayed down)."""
+        failed = 0
+        for program in list(self._programs.values()):
+            for call in list(program.queued):
+                waiter = call.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(error)  # its executor raises and ends the call
+                    failed += 1
+        return failed
 
     @staticmethod
     async def _abort(replica: Replica, rid: str) -> None:
