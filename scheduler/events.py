@@ -49,6 +49,10 @@ class SchedulerEvent:
     service: float = 0.0
     status: str | None = None  # program status on PROGRAM_ENDED
     error: str | None = None
+    parents: tuple[str, ...] = ()  # calls this one depends on (the DAG edges), for tracing
+    # Partial tool execution: how long before its arguments were complete the tool started
+    # (seconds; None for tools that got their whole input at once).
+    partial_start_s: float | None = None
 
 
 Listener = Callable[[SchedulerEvent], None]

@@ -148,8 +148,31 @@ class RedisStateStore:
             pipe.expire(f"{key}:engines", self.ended_ttl_s)
             await pipe.execute()
 
+    async def restore(self, tenant: str, program_id: str, totals: HistoryTotals) -> bool:
+        """Write a program's whole history *only if Redis has none* (it restarted empty);
+        atomic, so of several replicas giving back what they knew, the first wins. Used
+        by `store_resilient.ResilientStateStore` on re-sync. True if written."""
+        key = self._key(tenant, program_id)
+        args = [
+            totals.service, totals.engine_time_s, totals.weighted_tokens, totals.wait_s,
+            totals.calls_finished, time.time(), self.ttl_s, *sorted(totals.engines_used),
+        ]  # fmt: skip
+        return bool(await self._redis.eval(_RESTORE_LUA, 2, key, f"{key}:engines", *args))
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+_RESTORE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'service', ARGV[1], 'engine_time_s', ARGV[2],
+           'weighted_tokens', ARGV[3], 'wait_s', ARGV[4], 'calls_finished', ARGV[5],
+           'created', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+for i = 8, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+if #ARGV >= 8 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
+return 1
+"""
 
 
 def _totals(fields: dict[str, str], engines: set[str]) -> HistoryTotals:
