@@ -28,6 +28,7 @@ def make_client(
     connect_timeout: float = 5.0,
     read_timeout: float | None = None,
     max_connections: int = 512,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """A keep-alive pool to one upstream. Streams may idle for long between tokens, so
     reads have no timeout by default; connects fail fast."""
@@ -39,6 +40,7 @@ def make_client(
         limits=httpx.Limits(max_connections=max_connections,
                             max_keepalive_connections=max_connections, keepalive_expiry=60.0),
         trust_env=False,  # loopback and internal engines: never route through a proxy
+        transport=transport,
     )
 
 

@@ -71,6 +71,7 @@ class OpenAIHTTPEngine(Engine):
         logprobs: bool | None = None,
         connect_timeout: float = 5.0,
         max_context_len: int = 8192,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         """`base_url` is the server root (`http://host:port`) or its `/v1` root.
         `logprobs=None` probes the server at start."""
@@ -80,6 +81,7 @@ class OpenAIHTTPEngine(Engine):
         self._api_key = api_key
         self._logprobs = logprobs
         self._connect_timeout = connect_timeout
+        self._transport = transport  # tests: recorded upstream answers
         self._max_context_len = max_context_len
         self._client: httpx.AsyncClient | None = None
         self._active: dict[str, httpx.Response | None] = {}
@@ -91,7 +93,8 @@ class OpenAIHTTPEngine(Engine):
         if self._client is not None:
             return
         self._client = make_client(self.base_url, api_key=self._api_key,
-                                   connect_timeout=self._connect_timeout)
+                                   connect_timeout=self._connect_timeout,
+                                   transport=self._transport)
         try:
             if self._model is None:
                 resp = await self._client.get("/v1/models", timeout=self._connect_timeout)

@@ -133,6 +133,7 @@ class SGLangHTTPEngine(Engine):
         low_priority_values_first: bool = False,
         model_path: str | None = None,
         connect_timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -140,6 +141,7 @@ class SGLangHTTPEngine(Engine):
         self._priority_scale = priority_scale
         self._low_first = low_priority_values_first
         self._connect_timeout = connect_timeout
+        self._transport = transport  # tests: recorded upstream answers
         self._client: httpx.AsyncClient | None = None
         self._model_info = ModelInfo(model_path=model_path or self.base_url)
         self._kv_capacity = 0
@@ -154,7 +156,8 @@ class SGLangHTTPEngine(Engine):
         if self._client is not None:
             return
         self._client = make_client(self.base_url, api_key=self._api_key,
-                                   connect_timeout=self._connect_timeout)
+                                   connect_timeout=self._connect_timeout,
+                                   transport=self._transport)
         try:
             await self._load_model_info()
         except (httpx.HTTPError, ValueError) as exc:

@@ -1,0 +1,149 @@
+"""`OpenAIHTTPEngine` against a real OpenAI-compatible server (progserve serving the sim
+engine) and against recorded vLLM-style answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine_backend.errors import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    UnknownRequestError,
+    UnsupportedError,
+)
+from engine_backend.openai_http import OpenAIHTTPEngine
+from engine_backend.types import FinishType, GenerateRequest, SamplingParams
+from progserve.app import create_app
+from progserve.config import Settings
+from progserve.runtime import Runtime
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "openai"
+
+
+def request(rid: str, text: str = "The capital of France is", **kw) -> GenerateRequest:
+    sampling = kw.pop("sampling", None) or SamplingParams(max_new_tokens=10, temperature=0)
+    return GenerateRequest(rid=rid, text=text, sampling=sampling, **kw)
+
+
+async def collect(engine, req):
+    return [chunk async for chunk in engine.generate(req)]
+
+
+@pytest.fixture(scope="module")
+def upstream(serve_in_thread):
+    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.5}))))
+
+
+@pytest.fixture
+async def engine(upstream):
+    async with OpenAIHTTPEngine(upstream.url + "/v1") as eng:
+        yield eng
+
+
+async def test_stream_matches_the_servers_completion(engine, upstream):
+    chunks = await collect(engine, request("oa-1"))
+    direct = httpx.post(upstream.url + "/v1/completions", json={
+        "model": "m", "prompt": "The capital of France is", "max_tokens": 10,
+        "temperature": 0}).json()
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == direct["choices"][0]["text"]
+    final = chunks[-1]
+    assert final.finish_reason.type is FinishType.LENGTH
+    assert final.completion_tokens == 10
+    assert final.prompt_tokens == direct["usage"]["prompt_tokens"]
+
+
+async def test_capabilities_are_honest(engine):
+    caps = engine.capabilities()
+    assert not caps.priority and not caps.token_ids and not caps.retention
+    assert caps.logprobs  # the probe found that this server returns prompt logprobs
+    assert engine.model_info().model_path == "progserve/sim-llama-3-8b"  # from /v1/models
+    with pytest.raises(UnsupportedError):
+        await collect(engine, request("rx", sampling=SamplingParams(regex="(a|b)")))
+
+
+async def test_logprobs_output_and_prompt(engine):
+    chunks = await collect(engine, request("lp-out", return_logprob=True))
+    entries = [e for c in chunks for e in (c.output_logprobs or ())]
+    assert len(entries) == 10 and all(lp <= 0 for lp, _, _ in entries)
+    assert "".join(t for _, _, t in entries) == "".join(c.text for c in chunks)
+
+    prompt = await collect(engine, request("lp-in", return_logprob=True, logprob_start_len=0))
+    final = prompt[-1]
+    assert len(final.input_logprobs) == final.prompt_tokens
+    assert final.input_logprobs[0][0] is None
+    assert len(final.output_logprobs) == final.completion_tokens == 10
+    assert final.text == "".join(c.text for c in chunks)  # the echo was cut off
+
+
+async def test_logprobs_refused_when_the_server_has_none(upstream):
+    async with OpenAIHTTPEngine(upstream.url, logprobs=False) as engine:
+        assert not engine.capabilities().logprobs
+        with pytest.raises(UnsupportedError, match="logprobs"):
+            await collect(engine, request("no-lp", return_logprob=True))
+
+
+async def test_abort_mid_stream(engine, upstream):
+    stream = engine.generate(request("oa-abort", sampling=SamplingParams(
+        max_new_tokens=4000, ignore_eos=True)))
+    await anext(stream)
+    await engine.abort("oa-abort")
+    rest = [c async for c in stream]
+    assert rest[-1].finish_reason.type is FinishType.ABORT
+    with pytest.raises(UnknownRequestError):
+        await engine.abort("oa-abort")
+
+
+# ------------------------------------------------------------------ recorded answers
+
+
+def recorded(file: str, status: int = 200):
+    sent: list[dict] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]})
+        sent.append(json.loads(req.content))
+        return httpx.Response(status, content=(FIXTURES / file).read_bytes())
+
+    engine = OpenAIHTTPEngine("http://vllm.test/v1", logprobs=False,
+                              transport=httpx.MockTransport(handler))
+    return engine, sent
+
+
+async def test_recorded_vllm_stream_with_usage():
+    engine, sent = recorded("completions_stream.sse")
+    await engine.start()
+    chunks = await collect(engine, request("rec", sampling=SamplingParams(
+        max_new_tokens=20, temperature=0.2, stop=["\n"], seed=3)))
+    assert [c.text for c in chunks if c.text] == [" Paris", " is", " the capital."]
+    final = chunks[-1]
+    assert final.finish_reason.type is FinishType.STOP
+    assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (6, 5, 4)
+    assert sent[-1] == {"model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "The capital of France is",
+                        "max_tokens": 20, "temperature": 0.2, "top_p": 1.0, "stream": True,
+                        "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
+    assert (await engine.stats()).cache_hit_tokens == 4
+
+
+async def test_recorded_stream_without_usage_counts_tokens():
+    engine, _ = recorded("completions_stream_no_usage.sse")
+    await engine.start()
+    chunks = await collect(engine, request("rec"))
+    assert chunks[-1].finish_reason.type is FinishType.LENGTH
+    assert chunks[-1].completion_tokens == 2
+
+
+async def test_recorded_errors_are_typed():
+    engine, _ = recorded("error_400.json", status=400)
+    await engine.start()
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
+        await collect(engine, request("bad"))
+    engine, _ = recorded("error_400.json", status=429)
+    await engine.start()
+    with pytest.raises(EngineOverloadedError):
+        await collect(engine, request("busy"))

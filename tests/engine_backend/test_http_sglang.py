@@ -1,0 +1,239 @@
+"""`SGLangHTTPEngine` against a real server speaking SGLang's native protocol (progserve
+serving the sim engine), and against recorded answers in SGLang's documented format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine_backend.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    UnknownRequestError,
+)
+from engine_backend.sglang_http import SGLangHTTPEngine
+from engine_backend.types import FinishType, GenerateRequest, SamplingParams
+from progserve.app import create_app
+from progserve.config import Settings
+from progserve.runtime import Runtime
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "sglang"
+
+
+def request(rid: str, text: str = "The capital of France is", **kw) -> GenerateRequest:
+    sampling = kw.pop("sampling", None) or SamplingParams(max_new_tokens=12, temperature=0)
+    return GenerateRequest(rid=rid, text=text, sampling=sampling, **kw)
+
+
+async def collect(engine, req):
+    return [chunk async for chunk in engine.generate(req)]
+
+
+# ------------------------------------------------------------------ live server
+
+
+@pytest.fixture(scope="module")
+def upstream(serve_in_thread):
+    """A server speaking SGLang's protocol; real-time decoding a few ms per token."""
+    return serve_in_thread(create_app(Runtime(Settings(
+        sim={"time_scale": 0.5}, limits={"max_tokens": 5000}))))
+
+
+@pytest.fixture
+async def engine(upstream):
+    async with SGLangHTTPEngine(upstream.url) as eng:
+        yield eng
+
+
+def upstream_running(upstream) -> int:
+    return upstream.call(upstream.app.state.runtime.engines[0].stats()).running
+
+
+async def test_stream_deltas_rebuild_the_servers_answer(engine, upstream):
+    chunks = await collect(engine, request("live-1"))
+    direct = httpx.post(upstream.url + "/generate", json={
+        "text": "The capital of France is",
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0}}).json()
+    assert len(chunks) > 2  # streamed
+    assert "".join(c.text for c in chunks) == direct["text"]
+    assert [t for c in chunks for t in c.token_ids] == direct["output_ids"]
+    final = chunks[-1]
+    assert final.finish_reason is not None and final.finish_reason.type is FinishType.LENGTH
+    assert final.completion_tokens == 12
+    assert final.prompt_tokens == direct["meta_info"]["prompt_tokens"]
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def test_cached_tokens_and_logprobs(engine):
+    prompt = "A shared system prompt for caching. " * 10
+    await collect(engine, request("warm", prompt))
+    chunks = await collect(engine, request("hot", prompt, return_logprob=True,
+                                           logprob_start_len=0))
+    final = chunks[-1]
+    assert final.cached_tokens > 0
+    assert len(final.input_logprobs) == final.prompt_tokens
+    assert final.input_logprobs[0][0] is None
+    outputs = [e for c in chunks for e in (c.output_logprobs or ())]
+    assert len(outputs) == final.completion_tokens
+    assert [e[1] for e in outputs] == [t for c in chunks for t in c.token_ids]
+    assert "".join(e[2] for e in outputs) == "".join(c.text for c in chunks)
+
+
+async def test_model_info_and_health(engine, upstream):
+    assert engine.model_info().model_path == "progserve/sim-llama-3-8b"
+    assert engine.model_info().max_context_len == 32768
+    assert await engine.health()
+    caps = engine.capabilities()
+    assert caps.priority and caps.logprobs and caps.token_ids and caps.abort
+
+
+async def test_abort_ends_the_stream_with_abort(engine, upstream):
+    req = request("live-abort", sampling=SamplingParams(max_new_tokens=4000, ignore_eos=True))
+    stream = engine.generate(req)
+    first = await anext(stream)
+    assert first.finish_reason is None
+    await engine.abort("live-abort")
+    rest = [c async for c in stream]
+    assert rest[-1].finish_reason.type is FinishType.ABORT
+    assert upstream_running(upstream) == 0
+    with pytest.raises(UnknownRequestError):
+        await engine.abort("live-abort")
+
+
+async def test_closing_the_stream_aborts_upstream(engine, upstream):
+    stream = engine.generate(request("live-close",
+                                     sampling=SamplingParams(max_new_tokens=4000,
+                                                             ignore_eos=True)))
+    await anext(stream)
+    assert upstream_running(upstream) == 1
+    await stream.aclose()
+    for _ in range(100):
+        if upstream_running(upstream) == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert upstream_running(upstream) == 0
+
+
+async def test_upstream_rejection_is_invalid_request(engine):
+    too_long = request("too-long", sampling=SamplingParams(max_new_tokens=6000))
+    with pytest.raises(InvalidRequestError, match="over this server's limit"):
+        await collect(engine, too_long)
+
+
+async def test_unreachable_replica():
+    engine = SGLangHTTPEngine("http://127.0.0.1:9", connect_timeout=0.5)
+    await engine.start()  # a replica that is down does not stop the server from starting
+    try:
+        assert not await engine.health()
+        with pytest.raises(EngineUnavailableError):
+            await collect(engine, request("down"))
+    finally:
+        await engine.close()
+
+
+# ------------------------------------------------------------------ recorded answers
+
+
+class Recorded:
+    """An httpx transport that answers with recorded SGLang responses and keeps what was
+    sent, so the engine is checked against SGLang's documented wire format."""
+
+    def __init__(self, stream_file: str, status: int = 200):
+        self.stream = (FIXTURES / stream_file).read_bytes()
+        self.status = status
+        self.sent: list[tuple[str, dict]] = []
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content) if req.content else {}
+        self.sent.append((req.url.path, body))
+        if req.url.path in ("/get_model_info", "/get_server_info"):
+            return httpx.Response(200, content=(FIXTURES / f"{req.url.path[1:]}.json")
+                                  .read_bytes())
+        if req.url.path == "/generate":
+            return httpx.Response(self.status, content=self.stream,
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json={})
+
+
+async def recorded_engine(stream_file: str, **kw) -> tuple[SGLangHTTPEngine, Recorded]:
+    recorded = Recorded(stream_file, kw.pop("status", 200))
+    engine = SGLangHTTPEngine("http://sglang.test", transport=httpx.MockTransport(recorded),
+                              **kw)
+    await engine.start()
+    return engine, recorded
+
+
+async def test_recorded_stream_and_request_format():
+    engine, recorded = await recorded_engine("generate_stream.sse")
+    req = request("rec-1", priority=0.25,
+                  sampling=SamplingParams(max_new_tokens=16, temperature=0.5, stop=["\n"],
+                                          seed=7))
+    chunks = await collect(engine, req)
+    assert [c.text for c in chunks] == [" Paris", " is", " the capital."]
+    assert [c.token_ids for c in chunks] == [[12366], [374], [279, 6864, 13]]
+    final = chunks[-1]
+    assert final.finish_reason.type is FinishType.STOP and final.finish_reason.matched == 128009
+    assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (6, 5, 4)
+    assert engine.model_info().model_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert engine.model_info().max_context_len == 131072
+    assert (await engine.stats()).kv_capacity_tokens == 455000
+    path, body = recorded.sent[-1]
+    assert path == "/generate"
+    assert body["rid"] == "rec-1" and body["stream"] is True
+    assert body["text"] == "The capital of France is"
+    # Lower is more urgent in progserve; SGLang serves larger values first by default.
+    assert body["priority"] == -250
+    assert body["sampling_params"] == {"max_new_tokens": 16, "temperature": 0.5, "top_p": 1.0,
+                                       "top_k": -1, "ignore_eos": False, "stop": ["\n"],
+                                       "sampling_seed": 7}
+    await engine.close()
+
+
+async def test_priority_conventions():
+    default, _ = await recorded_engine("generate_stream.sse")
+    low_first, _ = await recorded_engine("generate_stream.sse", low_priority_values_first=True)
+    assert default.sglang_priority(0.0) > default.sglang_priority(2.0)  # urgent ranks higher
+    assert low_first.sglang_priority(0.0) < low_first.sglang_priority(2.0)
+    assert default.sglang_priority(1e12) == -(2**31 - 1)  # clamped to int32
+    no_priority, recorded = await recorded_engine("generate_stream.sse", send_priority=False)
+    await collect(no_priority, request("p"))
+    assert "priority" not in recorded.sent[-1][1]
+    assert not no_priority.capabilities().priority
+    for engine in (default, low_first, no_priority):
+        await engine.close()
+
+
+async def test_recorded_incremental_ids_logprobs_and_abort():
+    engine, _ = await recorded_engine("generate_stream_incremental_ids.sse")
+    chunks = await collect(engine, request("rec-2"))
+    assert [t for c in chunks for t in c.token_ids] == [12366, 374, 279, 6864, 13]
+    assert chunks[-1].finish_reason.type is FinishType.LENGTH
+
+    engine, recorded = await recorded_engine("generate_stream_logprobs.sse")
+    chunks = await collect(engine, request("rec-3", return_logprob=True, logprob_start_len=0))
+    assert recorded.sent[-1][1]["return_text_in_logprobs"] is True
+    assert [c.output_logprobs for c in chunks] == [[(-0.05, 12366, " Paris")],
+                                                  [(-0.4, 374, " is")]]
+    assert chunks[-1].input_logprobs[0] == (None, 128000, "<|begin_of_text|>")
+
+    engine, _ = await recorded_engine("generate_stream_abort.sse")
+    chunks = await collect(engine, request("rec-6"))
+    assert chunks[-1].finish_reason.type is FinishType.ABORT
+    assert chunks[-1].finish_reason.message == "Abort before prefill"
+
+
+async def test_recorded_failures():
+    engine, _ = await recorded_engine("generate_stream_error.sse")
+    with pytest.raises(InvalidRequestError, match="context length"):
+        await collect(engine, request("err"))
+    engine, _ = await recorded_engine("generate_stream_truncated.sse")
+    with pytest.raises(EngineUnavailableError, match="without a finish reason"):
+        await collect(engine, request("cut"))
+    engine, _ = await recorded_engine("generate_stream.sse", status=503)
+    with pytest.raises(Exception, match="sglang") as err:
+        await collect(engine, request("busy"))
+    assert err.value.status_code == 503
