@@ -129,7 +129,9 @@ class ContinuousBatcher:
         self._private_key = 0
         self._context_key = 0
         self._reserve_key = 0
-        self._prefill_private = 0  # extended prompt tokens not yet in the tree
+        # Prompt tokens being prefilled (not yet in the tree), plus one slot each for the
+        # token its prefill samples.
+        self._prefill_private = 0
         # Prefilled prompts not yet in the tree, by program (see `_prefill_done`).
         self._unpublished: dict[str, set[SimRequest]] = {}
         self._batch: list[tuple[SimRequest, int, int]] = []
@@ -164,9 +166,6 @@ class ContinuousBatcher:
     def running(self) -> int:
         return self.n_dec + len(self.prefilling)
 
-    def idle(self) -> bool:
-        return not (self.n_dec or self.prefilling or self.n_waiting)
-
     # ----------------------------------------------------------------- requests
 
     def enqueue(self, r: SimRequest) -> None:
@@ -181,7 +180,7 @@ class ContinuousBatcher:
             self.n_waiting -= 1  # its heap entry goes stale
         elif r.state == PREFILLING:
             self.prefilling.remove(r)
-            self._prefill_private -= r.fill_len - r.extend_start
+            self._prefill_private -= r.fill_len - r.extend_start + 1
             self._unlock(r)
         elif r.state == DECODING:  # like SGLang, cache what it computed
             self._remove_decoding(r)
@@ -402,7 +401,7 @@ class ContinuousBatcher:
             headroom = self.ratio * max(0, self._reserve_key - self.n_dec * self.step)
             own = max(0, min(r.max_new - r.gen, config.clip_max_new_tokens)) + self.n_dec
             room = self.capacity - self.kv_used() + cache.evictable_size() - headroom
-            if 1 + own > room:  # even a full cache hit would not fit
+            if 2 + own > room:  # even a full cache hit would not fit
                 return False
         if r.program_id in self._unpublished:
             self._publish_program(r.program_id)
@@ -415,20 +414,20 @@ class ContinuousBatcher:
         free = self.capacity - self.kv_used()
         available = free + cache.evictable_size()
         if busy:
-            fits = extend + own <= available - headroom
+            fits = extend + 1 + own <= available - headroom
         else:
-            fits = extend <= available  # alone, it may use everything
+            fits = extend + 1 <= available  # alone, it may use everything
         if not fits:
             cache.dec_lock_ref(match.node)
             return False
-        needed = extend + self.n_dec - free
+        needed = extend + 1 + self.n_dec - free
         if needed > 0:
             cache.evict(needed)
         r.state = PREFILLING
         r.fill, r.fill_len, r.published = fill, fill_len, False
         r.prefilled = r.extend_start = cached
         r.lock_node = match.node
-        self._prefill_private += extend
+        self._prefill_private += extend + 1
         self.prefilling.append(r)
         if not r.admitted:
             r.admitted = True
@@ -460,7 +459,7 @@ class ContinuousBatcher:
         or at its finish. Other programs only share what is already in the tree (system
         prompts, earlier turns), so what they can hit is the same."""
         self.prefilling.remove(r)
-        self._prefill_private -= r.fill_len - r.extend_start  # now the request's own KV
+        self._prefill_private -= r.fill_len - r.extend_start + 1  # now the request's own KV
         r.tree_len = r.extend_start
         r.computed = max(r.computed, r.fill_len)
         if r.gen >= r.target:  # max_new_tokens = 0: prefill only

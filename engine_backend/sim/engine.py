@@ -23,6 +23,7 @@ from typing import Any
 
 from engine_backend.base import Engine
 from engine_backend.errors import (
+    EngineError,
     EngineUnavailableError,
     InvalidRequestError,
     UnknownRequestError,
@@ -241,7 +242,12 @@ class SimEngine(Engine):
             sampling = sampling.model_copy(update={"max_new_tokens": max_new})
         seed = request_seed(config.seed, request.rid, key.data, sampling)
         view = PromptView(request.rid, ids, sampling, seed, self.tokenizer, request.text)
-        reply = self.responder.choose(view, choices) if choices else self.responder.reply(view)
+        try:
+            reply = self.responder.choose(view, choices) if choices else self.responder.reply(view)
+        except EngineError:
+            raise
+        except Exception as exc:  # e.g. a scripted rule's function rejecting this prompt
+            raise InvalidRequestError(f"the responder cannot answer this prompt: {exc!r}") from exc
         return SimRequest(
             rid=request.rid,
             prompt=ids,

@@ -415,20 +415,23 @@ def _check_invariants(engine: SimEngine) -> None:
     assert 0 <= b.kv_used() <= b.capacity
     private = sum(len(r.prompt) + b.generated(r) - r.tree_len for r in b.decoding)
     assert private == b._private_key + b.n_dec * b.step
-    assert b._prefill_private == sum(r.fill_len - r.extend_start for r in b.prefilling)
+    assert b._prefill_private == sum(r.fill_len - r.extend_start + 1 for r in b.prefilling)
     assert b.n_dec == len(b.decoding)
     for r in b.decoding:
         assert 0 < b.generated(r) <= r.target
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(12))
 def test_random_pressure_workloads_keep_the_books_straight(seed: int) -> None:
     """Small KV, priorities, shared prefixes, aborts and cancellations at random times:
     KV never exceeds capacity, the lazy sums match the requests, every request ends with
     its whole reply (or an abort), and nothing stays locked."""
     rng = random.Random(seed)
     config = SimConfig(kv_capacity_tokens=rng.choice([1_500, 3_000, 6_000]),
-                       max_running=rng.choice([4, 16, 64]), chunked_prefill_tokens=256,
+                       max_running=rng.choice([4, 16, 64]),
+                       chunked_prefill_tokens=rng.choice([64, 256, 8192]),
+                       priority_preemption=rng.random() < 0.7,
+                       eviction=rng.choice(["lru", "priority"]),
                        stream_interval=rng.choice([0, 0, 3]), seed=seed)
     system = ids(300, seed)
 
@@ -439,7 +442,14 @@ def test_random_pressure_workloads_keep_the_books_straight(seed: int) -> None:
             _check_invariants(engine)
             return plan()
 
+        commit = engine.batcher.commit
+
+        def checked_commit(step_plan: Any) -> None:
+            commit(step_plan)
+            assert engine.batcher.kv_used() <= engine.batcher.capacity  # the steps had KV
+
         engine.batcher.plan = checked_plan  # type: ignore[method-assign]
+        engine.batcher.commit = checked_commit  # type: ignore[method-assign]
         outcomes: dict[str, tuple[int, FinishType]] = {}
         expected: dict[str, int] = {}
 
@@ -462,6 +472,7 @@ def test_random_pressure_workloads_keep_the_books_straight(seed: int) -> None:
                 live = sorted(engine._requests)
                 if live:
                     await engine.abort(rng.choice(live))
+                await engine.retain(f"p{rng.randrange(7)}", rng.random() < 0.6)
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
         await asyncio.sleep(rng.uniform(0, 3))
