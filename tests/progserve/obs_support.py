@@ -23,7 +23,6 @@ from fastapi import FastAPI
 
 from progserve.app import create_app
 from progserve.config import Settings, load_settings
-from progserve.observability import install_observability
 from progserve.runtime import Runtime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor
@@ -97,9 +96,7 @@ async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
     """A real progserve server in this event loop: uvicorn on a free port."""
     tools = ToolExecutor(register_builtin_tools(ToolRegistry(), docs_root=REPO / "docs"))
     runtime = Runtime(settings, tools=tools)
-    app = create_app(runtime)
-    if not hasattr(app.state, "observability"):  # until the app factory installs it
-        install_observability(app, runtime)
+    app = create_app(runtime)  # installs tracing, /metrics and /ui
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
