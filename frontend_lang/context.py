@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import ContextVar
@@ -34,7 +35,7 @@ from .errors import (
 from .graph import CallRecord, ProgramGraph
 from .runtime import Runtime
 from .templates import render
-from .variables import SemanticVariable
+from .variables import JoinedVariables, SemanticVariable
 
 _CURRENT: ContextVar[ProgramContext | None] = ContextVar("frontend_lang_program", default=None)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -153,16 +154,20 @@ class ProgramContext:
         fn: Callable[..., Any],
         *,
         args: dict[str, Any],
+        templates: dict[str, Any],
         name: str | None,
         site: str,
     ) -> SemanticVariable:
         """A Python callable that runs here, in the DSL runtime, once its argument
-        variables have values. Its result is a variable like any other."""
+        variables have values (`templates`: the same arguments with variables as
+        placeholders, which give the call's inputs). Its result is a variable like any
+        other."""
         call_id = self.graph.new_call_id("tool")
-        output = self.graph.new_variable_name(name or getattr(fn, "__name__", None), call_id)
-        templated = {k: str(v) if isinstance(v, SemanticVariable) else v for k, v in args.items()}
-        tool_name = getattr(fn, "__name__", "callable")[:128]
-        spec = self._spec(call_id, site, kind="tool", tool=tool_name, args=templated, output=output)
+        fn_name = getattr(fn, "__name__", "")
+        default = fn_name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", fn_name) else None
+        output = self.graph.new_variable_name(name or default, call_id)
+        tool_name = (fn_name or type(fn).__name__)[:128]
+        spec = self._spec(call_id, site, kind="tool", tool=tool_name, args=templates, output=output)
         record = CallRecord(spec, site, client_tool=fn)
         self.graph.check_references(record)  # its inputs must exist now: it starts now
         variable = self._register(record)
@@ -408,6 +413,8 @@ class ProgramContext:
         for key, arg in args.items():
             if isinstance(arg, SemanticVariable):
                 resolved[key] = values[arg.name]
+            elif isinstance(arg, JoinedVariables):
+                resolved[key] = [values[v.name] for v in arg.variables]
             elif isinstance(arg, str):
                 resolved[key] = render(arg, values)
             else:

@@ -154,11 +154,13 @@ def tool(
     context = current_context()
     site = caller_site()
     call_args = {**(args or {}), **kwargs}
+    wire_args = {key: _wire_arg(key, value, site) for key, value in call_args.items()}
     if callable(name_or_callable):
-        return context.add_client_tool(name_or_callable, args=call_args, name=name, site=site)
+        return context.add_client_tool(
+            name_or_callable, args=call_args, templates=wire_args, name=name, site=site
+        )
     if not isinstance(name_or_callable, str) or not name_or_callable:
         raise ProgramDefinitionError(f"tool() at {site}: give a tool name or a callable")
-    wire_args = {key: _wire_arg(key, value, site) for key, value in call_args.items()}
     return context.add_tool_call(
         tool=name_or_callable,
         args=wire_args,
@@ -169,8 +171,8 @@ def tool(
 
 
 def _wire_arg(key: str, value: Any, site: str) -> Any:
-    """Variables become `{{name}}` templates; other values must be JSON without variables
-    (the server fills only top-level string arguments)."""
+    """Variables become `{{name}}` templates (the call's data-flow inputs); other values
+    must not nest variables (only top-level arguments are filled in)."""
     if isinstance(value, SemanticVariable | JoinedVariables):
         return str(value)
     if isinstance(value, list | tuple | dict) and _contains_variable(value):

@@ -254,3 +254,16 @@ async def test_a_variable_is_not_its_value(make_local):
             f"{answer:>10}"  # noqa: B018 - format specs need the value
 
     await misuse.run(runtime)
+
+
+async def test_client_tools_take_lambdas_and_joined_variables(make_local):
+    runtime = await make_local(SCRIPT)
+
+    @program
+    async def gather_words() -> str:
+        words = [gen(f"Echo: {w}", max_tokens=8, temperature=0) for w in ("red", "green")]
+        combined = tool(lambda parts: " + ".join(parts), parts=join(words))
+        return await combined
+
+    result = await gather_words.run(runtime)
+    assert result.value == "echo red + echo green"
