@@ -322,7 +322,9 @@ class SimEngine(Engine):
 
     def _chunk(self, r: SimRequest, start: int, end: int, finish: FinishReason | None) -> Chunk:
         reply = r.reply
-        chunk = Chunk(r.rid, reply.text_between(start, end), reply.token_ids[start:end])
+        # A whole reply in one chunk hands over its list: the engine is done with it.
+        tokens = reply.token_ids if start == 0 and end == r.target else reply.token_ids[start:end]
+        chunk = Chunk(r.rid, reply.text_between(start, end), tokens)
         request = r.request
         if request.return_logprob:
             chunk.output_logprobs = output_logprobs(reply, r.seed, start, end)

@@ -31,6 +31,7 @@ from engine_backend.types import FinishReason, FinishType, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 POOL_TOKENS = 1 << 12  # synthetic replies are cut from (and longer ones repeat) this pool
+END_OF_TURN = FinishReason(FinishType.STOP, matched=EOS_ID)  # immutable, shared
 
 
 def mix64(*values: int) -> int:
@@ -127,7 +128,7 @@ class ReplyBuilder:
                 base=self.pool_ends[start - 1] if start else 0,
                 ends=self.pool_ends[start : start + n],
                 text_end=self.pool_ends[start + n - 1] if n else 0,
-                finish=FinishReason(FinishType.STOP, matched=EOS_ID),
+                finish=END_OF_TURN,
             )
         else:  # longer than the pool: repeat it
             reps = -(-n // size)
@@ -135,7 +136,7 @@ class ReplyBuilder:
             text_len = self.pool_ends[-1]
             ends = [e + r * text_len for r in range(reps) for e in self.pool_ends][:n]
             reply = Reply(ids, self.pool_text * reps, 0, ends, ends[-1],
-                          FinishReason(FinishType.STOP, matched=EOS_ID))
+                          END_OF_TURN)
         return self._apply_stops(reply, sampling)
 
     def from_text(self, text: str, seed: int, sampling: SamplingParams) -> Reply:
@@ -150,7 +151,7 @@ class ReplyBuilder:
         for piece in pieces:
             pos += len(piece)
             ends.append(pos)
-        reply = Reply(ids, text, 0, ends, len(text), FinishReason(FinishType.STOP, matched=EOS_ID))
+        reply = Reply(ids, text, 0, ends, len(text), END_OF_TURN)
         return self._apply_stops(reply, sampling)
 
     @staticmethod
