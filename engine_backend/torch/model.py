@@ -311,16 +311,22 @@ class LlamaModel:
         """Causal attention of a prefill chunk over its prefix (cached) plus itself."""
         k = k_cache[seg.kv_indices].transpose(0, 1)  # [KVH, P+n, D]
         v = v_cache[seg.kv_indices].transpose(0, 1)
-        qh = q.transpose(0, 1)  # [H, n, D]
         if seg.prefix_len == 0:
             o = F.scaled_dot_product_attention(
-                qh, k, v, is_causal=True, scale=self.sm_scale, enable_gqa=True
+                q.transpose(0, 1), k, v, is_causal=True, scale=self.sm_scale, enable_gqa=True
             )
-        else:
-            total = seg.prefix_len + seg.length
-            rows = torch.arange(seg.length, device=q.device)[:, None] + seg.prefix_len
-            mask = torch.arange(total, device=q.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(
-                qh, k, v, attn_mask=mask, scale=self.sm_scale, enable_gqa=True
-            )
-        return o.transpose(0, 1)
+            return o.transpose(0, 1)
+        # Over a cached prefix, the query heads of a KV head form one matrix product with
+        # it (no K/V repeat for GQA): 2-3x faster than SDPA's masked path on CPU.
+        n, heads, dim = q.shape
+        kv_heads, total = k.shape[0], k.shape[1]
+        group = heads // kv_heads
+        qg = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, dim)
+        scores = torch.matmul(qg, k.transpose(1, 2)).mul_(self.sm_scale)
+        future = torch.arange(total, device=q.device)[None, :] > (
+            torch.arange(n, device=q.device)[:, None] + seg.prefix_len
+        )
+        scores = scores.view(kv_heads, group, n, total).masked_fill_(future, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(kv_heads, -1, total)
+        o = torch.matmul(probs, v)  # [KVH, G*n, D]
+        return o.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
