@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from engine_backend.http_client import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
+from engine_backend.torch.config import TorchConfig
 from scheduler.config import SchedulerConfig
 from scheduler.tools.config import ToolsConfig
 
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = None
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
+    torch: TorchConfig = Field(default_factory=TorchConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     http_engine: HTTPEngineConfig = Field(default_factory=HTTPEngineConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
