@@ -146,8 +146,6 @@ class ContinuousBatcher:
         self.cache_query_tokens = 0
         self.preemptions = 0
         self.recomputed_tokens = 0
-        self.prefill_tokens = 0
-        self.decode_tokens = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -237,7 +235,6 @@ class ContinuousBatcher:
     def commit(self, plan: StepPlan) -> None:
         """The plan's steps ran."""
         self.step += plan.steps
-        self.decode_tokens += plan.batch * plan.steps
         decayed = self.ratio - plan.steps * self._ratio_decay
         self.ratio = max(self.config.min_new_token_ratio, decayed)
         if plan.prefill:
@@ -245,7 +242,6 @@ class ContinuousBatcher:
                 if r.state != PREFILLING or r.prefilled != start:
                     continue  # aborted meanwhile
                 r.prefilled = start + count
-                self.prefill_tokens += count
                 if r.prefilled >= r.fill_len:
                     self._prefill_done(r)
         self._batch = []

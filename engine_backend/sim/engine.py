@@ -19,7 +19,6 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
 
 from engine_backend.base import Engine
 from engine_backend.errors import (
@@ -415,17 +414,3 @@ class SimEngine(Engine):
             plan.steps = done + 1
             plan.seconds = cost.decode_span(plan.batch, plan.context, plan.steps)
         return self._t + plan.seconds * scale
-
-    def debug_state(self) -> dict[str, Any]:
-        """A snapshot for tests and the UI."""
-        b = self.batcher
-        return {
-            "step": b.step,
-            "time": self._t,
-            "waiting": b.n_waiting,
-            "prefilling": len(b.prefilling),
-            "decoding": b.n_dec,
-            "kv_used": b.kv_used(),
-            "tree_tokens": self.cache.total_size(),
-            "new_token_ratio": b.ratio,
-        }

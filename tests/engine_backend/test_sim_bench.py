@@ -7,6 +7,7 @@ test runs a quarter of it with a budget scaled down accordingly.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def test_bench_sim_memory_pressure_retracts_and_still_completes() -> None:
 
 @pytest.mark.slow
 def test_bench_sim_2500_requests_fast_in_virtual_time() -> None:
+    cpu = time.process_time()
     result = run_virtual(simulate(WorkloadConfig(requests=2_500), SimConfig(stream_interval=0)))
+    cpu = time.process_time() - cpu  # CPU time: robust to other jobs sharing the machine
     assert result.requests == 2_500
     assert result.cache_hit_rate > 0.5
     assert result.sim_s > 60  # minutes of serving simulated...
-    assert result.wall_s < 30 / 4  # ...at the 10k-in-30s pace or better
+    assert cpu < 30 / 4  # ...at the 10k-in-30s pace or better
