@@ -31,6 +31,14 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 SpanDict = dict[str, Any]
+
+
+def program_key(tenant: str, program_id: str) -> str:
+    """A program's key across tenants (the scheduler's convention: tenants may reuse ids).
+    Tenant names never contain "/", program ids neither, so keys cannot collide."""
+    return program_id if tenant == "default" else f"{tenant}/{program_id}"
+
+
 ENDED_STATUSES = ("finished", "failed", "cancelled")
 # Errors that mean "Redis is unreachable right now": keep serving from local state.
 REDIS_DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -55,6 +63,10 @@ class ProgramRecord:
     cached_tokens: int = 0
     updated_ns: int = 0
 
+    @property
+    def key(self) -> str:
+        return program_key(self.tenant, self.program_id)
+
 
 def merge_records(parts: list[ProgramRecord], now_ns: int) -> dict[str, Any]:
     """One program's summary from the parts its instances observed."""
@@ -75,7 +87,8 @@ def merge_records(parts: list[ProgramRecord], now_ns: int) -> dict[str, Any]:
     tools = sum(p.tool_calls for p in parts)
     return {
         "id": parts[0].program_id,
-        "tenant": next((p.tenant for p in parts if p.tenant), ""),
+        "tenant": parts[0].tenant,
+        "key": parts[0].key,
         "status": status,
         "calls": llm + tools,
         "llm_calls": llm,
@@ -170,38 +183,46 @@ class TraceStore:
     # -- writes (sync, on the event loop: called from span export and event listeners) --
 
     def add_span(self, span: SpanDict) -> None:
-        program_id = span["program_id"]
-        spans = self._spans.get(program_id)
+        key = span["program_key"]
+        spans = self._spans.get(key)
         if spans is None:
-            spans = self._spans[program_id] = []
+            spans = self._spans[key] = []
         blob = orjson.dumps(span)
         spans.append(blob)
         self._span_count += 1
-        self._evict_spans(keep=program_id)
+        self._evict_spans(keep=key)
         if self._redis is not None:
             self._ensure_flusher()
-            self._pending_spans.append((program_id, blob))
+            self._pending_spans.append((key, blob))
             if len(self._pending_spans) > self._max_spans:
                 overflow = len(self._pending_spans) - self._max_spans
                 del self._pending_spans[:overflow]
                 self.dropped_spans += overflow
 
-    def record(self, program_id: str, tenant: str) -> ProgramRecord:
+    def record(self, tenant: str, program_id: str) -> ProgramRecord:
         """This instance's record of a program (created on first sight). Call `touch`
         after changing it."""
-        rec = self._records.get(program_id)
+        key = program_key(tenant, program_id)
+        rec = self._records.get(key)
         if rec is None:
-            rec = self._records[program_id] = ProgramRecord(program_id, tenant, self.instance_id)
+            rec = self._records[key] = ProgramRecord(program_id, tenant, self.instance_id)
             while len(self._records) > self._max_programs:
                 self._records.popitem(last=False)
         return rec
 
     def touch(self, rec: ProgramRecord) -> None:
         rec.updated_ns = time.time_ns()
-        self._records.move_to_end(rec.program_id)
+        self._records.move_to_end(rec.key)
         if self._redis is not None:
             self._ensure_flusher()
-            self._dirty.add(rec.program_id)
+            self._dirty.add(rec.key)
+
+    def local_tenant_of(self, program_id: str) -> str | None:
+        """The tenant of a program this instance has seen under that id, if any."""
+        for rec in reversed(self._records.values()):
+            if rec.program_id == program_id:
+                return rec.tenant
+        return None
 
     def _evict_spans(self, keep: str) -> None:
         while self._span_count > self._max_spans and len(self._spans) > 1:
@@ -213,15 +234,16 @@ class TraceStore:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def program_spans(self, program_id: str) -> list[SpanDict]:
-        """Every finished span of a program, from this instance and (with Redis) all."""
+    async def program_spans(self, key: str) -> list[SpanDict]:
+        """Every finished span of a program (by `program_key`), from this instance and
+        (with Redis) all."""
         spans: dict[str, SpanDict] = {}
-        for blob in self._spans.get(program_id, ()):
+        for blob in self._spans.get(key, ()):
             span = orjson.loads(blob)
             spans[span["span_id"]] = span
         if self._redis is not None:
             try:
-                raw = await self._call(self._redis.lrange(self._key("spans", program_id), 0, -1))
+                raw = await self._call(self._redis.lrange(self._key("spans", key), 0, -1))
             except REDIS_DOWN_ERRORS:
                 raw = []
             for item in raw:
@@ -229,74 +251,74 @@ class TraceStore:
                 spans.setdefault(span["span_id"], span)
         return sorted(spans.values(), key=lambda s: (s["start_ns"], s["span_id"]))
 
-    async def program_summary(self, program_id: str) -> dict[str, Any] | None:
-        parts = await self._parts([program_id])
-        return merge_records(parts[program_id], time.time_ns()) if parts.get(program_id) else None
+    async def program_summary(self, key: str) -> dict[str, Any] | None:
+        parts = await self._parts([key])
+        return merge_records(parts[key], time.time_ns()) if parts.get(key) else None
 
     async def program_summaries(
         self, limit: int = 200, tenant: str | None = None
     ) -> list[dict[str, Any]]:
         """The most recently updated programs, newest first (only `tenant`'s if given)."""
-        ids = [
-            pid
-            for pid, rec in reversed(self._records.items())
+        keys = [
+            key
+            for key, rec in reversed(self._records.items())
             if tenant is None or rec.tenant == tenant
         ][:limit]
         if self._redis is not None:
             index = self._key("progs") if tenant is None else self._key("progs:t", tenant)
             try:
                 remote = await self._call(self._redis.zrevrange(index, 0, limit - 1))
-                ids = list(dict.fromkeys(ids + [r.decode() for r in remote]))
+                keys = list(dict.fromkeys(keys + [r.decode() for r in remote]))
             except REDIS_DOWN_ERRORS:
                 pass
-        parts = await self._parts(ids)
+        parts = await self._parts(keys)
         now = time.time_ns()
-        out = [merge_records(parts[pid], now) for pid in ids if parts.get(pid)]
+        out = [merge_records(parts[key], now) for key in keys if parts.get(key)]
         if tenant is not None:
             out = [p for p in out if p["tenant"] == tenant]
         out.sort(key=lambda p: p["updated_ms"], reverse=True)
         return out[:limit]
 
-    async def _parts(self, ids: list[str]) -> dict[str, list[ProgramRecord]]:
-        parts: dict[str, dict[str, ProgramRecord]] = {pid: {} for pid in ids}
-        if self._redis is not None and ids:
+    async def _parts(self, keys: list[str]) -> dict[str, list[ProgramRecord]]:
+        parts: dict[str, dict[str, ProgramRecord]] = {key: {} for key in keys}
+        if self._redis is not None and keys:
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                for pid in ids:
-                    pipe.hgetall(self._key("prog", pid))
+                for key in keys:
+                    pipe.hgetall(self._key("prog", key))
                 rows = await self._call(pipe.execute())
             except REDIS_DOWN_ERRORS:
-                rows = [{} for _ in ids]
-            for pid, row in zip(ids, rows, strict=True):
+                rows = [{} for _ in keys]
+            for key, row in zip(keys, rows, strict=True):
                 for instance, blob in row.items():
-                    parts[pid][instance.decode()] = ProgramRecord(**orjson.loads(blob))
-        for pid in ids:  # this instance's own part is freshest locally
-            rec = self._records.get(pid)
+                    parts[key][instance.decode()] = ProgramRecord(**orjson.loads(blob))
+        for key in keys:  # this instance's own part is freshest locally
+            rec = self._records.get(key)
             if rec is not None:
-                parts[pid][self.instance_id] = rec
-        return {pid: list(by_instance.values()) for pid, by_instance in parts.items()}
+                parts[key][self.instance_id] = rec
+        return {key: list(by_instance.values()) for key, by_instance in parts.items()}
 
     # -- trace context shared across replicas ----------------------------------------
 
-    async def bind_trace_parent(self, program_id: str, traceparent: str) -> str:
+    async def bind_trace_parent(self, key: str, traceparent: str) -> str:
         """Record the W3C traceparent a program's trace hangs under; the first replica to
         bind wins. Returns the binding in force (ours or the earlier one)."""
         if self._redis is None:
             return traceparent
-        key = self._key("tracectx", program_id)
+        redis_key = self._key("tracectx", key)
         try:
-            if await self._call(self._redis.set(key, traceparent, nx=True, ex=self._ttl_s)):
+            if await self._call(self._redis.set(redis_key, traceparent, nx=True, ex=self._ttl_s)):
                 return traceparent
-            earlier = await self._call(self._redis.get(key))
+            earlier = await self._call(self._redis.get(redis_key))
         except REDIS_DOWN_ERRORS:
             return traceparent
         return earlier.decode() if earlier else traceparent
 
-    async def lookup_trace_parent(self, program_id: str) -> str | None:
+    async def lookup_trace_parent(self, key: str) -> str | None:
         if self._redis is None:
             return None
         try:
-            found = await self._call(self._redis.get(self._key("tracectx", program_id)))
+            found = await self._call(self._redis.get(self._key("tracectx", key)))
         except REDIS_DOWN_ERRORS:
             return None
         return found.decode() if found else None
@@ -344,20 +366,20 @@ class TraceStore:
         assert self._redis is not None
         pipe = self._redis.pipeline(transaction=False)
         touched: set[str] = set()
-        for program_id, blob in spans:
-            pipe.rpush(self._key("spans", program_id), blob)
-            touched.add(program_id)
-        for program_id in touched:
-            pipe.expire(self._key("spans", program_id), self._ttl_s)
-        for program_id in dirty:
-            rec = self._records.get(program_id)
+        for key, blob in spans:
+            pipe.rpush(self._key("spans", key), blob)
+            touched.add(key)
+        for key in touched:
+            pipe.expire(self._key("spans", key), self._ttl_s)
+        for key in dirty:
+            rec = self._records.get(key)
             if rec is None:
                 continue  # evicted locally; its last flushed state stays in Redis
             score = rec.updated_ns / 1e9
-            pipe.hset(self._key("prog", program_id), self.instance_id, orjson.dumps(asdict(rec)))
-            pipe.expire(self._key("prog", program_id), self._ttl_s)
-            pipe.zadd(self._key("progs"), {program_id: score})
-            pipe.zadd(self._key("progs:t", rec.tenant), {program_id: score})
+            pipe.hset(self._key("prog", key), self.instance_id, orjson.dumps(asdict(rec)))
+            pipe.expire(self._key("prog", key), self._ttl_s)
+            pipe.zadd(self._key("progs"), {key: score})
+            pipe.zadd(self._key("progs:t", rec.tenant), {key: score})
         if dirty:
             pipe.zremrangebyrank(self._key("progs"), 0, -self._max_programs - 1)
         await pipe.execute()

@@ -54,7 +54,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from scheduler.events import EventKind, SchedulerEvent
 
-from .trace_store import SpanDict, TraceStore
+from .trace_store import SpanDict, TraceStore, program_key
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,20 @@ MAX_BINDINGS = 100_000
 # -- identity ---------------------------------------------------------------------------
 
 
-def _digest_int(kind: str, program_id: str, nbytes: int) -> int:
+def _digest_int(kind: str, key: str, nbytes: int) -> int:
     value = int.from_bytes(
-        hashlib.sha256(f"progserve-{kind}:{program_id}".encode()).digest()[:nbytes], "big"
+        hashlib.sha256(f"progserve-{kind}:{key}".encode()).digest()[:nbytes], "big"
     )
     return value or 1  # all-zero ids are invalid in W3C trace context
 
 
-def program_trace_id(program_id: str) -> int:
-    return _digest_int("trace", program_id, 16)
+def program_trace_id(key: str) -> int:
+    """The trace id of a program, from its `program_key` (tenant and id)."""
+    return _digest_int("trace", key, 16)
 
 
-def program_root_span_id(program_id: str) -> int:
-    return _digest_int("root", program_id, 8)
+def program_root_span_id(key: str) -> int:
+    return _digest_int("root", key, 8)
 
 
 def format_traceparent(span_context: SpanContext) -> str:
@@ -106,12 +107,12 @@ class ProgramTrace:
     parent_span_id: int | None = None
 
     @classmethod
-    def derived(cls, program_id: str) -> ProgramTrace:
-        return cls(program_trace_id(program_id), program_root_span_id(program_id))
+    def derived(cls, key: str) -> ProgramTrace:
+        return cls(program_trace_id(key), program_root_span_id(key))
 
     @classmethod
-    def under(cls, program_id: str, caller: SpanContext) -> ProgramTrace:
-        return cls(caller.trace_id, program_root_span_id(program_id), caller.span_id)
+    def under(cls, key: str, caller: SpanContext) -> ProgramTrace:
+        return cls(caller.trace_id, program_root_span_id(key), caller.span_id)
 
 
 # -- exporters --------------------------------------------------------------------------
@@ -166,6 +167,7 @@ def otlp_exporter(endpoint: str) -> SpanExporter:
 class CallTimeline:
     """An open call, as observed so far (wall-clock ns)."""
 
+    key: str  # program_key(tenant, program id)
     program_id: str
     call_id: str
     kind: str  # "llm" | "tool"
@@ -240,56 +242,56 @@ class Tracing:
 
     # -- trace identity ------------------------------------------------------------------
 
-    def adopt_caller(self, program_id: str, caller: SpanContext) -> None:
-        """Hang `program_id`'s trace under a caller's span (from `traceparent`). The first
+    def adopt_caller(self, key: str, caller: SpanContext) -> None:
+        """Hang a program's trace (by `program_key`) under a caller's span (from `traceparent`). The first
         binding wins, here and (with Redis) across replicas."""
-        if program_id in self._bindings:
+        if key in self._bindings:
             return
-        self._bind(program_id, ProgramTrace.under(program_id, caller))
+        self._bind(key, ProgramTrace.under(key, caller))
         if self.store.shared:
-            self._spawn(self._share_binding(program_id, format_traceparent(caller)))
+            self._spawn(self._share_binding(key, format_traceparent(caller)))
 
-    def program_trace(self, program_id: str) -> ProgramTrace:
-        bound = self._bindings.get(program_id)
+    def program_trace(self, key: str) -> ProgramTrace:
+        bound = self._bindings.get(key)
         if bound is not None:
             return bound
-        derived = self._derived.get(program_id)
+        derived = self._derived.get(key)
         if derived is None:  # two SHA-256s: cached, a program has many calls
-            derived = self._derived[program_id] = ProgramTrace.derived(program_id)
+            derived = self._derived[key] = ProgramTrace.derived(key)
             while len(self._derived) > MAX_BINDINGS:
                 self._derived.popitem(last=False)
         return derived
 
-    def _bind(self, program_id: str, binding: ProgramTrace) -> None:
-        self._bindings[program_id] = binding
+    def _bind(self, key: str, binding: ProgramTrace) -> None:
+        self._bindings[key] = binding
         while len(self._bindings) > MAX_BINDINGS:
             self._bindings.popitem(last=False)
 
-    async def _share_binding(self, program_id: str, traceparent: str) -> None:
-        agreed = await self.store.bind_trace_parent(program_id, traceparent)
+    async def _share_binding(self, key: str, traceparent: str) -> None:
+        agreed = await self.store.bind_trace_parent(key, traceparent)
         if agreed != traceparent:
-            self._bind_from_traceparent(program_id, agreed)
+            self._bind_from_traceparent(key, agreed)
 
-    async def _adopt_shared_binding(self, program_id: str) -> None:
-        found = await self.store.lookup_trace_parent(program_id)
-        if found and program_id not in self._bindings:
-            self._bind_from_traceparent(program_id, found)
+    async def _adopt_shared_binding(self, key: str) -> None:
+        found = await self.store.lookup_trace_parent(key)
+        if found and key not in self._bindings:
+            self._bind_from_traceparent(key, found)
 
-    def _bind_from_traceparent(self, program_id: str, traceparent: str) -> None:
+    def _bind_from_traceparent(self, key: str, traceparent: str) -> None:
         caller = parse_traceparent(traceparent, self.propagator)
         if caller is not None:
-            self._bind(program_id, ProgramTrace.under(program_id, caller))
+            self._bind(key, ProgramTrace.under(key, caller))
 
-    def _adopt_current_context(self, program_id: str) -> None:
+    def _adopt_current_context(self, key: str) -> None:
         """The scheduler calls listeners synchronously, inside the request that submitted
         the call: a `traceparent` the middleware attached is the current context here."""
-        if program_id in self._bindings:
+        if key in self._bindings:
             return
         caller = trace.get_current_span().get_span_context()
         if caller.is_valid and caller.is_remote:
-            self.adopt_caller(program_id, caller)
+            self.adopt_caller(key, caller)
         elif self.store.shared:
-            self._spawn(self._adopt_shared_binding(program_id))
+            self._spawn(self._adopt_shared_binding(key))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -304,27 +306,27 @@ class Tracing:
             handler(self, ev, _wall_ns(ev.time))
 
     def _program_started(self, ev: SchedulerEvent, now_ns: int) -> None:
-        rec = self.store.record(ev.program_id, ev.tenant)
+        rec = self.store.record(ev.tenant, ev.program_id)
         if not rec.started_ns:
             rec.started_ns = now_ns
         self.store.touch(rec)
-        self._adopt_current_context(ev.program_id)
+        self._adopt_current_context(rec.key)
 
     def _program_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
-        rec = self.store.record(ev.program_id, ev.tenant)
+        rec = self.store.record(ev.tenant, ev.program_id)
         rec.status = ev.status if ev.status in ("finished", "failed", "cancelled") else "finished"
         rec.ended_ns = now_ns
         rec.started_ns = rec.started_ns or now_ns
-        for key in [k for k in self._open if k[0] == ev.program_id]:
-            left_open = self._open.pop(key)
+        for open_key in [k for k in self._open if k[0] == rec.key]:
+            left_open = self._open.pop(open_key)
             self._finish_call(left_open, now_ns, error=f"program {rec.status} first", rec=rec)
         self._emit_program_span(ev, rec.started_ns, now_ns, rec)
         self.store.touch(rec)
-        self._bindings.pop(ev.program_id, None)
-        self._derived.pop(ev.program_id, None)
+        self._bindings.pop(rec.key, None)
+        self._derived.pop(rec.key, None)
 
     def _call_queued(self, ev: SchedulerEvent, now_ns: int) -> None:
-        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        timeline = self._open.get(_open_key(ev))
         if timeline is None:
             self._open_call(ev, now_ns, ev.call_kind or "llm")
         else:  # re-queued after a preemption
@@ -351,7 +353,7 @@ class Tracing:
         timeline.events.append(("preempted", now_ns, {A + "replica": _replica(ev.replica)}))
 
     def _call_promoted(self, ev: SchedulerEvent, now_ns: int) -> None:
-        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        timeline = self._open.get(_open_key(ev))
         if timeline is not None:
             timeline.events.append(("promoted", now_ns, {A + "policy.queue_level": 0}))
 
@@ -363,12 +365,12 @@ class Tracing:
         timeline.events.append(("dispatched", now_ns, {}))
 
     def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
-        timeline = self._open.pop((ev.program_id, ev.call_id or ""), None)
+        timeline = self._open.pop(_open_key(ev), None)
         if timeline is None:  # ended before we saw it start (e.g. failed validation late)
             timeline = self._new_timeline(ev, now_ns, ev.call_kind or "llm")
             rec = self._count_call(timeline)
         else:
-            rec = self.store.record(ev.program_id, ev.tenant)
+            rec = self.store.record(ev.tenant, ev.program_id)
         failed = ev.kind in (EventKind.CALL_FAILED, EventKind.TOOL_FAILED)
         if ev.replica is not None:
             timeline.replica = ev.replica
@@ -397,13 +399,14 @@ class Tracing:
     # -- timelines -----------------------------------------------------------------------
 
     def _timeline(self, ev: SchedulerEvent, now_ns: int, kind: str | None = None) -> CallTimeline:
-        timeline = self._open.get((ev.program_id, ev.call_id or ""))
+        timeline = self._open.get(_open_key(ev))
         if timeline is None:
             timeline = self._open_call(ev, now_ns, kind or ev.call_kind or "llm")
         return timeline
 
     def _new_timeline(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
         return CallTimeline(
+            key=program_key(ev.tenant, ev.program_id),
             program_id=ev.program_id,
             call_id=ev.call_id or "",
             kind=kind,
@@ -418,17 +421,17 @@ class Tracing:
 
     def _open_call(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
         timeline = self._new_timeline(ev, now_ns, kind)
-        self._open[(ev.program_id, timeline.call_id)] = timeline
+        self._open[(timeline.key, timeline.call_id)] = timeline
         while len(self._open) > MAX_OPEN_CALLS:
             self._open.popitem(last=False)
         rec = self._count_call(timeline)
         rec.inflight += 1
         self.store.touch(rec)
-        self._adopt_current_context(ev.program_id)
+        self._adopt_current_context(timeline.key)
         return timeline
 
     def _count_call(self, timeline: CallTimeline) -> Any:
-        rec = self.store.record(timeline.program_id, timeline.tenant)
+        rec = self.store.record(timeline.tenant, timeline.program_id)
         rec.started_ns = rec.started_ns or timeline.queued_ns
         if timeline.kind == "tool":
             rec.tool_calls += 1
@@ -454,7 +457,7 @@ class Tracing:
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
             attrs.update(_usage_attributes(ev))
-        binding = self.program_trace(timeline.program_id)
+        binding = self.program_trace(timeline.key)
         self._emit(
             {
                 "trace_id": f"{binding.trace_id:032x}",
@@ -463,6 +466,8 @@ class Tracing:
                 "name": _span_name(timeline),
                 "kind": timeline.kind,
                 "program_id": timeline.program_id,
+                "program_key": timeline.key,
+                "tenant": timeline.tenant,
                 "call_id": timeline.call_id,
                 "start_ns": timeline.queued_ns,
                 "end_ns": max(end_ns, timeline.queued_ns),
@@ -474,7 +479,7 @@ class Tracing:
         )
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
-        binding = self.program_trace(ev.program_id)
+        binding = self.program_trace(rec.key)
         failed = rec.status != "finished"
         self._emit(
             {
@@ -486,6 +491,8 @@ class Tracing:
                 "name": f"program {ev.program_id}",
                 "kind": "program",
                 "program_id": ev.program_id,
+                "program_key": rec.key,
+                "tenant": ev.tenant,
                 "call_id": None,
                 "start_ns": start_ns,
                 "end_ns": max(end_ns, start_ns),
@@ -505,13 +512,13 @@ class Tracing:
 
     # -- reads for the UI ----------------------------------------------------------------
 
-    def open_calls(self, program_id: str) -> list[SpanDict]:
+    def open_calls(self, key: str) -> list[SpanDict]:
         """This instance's in-flight calls of a program, shaped like finished spans
         (`end_ns` None, status "running")."""
-        binding = self.program_trace(program_id)
+        binding = self.program_trace(key)
         out = []
-        for (pid, _), timeline in self._open.items():
-            if pid != program_id:
+        for (open_key, _), timeline in self._open.items():
+            if open_key != key:
                 continue
             out.append(
                 {
@@ -520,7 +527,9 @@ class Tracing:
                     "parent_id": f"{binding.root_span_id:016x}",
                     "name": _span_name(timeline),
                     "kind": timeline.kind,
-                    "program_id": pid,
+                    "program_id": timeline.program_id,
+                    "program_key": key,
+                    "tenant": timeline.tenant,
                     "call_id": timeline.call_id,
                     "start_ns": timeline.queued_ns,
                     "end_ns": None,
@@ -543,6 +552,10 @@ def _wall_ns(loop_time: float) -> int:
     except RuntimeError:
         return time.time_ns()
     return time.time_ns() - int(max(0.0, now_loop - loop_time) * 1e9)
+
+
+def _open_key(ev: SchedulerEvent) -> tuple[str, str]:
+    return (program_key(ev.tenant, ev.program_id), ev.call_id or "")
 
 
 def _span_name(t: CallTimeline) -> str:
@@ -610,9 +623,10 @@ def _usage_attributes(ev: SchedulerEvent) -> dict[str, Any]:
 
 class TraceContextMiddleware:
     """ASGI middleware: a request's W3C `traceparent` becomes the current OpenTelemetry
-    context while it is handled (so the program it submits joins the caller's trace), and
-    binds the program named by `X-Program-Id` right away. Requests without the header
-    pass straight through."""
+    context while it is handled. The scheduler calls listeners inside the request that
+    opens a program or queues a call, so the program joins the caller's trace there (with
+    its tenant known, which this middleware, running before auth, does not know).
+    Requests without the header pass straight through."""
 
     def __init__(self, app: Any, tracing: Tracing):
         self.app = app
@@ -622,18 +636,15 @@ class TraceContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        traceparent = program_id = None
+        traceparent = None
         for name, value in scope.get("headers", ()):
             if name == b"traceparent":
                 traceparent = value.decode("latin-1")
-            elif name == b"x-program-id":
-                program_id = value.decode("latin-1").strip()
+                break
         caller = parse_traceparent(traceparent, self.tracing.propagator) if traceparent else None
         if caller is None:
             await self.app(scope, receive, send)
             return
-        if program_id:
-            self.tracing.adopt_caller(program_id, caller)
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(caller)))
         try:
             await self.app(scope, receive, send)

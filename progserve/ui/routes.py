@@ -23,7 +23,9 @@ from scheduler.errors import SchedulerError
 from scheduler.views import ProgramState
 
 from ..api.common import json_response
+from ..auth import DEFAULT_TENANT
 from ..errors import NotFoundError
+from ..trace_store import program_key
 from .program_view import merge_calls
 
 if TYPE_CHECKING:
@@ -58,27 +60,35 @@ async def list_programs(request: Request, limit: int = Query(200, ge=1, le=2000)
     )
 
 
-async def get_program(request: Request, program_id: str) -> Response:
+async def get_program(
+    request: Request,
+    program_id: str,
+    tenant: str | None = Query(None, max_length=64, description="the program's tenant"),
+) -> Response:
     obs = _obs(request)
-    tenant = obs.visible_tenant(request.headers)
-    summary = await obs.store.program_summary(program_id)
     runtime = request.app.state.runtime
-    state = _local_state(runtime, program_id, tenant or (summary or {}).get("tenant"))
+    visible = obs.visible_tenant(request.headers)
+    if visible is not None and tenant not in (None, visible):
+        raise NotFoundError(f"no program {program_id!r}", code="program_not_found")
+    owner = visible or tenant or _find_owner(runtime, obs, program_id)
+    key = program_key(owner, program_id)
+    summary = await obs.store.program_summary(key)
+    state = _local_state(runtime, program_id, owner)
     if summary is None and state is not None:
         summary = _summary_from_state(state)
-    if summary is None or (tenant is not None and summary["tenant"] != tenant):
+    if summary is None:
         raise NotFoundError(f"no program {program_id!r}", code="program_not_found")
-    spans = await obs.store.program_spans(program_id)
+    spans = await obs.store.program_spans(key)
     calls = merge_calls(
         spans,
-        obs.tracing.open_calls(program_id),
+        obs.tracing.open_calls(key),
         state,
         asyncio.get_running_loop().time() if state is not None else None,
     )
     return json_response(
         {
             "program": summary,
-            "trace_id": f"{obs.tracing.program_trace(program_id).trace_id:032x}",
+            "trace_id": f"{obs.tracing.program_trace(key).trace_id:032x}",
             "now_ms": time.time() * 1e3,
             "calls": calls,
             "spans": spans,
@@ -86,15 +96,20 @@ async def get_program(request: Request, program_id: str) -> Response:
     )
 
 
-def _local_state(runtime: Any, program_id: str, owner: str | None) -> ProgramState | None:
-    """The local scheduler's view of the program, if this replica holds it. `owner` is
-    the program's tenant when known (the scheduler keys programs by tenant and id)."""
-    if owner is None:
-        owner = next(
-            (p.tenant for p in runtime.scheduler.list_programs() if p.id == program_id), None
-        )
-        if owner is None:
-            return None
+def _find_owner(runtime: Any, obs: Observability, program_id: str) -> str:
+    """The tenant of a program named without one (by an admin, or with auth off): the
+    default tenant's, else the first tenant this replica knows it under."""
+    scheduler = runtime.scheduler
+    if any(p.id == program_id for p in scheduler.list_programs(tenant=DEFAULT_TENANT)):
+        return DEFAULT_TENANT
+    for summary in scheduler.list_programs():
+        if summary.id == program_id:
+            return summary.tenant
+    return obs.store.local_tenant_of(program_id) or DEFAULT_TENANT
+
+
+def _local_state(runtime: Any, program_id: str, owner: str) -> ProgramState | None:
+    """The local scheduler's view of the program, if this replica holds it."""
     try:
         return runtime.scheduler.program_state(program_id, tenant=owner)
     except SchedulerError:

@@ -94,7 +94,19 @@ async def test_tenants_see_only_their_own_labels_and_programs(tmp_path: Path) ->
             acme_list = (await client.get("/ui/api/programs", headers=auth["k-acme"])).json()
             admin_list = (await client.get("/ui/api/programs", headers=auth["k-admin"])).json()
             peek = await client.get(f"/ui/api/programs/{globex_program}", headers=auth["k-acme"])
+            peek2 = await client.get(
+                f"/ui/api/programs/{globex_program}?tenant=globex", headers=auth["k-acme"]
+            )
             own = await client.get(f"/ui/api/programs/{acme_program}", headers=auth["k-acme"])
+            # tenants may reuse a program id: each sees only its own program under it
+            same = {**mapreduce_spec(1, with_tool=False), "program_id": "same-name"}
+            await run_program(client, same, headers=auth["k-acme"])
+            await run_program(client, {**same, "inputs": {"chunk_0": "globex data"}},
+                              headers=auth["k-globex"])  # fmt: skip
+            acme_same = await client.get("/ui/api/programs/same-name", headers=auth["k-acme"])
+            admin_same = await client.get(
+                "/ui/api/programs/same-name?tenant=globex", headers=auth["k-admin"]
+            )
 
     def tenants(text: str) -> set[str]:
         return {
@@ -113,3 +125,8 @@ async def test_tenants_see_only_their_own_labels_and_programs(tmp_path: Path) ->
     assert {p["id"] for p in admin_list["programs"]} == {acme_program, globex_program}
     assert peek.status_code == 404 and "globex" not in peek.text  # as if it did not exist
     assert own.status_code == 200 and own.json()["program"]["tenant"] == "acme"
+    assert peek2.status_code == 404
+    for view, tenant in ((acme_same.json(), "acme"), (admin_same.json(), "globex")):
+        assert view["program"]["tenant"] == tenant and view["program"]["llm_calls"] == 2
+        assert {s["attributes"]["progserve.tenant"] for s in view["spans"]} == {tenant}
+    assert acme_same.json()["trace_id"] != admin_same.json()["trace_id"]

@@ -7,14 +7,15 @@ import asyncio
 import time
 from typing import Any
 
-from progserve.trace_store import ProgramRecord, TraceStore, merge_records
+from progserve.trace_store import ProgramRecord, TraceStore, merge_records, program_key
 
 
-def span(program_id: str, n: int, start_ns: int = 1_000) -> dict[str, Any]:
+def span(program_id: str, n: int, tenant: str = "default") -> dict[str, Any]:
     return {
         "trace_id": "ab" * 16, "span_id": f"{program_id}-{n}", "parent_id": None,
         "name": f"llm c{n}", "kind": "llm", "program_id": program_id, "call_id": f"c{n}",
-        "start_ns": start_ns + n, "end_ns": start_ns + n + 10, "status": "ok", "error": None,
+        "program_key": program_key(tenant, program_id), "tenant": tenant,
+        "start_ns": 1_000 + n, "end_ns": 1_010 + n, "status": "ok", "error": None,
         "attributes": {"progserve.replica": 0}, "events": [],
     }  # fmt: skip
 
@@ -58,24 +59,25 @@ async def test_replicas_share_spans_and_summaries_and_survive_an_outage(redis_se
     one, two = stores
     try:
         for i, store in enumerate(stores):
-            store.add_span(span("p", i))
-            rec = store.record("p", "acme")
+            store.add_span(span("p", i, "acme"))
+            rec = store.record("acme", "p")
             rec.llm_calls += 1
             store.touch(rec)
         await asyncio.sleep(0.15)
         for store in stores:  # each sees both replicas' spans and one merged summary
-            assert [s["span_id"] for s in await store.program_spans("p")] == ["p-0", "p-1"]
-            summary = await store.program_summary("p")
+            assert [s["span_id"] for s in await store.program_spans("acme/p")] == ["p-0", "p-1"]
+            summary = await store.program_summary("acme/p")
             assert summary is not None and summary["llm_calls"] == 2
             assert summary["instances"] == ["i1", "i2"]
         assert [p["id"] for p in await one.program_summaries(tenant="acme")] == ["p"]
+        assert await one.program_spans("p") == []  # the default tenant's "p" is another
         assert await one.program_summaries(tenant="globex") == []
 
         redis_server.kill()
-        one.add_span(span("p", 2))  # Redis down: recorded locally, queued for Redis
+        one.add_span(span("p", 2, "acme"))  # Redis down: recorded locally, queued for Redis
         await asyncio.sleep(0.15)
         assert not one.redis_ok
-        assert [s["span_id"] for s in await one.program_spans("p")][-1] == "p-2"
+        assert [s["span_id"] for s in await one.program_spans("acme/p")][-1] == "p-2"
         redis_server.start()  # back, and empty (no persistence)
         deadline = time.monotonic() + 5
         while not one.redis_ok or one._pending_spans:
@@ -83,7 +85,7 @@ async def test_replicas_share_spans_and_summaries_and_survive_an_outage(redis_se
             await asyncio.sleep(0.05)
         # the span made during the outage reached Redis: the other replica sees it (its
         # first read may still meet its connection that died with the old Redis)
-        while "p-2" not in [s["span_id"] for s in await two.program_spans("p")]:
+        while "p-2" not in [s["span_id"] for s in await two.program_spans("acme/p")]:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert one.dropped_spans == 0

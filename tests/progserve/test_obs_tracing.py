@@ -96,6 +96,23 @@ async def test_traceparent_from_the_request_joins_the_callers_trace(server) -> N
     assert {s["trace_id"] for s in others} == {f"{program_trace_id(other_id):032x}"}
 
 
+async def test_traceparent_on_openai_proxy_calls(server) -> None:  # type: ignore[no-untyped-def]
+    headers = {"traceparent": CALLER_TRACEPARENT, "X-Program-Id": "agent-7"}
+    body = {"model": "sim", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        for _ in range(2):
+            r = await client.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/chat/completions", json=body,
+                              headers={"X-Program-Id": "agent-7", "X-Program-End": "true"})  # fmt: skip
+        assert r.status_code == 200, r.text
+    spans = await _obs(server).store.program_spans("agent-7")
+    assert len([s for s in spans if s["kind"] == "llm"]) == 3
+    assert {s["trace_id"] for s in spans} == {f"{CALLER_TRACE:032x}"}
+    root = next(s for s in spans if s["kind"] == "program")
+    assert root["parent_id"] == f"{CALLER_SPAN:016x}"
+
+
 async def test_traceparent_in_the_current_context_is_adopted() -> None:
     """Programs submitted in-process (no HTTP) join the trace active around the call."""
     async with live_server(sim_settings()) as srv:

@@ -5,7 +5,7 @@
 const SVG_NS = "http://www.w3.org/2000/svg";
 const POLL_MS = 1000;
 const $ = (sel) => document.querySelector(sel);
-const state = { view: "programs", programId: null, timer: null, programs: [] };
+const state = { view: "programs", programId: null, tenant: null, timer: null, programs: [] };
 
 // ---------------------------------------------------------------- helpers
 function el(tag, attrs = {}, parent = null, text = null) {
@@ -63,7 +63,10 @@ function route() {
   const [path, query] = hash.slice(1).split("?");
   const parts = path.split("/").filter(Boolean);
   state.view = parts[0] === "compare" ? "compare" : "programs";
-  state.programId = parts[0] === "program" && parts[1] ? decodeURIComponent(parts.slice(1).join("/")) : null;
+  // #/program/<id> or #/program/<tenant>/<id> (ids may repeat across tenants)
+  const named = parts[0] === "program" ? parts.slice(1).map(decodeURIComponent) : [];
+  state.programId = named.length ? named[named.length - 1] : null;
+  state.tenant = named.length > 1 ? named[0] : null;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === state.view);
   $("#view-programs").hidden = state.view !== "programs";
   $("#view-compare").hidden = state.view !== "compare";
@@ -80,7 +83,7 @@ async function poll() {
   clearTimeout(state.timer);
   try {
     await refreshPrograms();
-    if (state.programId) await refreshProgram(state.programId);
+    if (state.programId) await refreshProgram(state.programId, state.tenant);
   } catch (e) {
     $("#program-count").innerHTML = `<span class="error">${escapeHtml(e.message)}</span>`;
   }
@@ -97,20 +100,20 @@ async function refreshPrograms() {
   const tbody = $("#programs tbody");
   tbody.replaceChildren();
   for (const p of data.programs) {
-    const tr = el("tr", { "data-program": p.id }, tbody);
-    if (p.id === state.programId) tr.classList.add("selected");
+    const tr = el("tr", { "data-program": p.id, "data-tenant": p.tenant }, tbody);
+    if (p.id === state.programId && (!state.tenant || p.tenant === state.tenant)) tr.classList.add("selected");
     tr.innerHTML = `<td class="id" title="${escapeHtml(p.id)}">${escapeHtml(p.id)}</td><td>${statusBadge(p.status)}</td>` +
       `<td>${escapeHtml(p.tenant)}</td><td class="num">${p.calls}</td>` +
       `<td class="num">${fmtNum(p.prompt_tokens + p.completion_tokens)}</td><td class="num">${fmtMs(p.latency_ms)}</td>`;
-    tr.addEventListener("click", () => { location.hash = "#/program/" + encodeURIComponent(p.id); });
+    tr.addEventListener("click", () => { location.hash = `#/program/${encodeURIComponent(p.tenant)}/${encodeURIComponent(p.id)}`; });
   }
 }
 
 // ---------------------------------------------------------------- program view
-async function refreshProgram(id) {
+async function refreshProgram(id, tenant) {
   let data;
   try {
-    data = await api("programs/" + encodeURIComponent(id));
+    data = await api("programs/" + encodeURIComponent(id) + (tenant ? "?tenant=" + encodeURIComponent(tenant) : ""));
   } catch (e) {
     $("#program-hint").hidden = false;
     $("#program-hint").innerHTML = `<span class="error">${escapeHtml(e.message)}</span>`;
