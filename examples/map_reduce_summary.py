@@ -97,13 +97,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--chunks", type=int, default=8, help="number of parallel summaries")
     parser.add_argument(
+        "--words", type=int, default=1600, help="summarise the first N words (0: all)"
+    )
+    parser.add_argument(
         "--sequential", action="store_true", help="one call at a time (the baseline)"
     )
 
 
 async def main(runtime: Runtime, args: argparse.Namespace) -> ProgramResult[str]:
     text = "\n\n".join(path.read_text() for path in args.file or DEFAULT_DOCUMENTS)
-    chunks = chunk_text(text, args.chunks)
+    words = text.split()[: args.words] if args.words else text.split()
+    chunks = chunk_text(" ".join(words), args.chunks)
     chosen = sequential_map_reduce if args.sequential else map_reduce
     return await chosen.run(runtime, chunks)
 

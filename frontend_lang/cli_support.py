@@ -110,8 +110,8 @@ async def open_runtime(
     from .runtime_local import LocalRuntime
 
     with tempfile.TemporaryDirectory(prefix="progserve-example-") as workdir:
-        settings = embedded_settings(
-            embedded_engine(args.engine), script, Path(workdir), args.time_scale
+        settings = await asyncio.to_thread(  # the torch engine may convert its model first
+            embedded_settings, embedded_engine(args.engine), script, Path(workdir), args.time_scale
         )
         async with LocalRuntime(settings, docs_root=args.docs) as local:
             yield local
