@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine_backend.errors import EngineError
 from scheduler.errors import CallFailedError, SchedulerError
 
+from .admission import install_admission
 from .api import health, openai, programs, sglang
 from .api.common import BODY_DEFS_KEY, ClientGone, json_response
 from .config import Settings
@@ -87,6 +88,8 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
     )
     app.state.runtime = runtime
     install_observability(app, runtime)  # traces, /metrics, /ui (progserve/observability.py)
+    # 429 + Retry-After past the limits, before a body is read (progserve/admission.py).
+    install_admission(app, runtime.scheduler, runtime.settings.limits, error_response)
     for router in (health.router, openai.router, sglang.router, programs.router):
         app.include_router(router)
     for exc_type in (ApiError, RequestValidationError, ValidationError, SchedulerError,

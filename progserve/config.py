@@ -30,6 +30,15 @@ class LimitsConfig(BaseModel):
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )
+    # Admission control (progserve/admission.py): past these, new work gets 429 + Retry-After.
+    max_inflight_requests: int = Field(
+        8192, ge=1, description="requests doing new work at once (streams included)"
+    )
+    max_queued_calls: int = Field(
+        50_000, ge=1, description="LLM calls waiting for an engine before new work is refused"
+    )
+    retry_after_min_s: float = Field(1.0, gt=0, description="smallest Retry-After sent")
+    retry_after_max_s: float = Field(30.0, gt=0, description="largest Retry-After sent")
 
 
 class ObservabilityConfig(BaseModel):

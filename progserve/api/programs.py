@@ -61,10 +61,28 @@ def _check_tools(request: Request, calls: list[CallSpec]) -> None:
                 f"{sorted(registry.names())}", param="calls", code="unknown_tool")
 
 
+def _check_limits(request: Request, calls: list[CallSpec], inputs: dict[str, str]) -> None:
+    """The same caps as the OpenAI and SGLang entrances (`settings.limits`)."""
+    limits = runtime_of(request).settings.limits
+    for call in calls:
+        max_new = call.sampling.max_new_tokens
+        if max_new > limits.max_tokens:
+            raise BadRequestError(f"call {call.id!r}: max_new_tokens {max_new} is over this "
+                                  f"server's limit of {limits.max_tokens}", param="calls")
+        if call.prompt is not None and len(call.prompt) > limits.max_prompt_chars:
+            raise BadRequestError(f"call {call.id!r}: prompt over the limit of "
+                                  f"{limits.max_prompt_chars} characters", param="calls")
+    for name, value in inputs.items():
+        if len(value) > limits.max_prompt_chars:
+            raise BadRequestError(f"input {name!r} over the limit of {limits.max_prompt_chars} "
+                                  "characters", param="inputs")
+
+
 @router.post("", status_code=201, openapi_extra=request_body(ProgramSpec))
 async def submit_program(request: Request, tenant: str = Depends(tenant_of)) -> Response:
     spec = await read_model(request, ProgramSpec)
     _check_tools(request, spec.calls)
+    _check_limits(request, spec.calls, spec.inputs)
     program_id = await runtime_of(request).scheduler.submit_program(spec, tenant=tenant)
     return json_response({"program_id": program_id}, status=201,
                          headers={"X-Program-Id": program_id,
@@ -90,6 +108,7 @@ async def add_calls(program_id: str, request: Request,
                     tenant: str = Depends(tenant_of)) -> Response:
     body = await read_model(request, AddCallsRequest)
     _check_tools(request, body.calls)
+    _check_limits(request, body.calls, {})
     await runtime_of(request).scheduler.add_calls(program_id, body.calls, tenant=tenant)
     return json_response({"program_id": program_id, "added": [c.id for c in body.calls]})
 
