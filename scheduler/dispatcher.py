@@ -80,12 +80,14 @@ class Dispatcher:
         policy: Policy,
         router: Router,
         on_dispatch: Callable[[CallNode, Replica, float], None],
+        on_queued: Callable[[CallNode], None] | None = None,
     ) -> None:
         self.config = config
         self.replicas = replicas
         self.policy = policy
         self.router = router
         self.on_dispatch = on_dispatch
+        self.on_queued = on_queued
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dispatched = 0
@@ -96,11 +98,19 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ entry points
     def enqueue(self, call: CallNode, now: float) -> None:
+        """Queue a ready call. If the queue was empty the pass runs now, so an idle system
+        places the call without a trip through the event loop."""
         call.status = CallStatus.QUEUED
         call.queued_at = now
         call.program.queued.add(call)
-        self.policy.push(call, now)
-        self.kick()
+        policy = self.policy
+        policy.push(call, now)
+        if self.on_queued is not None:
+            self.on_queued(call)
+        if len(policy) == 1 and not self._scheduled:
+            self._run_pass()
+        else:
+            self.kick()
 
     def remove(self, call: CallNode) -> None:
         """Take a queued or parked call out of every queue (cancellation)."""

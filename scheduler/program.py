@@ -1,14 +1,17 @@
 """The program model: a program is a growing DAG of call nodes plus a history.
 
 Edges come from semantic-variable data flow (a call that reads `{{x}}` depends on the call
-that writes `x`) and from declared parents (proxy style, where no variables exist). The
-graph is a networkx DiGraph over call ids (the model other tools inspect); the hot path
-uses the slotted `CallNode` fields (`unresolved`, `children`) so that readiness is O(1).
+that writes `x`) and from declared parents (proxy style, where no variables exist).
+`Program.graph` is a networkx DiGraph over call ids (node attribute `call`), the model
+that validation and introspection use. It is brought up to date when read, so the hot
+path pays nothing for it; readiness uses the slotted `CallNode` fields (`parents`,
+`unresolved`, `children`), which are O(1) per event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -208,7 +211,6 @@ class Program:
     arrival: float
     seq: int  # global program arrival order
     engine_key: str = ""  # program id as engines see it (cache owner for retention)
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     calls: dict[str, CallNode] = field(default_factory=dict)
     variables: dict[str, VariableSlot] = field(default_factory=dict)
     history: ProgramHistory = field(default_factory=ProgramHistory)
@@ -225,7 +227,22 @@ class Program:
     retained_on: set[int] = field(default_factory=set)
     idle_since: float = 0.0
     auto_ids: int = 0
-    ended: asyncio.Event | None = None
+    _graph: nx.DiGraph | None = None
+    _graph_calls: int = 0  # how many of `calls` (in insertion order) `_graph` holds
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The call DAG: nodes are call ids (attribute `call`), edges parent -> child."""
+        graph = self._graph
+        if graph is None:
+            graph = self._graph = nx.DiGraph()
+        if self._graph_calls < len(self.calls):
+            for call in itertools.islice(self.calls.values(), self._graph_calls, None):
+                graph.add_node(call.id, call=call)
+                for parent in call.parents:
+                    graph.add_edge(parent, call.id)
+            self._graph_calls = len(self.calls)
+        return graph
 
     @property
     def is_closed(self) -> bool:

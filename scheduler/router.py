@@ -133,46 +133,58 @@ class Router:
 
     def _affinity(self, call: CallNode) -> RouteDecision:
         program = call.program
-        if call.prompt_len >= self.long_context and program.home_replica >= 0 \
-                and self.replicas[program.home_replica].healthy:  # never wait on a dead home
-            home = self.replicas[program.home_replica]
+        home_index = program.home_replica
+        home = self.replicas[home_index] if home_index >= 0 else None
+        if home is not None and not home.healthy:
+            home = None  # down (replica_health.py): never wait on it, nor prefer it
+        if home is not None and call.prompt_len >= self.long_context:
             if home.has_room(call):
                 return RouteDecision(home)
             return RouteDecision(home, wait_for_home=True)
         key, scale = self.route_key(call)
         least: Replica | None = None
-        best: Replica | None = None
-        best_hit = -1
         for replica in self.replicas:
-            if not replica.has_room(call):
-                continue
-            if least is None or replica.load_key() < least.load_key():
+            if replica.has_room(call) and (least is None or replica.load_key() < least.load_key()):
                 least = replica
-            hit = replica.tree.match(key) if key else 0
+        if least is None:
+            return RouteDecision(None)
+        if key is None or not len(key):
+            return RouteDecision(least)
+        threshold = self.config.cache_match_fraction * call.prompt_len
+        max_imbalance = self.config.balance_abs_threshold
+        floor = least.inflight_requests
+        # The program's home usually holds its prefix: try it before searching every tree.
+        if home is not None and home.has_room(call):
+            hit = int(home.tree.match(key) * scale)
+            if hit >= threshold and hit > 0 and home.inflight_requests - floor <= max_imbalance:
+                return RouteDecision(home, estimated_hit=hit)
+        best: Replica | None = None
+        best_hit = 0
+        for replica in self.replicas:
+            if replica is home or not replica.has_room(call):
+                continue
+            if replica.inflight_requests - floor > max_imbalance:
+                continue
+            hit = replica.tree.match(key)
             if hit > best_hit:
                 best, best_hit = replica, hit
-        if least is None or best is None:
-            return RouteDecision(None)
         hit_tokens = int(best_hit * scale)
-        imbalance = best.inflight_requests - least.inflight_requests
-        if (
-            hit_tokens > 0
-            and hit_tokens >= self.config.cache_match_fraction * call.prompt_len
-            and imbalance <= self.config.balance_abs_threshold
-        ):
+        if best is not None and hit_tokens > 0 and hit_tokens >= threshold:
             return RouteDecision(best, estimated_hit=hit_tokens)
         return RouteDecision(least)
 
     # -------------------------------------------------------------------- bookkeeping
     def on_dispatch(self, call: CallNode, replica: Replica) -> None:
-        """The replica will cache this prompt: remember it, and make it the program's home."""
+        """The program's later calls prefer this replica (its prefix will be cached here)."""
         call.program.home_replica = replica.index
-        key, _ = self.route_key(call)
-        if key is not None:
-            replica.tree.insert(key)
 
     def on_finish(self, call: CallNode, replica: Replica, output_ids: list[int] | None) -> None:
-        """The replica now also caches the output (token-id prompts only)."""
-        key = call.route_key
-        if output_ids and key is not None and call.route_scale == 1.0:
-            replica.tree.insert(key.extended(output_ids))
+        """The replica now caches the prompt (and the output, for token-id prompts).
+        Recorded once, at the end: a concurrent sibling still finds the shared prefix
+        through the program's home and the earlier calls' entries."""
+        key, scale = self.route_key(call)
+        if key is None:
+            return
+        if output_ids and scale == 1.0:
+            key = key.extended(output_ids)
+        replica.tree.insert(key)

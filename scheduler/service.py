@@ -22,7 +22,7 @@ import logging
 import re
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -100,7 +100,7 @@ class Scheduler:
         self.router = Router(config, self.replicas)
         self.policy = make_policy(config, prefix_hint=self.router.best_match)
         self.dispatcher = Dispatcher(
-            config, self.replicas, self.policy, self.router, self._on_dispatch
+            config, self.replicas, self.policy, self.router, self._on_dispatch, self._on_queued
         )
         self.retention = RetentionManager(config, self.replicas)
         self.health = ReplicaHealth(
@@ -111,7 +111,8 @@ class Scheduler:
         self.tools = tools
         self._programs: dict[tuple[str, str], Program] = {}
         self._ended: deque[Program] = deque()
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, frozenset[EventKind] | None]] = []
+        self._wanted: frozenset[EventKind] = frozenset()
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -254,7 +255,8 @@ class Scheduler:
 
         Checks run now (unknown program, bad parents, duplicate id: typed errors); the call
         is queued when iteration starts. Closing the iterator early aborts the engine
-        request and frees the call.
+        request and frees the call. The scheduler sets the request's `priority` (when the
+        engine honours one) and `program_id` (the cache owner for retention) in place.
         """
         program = self._get(program_id, tenant)
         self._check_usable(program)
@@ -272,7 +274,7 @@ class Scheduler:
             raise SchedulerOverloadedError("too many queued calls", retry_after=1.0)
         return self._proxy_stream(program, request, thread_id, parents, call_id)
 
-    async def _proxy_stream(
+    def _proxy_stream(
         self,
         program: Program,
         request: GenerateRequest,
@@ -280,18 +282,20 @@ class Scheduler:
         parents: tuple[str, ...],
         call_id: str | None,
     ) -> AsyncIterator[Chunk]:
-        self._reopen(program)
-        if call_id is not None and call_id in program.calls:
-            raise ProgramValidationError(f"duplicate call id {call_id!r}")
-        call = self._new_call(
-            program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
-        )
-        call.request = request
-        self._size_llm_call(call)
-        self._enqueue(call)
-        async with aclosing(self._execute_llm(call)) as stream:
-            async for chunk in stream:
-                yield chunk
+        def create() -> CallNode:
+            # Runs at the first iteration: a stream nobody iterates never queues a call.
+            self._reopen(program)
+            if call_id is not None and call_id in program.calls:
+                raise ProgramValidationError(f"duplicate call id {call_id!r}")
+            call = self._new_call(
+                program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
+            )
+            call.request = request
+            self._size_llm_call(call)
+            self._enqueue(call)
+            return call
+
+        return self._execute_llm(create)
 
     # ------------------------------------------------------------------ variables
     async def wait_variable(
@@ -334,12 +338,23 @@ class Scheduler:
         return slot
 
     # ------------------------------------------------------------------ introspection
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def add_listener(
+        self, listener: Listener, kinds: Iterable[EventKind] | None = None
+    ) -> None:
+        """Call `listener` on every event, or only on events of `kinds` (cheaper: events
+        nobody wants are never built)."""
+        self._listeners.append((listener, None if kinds is None else frozenset(kinds)))
+        self._refresh_wanted()
 
     def remove_listener(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        self._listeners = [(f, k) for f, k in self._listeners if f is not listener]
+        self._refresh_wanted()
+
+    def _refresh_wanted(self) -> None:
+        wanted: set[EventKind] = set()
+        for _, kinds in self._listeners:
+            wanted |= set(EventKind) if kinds is None else kinds
+        self._wanted = frozenset(wanted)
 
     def program_state(self, program_id: str, *, tenant: str = "default") -> ProgramState:
         program = self._get(program_id, tenant)
@@ -474,7 +489,7 @@ class Scheduler:
     def _register(self, program: Program) -> None:
         self._programs[(program.tenant, program.id)] = program
         self._open_programs += 1
-        if self._listeners:
+        if EventKind.PROGRAM_STARTED in self._wanted:
             self._emit_program(EventKind.PROGRAM_STARTED, program)
 
     async def _seed_history(self, program: Program) -> None:
@@ -534,10 +549,6 @@ class Scheduler:
             parents=parents,
         )
         program.calls[call_id] = call
-        graph = program.graph
-        graph.add_node(call_id)
-        for parent in parents:
-            graph.add_edge(parent, call_id)
         program.last_call_by_thread[thread] = call
         program.open_calls += 1
         program.history.thread_opened(thread)
@@ -558,9 +569,14 @@ class Scheduler:
 
     def _enqueue(self, call: CallNode) -> None:
         loop = self.loop
-        call.waiter = loop.create_future()
+        call.waiter = None
+        call.replica = -1
         self.dispatcher.enqueue(call, loop.time())
-        if self._listeners:
+        if call.status == CallStatus.QUEUED:  # not placed at once: its executor waits
+            call.waiter = loop.create_future()
+
+    def _on_queued(self, call: CallNode) -> None:
+        if EventKind.CALL_QUEUED in self._wanted:
             self._emit_call(EventKind.CALL_QUEUED, call)
 
     def _on_dispatch(self, call: CallNode, replica: Replica, now: float) -> None:
@@ -568,16 +584,22 @@ class Scheduler:
         call.wait += wait
         call.program.history.wait_s += wait
         call.program.running.add(call)
-        if self._listeners:
+        if EventKind.CALL_DISPATCHED in self._wanted:
             self._emit_call(EventKind.CALL_DISPATCHED, call, queue_wait_s=wait)
 
     # ------------------------------------------------------------------ LLM execution
     def _engine_request(self, call: CallNode, replica: Replica) -> GenerateRequest:
         request = call.request
         assert request is not None
-        update: dict[str, Any] = {"program_id": call.program.engine_key}
+        priority = request.priority
         if self.config.pass_priority and replica.capabilities.priority:
-            update["priority"] = self.policy.engine_priority(call)
+            priority = self.policy.engine_priority(call)
+        if not call.preemptions:
+            # Set in place: a copy per call costs more than the rest of dispatch.
+            request.priority = priority
+            request.program_id = call.program.engine_key
+            return request
+        update: dict[str, Any] = {"program_id": call.program.engine_key, "priority": priority}
         if call.preemptions:
             # Resume: the prompt plus the output so far, mostly served from the prefix cache.
             update["rid"] = f"{request.rid}~{call.preemptions}"
@@ -595,9 +617,11 @@ class Scheduler:
                 update["text"] = (request.text or "") + "".join(call.output_parts or ())
         return request.model_copy(update=update)
 
-    async def _execute_llm(self, call: CallNode) -> AsyncIterator[Chunk]:
+    async def _execute_llm(self, make_call: Callable[[], CallNode]) -> AsyncIterator[Chunk]:
         """Wait for a replica, stream from it, account for the call. Yields the engine's
-        chunks; the final one's counters cover every attempt (after preemptions)."""
+        chunks; the final one's counters cover every attempt (after preemptions).
+        `make_call` returns the (queued) call: proxy calls are created lazily by it."""
+        call = make_call()
         program = call.program
         request = call.request
         assert request is not None
@@ -618,9 +642,10 @@ class Scheduler:
         loop = self.loop
         try:
             while True:
-                assert call.waiter is not None
-                index = await call.waiter
-                replica = self.replicas[index]
+                if call.status == CallStatus.QUEUED:
+                    assert call.waiter is not None
+                    await call.waiter
+                replica = self.replicas[call.replica]
                 engine_request = self._engine_request(call, replica)
                 preempted = failed_over = False
                 attempt_start = loop.time()
@@ -634,7 +659,7 @@ class Scheduler:
                                 call.prompt_tokens = chunk.prompt_tokens
                             if call.first_token_at < 0:
                                 call.first_token_at = loop.time()
-                                if self._listeners:
+                                if EventKind.CALL_FIRST_TOKEN in self._wanted:
                                     self._emit_call(EventKind.CALL_FIRST_TOKEN, call)
                             if keep_ids and chunk.token_ids:
                                 output_ids.extend(chunk.token_ids)
@@ -678,7 +703,7 @@ class Scheduler:
                     self.dispatcher.release(call)
                 if not failed_over:
                     call.preempt_requested = False
-                    if self._listeners:
+                    if EventKind.CALL_PREEMPTED in self._wanted:
                         self._emit_call(EventKind.CALL_PREEMPTED, call)
                 call.preemptions += 1
                 self._enqueue(call)
@@ -799,7 +824,7 @@ class Scheduler:
                     self.calls_failed += 1
                 call.error = str(error) if error is not None else CALL_STATUS_NAMES[status]
                 kind = EventKind.CALL_FAILED if call.kind == "llm" else EventKind.TOOL_FAILED
-            if self._listeners:
+            if kind in self._wanted:
                 self._emit_call(kind, call, error=call.error)
             if call.output is not None:
                 slot = program.variables[call.output]
@@ -915,7 +940,7 @@ class Scheduler:
 
     async def _run_graph_llm(self, call: CallNode) -> None:
         try:
-            async with aclosing(self._execute_llm(call)) as stream:
+            async with aclosing(self._execute_llm(lambda: call)) as stream:
                 async for _ in stream:
                     pass
         except (CallFailedError, ProgramCancelledError):
@@ -929,7 +954,7 @@ class Scheduler:
         call.status = CallStatus.RUNNING
         call.dispatched_at = now
         program.running.add(call)
-        if self._listeners:
+        if EventKind.TOOL_STARTED in self._wanted:
             self._emit_call(EventKind.TOOL_STARTED, call)
         args = {
             key: self._render(program, value) if isinstance(value, str) else value
@@ -1014,7 +1039,7 @@ class Scheduler:
         program.ended_at = now
         self.retention.release(program)
         self._spawn(self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
-        if self._listeners:
+        if EventKind.PROGRAM_ENDED in self._wanted:
             self._emit_program(EventKind.PROGRAM_ENDED, program)
         self._ended.append(program)
         keep = self.config.keep_finished_programs
@@ -1031,7 +1056,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: SchedulerEvent) -> None:
-        for listener in self._listeners:
+        for listener, kinds in self._listeners:
+            if kinds is not None and event.kind not in kinds:
+                continue
             try:
                 listener(event)
             except Exception:  # noqa: BLE001 - a listener never breaks scheduling
@@ -1070,6 +1097,7 @@ class Scheduler:
                 cached_tokens=call.cached_tokens,
                 service=call.service,
                 error=error,
+                parents=call.parents,
             )
         )
 

@@ -1,0 +1,369 @@
+"""One benchmark run: a trace, at one arrival rate, under one policy, in virtual time.
+
+Each program is a client coroutine that talks to the real `Scheduler` the way an agent
+behind the OpenAI proxy does (`open_program`, `llm_call` with thread and parent ids,
+`end_program`), sleeping for its tool latencies between calls. The scheduler drives
+`SimEngine` replicas (one shared synthetic responder, told each request's output length so
+that the *engine* does not know it: it reserves KV as it decodes). Everything runs on
+`run_virtual`, so hours of serving take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_backend.sim import ReplyBuilder, SimConfig, SimEngine, SimTokenizer, SyntheticResponder
+from engine_backend.types import GenerateRequest, SamplingParams
+from engine_backend.virtual_time import run_virtual
+from scheduler.config import SchedulerConfig
+from scheduler.events import EventKind, SchedulerEvent
+from scheduler.service import Scheduler
+
+from .workloads import (
+    BfclShape,
+    ChatShape,
+    LatsShape,
+    MapReduceShape,
+    ProgramTrace,
+    Trace,
+    shared_segment,
+)
+
+
+@dataclass(slots=True)
+class ProgramResult:
+    index: int
+    kind: str
+    arrival: float
+    finish: float
+    tokens: int  # all generated tokens
+    cp_tokens: int  # tokens along the critical path
+    calls: int
+    queue_wait: float = 0.0
+
+    @property
+    def token_latency(self) -> float:
+        return (self.finish - self.arrival) / max(self.cp_tokens, 1)
+
+
+@dataclass(slots=True)
+class RunResult:
+    policy: str
+    rate: float
+    programs: list[ProgramResult]
+    virtual_s: float
+    wall_s: float
+    calls: int
+    cpu_s: float = 0.0
+    engine: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    output: list[int]
+    tokens: int
+
+
+class Client:
+    """The per-run state the program coroutines share: the scheduler, the responder that
+    gets each request's output length, and the shared prompt segments."""
+
+    def __init__(self, scheduler: Scheduler, responder: SyntheticResponder, trace: Trace) -> None:
+        self.scheduler = scheduler
+        self.responder = responder
+        p = trace.params
+        self.chat_system = shared_segment("chat-system", 0, p.chat_system_tokens)
+        self.bfcl_header = shared_segment("bfcl-header", 0, p.bfcl_header_tokens)
+        self.bfcl_docs = [
+            shared_segment("bfcl-docs", i, max(1, round(p.bfcl_doc_tokens * (0.6 + 0.8 * (i % 5) / 4))))
+            for i in range(p.bfcl_doc_sets)
+        ]
+        self.lats_gen_prefix = shared_segment("lats-gen", 0, p.lats_gen_prefix_tokens)
+        self.lats_value_prefix = shared_segment("lats-value", 0, p.lats_value_prefix_tokens)
+        self.mr_map_instruction = shared_segment("mr-map", 0, p.mr_instruction_tokens)
+        self.mr_reduce_instruction = shared_segment("mr-reduce", 0, p.mr_instruction_tokens)
+        self.params = p
+        self._template = GenerateRequest(rid="template", input_ids=[0])
+        self._sampling: dict[int, SamplingParams] = {}
+
+    async def call(
+        self,
+        program_id: str,
+        call_id: str,
+        prompt: list[int],
+        out_tokens: int,
+        max_new: int,
+        *,
+        thread: str = "main",
+        parents: tuple[str, ...] = (),
+    ) -> CallOutcome:
+        rid = f"{program_id}/{call_id}"
+        self.responder.expect(rid, out_tokens)
+        # model_copy of validated templates: no per-call validation or default factories.
+        sampling = self._sampling.get(max_new)
+        if sampling is None:
+            sampling = self._sampling[max_new] = SamplingParams(max_new_tokens=max_new)
+        request = self._template.model_copy(
+            update={"rid": rid, "input_ids": prompt, "sampling": sampling,
+                    "program_id": program_id}
+        )
+        output: list[int] = []
+        tokens = 0
+        async for chunk in self.scheduler.llm_call(
+            program_id, request, thread_id=thread, parent_ids=parents, call_id=call_id
+        ):
+            if chunk.token_ids:
+                output += chunk.token_ids
+            if chunk.finish_reason is not None:
+                tokens = chunk.completion_tokens
+        return CallOutcome(output, tokens)
+
+
+class Fresh:
+    """Fresh (unshared) content of one program: consecutive token ids."""
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, base: int) -> None:
+        self.cursor = base
+
+    def __call__(self, n: int) -> list[int]:
+        start = self.cursor
+        self.cursor = start + n
+        return list(range(start, start + n))
+
+
+async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> tuple[int, int, int]:
+    pid, fresh = program.id, Fresh(program.token_base)
+    context = client.chat_system
+    tokens = 0
+    parent: tuple[str, ...] = ()
+    for turn, (user, reply) in enumerate(shape.turns):
+        context = context + fresh(user)
+        call_id = f"t{turn}"
+        out = await client.call(pid, call_id, context, reply, client.params.chat_reply_max,
+                                parents=parent)
+        context = context + out.output
+        tokens += out.tokens
+        parent = (call_id,)
+    return tokens, tokens, len(shape.turns)
+
+
+async def run_bfcl(client: Client, program: ProgramTrace, shape: BfclShape) -> tuple[int, int, int]:
+    pid, fresh = program.id, Fresh(program.token_base)
+    context = client.bfcl_header + client.bfcl_docs[shape.doc_set] + fresh(shape.query_tokens)
+    tokens = 0
+    parent: tuple[str, ...] = ()
+    last = len(shape.steps) - 1
+    for step, (out_tokens, latency, result_tokens) in enumerate(shape.steps):
+        call_id = f"s{step}"
+        out = await client.call(pid, call_id, context, out_tokens, 256, parents=parent)
+        tokens += out.tokens
+        context = context + out.output
+        parent = (call_id,)
+        if step < last:
+            await asyncio.sleep(latency)  # the tool runs on the client side
+            context = context + fresh(result_tokens)
+    return tokens, tokens, len(shape.steps)
+
+
+@dataclass(slots=True)
+class _Node:
+    trajectory: list[int]
+    depth: int
+    eval_call: str | None
+    value: int  # the evaluation's length stands in for its score
+
+
+async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> tuple[int, int, int]:
+    pid, fresh = program.id, Fresh(program.token_base)
+    p = client.params
+    question = fresh(shape.question_tokens)
+    gen_head = client.lats_gen_prefix + question
+    value_head = client.lats_value_prefix + question
+    nodes = [_Node([], 0, None, 0)]
+    last_children: list[_Node] = []
+    loop = asyncio.get_running_loop()
+    total = 0
+    path_tokens = 0  # critical-path tokens up to the end of the previous iteration
+    calls = 0
+    for i, it in enumerate(shape.iterations):
+        if it.deepen and last_children:
+            parent = max(last_children, key=lambda n: n.value)
+        else:
+            parent = nodes[it.parent % len(nodes)]
+        if parent.depth >= p.lats_max_depth:
+            parent = nodes[0]
+        gen_prompt = gen_head + parent.trajectory
+        observations = [fresh(n) for n in it.obs_tokens]  # allocated in a fixed order
+        parents = (parent.eval_call,) if parent.eval_call else ()
+
+        async def child(j: int, i: int = i, it: Any = it, parent: _Node = parent,
+                        gen_prompt: list[int] = gen_prompt, parents: tuple[str, ...] = parents,
+                        observations: list[list[int]] = observations) -> tuple[_Node, int, int, float]:
+            gen_id, eval_id = f"g{i}.{j}", f"v{i}.{j}"
+            gen = await client.call(pid, gen_id, gen_prompt, it.gen_tokens[j], 256,
+                                    thread=f"b{j}", parents=parents)
+            await asyncio.sleep(it.tool_latency[j])
+            trajectory = parent.trajectory + gen.output + observations[j]
+            val = await client.call(pid, eval_id, value_head + trajectory, it.value_tokens[j],
+                                    64, thread=f"b{j}", parents=(gen_id,))
+            node = _Node(trajectory, parent.depth + 1, eval_id, val.tokens)
+            return node, gen.tokens + val.tokens, gen.tokens + val.tokens, loop.time()
+
+        results = await asyncio.gather(*(child(j) for j in range(len(it.gen_tokens))))
+        calls += 2 * len(results)
+        last_children = [r[0] for r in results]
+        nodes.extend(last_children)
+        total += sum(r[1] for r in results)
+        # The next iteration waited for the last child to finish: the path runs through it.
+        path_tokens += max(results, key=lambda r: r[3])[2]
+    best = max(last_children or nodes, key=lambda n: n.value)
+    answer = await client.call(pid, "answer", gen_head + best.trajectory, shape.answer_tokens,
+                               256, parents=(best.eval_call,) if best.eval_call else ())
+    total += answer.tokens
+    return total, path_tokens + answer.tokens, calls + 1
+
+
+async def run_mapreduce(
+    client: Client, program: ProgramTrace, shape: MapReduceShape
+) -> tuple[int, int, int]:
+    pid, fresh = program.id, Fresh(program.token_base)
+    chunks = [fresh(n) for n, _ in shape.chunks]
+    loop = asyncio.get_running_loop()
+
+    async def map_one(j: int) -> tuple[CallOutcome, float]:
+        out = await client.call(pid, f"map{j}", client.mr_map_instruction + chunks[j],
+                                shape.chunks[j][1], 256, thread=f"m{j}")
+        return out, loop.time()
+
+    maps = await asyncio.gather(*(map_one(j) for j in range(len(chunks))))
+    summaries = [t for out, _ in maps for t in out.output]
+    reduce = await client.call(pid, "reduce", client.mr_reduce_instruction + summaries,
+                               shape.reduce_tokens, 1024,
+                               parents=tuple(f"map{j}" for j in range(len(chunks))))
+    last_map = max(maps, key=lambda m: m[1])[0]
+    total = sum(out.tokens for out, _ in maps) + reduce.tokens
+    return total, last_map.tokens + reduce.tokens, len(chunks) + 1
+
+
+RUNNERS: dict[type, Callable[..., Any]] = {
+    ChatShape: run_chat,
+    BfclShape: run_bfcl,
+    LatsShape: run_lats,
+    MapReduceShape: run_mapreduce,
+}
+
+
+@dataclass(slots=True)
+class BenchSetup:
+    """What every policy shares in a comparison: engines, cache, budget, router."""
+
+    replicas: int
+    sim: SimConfig
+    scheduler: SchedulerConfig  # `policy` is overridden per run
+
+    def for_policy(self, policy: str, **overrides: Any) -> SchedulerConfig:
+        return self.scheduler.model_copy(update={"policy": policy, **overrides})
+
+
+def run_trace(
+    trace: Trace,
+    policy: str,
+    rate: float,
+    setup: BenchSetup,
+    *,
+    scheduler_overrides: dict[str, Any] | None = None,
+    sim_overrides: dict[str, Any] | None = None,
+    on_program_done: Callable[[], None] | None = None,
+) -> RunResult:
+    """Run every program of `trace` at `rate` programs/s (virtual time) under `policy`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    config = setup.for_policy(policy, **(scheduler_overrides or {}))
+    sim_config = setup.sim.model_copy(update=sim_overrides or {})
+    result = run_virtual(_run(trace, rate, setup, config, sim_config, on_program_done))
+    result.wall_s = time.perf_counter() - wall
+    result.cpu_s = time.process_time() - cpu
+    return result
+
+
+async def _run(
+    trace: Trace,
+    rate: float,
+    setup: BenchSetup,
+    config: SchedulerConfig,
+    sim_config: SimConfig,
+    on_program_done: Callable[[], None] | None,
+) -> RunResult:
+    tokenizer = SimTokenizer()
+    responder = SyntheticResponder(ReplyBuilder(tokenizer, sim_config.seed))
+    engines = [
+        SimEngine(sim_config, responder=responder, tokenizer=tokenizer)
+        for _ in range(setup.replicas)
+    ]
+    scheduler = Scheduler(engines, config)
+    await scheduler.start()
+    waits: dict[str, float] = {}
+
+    def on_dispatch(event: SchedulerEvent) -> None:
+        waits[event.program_id] = waits.get(event.program_id, 0.0) + (event.queue_wait_s or 0.0)
+
+    scheduler.add_listener(on_dispatch, kinds=(EventKind.CALL_DISPATCHED,))
+    client = Client(scheduler, responder, trace)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    results: list[ProgramResult] = []
+
+    async def run_program(program: ProgramTrace, arrival: float) -> None:
+        pid = await scheduler.open_program(program.id)
+        tokens, cp_tokens, calls = await RUNNERS[type(program.shape)](
+            client, program, program.shape
+        )
+        await scheduler.end_program(pid)
+        results.append(
+            ProgramResult(program.index, program.kind, arrival, loop.time(), tokens, cp_tokens,
+                          calls, waits.pop(pid, 0.0))
+        )
+        if on_program_done is not None:
+            on_program_done()
+
+    tasks = []
+    for program in trace.programs:
+        arrival = start + program.unit_arrival / rate
+        delay = arrival - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(run_program(program, arrival)))
+    await asyncio.gather(*tasks)
+    end = loop.time()
+    engine_stats = [await engine.stats() for engine in engines]
+    sched_stats = await scheduler.stats()
+    await scheduler.close()
+    results.sort(key=lambda r: r.index)
+    hit = sum(s.cache_hit_tokens for s in engine_stats)
+    query = sum(s.cache_query_tokens for s in engine_stats)
+    return RunResult(
+        policy=config.policy,
+        rate=rate,
+        programs=results,
+        virtual_s=end - start,
+        wall_s=0.0,
+        calls=sched_stats.calls_finished,
+        engine={
+            "cache_hit_tokens": hit,
+            "cache_query_tokens": query,
+            "cache_hit_rate": hit / query if query else 0.0,
+            "preemptions": sum(s.preemptions for s in engine_stats),
+            "recomputed_tokens": sum(s.recomputed_tokens for s in engine_stats),
+        },
+        scheduler={
+            "promotions": sched_stats.promotions,
+            "preemptions": sched_stats.preemptions,
+            "dispatched_per_replica": [r.dispatched for r in sched_stats.replicas],
+        },
+    )

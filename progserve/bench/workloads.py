@@ -1,0 +1,302 @@
+"""Synthetic agent workloads for the policy benchmark, generated from published statistics.
+
+A trace is a list of program *shapes*: only numbers (lengths, fan-outs, tool latencies),
+drawn once from the seed. Prompts are built while the program runs, from shared segments
+(system prompts, few-shot examples, function docs), fresh per-program content and the
+engine's actual outputs, so prefix sharing is exactly what a real agent would send.
+Arrivals are a Poisson process: unit-rate gaps are drawn once and divided by the rate, so
+every rate (and every policy) sees the same programs in the same order.
+
+Parameters (means; lengths are log-normal around them unless said otherwise):
+
+chat (ShareGPT-like multi-turn conversations)
+- turns per conversation: geometric, mean 6.7 (the issue's figure; ShareGPT conversations
+  are heavy-tailed), capped at 30.
+- user turn: 100 tokens; reply: 300 tokens, capped at 1,024 (vLLM's ShareGPT statistics:
+  mean input 161, mean output 338 tokens per request).
+- a 60-token system prompt shared by all conversations; no think time between turns (the
+  client sends the next turn when the reply ends).
+
+bfcl (Berkeley Function Calling Leaderboard, multi-turn / multi-step)
+- calls per program: 2 + Poisson(8.75), mean 10.75.
+- prompt: a 100-token system header shared by all, one of 40 function-doc sets of ~280
+  tokens (shared by the programs that draw it), a 50-token user query; every step appends
+  the call's output and the tool's result (30 tokens). Mean prompt ~735 tokens.
+- output per call: 34 tokens (function call JSON); tool latency 1.0 s (an API call).
+
+lats (Language Agent Tree Search on HotpotQA, n = 5 children per expansion)
+- iterations: uniform 12..20 (mean 16); each expands one node into 5 children (5 parallel
+  generate calls on the same prompt, 60 output tokens each), runs the 5 actions (a
+  Wikipedia lookup, 0.5 s, 120-token observation) and evaluates the 5 children (5
+  parallel value calls, 24 output tokens); one final answer call: ~161 calls.
+- prompts: a 1,200-token few-shot prefix for generation and a 600-token one for
+  evaluation, shared by every LATS program, then the question (60 tokens) and the
+  node's trajectory (its ancestors' thoughts, actions and observations).
+- selection: with probability 0.6 the best child of the last expansion (deepening),
+  otherwise a random earlier node; depth is capped at 7.
+
+mapreduce (Parrot's map-reduce summarisation)
+- chunks: uniform 8..16; map prompt: an 80-token instruction (shared) plus a 1,000-token
+  chunk, 80 output tokens; reduce prompt: an instruction plus every map output, 250
+  output tokens. Maps run in parallel, the reduce waits for all of them.
+
+mixed: equal parts chat, bfcl and lats, interleaved at random.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+WorkloadName = Literal["chat", "bfcl", "lats", "mapreduce", "mixed"]
+WORKLOADS: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce", "mixed")
+PROGRAM_TYPES: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce")
+
+# Token-id space: shared segments live below SHARED_SPACE; program i's fresh content
+# starts at SHARED_SPACE + i * PROGRAM_SPACE (ids are arbitrary: the sim engine accepts any
+# non-negative id, and distinct ids mean distinct content).
+SHARED_SPACE = 10_000_000
+PROGRAM_SPACE = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadParams:
+    # chat
+    chat_turns_mean: float = 6.7
+    chat_turns_max: int = 30
+    chat_user_tokens: float = 100.0
+    chat_reply_tokens: float = 300.0
+    chat_reply_max: int = 1024
+    chat_system_tokens: int = 60
+    # bfcl
+    bfcl_extra_calls_mean: float = 8.75  # calls = 2 + Poisson(this)
+    bfcl_header_tokens: int = 100
+    bfcl_doc_sets: int = 40
+    bfcl_doc_tokens: float = 280.0
+    bfcl_query_tokens: float = 50.0
+    bfcl_output_tokens: float = 34.0
+    bfcl_result_tokens: float = 30.0
+    bfcl_tool_latency_s: float = 1.0
+    # lats
+    lats_iterations: tuple[int, int] = (12, 20)
+    lats_children: int = 5
+    lats_gen_prefix_tokens: int = 1200
+    lats_value_prefix_tokens: int = 600
+    lats_question_tokens: float = 60.0
+    lats_gen_tokens: float = 60.0
+    lats_obs_tokens: float = 120.0
+    lats_value_tokens: float = 24.0
+    lats_answer_tokens: float = 40.0
+    lats_tool_latency_s: float = 0.5
+    lats_deepen_prob: float = 0.6
+    lats_max_depth: int = 7
+    # mapreduce
+    mr_chunks: tuple[int, int] = (8, 16)
+    mr_instruction_tokens: int = 80
+    mr_chunk_tokens: float = 1000.0
+    mr_map_tokens: float = 80.0
+    mr_reduce_tokens: float = 250.0
+    # shapes of the log-normal draws
+    length_sigma: float = 0.6
+    latency_sigma: float = 0.8
+
+
+@dataclass(slots=True)
+class ChatShape:
+    turns: list[tuple[int, int]]  # (user tokens, reply tokens)
+
+
+@dataclass(slots=True)
+class BfclShape:
+    doc_set: int
+    query_tokens: int
+    steps: list[tuple[int, float, int]]  # (output tokens, tool latency, result tokens)
+
+
+@dataclass(slots=True)
+class LatsIteration:
+    parent: int  # index of the node to expand (0 = root); resolved at run time
+    deepen: bool  # expand the best child of the previous expansion instead
+    gen_tokens: list[int]
+    obs_tokens: list[int]
+    tool_latency: list[float]
+    value_tokens: list[int]
+
+
+@dataclass(slots=True)
+class LatsShape:
+    question_tokens: int
+    iterations: list[LatsIteration]
+    answer_tokens: int
+
+
+@dataclass(slots=True)
+class MapReduceShape:
+    chunks: list[tuple[int, int]]  # (chunk tokens, map output tokens)
+    reduce_tokens: int
+
+
+Shape = ChatShape | BfclShape | LatsShape | MapReduceShape
+
+
+@dataclass(slots=True)
+class ProgramTrace:
+    index: int
+    kind: str
+    unit_arrival: float  # arrival time at rate 1 program/s
+    shape: Shape
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.kind}-{self.index}"
+
+    @property
+    def token_base(self) -> int:
+        return SHARED_SPACE + self.index * PROGRAM_SPACE
+
+
+@dataclass(slots=True)
+class Trace:
+    workload: str
+    seed: int
+    params: WorkloadParams
+    programs: list[ProgramTrace] = field(default_factory=list)
+
+    def arrivals(self, rate: float) -> list[float]:
+        return [p.unit_arrival / rate for p in self.programs]
+
+    def calls(self) -> int:
+        return sum(count_calls(p.shape) for p in self.programs)
+
+
+def count_calls(shape: Shape) -> int:
+    if isinstance(shape, ChatShape):
+        return len(shape.turns)
+    if isinstance(shape, BfclShape):
+        return len(shape.steps)
+    if isinstance(shape, LatsShape):
+        return sum(2 * len(it.gen_tokens) for it in shape.iterations) + 1
+    return len(shape.chunks) + 1
+
+
+class _Draw:
+    """Seeded draws of the distributions above."""
+
+    def __init__(self, rng: random.Random, params: WorkloadParams) -> None:
+        self.rng = rng
+        self.params = params
+
+    def length(self, mean: float, cap: int = 1 << 20) -> int:
+        sigma = self.params.length_sigma
+        mu = math.log(mean) - sigma * sigma / 2  # so that the mean is `mean`
+        return max(1, min(cap, round(self.rng.lognormvariate(mu, sigma))))
+
+    def latency(self, mean: float) -> float:
+        sigma = self.params.latency_sigma
+        mu = math.log(mean) - sigma * sigma / 2
+        return self.rng.lognormvariate(mu, sigma)
+
+    def geometric(self, mean: float, cap: int) -> int:
+        p = 1.0 / mean
+        n = 1 + int(math.log(1.0 - self.rng.random()) / math.log(1.0 - p))
+        return min(n, cap)
+
+    def poisson(self, lam: float) -> int:
+        # Knuth's method: fine for the small means used here.
+        limit, k, prod = math.exp(-lam), 0, self.rng.random()
+        while prod > limit:
+            k += 1
+            prod *= self.rng.random()
+        return k
+
+
+def _chat(d: _Draw) -> ChatShape:
+    p = d.params
+    turns = d.geometric(p.chat_turns_mean, p.chat_turns_max)
+    return ChatShape(
+        [(d.length(p.chat_user_tokens), d.length(p.chat_reply_tokens, p.chat_reply_max))
+         for _ in range(turns)]
+    )
+
+
+def _bfcl(d: _Draw) -> BfclShape:
+    p = d.params
+    calls = 2 + d.poisson(p.bfcl_extra_calls_mean)
+    return BfclShape(
+        doc_set=d.rng.randrange(p.bfcl_doc_sets),
+        query_tokens=d.length(p.bfcl_query_tokens),
+        steps=[
+            (d.length(p.bfcl_output_tokens, 256), d.latency(p.bfcl_tool_latency_s),
+             d.length(p.bfcl_result_tokens))
+            for _ in range(calls)
+        ],
+    )
+
+
+def _lats(d: _Draw) -> LatsShape:
+    p = d.params
+    n = p.lats_children
+    iterations = []
+    for i in range(d.rng.randint(*p.lats_iterations)):
+        iterations.append(
+            LatsIteration(
+                parent=d.rng.randrange(1 + i * n),
+                deepen=i > 0 and d.rng.random() < p.lats_deepen_prob,
+                gen_tokens=[d.length(p.lats_gen_tokens, 256) for _ in range(n)],
+                obs_tokens=[d.length(p.lats_obs_tokens, 512) for _ in range(n)],
+                tool_latency=[d.latency(p.lats_tool_latency_s) for _ in range(n)],
+                value_tokens=[d.length(p.lats_value_tokens, 64) for _ in range(n)],
+            )
+        )
+    return LatsShape(d.length(p.lats_question_tokens), iterations, d.length(p.lats_answer_tokens))
+
+
+def _mapreduce(d: _Draw) -> MapReduceShape:
+    p = d.params
+    chunks = d.rng.randint(*p.mr_chunks)
+    return MapReduceShape(
+        [(d.length(p.mr_chunk_tokens, 2000), d.length(p.mr_map_tokens, 256))
+         for _ in range(chunks)],
+        d.length(p.mr_reduce_tokens, 1024),
+    )
+
+
+_MAKERS = {"chat": _chat, "bfcl": _bfcl, "lats": _lats, "mapreduce": _mapreduce}
+MIXED_TYPES = ("chat", "bfcl", "lats")
+
+
+def generate_trace(
+    workload: str, programs: int, seed: int, params: WorkloadParams | None = None
+) -> Trace:
+    """`programs` program shapes and unit-rate Poisson arrivals, deterministic in `seed`."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+    params = params or WorkloadParams()
+    rng = random.Random(f"progserve-bench/{workload}/{seed}")
+    draw = _Draw(rng, params)
+    if workload == "mixed":
+        kinds = [MIXED_TYPES[i % len(MIXED_TYPES)] for i in range(programs)]
+        rng.shuffle(kinds)
+    else:
+        kinds = [workload] * programs
+    trace = Trace(workload, seed, params)
+    t = 0.0
+    for index, kind in enumerate(kinds):
+        t += rng.expovariate(1.0)
+        trace.programs.append(ProgramTrace(index, kind, t, _MAKERS[kind](draw)))
+    return trace
+
+
+def shared_segment(name: str, index: int, tokens: int) -> list[int]:
+    """A segment shared across programs (system prompts, few-shot examples, docs)."""
+    base = (hash_name(name) * 997 + index * 10_007) % (SHARED_SPACE - tokens)
+    return list(range(base, base + tokens))
+
+
+def hash_name(name: str) -> int:
+    h = 0
+    for ch in name:
+        h = (h * 131 + ord(ch)) % 1_000_003
+    return h
