@@ -43,11 +43,12 @@ WAITING, PREFILLING, DECODING, DONE = 0, 1, 2, 3
 
 @dataclass(slots=True)
 class SwappedKV:
-    """A retracted request's private KV on the host (`swap` preemption)."""
+    """A retracted request's KV on the host (`swap` preemption): all `length` tokens, so
+    that resuming never recomputes, whatever the tree evicted meanwhile; the part the tree
+    still holds is taken from the tree instead."""
 
-    tree_len: int  # its leading tokens that were (and must still be) in the tree
-    length: int  # tokens with KV when it was swapped out
-    host: torch.Tensor
+    length: int
+    host: torch.Tensor  # [layers * 2, length, width]
 
 
 @dataclass(slots=True, eq=False)
@@ -129,6 +130,7 @@ class TorchBatcher:
         self.cache_query_tokens = 0
         self.preemptions = 0
         self.recomputed_tokens = 0
+        self.swap_ins = 0  # retracted requests whose KV came back from host memory
 
     # ------------------------------------------------------------------ state
 
@@ -236,8 +238,7 @@ class TorchBatcher:
         length = len(r.slots)
         r.computed = max(r.computed, length)
         if self.config.preemption == "swap":
-            private = r.slots[r.tree_len :]
-            r.swapped = SwappedKV(r.tree_len, length, self.pool.swap_out(private))
+            r.swapped = SwappedKV(length, self.pool.swap_out(r.slots))
         else:
             self._cache_prefix(r, length)
         self._release(r)
@@ -284,10 +285,8 @@ class TorchBatcher:
         match = cache.match_prefix(r.token_key(fill_len)) if cache is not None else None
         matched = match.length if match is not None else 0
         swapped = r.swapped
-        if swapped is not None and matched < swapped.tree_len:
-            r.swapped = swapped = None  # part of its prefix was evicted: recompute instead
-        cached = swapped.tree_len if swapped is not None else min(matched, limit)
-        restored = swapped.length - swapped.tree_len if swapped is not None else 0
+        cached = min(matched, limit)
+        restored = swapped.length - cached if swapped is not None else 0
         extend = fill_len - cached - restored
         if match is not None:
             cache.inc_lock_ref(match.node)  # type: ignore[union-attr]
@@ -303,9 +302,10 @@ class TorchBatcher:
         r.lock_node = match.node if match is not None else None
         if swapped is not None:
             new = self._alloc(restored)
-            self.pool.swap_in(new, swapped.host)
+            self.pool.swap_in(new, swapped.host[:, cached:])
             r.slots += new
             r.swapped = None
+            self.swap_ins += 1
         r.state = PREFILLING
         r.fill_len = fill_len
         r.prefilled = len(r.slots)
