@@ -38,7 +38,7 @@ class TorchConfig(BaseModel):
     preemption: Literal["recompute", "swap"] = Field(
         "recompute",
         description="recompute: a preempted request's KV goes to the radix cache and is "
-        "recomputed if evicted; swap: its private KV moves to host memory and back",
+        "recomputed if evicted; swap: its KV moves to host memory and back",
     )
     cascade_min_prefix: int = Field(
         64,
