@@ -307,6 +307,10 @@ async def test_bad_input_raises_typed_errors_before_streaming(tiny_gqa: Path) ->
         with pytest.raises(InvalidRequestError):
             engine.generate(_request("b", list(range(100))))  # longer than the KV pool
         ok = await _collect(engine, _request("c", [5, 6, 7], max_new_tokens=2))
+        # A long text is tokenized off the loop: its error comes with the first __anext__.
+        long_text = engine.generate(_request("d", "tokens " * 3000))
+        with pytest.raises(InvalidRequestError, match="the limit is"):
+            await anext(long_text)
     assert ok[-1].finish_reason is not None
 
 
