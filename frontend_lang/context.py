@@ -81,6 +81,7 @@ class ProgramContext:
         self._client_tasks: dict[str, asyncio.Task[str]] = {}  # variable -> running tool
         self._background: set[asyncio.Task[None]] = set()
         self._values: dict[str, str] = {}  # values already fetched or computed
+        self._raised: set[str] = set()  # failed variables whose error the program was given
         self._threads = 0
 
     # -- entering and leaving ----------------------------------------------------------
@@ -291,12 +292,16 @@ class ProgramContext:
         if name in self._values:
             return self._values[name]
         task = self._client_tasks.get(name)
-        if task is not None:
-            value = await asyncio.shield(task)
-        else:
-            self.graph.mark_latency_critical(name)
-            await self._send_producer(name)
-            value = await self._wait_server(name)
+        try:
+            if task is not None:
+                value = await asyncio.shield(task)
+            else:
+                self.graph.mark_latency_critical(name)
+                await self._send_producer(name)
+                value = await self._wait_server(name)
+        except CallFailedError:
+            self._raised.add(name)  # the program saw it (and may have handled it)
+            raise
         self._values[name] = value
         return value
 
@@ -432,7 +437,9 @@ class ProgramContext:
         consumed = {
             name for record in self.graph.calls.values() for name in record.spec.input_variables()
         }
-        leaves = [name for name in self.graph.producer if name not in consumed]
+        # A failure the program already received is its to handle, not raised again.
+        leaves = [name for name in self.graph.producer
+                  if name not in consumed and name not in self._raised]
         results = await asyncio.gather(*(self._value(n) for n in leaves), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -11,6 +11,7 @@ Errors come back as problem JSON and are raised as the DSL's typed errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from .errors import (
 # How long one long poll waits server-side before we ask again (keeps idle connections
 # short-lived enough for proxies; a value may take much longer than this).
 LONG_POLL_S = 60.0
+# A server past its admission limits answers 429 with Retry-After: wait and try again.
+MAX_OVERLOAD_RETRIES = 5
 # The scheduler's message for a failed call: "... variable 'v' (call 'c') failed: cause"
 # or "... call 'c' failed: cause". Used when the problem JSON lacks structured fields.
 _FAILED_CALL = re.compile(
@@ -137,15 +140,27 @@ class RemoteRuntime:
     async def _request(
         self, method: str, path: str, program_id: str | None, **kwargs: Any
     ) -> dict[str, Any]:
-        try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise RuntimeUnavailableError(f"{method} {self.url}{path}: {exc}") from exc
+        for attempt in range(MAX_OVERLOAD_RETRIES + 1):
+            try:
+                response = await self._client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                raise RuntimeUnavailableError(f"{method} {self.url}{path}: {exc}") from exc
+            if response.status_code != 429 or attempt == MAX_OVERLOAD_RETRIES:
+                break
+            # Overloaded: nothing was admitted, so the same request can simply come again.
+            await asyncio.sleep(_retry_after(response))
         if response.status_code == 408:
             raise _StillWaiting()
         if response.status_code >= 400:
             raise _error_from(response, program_id)
         return response.json()  # type: ignore[no-any-return]
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers.get("Retry-After", "1")), 0.05), 30.0)
+    except ValueError:
+        return 1.0
 
 
 class _StillWaiting(Exception):

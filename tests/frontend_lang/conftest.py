@@ -55,10 +55,13 @@ async def progserve_url(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
     async def start(
         script: list[dict[str, str]] = (),  # type: ignore[assignment]
         api_keys: dict[str, str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> str:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
         settings = embedded_settings("sim", list(script), workdir, TIME_SCALE)
+        if limits:
+            settings.limits = settings.limits.model_copy(update=limits)
         if api_keys:  # key -> tenant
             keys_file = workdir / "keys.json"
             keys_file.write_text(json.dumps({hash_key(k): t for k, t in api_keys.items()}))

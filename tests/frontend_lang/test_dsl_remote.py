@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from frontend_lang import (
@@ -148,3 +149,40 @@ async def test_api_keys_map_to_tenants_that_see_only_their_programs(progserve_ur
     async with RemoteRuntime(url, api_key="wrong") as stranger:
         with pytest.raises(RuntimeUnavailableError, match="401"):
             await hello.run(stranger)
+
+
+class StatusRecorder(httpx.AsyncHTTPTransport):
+    """The real transport, noting each response's status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+
+async def test_an_overloaded_server_is_retried_after_its_retry_after(progserve_url):
+    # One request doing new work at a time: a stream that is still open fills the server.
+    limits = {"max_inflight_requests": 1, "retry_after_min_s": 0.2, "retry_after_max_s": 0.5}
+    url = await progserve_url(SCRIPT, limits=limits)
+
+    @program
+    async def hello() -> str:
+        return await gen("Echo: patient", max_tokens=4, temperature=0)
+
+    async with httpx.AsyncClient(base_url=url) as client:
+        body = {"text": "Write a lot", "sampling_params": {"max_new_tokens": 600}, "stream": True}
+        async with client.stream("POST", "/generate", json=body) as busy:
+            assert busy.status_code == 200
+            recorder = StatusRecorder()
+            async with RemoteRuntime(url, transport=recorder) as remote:
+                program_task = asyncio.create_task(hello.run(remote))
+                await asyncio.sleep(0.1)
+                async for _ in busy.aiter_bytes():  # let the stream finish: capacity frees
+                    pass
+                result = await program_task
+    assert result.value == "echo patient"
+    assert recorder.statuses[0] == 429 and 201 in recorder.statuses
