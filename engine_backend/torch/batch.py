@@ -38,7 +38,7 @@ from .sampling import RowSampling
 if TYPE_CHECKING:
     from .constrained import GrammarMask
 
-WAITING, PREFILLING, DECODING, DONE = 0, 1, 2, 3
+NEW, WAITING, PREFILLING, DECODING, DONE = -1, 0, 1, 2, 3  # NEW: not yet enqueued
 
 
 @dataclass(slots=True)
@@ -65,7 +65,7 @@ class TorchRequest:
     input_logprob_start: int  # -1: no prompt logprobs
     grammar: GrammarMask | None = None
     seq: int = 0
-    state: int = WAITING
+    state: int = NEW
     output: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: dict[int, float] = field(default_factory=dict)  # position -> logprob

@@ -136,6 +136,7 @@ class TorchEngine(Engine):
         )
         self._grammars: GrammarCompiler | None = None
         self._streams: dict[str, _Stream] = {}
+        self._aborts: list[_Stream] = []  # applied between steps
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
@@ -385,10 +386,13 @@ class TorchEngine(Engine):
 
     def _request_abort(self, stream: _Stream, message: str | None) -> None:
         """Aborts apply between steps (the worker may be using the request's KV now)."""
-        if stream.abort_requested and message is None:
+        if stream.abort_requested:
+            if message is not None:
+                stream.abort_message = message
             return
         stream.abort_requested = True
         stream.abort_message = message
+        self._aborts.append(stream)
         self._work.set()
 
     # -------------------------------------------------------------- the loop
@@ -422,7 +426,8 @@ class TorchEngine(Engine):
             raise
 
     def _apply_aborts(self) -> None:
-        for stream in [s for s in self._streams.values() if s.abort_requested]:
+        aborts, self._aborts = self._aborts, []
+        for stream in aborts:
             if stream.request.state == DONE:
                 continue
             self.batcher.abort(stream.request)

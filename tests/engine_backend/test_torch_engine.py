@@ -298,6 +298,11 @@ async def test_abort_and_disconnect_free_the_kv(tiny_gqa: Path) -> None:
                 break
             await asyncio.sleep(0.01)
     assert stats.kv_used_tokens == 0 and stats.running == 0
+    assert stats.queue_len == 0
+    # A request dropped before it was ever queued (e.g. while its grammar compiled).
+    never_queued = engine._prepare(_request("c", [1, 2, 3]), [1, 2, 3]).request
+    engine.batcher.abort(never_queued)
+    assert engine.batcher.n_waiting == 0
 
 
 async def test_bad_input_raises_typed_errors_before_streaming(tiny_gqa: Path) -> None:
