@@ -179,9 +179,12 @@ class RadixCache:
         values: list[int] = []
         node, pos, end = self.root, 0, len(data)
         while pos < end:
-            child = self._descend(node, data, pos)
+            # Hot loop: the step is spelled out here and in insert() (no call per node).
+            child = node.children.get(data[pos : pos + TOKEN_BYTES])
             if child is None:
                 break
+            if not data.startswith(child.key, pos):
+                child = self._split(child, _shared_bytes(child.key, data, pos))
             if touch:
                 child.last_access = now
             if child.value is not None:
@@ -204,12 +207,20 @@ class RadixCache:
         data = _key_bytes(key)
         value_list = self._checked_values(len(data) // TOKEN_BYTES, value)
         now = self.clock()
+        if not self.policy.uses_owners:
+            owner = None  # nothing reads owners: skip the bookkeeping
         node, pos, end = self.root, 0, len(data)
         while pos < end:
-            child = self._descend(node, data, pos)
+            child = node.children.get(data[pos : pos + TOKEN_BYTES])
             if child is None:
                 break
-            self._visit(child, now, owner, priority)
+            if not data.startswith(child.key, pos):
+                child = self._split(child, _shared_bytes(child.key, data, pos))
+            child.last_access = now
+            if priority > child.priority:
+                child.priority = priority
+            if owner is not None:
+                self._add_owner(child, owner)
             node, pos = child, pos + len(child.key)
         present = pos // TOKEN_BYTES
         if pos < end:
@@ -322,20 +333,6 @@ class RadixCache:
             raise ValueError(f"value has {len(value_list)} entries for {num_tokens} tokens")
         return value_list
 
-    def _descend(self, node: TreeNode, data: bytes, pos: int) -> TreeNode | None:
-        """The child of `node` on the path of `data[pos:]`, split where the two diverge."""
-        child = node.children.get(data[pos : pos + TOKEN_BYTES])
-        if child is None or data.startswith(child.key, pos):
-            return child
-        return self._split(child, _shared_bytes(child.key, data, pos))
-
-    def _visit(self, node: TreeNode, now: float, owner: str | None, priority: float) -> None:
-        node.last_access = now
-        if priority > node.priority:
-            node.priority = priority
-        if owner is not None:
-            self._add_owner(node, owner)
-
     def _add_owner(self, node: TreeNode, owner: str) -> None:
         if node.owners is None:
             node.owners = {owner}
@@ -415,6 +412,8 @@ class RadixCache:
 
     def _refresh_owner(self, owner: str) -> None:
         """Re-push an owner's evictable leaves after their keys went down (lazy heap)."""
+        if not self.policy.uses_owners:
+            return
         for node in self._owner_nodes.get(owner, ()):
             if self._is_evictable_leaf(node):
                 self._push(node)

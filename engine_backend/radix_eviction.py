@@ -31,17 +31,23 @@ class OwnerTable:
         priority = node.priority
         if not owners:
             return 0, priority
-        pinned = 0 if self.pinned.isdisjoint(owners) else 1
-        get = self.priorities.get
-        for owner in owners:
-            owner_priority = get(owner, priority)
-            if owner_priority > priority:
-                priority = owner_priority
+        pinned = 0 if self.pinned.isdisjoint(owners) else 1  # iterates the smaller set
+        priorities = self.priorities
+        if len(priorities) < len(owners):  # a prefix shared by many programs
+            for owner, owner_priority in priorities.items():
+                if owner_priority > priority and owner in owners:
+                    priority = owner_priority
+        else:
+            for owner in owners:
+                owner_priority = priorities.get(owner, priority)
+                if owner_priority > priority:
+                    priority = owner_priority
         return pinned, priority
 
 
 class EvictionPolicy(Protocol):
     name: str
+    uses_owners: bool  # False: the cache skips owner bookkeeping
 
     def key(self, node: TreeNode, owners: OwnerTable) -> EvictionKey:
         """Eviction key of a leaf; the smallest key is evicted first."""
@@ -52,6 +58,7 @@ class LRUEviction:
     """Least recently used first. Pins and priorities are ignored (the plain baseline)."""
 
     name = "lru"
+    uses_owners = False
 
     def key(self, node: TreeNode, owners: OwnerTable) -> EvictionKey:
         return (node.last_access,)
@@ -65,6 +72,7 @@ class PriorityEviction:
     """
 
     name = "priority"
+    uses_owners = True
 
     def key(self, node: TreeNode, owners: OwnerTable) -> EvictionKey:
         pinned, priority = owners.protection(node)

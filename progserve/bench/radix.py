@@ -8,8 +8,9 @@ of a context into branches, and some fresh unrelated requests. Every prompt is b
 from fresh int objects, as a tokenizer would hand them over, so list comparisons cannot
 short-cut on object identity. Only the cache calls are timed.
 
-With `--compare-sglang`, SGLang's own RadixCache runs the same trace in the same run
-when `sglang` is importable.
+Every cache gets every request in turn (interleaved, so a busy machine slows all alike),
+and only the CPU time of the cache calls is counted. With `--compare-sglang`, SGLang's own
+RadixCache and its Rust-core UnifiedRadixCache run in the same loop when `sglang` imports.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from engine_backend.radix_cache import RadixCache, TokenKey
 
@@ -121,19 +123,18 @@ def _fresh_ints(tokens: list[int]) -> list[int]:
     return array.array("q", tokens).tolist()
 
 
-# ---------------------------------------------------------------------- runners
+# ----------------------------------------------------------------------- sides
 
 
 @dataclass(slots=True)
 class RunResult:
     name: str
     ops: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # CPU time of the timed calls
     prompt_tokens: int = 0
     matched_tokens: int = 0
     evicted_tokens: int = 0
     tree_tokens: int = 0
-    nodes: int = 0
 
     @property
     def ops_per_s(self) -> float:
@@ -149,133 +150,165 @@ class RunResult:
                 "hit_rate": round(self.hit_rate, 4)}
 
 
-@dataclass(slots=True)
-class _SlotCounter:
-    """Hands out fresh KV slot ids; the values the cache stores."""
+class Side(Protocol):
+    """One cache under test. `prepare` is untimed (slot values); `op` is timed: what an
+    engine does per request (match the prompt, insert prompt + output, evict to capacity)."""
 
-    next_slot: int = 0
-    freed: list[int] = field(default_factory=list)
+    result: RunResult
 
-    def take(self, n: int) -> list[int]:
-        start = self.next_slot
-        self.next_slot += n
-        return list(range(start, start + n))
+    def prepare(self, request: Request) -> object: ...
+
+    def op(self, request: Request, prepared: object) -> tuple[int, int]:
+        """Returns (matched tokens, evicted tokens)."""
+        ...
+
+    def size(self) -> int: ...
 
 
-def run_progserve(trace: Iterable[Request], *, capacity: int, eviction: str,
-                  encode_once: bool, on_step: Callable[[], None] | None = None) -> RunResult:
+class ProgserveSide:
     """progserve's RadixCache. `encode_once`: the engine's way, one `TokenKey` per request
     (encoded at admission, extended by the output at finish); else plain token lists."""
-    slots = _SlotCounter()
-    cache = RadixCache(eviction=eviction, store_values=True, on_evict=slots.freed.extend)
-    pin_waiting = eviction == "priority"
-    keys = "TokenKey" if encode_once else "lists"
-    result = RunResult(name=f"progserve RadixCache ({eviction}, {keys})")
-    timer = time.perf_counter
-    for request in trace:
-        full = request.prompt + request.output
-        values = slots.take(len(full))
-        owner = request.program
-        start = timer()
-        if pin_waiting:
+
+    def __init__(self, *, capacity: int, eviction: str, encode_once: bool) -> None:
+        self.capacity = capacity
+        self.encode_once = encode_once
+        self.pin_waiting = eviction == "priority"
+        self.freed: list[int] = []
+        self.cache = RadixCache(eviction=eviction, store_values=True, on_evict=self.freed.extend)
+        self.next_slot = 0
+        keys = "TokenKey" if encode_once else "lists"
+        self.result = RunResult(name=f"progserve RadixCache ({eviction}, {keys})")
+
+    def prepare(self, request: Request) -> list[int]:
+        start = self.next_slot
+        self.next_slot += len(request.prompt) + len(request.output)
+        self.freed.clear()
+        return list(range(start, self.next_slot))
+
+    def op(self, request: Request, prepared: object) -> tuple[int, int]:
+        cache, owner = self.cache, request.program
+        if self.pin_waiting:
             cache.unpin(owner)  # the program is back from its tool
-        if encode_once:
+        if self.encode_once:
             key = TokenKey(request.prompt)
             matched = cache.match_prefix(key).length
-            cache.insert(key.extended(request.output), values, owner=owner)
+            cache.insert(key.extended(request.output), prepared, owner=owner)  # type: ignore[arg-type]
         else:
             matched = cache.match_prefix(request.prompt).length
-            cache.insert(full, values, owner=owner)
-        if pin_waiting:
+            cache.insert(request.prompt + request.output, prepared, owner=owner)  # type: ignore[arg-type]
+        if self.pin_waiting:
             cache.pin(owner)  # ... and waits on the next one
-        overflow = cache.total_size() - capacity
-        if overflow > 0:
-            result.evicted_tokens += cache.evict(overflow)
-        result.seconds += timer() - start
-        result.ops += 1
-        result.prompt_tokens += len(request.prompt)
-        result.matched_tokens += matched
-        if on_step is not None:
-            on_step()
-    result.tree_tokens = cache.total_size()
-    result.nodes = cache.num_nodes()
-    return result
+        overflow = cache.total_size() - self.capacity
+        return matched, cache.evict(overflow) if overflow > 0 else 0
+
+    def size(self) -> int:
+        return self.cache.total_size()
 
 
 def sglang_unavailable_reason() -> str | None:
     if importlib.util.find_spec("sglang") is None:
         return "sglang is not installed"
     try:
-        import sglang.srt.mem_cache.radix_cache  # noqa: F401
+        from sglang.srt.mem_cache import base_prefix_cache, radix_cache  # noqa: F401
     except Exception as exc:  # its server internals need torch and much more
         return f"sglang's RadixCache does not import here: {type(exc).__name__}: {exc}"
     return None
 
 
-def run_sglang(trace: Iterable[Request], *, capacity: int,
-               on_step: Callable[[], None] | None = None) -> RunResult:
-    """SGLang's own RadixCache (simulated allocator) on the same requests."""
-    import torch
-    from sglang.srt.mem_cache import radix_cache as sgl
+class _SimAllocator:
+    """What SGLang's caches call on their KV allocator; the bench tracks no memory."""
 
-    cache = sgl.RadixCache.create_simulated()
-    api = _SGLangApi(sgl)
-    result = RunResult(name="SGLang RadixCache (lru)")
-    timer = time.perf_counter
-    next_slot = 0
-    for request in trace:
-        full = request.prompt + request.output
-        values = torch.arange(next_slot, next_slot + len(full), dtype=torch.int64)
-        next_slot += len(full)
-        start = timer()
-        matched = api.match(cache, request.prompt)
-        api.insert(cache, full, values)
-        overflow = cache.total_size() - capacity
-        if overflow > 0:
-            before = cache.total_size()
-            api.evict(cache, overflow)
-            result.evicted_tokens += before - cache.total_size()
-        result.seconds += timer() - start
-        result.ops += 1
-        result.prompt_tokens += len(request.prompt)
-        result.matched_tokens += matched
+    page_size = 1
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+
+    def free(self, indices: object) -> None:
+        pass
+
+    def free_segment(self, indices: object, start_pos: int = 0) -> None:
+        pass
+
+
+class SGLangSide:
+    """SGLang's own cache: `RadixCache` (Python) or `UnifiedRadixCache` on its Rust tree
+    core (`unified=True`). Keys are `array("q")`, SGLang's token-id container, built inside
+    the timed region as our keys are. SGLang's match returns only the length (no values)."""
+
+    def __init__(self, *, capacity: int, unified: bool) -> None:
+        import torch
+        from sglang.srt.mem_cache import base_prefix_cache as base
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        self.torch, self.base, self.radix_key = torch, base, RadixKey
+        self.capacity = capacity
+        self.cache = self._unified_cache() if unified else self._python_cache()
+        self.next_slot = 0
+        label = "UnifiedRadixCache, Rust core" if unified else "RadixCache"
+        self.result = RunResult(name=f"SGLang {label} (lru)")
+
+    @staticmethod
+    def _python_cache():  # noqa: ANN205 - SGLang's object
+        from sglang.srt.mem_cache.radix_cache import RadixCache as SGLangRadixCache
+
+        return SGLangRadixCache.create_simulated(mock_allocator=_SimAllocator())
+
+    @staticmethod
+    def _unified_cache():  # noqa: ANN205 - SGLang's object
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+        return UnifiedRadixCache(CacheInitParams(
+            disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=_SimAllocator(),
+            page_size=1, tree_components=(ComponentType.FULL,), tree_core_backend="rust"))
+
+    def prepare(self, request: Request) -> object:
+        start = self.next_slot
+        self.next_slot += len(request.prompt) + len(request.output)
+        return self.torch.arange(start, self.next_slot, dtype=self.torch.int64)
+
+    def op(self, request: Request, prepared: object) -> tuple[int, int]:
+        cache, base, radix_key = self.cache, self.base, self.radix_key
+        prompt = array.array("q", request.prompt)
+        found = cache.match_prefix(base.MatchPrefixParams(key=radix_key(prompt)))
+        full = prompt + array.array("q", request.output)
+        cache.insert(base.InsertParams(key=radix_key(full), value=prepared))
+        overflow = self.size() - self.capacity
+        if overflow <= 0:
+            return found.device_prefix_len, 0
+        evicted = cache.evict(base.EvictParams(num_tokens=overflow)).num_tokens_evicted
+        return found.device_prefix_len, evicted
+
+    def size(self) -> int:
+        return self.cache.evictable_size() + self.cache.protected_size()
+
+
+def run_sides(trace: Iterable[Request], sides: list[Side],
+              on_step: Callable[[], None] | None = None) -> list[RunResult]:
+    """Feeds every request to every side in turn (rotating who goes first), so load
+    changes on a shared machine hit all sides alike. Times CPU time of `op` only."""
+    clock = time.thread_time
+    for index, request in enumerate(trace):
+        for turn in range(len(sides)):
+            side = sides[(index + turn) % len(sides)]
+            prepared = side.prepare(request)
+            start = clock()
+            matched, evicted = side.op(request, prepared)
+            elapsed = clock() - start
+            result = side.result
+            result.seconds += elapsed
+            result.ops += 1
+            result.prompt_tokens += len(request.prompt)
+            result.matched_tokens += matched
+            result.evicted_tokens += evicted
         if on_step is not None:
             on_step()
-    result.tree_tokens = cache.total_size()
-    return result
-
-
-class _SGLangApi:
-    """Bridges SGLang versions: newer ones take *Params objects and RadixKey keys."""
-
-    def __init__(self, sgl) -> None:  # noqa: ANN001 - a module
-        self.key = getattr(sgl, "RadixKey", None) or (lambda tokens: tokens)
-        self.params = None
-        try:
-            from sglang.srt.mem_cache import base_prefix_cache as base
-
-            self.params = (base.MatchPrefixParams, base.InsertParams, base.EvictParams)
-        except (ImportError, AttributeError):
-            pass
-
-    def match(self, cache, tokens: list[int]) -> int:  # noqa: ANN001
-        key = self.key(tokens)
-        found = (cache.match_prefix(self.params[0](key=key)) if self.params
-                 else cache.match_prefix(key=key))
-        return len(found.device_indices)
-
-    def insert(self, cache, tokens: list[int], values) -> None:  # noqa: ANN001
-        key = self.key(tokens)
-        if self.params:
-            cache.insert(self.params[1](key=key, value=values))
-        else:
-            cache.insert(key, values)
-
-    def evict(self, cache, num_tokens: int) -> None:  # noqa: ANN001
-        if self.params:
-            cache.evict(self.params[2](num_tokens=num_tokens))
-        else:
-            cache.evict(num_tokens)
+    for side in sides:
+        side.result.tree_tokens = side.size()
+    return [side.result for side in sides]
 
 
 # -------------------------------------------------------------------------- CLI
@@ -284,64 +317,66 @@ class _SGLangApi:
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = TraceConfig()
     parser.add_argument("--ops", type=int, default=defaults.ops,
-                        help="match+insert pairs to run (default %(default)s)")
+                        help="requests (match+insert pairs) per side (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--capacity", type=int, default=200_000,
                         help="cache capacity in tokens; evictions keep it below (default %(default)s)")
     parser.add_argument("--eviction", choices=["lru", "priority"], default="lru",
-                        help="eviction order; priority pins each program between its turns")
+                        help="our eviction order; priority pins each program between its turns")
     parser.add_argument("--compare-sglang", action="store_true",
-                        help="also run SGLang's RadixCache on the same trace, if importable")
+                        help="also run SGLang's caches on the same requests, if importable")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
 
 
 def main(args: argparse.Namespace) -> int:
     config = TraceConfig(ops=args.ops, seed=args.seed)
-    runs = ["tokenkey", "lists"]
-    sglang_note = None
-    if args.compare_sglang:
-        sglang_note = sglang_unavailable_reason()
-        if sglang_note is None:
-            runs.append("sglang")
-    results = [_timed_run(config, args.capacity, args.eviction, run) for run in runs]
+    sides: list[Side] = [
+        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=True),
+        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=False),
+    ]
+    sglang_note = sglang_unavailable_reason() if args.compare_sglang else None
+    if args.compare_sglang and sglang_note is None:
+        sides.append(SGLangSide(capacity=args.capacity, unified=False))
+        try:
+            sides.append(SGLangSide(capacity=args.capacity, unified=True))
+        except Exception as exc:  # a build without the Rust tree core
+            sglang_note = f"UnifiedRadixCache unavailable: {type(exc).__name__}: {exc}"
+    results = _run_with_progress(config, sides)
     _print_report(config, args.capacity, results, sglang_note)
     if args.json:
         payload = {"bench": "radix", "trace": asdict(config), "capacity": args.capacity,
-                   "eviction": args.eviction, "results": [r.to_json() for r in results],
-                   "sglang_note": sglang_note}
+                   "eviction": args.eviction, "timer": "thread CPU time",
+                   "results": [r.to_json() for r in results], "sglang_note": sglang_note}
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(payload, out, indent=2)
     return 0
 
 
-def _timed_run(config: TraceConfig, capacity: int, eviction: str, run: str) -> RunResult:
+def _run_with_progress(config: TraceConfig, sides: list[Side]) -> list[RunResult]:
     from rich.progress import Progress
 
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"radix ({run})", total=config.ops)
-
-        def step() -> None:
-            progress.advance(task)
-
-        trace = AgentTrace(config)  # regenerated per run: same seed, same requests
-        if run == "sglang":
-            return run_sglang(trace, capacity=capacity, on_step=step)
-        return run_progserve(trace, capacity=capacity, eviction=eviction,
-                             encode_once=run == "tokenkey", on_step=step)
+        task = progress.add_task("radix bench", total=config.ops)
+        return run_sides(AgentTrace(config), sides, on_step=lambda: progress.advance(task))
 
 
 def _print_report(config: TraceConfig, capacity: int, results: list[RunResult],
                   sglang_note: str | None) -> None:
-    print(f"radix bench: {config.ops} match+insert ops, seed {config.seed}, "
-          f"capacity {capacity} tokens")
+    print(f"radix bench: {config.ops} requests (match+insert ops) per cache, seed "
+          f"{config.seed}, capacity {capacity} tokens; CPU time of the cache calls")
     for r in results:
-        print(f"  {r.name:42s} {r.ops_per_s:9,.0f} ops/s ({r.to_json()['us_per_op']} us/op)"
-              f"  hit rate {r.hit_rate:.1%}  tree {r.tree_tokens} tokens / {r.nodes} nodes"
+        print(f"  {r.name:44s} {r.ops_per_s:9,.0f} ops/s ({r.to_json()['us_per_op']} us/op)"
+              f"  hit rate {r.hit_rate:.1%}  tree {r.tree_tokens} tokens"
               f"  evicted {r.evicted_tokens}")
-    sglang = next((r for r in results if r.name.startswith("SGLang")), None)
-    if sglang is not None and sglang.ops_per_s:
-        for r in results:
-            if r is not sglang:
-                print(f"  {r.name} vs SGLang: {r.ops_per_s / sglang.ops_per_s:.2f}x")
+    ours = [r for r in results if not r.name.startswith("SGLang")]
+    for theirs in (r for r in results if r.name.startswith("SGLang") and r.ops_per_s):
+        for r in ours:
+            print(f"  {r.name} / {theirs.name}: {r.ops_per_s / theirs.ops_per_s:.2f}x")
     if sglang_note:
-        print(f"  SGLang comparison skipped: {sglang_note}")
+        print(f"  SGLang comparison incomplete: {sglang_note}")
+
+
+if __name__ == "__main__":  # `python -m progserve.bench.radix`, e.g. inside an SGLang venv
+    _parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    configure(_parser)
+    sys.exit(main(_parser.parse_args()))

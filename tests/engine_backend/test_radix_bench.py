@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from progserve.bench.radix import AgentTrace, TraceConfig, run_progserve
+from progserve.bench.radix import AgentTrace, ProgserveSide, TraceConfig, run_sides
 
 
 def test_bench_radix_prints_ops_per_second(tmp_path: Path) -> None:
@@ -35,10 +35,13 @@ def test_trace_is_deterministic_per_seed() -> None:
     assert prompts(1) != prompts(2)
 
 
-def test_both_key_modes_see_the_same_hits() -> None:
+def test_all_sides_see_the_same_hits() -> None:
     config = TraceConfig(ops=200, seed=3)
-    runs = [run_progserve(AgentTrace(config), capacity=30_000, eviction=eviction,
-                          encode_once=encode_once)
-            for eviction in ("lru", "priority") for encode_once in (True, False)]
-    assert runs[0].matched_tokens == runs[1].matched_tokens > 0
-    assert runs[2].matched_tokens == runs[3].matched_tokens > 0
+    for eviction in ("lru", "priority"):
+        sides = [ProgserveSide(capacity=30_000, eviction=eviction, encode_once=encode_once)
+                 for encode_once in (True, False)]
+        tokenkey, lists = run_sides(AgentTrace(config), sides)
+        assert tokenkey.ops == lists.ops == 200
+        assert tokenkey.matched_tokens == lists.matched_tokens > 0
+        assert tokenkey.evicted_tokens == lists.evicted_tokens > 0
+        assert tokenkey.tree_tokens == lists.tree_tokens <= 30_000
