@@ -59,6 +59,7 @@ class RunResult:
     wall_s: float
     calls: int
     cpu_s: float = 0.0
+    stopped_early: bool = False  # `stop_when` ended the run (a sweep point already failed)
     engine: dict[str, float] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
 
@@ -281,12 +282,16 @@ def run_trace(
     scheduler_overrides: dict[str, Any] | None = None,
     sim_overrides: dict[str, Any] | None = None,
     on_program_done: Callable[[], None] | None = None,
+    stop_when: Callable[[ProgramResult], bool] | None = None,
 ) -> RunResult:
-    """Run every program of `trace` at `rate` programs/s (virtual time) under `policy`."""
+    """Run every program of `trace` at `rate` programs/s (virtual time) under `policy`.
+    `stop_when(result)` is asked after each program; True ends the run early."""
     wall, cpu = time.perf_counter(), time.process_time()
     config = setup.for_policy(policy, **(scheduler_overrides or {}))
     sim_config = setup.sim.model_copy(update=sim_overrides or {})
-    result = run_virtual(_run(trace, rate, setup, config, sim_config, on_program_done))
+    result = run_virtual(
+        _run(trace, rate, setup, config, sim_config, on_program_done, stop_when)
+    )
     result.wall_s = time.perf_counter() - wall
     result.cpu_s = time.process_time() - cpu
     return result
@@ -299,6 +304,7 @@ async def _run(
     config: SchedulerConfig,
     sim_config: SimConfig,
     on_program_done: Callable[[], None] | None,
+    stop_when: Callable[[ProgramResult], bool] | None,
 ) -> RunResult:
     tokenizer = SimTokenizer()
     responder = SyntheticResponder(ReplyBuilder(tokenizer, sim_config.seed))
@@ -318,6 +324,7 @@ async def _run(
     loop = asyncio.get_running_loop()
     start = loop.time()
     results: list[ProgramResult] = []
+    stop = asyncio.Event()
 
     async def run_program(program: ProgramTrace, arrival: float) -> None:
         pid = await scheduler.open_program(program.id)
@@ -325,21 +332,32 @@ async def _run(
             client, program, program.shape
         )
         await scheduler.end_program(pid)
-        results.append(
-            ProgramResult(program.index, program.kind, arrival, loop.time(), tokens, cp_tokens,
-                          calls, waits.pop(pid, 0.0))
-        )
+        result = ProgramResult(program.index, program.kind, arrival, loop.time(), tokens,
+                               cp_tokens, calls, waits.pop(pid, 0.0))
+        results.append(result)
         if on_program_done is not None:
             on_program_done()
+        if stop_when is not None and stop_when(result):
+            stop.set()
 
-    tasks = []
-    for program in trace.programs:
-        arrival = start + program.unit_arrival / rate
-        delay = arrival - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(loop.create_task(run_program(program, arrival)))
-    await asyncio.gather(*tasks)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def arrive() -> None:
+        for program in trace.programs:
+            arrival = start + program.unit_arrival / rate
+            delay = arrival - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(loop.create_task(run_program(program, arrival)))
+        await asyncio.gather(*tasks)
+
+    arrivals = loop.create_task(arrive())
+    stopper = loop.create_task(stop.wait())
+    await asyncio.wait((arrivals, stopper), return_when=asyncio.FIRST_COMPLETED)
+    stopped_early = not arrivals.done()
+    for task in (arrivals, stopper, *tasks):
+        task.cancel()
+    await asyncio.gather(arrivals, stopper, *tasks, return_exceptions=True)
     end = loop.time()
     engine_stats = [await engine.stats() for engine in engines]
     sched_stats = await scheduler.stats()
@@ -354,6 +372,7 @@ async def _run(
         virtual_s=end - start,
         wall_s=0.0,
         calls=sched_stats.calls_finished,
+        stopped_early=stopped_early,
         engine={
             "cache_hit_tokens": hit,
             "cache_query_tokens": query,

@@ -1,0 +1,533 @@
+"""Policy benchmark (default `progserve bench`): every policy on the same agent trace, sim engine, virtual time.
+
+For each policy it finds the highest Poisson arrival rate whose p95 program token latency
+meets the SLO (bisection over the rate), then runs every policy at one fixed load (fcfs's
+own `max_rate_at_slo`, the knee) and reports what users feel there, per program type.
+Every run drives the real `Scheduler` (dispatcher, policy, router, retention) against
+`SimEngine` replicas; all policies share the engine, cache, in-flight budget and router.
+See docs/architecture.md ("Scheduler") for how to read the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import math
+import multiprocessing
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine_backend.sim import SimConfig
+from scheduler.config import SchedulerConfig
+
+from .driver import BenchSetup, ProgramResult, run_trace
+from .metrics import summarize_run
+from .workloads import PROGRAM_TYPES, WORKLOADS, generate_trace
+
+ALL_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "dlpm")
+PROGRAM_AWARE = ("plas", "atlas")
+
+
+# ---------------------------------------------------------------------------- CLI
+def configure(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("policy benchmark (default when no bench kind is given)")
+    g.add_argument("--workload", choices=WORKLOADS, default="mixed")
+    g.add_argument("--programs", type=int, default=2000, help="programs per run (>= 2000 "
+                   "for steady state; fewer for a smoke run)")
+    g.add_argument("--replicas", type=int, default=4)
+    g.add_argument("--policies", default=",".join(ALL_POLICIES),
+                   help="comma-separated: " + ",".join(ALL_POLICIES))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", type=Path, default=None, help="write the results here")
+    g.add_argument("--plot", type=Path, default=None, help="latency vs rate plot (PNG)")
+    g.add_argument("--slo-factor", type=float, default=5.0,
+                   help="SLO = this times the unloaded p95 program token latency")
+    g.add_argument("--slo", type=float, default=None, help="explicit SLO (s/token)")
+    g.add_argument("--warmup", type=float, default=0.1, help="share of programs skipped first")
+    g.add_argument("--drain", type=float, default=0.1, help="share of programs skipped last")
+    g.add_argument("--workers", type=int, default=2, help="processes running simulations")
+    g.add_argument("--bisect-steps", type=int, default=4, help="bisection steps per policy")
+    g.add_argument("--unloaded-programs", type=int, default=300,
+                   help="programs run one at a time to measure unloaded latency")
+    g.add_argument("--rate", type=float, default=None,
+                   help="skip the sweep: run every policy at this rate (programs/s)")
+    g.add_argument("--max-inflight-requests", type=int, default=None,
+                   help="per-replica in-flight budget (requests); same for every policy")
+    g.add_argument("--max-inflight-tokens", type=int, default=None)
+    g.add_argument("--kv-capacity", type=int, default=None, help="KV tokens per replica")
+    g.add_argument("--balance", choices=("affinity", "least_loaded", "round_robin"),
+                   default=None)
+    g.add_argument("--retention", choices=("auto", "on", "off"), default="auto",
+                   help="KV-retention ablation (retention vs plain LRU under memory "
+                   "pressure); auto: on for bfcl")
+    g.add_argument("--retention-kv-capacity", type=int, default=None,
+                   help="KV tokens per replica for the retention ablation (memory pressure)")
+
+
+# Defaults every policy shares. The budget keeps the engines' own queues short (progserve's
+# order decides) while leaving them large batches.
+BENCH_SCHEDULER = dict(max_inflight_requests=64, max_inflight_tokens=160_000,
+                       keep_finished_programs=0)
+RETENTION_KV_CAPACITY = 60_000
+
+
+def build_setup(args: argparse.Namespace) -> BenchSetup:
+    sched: dict[str, Any] = dict(BENCH_SCHEDULER)
+    if args.max_inflight_requests:
+        sched["max_inflight_requests"] = args.max_inflight_requests
+    if args.max_inflight_tokens:
+        sched["max_inflight_tokens"] = args.max_inflight_tokens
+    if args.balance:
+        sched["balance"] = args.balance
+    sim: dict[str, Any] = {"stream_interval": 0, "seed": args.seed}
+    if args.kv_capacity:
+        sim["kv_capacity_tokens"] = args.kv_capacity
+    return BenchSetup(args.replicas, SimConfig(**sim), SchedulerConfig(**sched))
+
+
+# ------------------------------------------------------------------- worker side
+@dataclass(frozen=True)
+class RunSpec:
+    workload: str
+    programs: int
+    seed: int
+    policy: str
+    rate: float
+    setup: BenchSetup
+    warmup: float
+    drain: float
+    subset: int | None = None  # run only the first `subset` programs (unloaded runs)
+    slo: float | None = None  # stop early once the p95 cannot meet it
+    scheduler_overrides: tuple[tuple[str, Any], ...] = ()
+    sim_overrides: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+
+def execute(spec: RunSpec) -> dict[str, Any]:
+    """One simulation (in a worker process): its summary."""
+    trace = generate_trace(spec.workload, spec.programs, spec.seed)
+    total = spec.programs
+    if spec.subset is not None:
+        trace.programs = trace.programs[: spec.subset]
+        total = len(trace.programs)
+    stop_when = None
+    if spec.slo is not None:
+        lo, hi = int(total * spec.warmup), total - int(total * spec.drain)
+        allowed = math.floor(0.05 * (hi - lo))
+        slo = spec.slo
+        violations = [0]
+
+        def stop_when(result: ProgramResult) -> bool:
+            if lo <= result.index < hi and result.token_latency > slo:
+                violations[0] += 1
+            return violations[0] > allowed + 1
+
+    run = run_trace(
+        trace, spec.policy, spec.rate, spec.setup,
+        scheduler_overrides=dict(spec.scheduler_overrides),
+        sim_overrides=dict(spec.sim_overrides),
+        stop_when=stop_when,
+    )
+    warmup, drain = (spec.warmup, spec.drain) if spec.subset is None else (0.0, 0.0)
+    summary = summarize_run(run, total, warmup, drain)
+    summary["stopped_early"] = run.stopped_early
+    summary["policy"] = spec.policy
+    return summary
+
+
+# ------------------------------------------------------------------ the sweep
+@dataclass
+class Sweep:
+    """Bisection of one policy's rate against the SLO: bracket by x1.5 steps, then
+    `steps` bisections (geometric midpoints)."""
+
+    policy: str
+    slo: float
+    start: float
+    steps: int
+    ok: float | None = None
+    fail: float | None = None
+    points: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    bisections: int = 0
+    max_bracket_runs: int = 8
+
+    def next_rate(self) -> float | None:
+        if self.ok is None and self.fail is None:
+            return self.start
+        if self.fail is None:
+            return None if len(self.points) >= self.max_bracket_runs else self.ok * 1.5
+        if self.ok is None:
+            return None if len(self.points) >= self.max_bracket_runs else self.fail / 1.5
+        if self.bisections >= self.steps:
+            return None
+        return math.sqrt(self.ok * self.fail)
+
+    def record(self, rate: float, summary: dict[str, Any]) -> None:
+        meets = (not summary["stopped_early"]) and summary.get("p95_token_latency",
+                                                               math.inf) <= self.slo
+        summary["meets_slo"] = meets
+        self.points.append(summary)
+        if self.ok is not None and self.fail is not None:
+            self.bisections += 1
+        if meets:
+            if self.ok is None or rate > self.ok:
+                self.ok, self.best = rate, summary
+        elif self.fail is None or rate < self.fail:
+            self.fail = rate
+
+
+def headline(summary: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("mean_token_latency", "p50_token_latency", "p95_token_latency",
+            "p99_token_latency", "cache_hit_rate")
+    return {k: (summary or {}).get(k) for k in keys}
+
+
+def at_load_view(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("rate", "mean_token_latency", "p50_token_latency", "p95_token_latency",
+            "p99_token_latency", "p95_by_type", "mean_by_type", "cache_hit_rate",
+            "mean_queue_wait_s", "by_type", "engine", "scheduler", "completed_programs",
+            "virtual_s", "wall_s", "cpu_s", "calls")
+    return {k: summary.get(k) for k in keys}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        unknown = set(self.policies) - set(ALL_POLICIES)
+        if unknown:
+            raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
+        self.setup = build_setup(args)
+        self.trace = generate_trace(args.workload, args.programs, args.seed)
+
+    def spec(self, policy: str, rate: float, **kw: Any) -> RunSpec:
+        a = self.args
+        return RunSpec(a.workload, a.programs, a.seed, policy, rate, self.setup, a.warmup,
+                       a.drain, **kw)
+
+    def start_rate(self) -> float:
+        """A first guess of the knee from the trace's work: ~2,500 output tokens/s per
+        replica (8B on an H100 at moderate batch)."""
+        from .workloads import BfclShape, ChatShape, LatsShape, MapReduceShape
+
+        tokens = 0.0
+        for program in self.trace.programs:
+            shape = program.shape
+            if isinstance(shape, ChatShape):
+                tokens += sum(r for _, r in shape.turns)
+            elif isinstance(shape, BfclShape):
+                tokens += sum(o for o, _, _ in shape.steps)
+            elif isinstance(shape, LatsShape):
+                tokens += sum(sum(it.gen_tokens) + sum(it.value_tokens)
+                              for it in shape.iterations)
+            elif isinstance(shape, MapReduceShape):
+                tokens += sum(o for _, o in shape.chunks) + shape.reduce_tokens
+        per_program = tokens / max(len(self.trace.programs), 1)
+        return self.args.replicas * 2500.0 / max(per_program, 1.0)
+
+    def run(self) -> dict[str, Any]:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        a = self.args
+        console = Console(stderr=True)
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=max(1, a.workers), mp_context=ctx) as pool, \
+                Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                         TextColumn("{task.completed}/{task.total} runs"), TimeElapsedColumn(),
+                         console=console, transient=False) as progress:
+            bar = progress.add_task("unloaded", total=1)
+            # 1. Unloaded latency: programs one at a time (rate so low nothing overlaps).
+            unloaded_n = min(a.unloaded_programs, a.programs)
+            unloaded = pool.submit(execute, self.spec("fcfs", 1e-4, subset=unloaded_n)).result()
+            progress.advance(bar)
+            unloaded_p95 = unloaded["p95_token_latency"]
+            slo = a.slo if a.slo is not None else a.slo_factor * unloaded_p95
+            # 2. Sweeps (or a fixed rate), then 3. the fixed-load point.
+            if a.rate is not None:
+                results = self._fixed_rate(pool, progress, bar, a.rate)
+                sweeps: dict[str, Sweep] = {}
+                load_rate = a.rate
+            else:
+                sweeps, results, load_rate = self._sweeps(pool, progress, bar, slo)
+            retention = None
+            if a.retention == "on" or (a.retention == "auto" and a.workload == "bfcl"):
+                retention = self._retention(pool, progress, bar, load_rate, results)
+            progress.update(bar, description="done")
+        return self._report(unloaded, slo, sweeps, results, load_rate, retention)
+
+    def _fixed_rate(self, pool: futures.Executor, progress: Any, bar: Any,
+                    rate: float) -> dict[str, dict[str, Any]]:
+        progress.update(bar, total=1 + len(self.policies), description=f"rate {rate:.3g}/s")
+        jobs = {pool.submit(execute, self.spec(p, rate)): p for p in self.policies}
+        results = {}
+        for job in futures.as_completed(jobs):
+            results[jobs[job]] = job.result()
+            progress.advance(bar)
+        return results
+
+    def _sweeps(self, pool: futures.Executor, progress: Any, bar: Any,
+                slo: float) -> tuple[dict[str, Sweep], dict[str, dict[str, Any]], float]:
+        a = self.args
+        start = self.start_rate()
+        sweeps = {p: Sweep(p, slo, start, a.bisect_steps) for p in self.policies}
+        reference = "fcfs" if "fcfs" in sweeps else self.policies[0]
+        expected = 1 + len(self.policies) * (3 + a.bisect_steps) + len(self.policies) - 1
+        progress.update(bar, total=expected, description="rate sweeps")
+        running: dict[futures.Future[dict[str, Any]], tuple[str, str, float]] = {}
+
+        def submit_next(policy: str) -> None:
+            rate = sweeps[policy].next_rate()
+            if rate is not None:
+                job = pool.submit(execute, self.spec(policy, rate, slo=slo))
+                running[job] = ("sweep", policy, rate)
+
+        for policy in self.policies:
+            submit_next(policy)
+        at_load: dict[str, dict[str, Any]] = {}
+        load_rate: float | None = None
+        while running:
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for job in done:
+                kind, policy, rate = running.pop(job)
+                summary = job.result()
+                progress.advance(bar)
+                if kind == "load":
+                    at_load[policy] = summary
+                    continue
+                sweeps[policy].record(rate, summary)
+                progress.update(bar, description=f"{policy} @ {rate:.3g}/s")
+                submit_next(policy)
+                if policy == reference and not any(
+                    k[1] == reference and k[0] == "sweep" for k in running.values()
+                ):
+                    # The reference's sweep is over: its knee is the fixed-load point.
+                    load_rate = sweeps[reference].ok or sweeps[reference].fail or start
+                    if sweeps[reference].best is not None:
+                        at_load[reference] = sweeps[reference].best
+                    for other in self.policies:
+                        if other not in at_load:
+                            job2 = pool.submit(execute, self.spec(other, load_rate))
+                            running[job2] = ("load", other, load_rate)
+        progress.update(bar, total=progress.tasks[0].completed)
+        assert load_rate is not None
+        return sweeps, at_load, load_rate
+
+    def _retention(self, pool: futures.Executor, progress: Any, bar: Any, rate: float,
+                   results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The same policy and load, memory pressure; plain LRU without retention hints vs
+        the priority eviction order with program-aware retention."""
+        a = self.args
+        policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
+        capacity = a.retention_kv_capacity or RETENTION_KV_CAPACITY
+        variants = {
+            "lru": ((("retain_kv", False),), (("eviction", "lru"), ("kv_capacity_tokens", capacity))),
+            "retention": ((("retain_kv", True),),
+                          (("eviction", "priority"), ("kv_capacity_tokens", capacity))),
+        }
+        progress.update(bar, total=(progress.tasks[0].total or 0) + 2, description="retention")
+        jobs = {
+            pool.submit(execute, self.spec(policy, rate, scheduler_overrides=s, sim_overrides=m)): name
+            for name, (s, m) in variants.items()
+        }
+        out: dict[str, Any] = {"policy": policy, "rate": rate, "kv_capacity_tokens": capacity}
+        for job in futures.as_completed(jobs):
+            summary = job.result()
+            progress.advance(bar)
+            out[jobs[job]] = {
+                "cache_hit_rate": summary["cache_hit_rate"],
+                "mean_token_latency": summary["mean_token_latency"],
+                "p95_token_latency": summary["p95_token_latency"],
+                "preemptions": summary["engine"]["preemptions"],
+                "recomputed_tokens": summary["engine"]["recomputed_tokens"],
+            }
+        out["cache_hit_gain_points"] = 100 * (
+            out["retention"]["cache_hit_rate"] - out["lru"]["cache_hit_rate"]
+        )
+        return out
+
+    # ------------------------------------------------------------------ the report
+    def _report(self, unloaded: dict[str, Any], slo: float, sweeps: dict[str, Sweep],
+                at_load: dict[str, dict[str, Any]], load_rate: float,
+                retention: dict[str, Any] | None) -> dict[str, Any]:
+        a = self.args
+        setup = self.setup
+        policies: dict[str, Any] = {}
+        for policy in self.policies:
+            sweep = sweeps.get(policy)
+            best = sweep.best if sweep else at_load.get(policy)
+            entry: dict[str, Any] = {
+                "max_rate_at_slo": sweep.ok if sweep else None,
+                **headline(best),
+                "at_load": at_load_view(at_load[policy]) if policy in at_load else None,
+            }
+            if sweep:
+                entry["first_failing_rate"] = sweep.fail
+                entry["sweep"] = [
+                    {k: p.get(k) for k in ("rate", "meets_slo", "stopped_early",
+                                           "mean_token_latency", "p95_token_latency",
+                                           "cache_hit_rate", "completed_programs")}
+                    for p in sorted(sweep.points, key=lambda p: p["rate"])
+                ]
+            policies[policy] = entry
+        report: dict[str, Any] = {
+            "workload": a.workload,
+            "programs": a.programs,
+            "replicas": a.replicas,
+            "seed": a.seed,
+            "load_point": {"rate": load_rate,
+                           "source": "fcfs.max_rate_at_slo" if a.rate is None else "--rate"},
+            "slo": {"p95_token_latency": slo, "factor": a.slo_factor if a.slo is None else None,
+                    "unloaded": headline(unloaded),
+                    "unloaded_programs": unloaded.get("count")},
+            "units": "token latencies in seconds per generated token; rates in programs/s",
+            "steady_state": {"warmup": a.warmup, "drain": a.drain},
+            "setup": {
+                "same_for_every_policy": ["engine (SimEngine, same config)", "radix KV cache",
+                                          "in-flight budget", "router", "KV retention",
+                                          "trace and arrivals"],
+                "differences": ["the call-ordering policy (and the priority it passes to "
+                                "the engine: fcfs and dlpm pass 0, so the engine orders "
+                                "their calls FCFS)"],
+                "sim": setup.sim.model_dump(mode="json"),
+                "scheduler": setup.scheduler.model_dump(mode="json", exclude={"policy"}),
+            },
+            "policies": policies,
+        }
+        report["comparison"] = compare(report)
+        if retention is not None:
+            report["retention"] = retention
+        return report
+
+
+def compare(report: dict[str, Any]) -> dict[str, Any]:
+    """Ratios at the fixed-load point and of throughput, program-aware vs fcfs."""
+    pol = report["policies"]
+    fcfs = pol.get("fcfs")
+    if not fcfs or not fcfs.get("at_load"):
+        return {}
+    base = fcfs["at_load"]
+    out: dict[str, Any] = {}
+    best_name, best_mean = None, math.inf
+    for name in PROGRAM_AWARE:
+        entry = pol.get(name)
+        if not entry or not entry.get("at_load"):
+            continue
+        load = entry["at_load"]
+        worst = max(
+            (load["p95_by_type"][k] / base["p95_by_type"][k]
+             for k in load["p95_by_type"] if base["p95_by_type"].get(k)),
+            default=math.nan,
+        )
+        out[name] = {
+            "mean_ratio": load["mean_token_latency"] / base["mean_token_latency"],
+            "p95_ratio": load["p95_token_latency"] / base["p95_token_latency"],
+            "worst_type_p95_ratio": worst,
+            "throughput_ratio": (entry["max_rate_at_slo"] / fcfs["max_rate_at_slo"]
+                                 if entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo")
+                                 else None),
+        }
+        if load["mean_token_latency"] < best_mean:
+            best_name, best_mean = name, load["mean_token_latency"]
+    out["best_program_aware"] = best_name
+    for name in ("mlfq", "dlpm"):
+        entry = pol.get(name)
+        if entry and entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo"):
+            out.setdefault(name, {})["throughput_ratio"] = (
+                entry["max_rate_at_slo"] / fcfs["max_rate_at_slo"])
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_p95, ax_mean) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, entry in report["policies"].items():
+        points = [p for p in entry.get("sweep") or [] if p.get("p95_token_latency")]
+        load = entry.get("at_load")
+        if load:
+            points.append({"rate": load["rate"], "p95_token_latency": load["p95_token_latency"],
+                           "mean_token_latency": load["mean_token_latency"],
+                           "stopped_early": False})
+        points.sort(key=lambda p: p["rate"])
+        if not points:
+            continue
+        rates = [p["rate"] for p in points]
+        for ax, key in ((ax_p95, "p95_token_latency"), (ax_mean, "mean_token_latency")):
+            values = [p[key] * 1000 for p in points]
+            (line,) = ax.plot(rates, values, marker="o", label=name)
+            partial = [(r, v) for r, v, p in zip(rates, values, points, strict=True)
+                       if p.get("stopped_early")]
+            if partial:
+                ax.scatter(*zip(*partial, strict=True), marker="x", color=line.get_color())
+    slo = report["slo"]["p95_token_latency"] * 1000
+    ax_p95.axhline(slo, color="grey", linestyle="--", label="SLO")
+    ax_p95.axvline(report["load_point"]["rate"], color="grey", linestyle=":")
+    ax_mean.axvline(report["load_point"]["rate"], color="grey", linestyle=":",
+                    label="fixed load")
+    for ax, title in ((ax_p95, "p95 program token latency"), (ax_mean, "mean")):
+        ax.set_xlabel("program arrival rate (programs/s)")
+        ax.set_ylabel("ms per token")
+        ax.set_yscale("log")
+        ax.set_title(f"{title} — {report['workload']}, {report['replicas']} replicas")
+        ax.legend()
+    fig.text(0.01, 0.01, "x: run stopped once its p95 could no longer meet the SLO "
+             "(partial statistics)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['workload']}: {report['programs']} programs, "
+                        f"{report['replicas']} replicas, load {report['load_point']['rate']:.3g}/s")
+    table.add_column("policy")
+    table.add_column("max rate @SLO")
+    for col in ("mean", "p50", "p95"):
+        table.add_column(f"{col} @load (ms/tok)")
+    table.add_column("cache hit")
+    types = [t for t in PROGRAM_TYPES if any(
+        (e.get("at_load") or {}).get("p95_by_type", {}).get(t) is not None
+        for e in report["policies"].values())]
+    for t in types:
+        table.add_column(f"p95 {t}")
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v * 1000:.1f}"
+
+    for name, entry in report["policies"].items():
+        load = entry.get("at_load") or {}
+        rate = entry.get("max_rate_at_slo")
+        table.add_row(name, "-" if rate is None else f"{rate:.3g}",
+                      ms(load.get("mean_token_latency")), ms(load.get("p50_token_latency")),
+                      ms(load.get("p95_token_latency")),
+                      "-" if load.get("cache_hit_rate") is None else f"{load['cache_hit_rate']:.1%}",
+                      *[ms((load.get("p95_by_type") or {}).get(t)) for t in types])
+    Console().print(table)
+
+
+def main(args: argparse.Namespace) -> int:
+    bench = Bench(args)
+    report = bench.run()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(report, args.plot)
+    print_table(report)
+    if not args.json:
+        json.dump(report["comparison"], sys.stdout, indent=2)
+        print()
+    return 0
+

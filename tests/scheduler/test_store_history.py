@@ -1,0 +1,86 @@
+"""The program-history store: in memory and in a real redis-server (fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sched_fake_engine import FakeEngine
+
+from engine_backend.types import GenerateRequest, SamplingParams
+from scheduler.config import SchedulerConfig
+from scheduler.service import Scheduler
+from scheduler.store import CallRecord, InMemoryStateStore, RedisStateStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request):
+    if request.param == "memory":
+        return lambda: InMemoryStateStore()
+    server = request.getfixturevalue("redis_server")
+    return lambda: RedisStateStore(server.url, prefix="test:prog")
+
+
+async def test_record_call_accumulates_and_load_returns_totals(make_store):
+    store = make_store()
+    assert await store.load("t", "p") is None
+    await store.record_call("t", "p", CallRecord(1.5, 2.0, 1.5, 0.25, replica=0))
+    totals = await store.record_call("t", "p", CallRecord(0.5, 1.0, 0.5, 0.75, replica=2))
+    assert totals.service == pytest.approx(2.0)
+    assert totals.engine_time_s == pytest.approx(3.0)
+    assert totals.wait_s == pytest.approx(1.0)
+    assert totals.calls_finished == 2
+    assert totals.engines_used == {0, 2}
+    loaded = await store.load("t", "p")
+    assert loaded is not None and loaded.service == pytest.approx(2.0)
+    # tenants are separate namespaces
+    assert await store.load("other", "p") is None
+    await store.end_program("t", "p", "finished")
+    await store.close()
+
+
+async def test_redis_history_expires_after_the_program_ends(redis_server):
+    store = RedisStateStore(redis_server.url, prefix="ttl", ended_ttl_s=1)
+    await store.record_call("t", "p", CallRecord(1.0, 1.0, 1.0, 0.0, replica=0))
+    await store.end_program("t", "p", "finished")
+    import redis.asyncio as redis
+
+    client = redis.from_url(redis_server.url, decode_responses=True)
+    assert await client.hget("ttl:t:p", "status") == "finished"
+    assert 0 < await client.ttl("ttl:t:p") <= 1
+    await client.aclose()
+    await store.close()
+
+
+async def test_two_schedulers_share_program_history_through_redis(redis_server):
+    """Two progserve processes in front of the same engines: the second sees the service
+    the first gave a program, so PLAS ranks that program's next call by all of it."""
+    url = redis_server.url
+    config = SchedulerConfig(policy="plas")
+    first = Scheduler([FakeEngine(token_s=0.001)], config, store=RedisStateStore(url))
+    second = Scheduler([FakeEngine(token_s=0.001)], config, store=RedisStateStore(url))
+    await first.start()
+    await second.start()
+    try:
+        pid = await first.open_program("shared", tenant="acme")
+        request = GenerateRequest(rid="r1", text="hi", sampling=SamplingParams(max_new_tokens=50))
+        async for _ in first.llm_call(pid, request, tenant="acme"):
+            pass
+        served = first.program_state(pid, tenant="acme").history.service
+        assert served > 0.5
+        await second.open_program("shared", tenant="acme")
+        history = second.program_state("shared", tenant="acme").history
+        assert history.service == pytest.approx(served)
+        assert history.calls_finished == 1
+        # its next call on the second process ranks at that service (PLAS)
+        request2 = GenerateRequest(rid="r2", text="hi", sampling=SamplingParams(max_new_tokens=1))
+        async for _ in second.llm_call("shared", request2, tenant="acme"):
+            pass
+        call = second.program_state("shared", tenant="acme").calls[0]
+        assert call.priority == pytest.approx(served)
+        after = second.program_state("shared", tenant="acme").history
+        assert after.calls_finished == 2 and after.service > served
+    finally:
+        await first.close()
+        await second.close()
+    await asyncio.sleep(0)
