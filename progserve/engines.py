@@ -39,9 +39,8 @@ def _sim_engines(settings: Settings) -> list[Engine]:
 
 
 def _torch_engines(settings: Settings) -> list[Engine]:
-    if not settings.model:
-        raise EngineConfigError("--engine torch needs --model DIR (a Hugging Face model directory)")
-    if not Path(settings.model).is_dir():
+    """Torch replicas of `--model DIR`, or of the embedded SmolLM2 (converted on first use)."""
+    if settings.model and not Path(settings.model).is_dir():
         raise EngineConfigError(f"--model {settings.model}: not a directory")
     try:
         module = importlib.import_module("engine_backend.torch")
@@ -50,7 +49,10 @@ def _torch_engines(settings: Settings) -> list[Engine]:
             f"--engine torch needs the torch extra ({exc}); install it with "
             "`pip install 'progserve[torch]'`"
         ) from exc
-    return [module.TorchEngine(settings.model) for _ in range(settings.replicas)]
+    return [
+        module.TorchEngine.from_pretrained(settings.model, settings.torch)
+        for _ in range(settings.replicas)
+    ]
 
 
 def _require_urls(settings: Settings) -> list[str]:
