@@ -16,11 +16,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import orjson
 
 from .base import Engine
-from .errors import EngineUnavailableError, UnknownRequestError, UnsupportedError
-from .http_client import error_for_status, iter_sse_json, make_client, unavailable
+from .errors import EngineError, EngineUnavailableError, UnknownRequestError, UnsupportedError
+from .http_client import HTTPPool, HTTPResponse, error_for_status
 from .types import (
     Capabilities,
     Chunk,
@@ -71,62 +71,62 @@ class OpenAIHTTPEngine(Engine):
         logprobs: bool | None = None,
         connect_timeout: float = 5.0,
         max_context_len: int = 8192,
-        transport: httpx.AsyncBaseTransport | None = None,
     ):
         """`base_url` is the server root (`http://host:port`) or its `/v1` root.
         `logprobs=None` probes the server at start."""
         root = base_url.rstrip("/")
         self.base_url = root.removesuffix("/v1")
         self._model = model
-        self._api_key = api_key
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._logprobs = logprobs
         self._connect_timeout = connect_timeout
-        self._transport = transport  # tests: recorded upstream answers
         self._max_context_len = max_context_len
-        self._client: httpx.AsyncClient | None = None
-        self._active: dict[str, httpx.Response | None] = {}
+        self._pool: HTTPPool | None = None
+        self._active: dict[str, HTTPResponse | None] = {}
+        self._upstream = f"openai {self.base_url}"
         self._aborted: set[str] = set()
         self._cache_hit_tokens = 0
         self._cache_query_tokens = 0
 
     async def start(self) -> None:
-        if self._client is not None:
+        if self._pool is not None:
             return
-        self._client = make_client(self.base_url, api_key=self._api_key,
-                                   connect_timeout=self._connect_timeout,
-                                   transport=self._transport)
+        self._pool = HTTPPool(self.base_url, headers=self._headers,
+                              connect_timeout=self._connect_timeout)
         try:
             if self._model is None:
-                resp = await self._client.get("/v1/models", timeout=self._connect_timeout)
-                resp.raise_for_status()
-                models = resp.json().get("data") or []
+                status, body = await self._pool.request("GET", "/v1/models",
+                                                        timeout=self._connect_timeout)
+                if status != 200:
+                    raise error_for_status(status, body, self._upstream)
+                models = orjson.loads(body).get("data") or []
                 self._model = models[0]["id"] if models else None
             if self._logprobs is None:
                 self._logprobs = await self._probe_logprobs()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (EngineError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("openai replica %s: startup probe failed (%s)", self.base_url, exc)
             self._logprobs = bool(self._logprobs)
 
     async def _probe_logprobs(self) -> bool:
         body = {"model": self._model, "prompt": "Hello world", "max_tokens": 1,
                 "temperature": 0, "logprobs": 1, "echo": True}
-        resp = await self._require_client().post("/v1/completions", json=body,
-                                                 timeout=30.0)
-        if resp.status_code != 200:
+        status, answer = await self._require_pool().request("POST", "/v1/completions",
+                                                            json=body, timeout=30.0)
+        if status != 200:
             return False
-        choice = (resp.json().get("choices") or [{}])[0]
+        choice = (orjson.loads(answer).get("choices") or [{}])[0]
         values = (choice.get("logprobs") or {}).get("token_logprobs") or []
         return len(values) >= 2  # prompt tokens came back too
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _require_pool(self) -> HTTPPool:
+        if self._pool is None:
             raise EngineUnavailableError(f"openai replica {self.base_url} is not started")
-        return self._client
+        return self._pool
 
     def request_json(self, request: GenerateRequest, *, stream: bool) -> dict[str, Any]:
         s = request.sampling
@@ -162,36 +162,37 @@ class OpenAIHTTPEngine(Engine):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self._check(request)
-        client = self._require_client()
+        pool = self._require_pool()
         rid = request.rid
         self._active[rid] = None
         try:
             if request.return_logprob and request.logprob_start_len >= 0:
-                yield await self._generate_with_prompt_logprobs(client, request)
+                yield await self._generate_with_prompt_logprobs(pool, request)
                 return
-            async for chunk in self._stream(client, request):
+            async for chunk in self._stream(pool, request):
                 yield chunk
         finally:
             self._active.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def _stream(self, client: httpx.AsyncClient,
+    async def _stream(self, pool: HTTPPool,
                       request: GenerateRequest) -> AsyncIterator[Chunk]:
         rid = request.rid
-        upstream = f"openai {self.base_url}"
+        upstream = self._upstream
         reason: str | None = None
         stop_reason: Any = None
         completion_tokens = 0
+        usage: dict[str, Any] | None = None
         try:
-            async with client.stream("POST", "/v1/completions",
-                                     json=self.request_json(request, stream=True)) as resp:
-                if resp.status_code != 200:
-                    raise error_for_status(resp.status_code, await resp.aread(), upstream)
+            async with pool.stream("POST", "/v1/completions",
+                                   json=self.request_json(request, stream=True)) as resp:
+                if resp.status != 200:
+                    raise error_for_status(resp.status, await resp.aread(), upstream)
                 self._active[rid] = resp
-                async for event in iter_sse_json(resp):
+                async for event in resp.aiter_sse():  # to the end: keeps the connection
                     if "error" in event:
                         raise error_for_status(400, str(event["error"]), upstream)
-                    usage = event.get("usage")
+                    usage = event.get("usage") or usage
                     for choice in event.get("choices") or ():
                         text = choice.get("text") or ""
                         logprobs = _logprob_entries(choice.get("logprobs"))
@@ -202,22 +203,19 @@ class OpenAIHTTPEngine(Engine):
                             yield Chunk(rid=rid, text=text,
                                         output_logprobs=logprobs if request.return_logprob
                                         else None)
-                    if usage:
-                        yield self._final(rid, reason, stop_reason, usage, completion_tokens)
-                        return
-        except httpx.HTTPError as exc:
-            if rid in self._aborted:
+        except EngineUnavailableError:
+            if rid in self._aborted:  # abort() closed the connection under us
                 yield Chunk(rid=rid, finish_reason=FinishReason(FinishType.ABORT,
                                                                 message="aborted"))
                 return
-            raise unavailable(exc, upstream) from exc
+            raise
         if rid in self._aborted:
             yield Chunk(rid=rid, finish_reason=FinishReason(FinishType.ABORT, message="aborted"))
             return
         if reason is None:
             raise EngineUnavailableError(f"{upstream}: stream ended without a finish reason")
-        # The server sent no usage block: count what streamed.
-        yield self._final(rid, reason, stop_reason, {}, completion_tokens)
+        # Without a usage block (a server that ignores stream_options), count what streamed.
+        yield self._final(rid, reason, stop_reason, usage or {}, completion_tokens)
 
     def _final(self, rid: str, reason: str | None, stop_reason: Any, usage: dict[str, Any],
                streamed_tokens: int) -> Chunk:
@@ -229,17 +227,13 @@ class OpenAIHTTPEngine(Engine):
         return Chunk(rid=rid, finish_reason=_finish(reason, completion, stop_reason),
                      prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
 
-    async def _generate_with_prompt_logprobs(self, client: httpx.AsyncClient,
+    async def _generate_with_prompt_logprobs(self, pool: HTTPPool,
                                              request: GenerateRequest) -> Chunk:
-        upstream = f"openai {self.base_url}"
-        try:
-            resp = await client.post("/v1/completions",
-                                     json=self.request_json(request, stream=False))
-        except httpx.HTTPError as exc:
-            raise unavailable(exc, upstream) from exc
-        if resp.status_code != 200:
-            raise error_for_status(resp.status_code, resp.content, upstream)
-        data = resp.json()
+        status, body = await pool.request("POST", "/v1/completions",
+                                          json=self.request_json(request, stream=False))
+        if status != 200:
+            raise error_for_status(status, body, self._upstream)
+        data = orjson.loads(body)
         choice = (data.get("choices") or [{}])[0]
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -262,16 +256,17 @@ class OpenAIHTTPEngine(Engine):
         self._aborted.add(rid)
         resp = self._active.get(rid)
         if resp is not None:
-            await resp.aclose()
+            resp.close()  # the protocol has no abort call: servers stop on disconnect
 
     async def health(self) -> bool:
-        if self._client is None:
+        if self._pool is None:
             return False
         try:
-            resp = await self._client.get("/v1/models", timeout=self._connect_timeout)
-        except httpx.HTTPError:
+            status, _ = await self._pool.request("GET", "/v1/models",
+                                                 timeout=self._connect_timeout)
+        except EngineError:
             return False
-        return resp.status_code == 200
+        return status == 200
 
     async def stats(self) -> EngineStats:
         return EngineStats(

@@ -23,11 +23,16 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import orjson
 
 from .base import Engine
-from .errors import EngineUnavailableError, InvalidRequestError, UnknownRequestError
-from .http_client import error_for_status, iter_sse_json, make_client, unavailable
+from .errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    UnknownRequestError,
+)
+from .http_client import HTTPPool, error_for_status
 from .types import (
     Capabilities,
     Chunk,
@@ -133,55 +138,57 @@ class SGLangHTTPEngine(Engine):
         low_priority_values_first: bool = False,
         model_path: str | None = None,
         connect_timeout: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._send_priority = send_priority
         self._priority_scale = priority_scale
         self._low_first = low_priority_values_first
         self._connect_timeout = connect_timeout
-        self._transport = transport  # tests: recorded upstream answers
-        self._client: httpx.AsyncClient | None = None
+        self._pool: HTTPPool | None = None
         self._model_info = ModelInfo(model_path=model_path or self.base_url)
         self._kv_capacity = 0
         self._active: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._cache_hit_tokens = 0
         self._cache_query_tokens = 0
+        self._upstream = f"sglang {self.base_url}"
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        if self._client is not None:
+        if self._pool is not None:
             return
-        self._client = make_client(self.base_url, api_key=self._api_key,
-                                   connect_timeout=self._connect_timeout,
-                                   transport=self._transport)
+        self._pool = HTTPPool(self.base_url, headers=self._headers,
+                              connect_timeout=self._connect_timeout)
         try:
             await self._load_model_info()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (EngineError, ValueError, TypeError, AttributeError) as exc:
             log.warning("sglang replica %s: no model info yet (%s)", self.base_url, exc)
 
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+    async def _get_json(self, path: str) -> Any:
+        status, body = await self._require_pool().request(
+            "GET", path, timeout=self._connect_timeout)
+        if status != 200:
+            raise error_for_status(status, body, self._upstream)
+        return orjson.loads(body)
 
     async def _load_model_info(self) -> None:
-        client = self._require_client()
-        resp = await client.get("/get_model_info", timeout=self._connect_timeout)
-        resp.raise_for_status()
-        info = resp.json()
+        info = await self._get_json("/get_model_info")
         max_len = self._model_info.max_context_len
         try:
-            server = (await client.get("/get_server_info", timeout=self._connect_timeout)).json()
+            server = await self._get_json("/get_server_info")
             max_len = int(server.get("context_length") or server.get("max_context_len")
                           or max_len)
             self._kv_capacity = int(server.get("max_total_num_tokens") or 0)
-        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+        except (EngineError, ValueError, TypeError, AttributeError):
             pass  # optional: older servers or proxies without it
         self._model_info = ModelInfo(
             model_path=str(info.get("model_path") or self._model_info.model_path),
@@ -191,10 +198,10 @@ class SGLangHTTPEngine(Engine):
             chat_template=info.get("chat_template"),
         )
 
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _require_pool(self) -> HTTPPool:
+        if self._pool is None:
             raise EngineUnavailableError(f"sglang replica {self.base_url} is not started")
-        return self._client
+        return self._pool
 
     # ---------------------------------------------------------------- generate
 
@@ -225,30 +232,28 @@ class SGLangHTTPEngine(Engine):
         return body
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        client = self._require_client()
+        pool = self._require_pool()
         rid = request.rid
         self._active.add(rid)
         opened = finished = False
+        final: Chunk | None = None
         try:
-            try:
-                async with client.stream("POST", "/generate",
-                                         json=self.request_json(request)) as resp:
-                    if resp.status_code != 200:
-                        raise error_for_status(resp.status_code, await resp.aread(),
-                                               f"sglang {self.base_url}")
-                    opened = True
-                    progress = _Progress()
-                    async for event in iter_sse_json(resp):
-                        chunk = self._chunk_from_event(rid, event, progress)
-                        finished = chunk.finished
+            async with pool.stream("POST", "/generate", json=self.request_json(request)) as resp:
+                if resp.status != 200:
+                    raise error_for_status(resp.status, await resp.aread(), self._upstream)
+                opened = True
+                progress = _Progress()
+                async for event in resp.aiter_sse():
+                    chunk = self._chunk_from_event(rid, event, progress)
+                    if chunk.finished:
+                        final = chunk  # yielded once the body is read to its end
+                    elif final is None:
                         yield chunk
-                        if finished:
-                            break
-            except httpx.HTTPError as exc:
-                raise unavailable(exc, f"sglang {self.base_url}") from exc
-            if not finished:
+            if final is None:
                 raise EngineUnavailableError(
-                    f"sglang {self.base_url}: stream for {rid} ended without a finish reason")
+                    f"{self._upstream}: stream for {rid} ended without a finish reason")
+            finished = True
+            yield final
         finally:
             self._active.discard(rid)
             if opened and not finished:
@@ -258,7 +263,7 @@ class SGLangHTTPEngine(Engine):
         if "error" in event:
             err = event["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise InvalidRequestError(f"sglang {self.base_url}: {message}")
+            raise InvalidRequestError(f"{self._upstream}: {message}")
         meta = event.get("meta_info") or {}
         completion_tokens = int(meta.get("completion_tokens") or 0)
         ids = event.get("output_ids") or []
@@ -284,8 +289,9 @@ class SGLangHTTPEngine(Engine):
     # ---------------------------------------------------------------- control
 
     def _abort_in_background(self, rid: str) -> None:
-        """The consumer went away mid-stream: make sure the server frees the request."""
-        if self._client is None:
+        """The consumer went away mid-stream. Closing the connection already makes SGLang
+        abort; the explicit abort makes sure, without delaying the consumer."""
+        if self._pool is None:
             return
         task = asyncio.get_running_loop().create_task(self._post_abort(rid))
         self._background.add(task)
@@ -293,42 +299,38 @@ class SGLangHTTPEngine(Engine):
 
     async def _post_abort(self, rid: str) -> None:
         try:
-            client = self._require_client()
-            await client.post("/abort_request", json={"rid": rid}, timeout=self._connect_timeout)
-        except (httpx.HTTPError, EngineUnavailableError) as exc:
+            await self._require_pool().request("POST", "/abort_request", json={"rid": rid},
+                                               timeout=self._connect_timeout)
+        except EngineError as exc:
             log.debug("abort of %s on %s failed: %s", rid, self.base_url, exc)
 
     async def abort(self, rid: str) -> None:
         if rid not in self._active:
             raise UnknownRequestError(f"no running request {rid!r} on {self.base_url}")
-        client = self._require_client()
-        try:
-            resp = await client.post("/abort_request", json={"rid": rid},
-                                     timeout=self._connect_timeout)
-        except httpx.HTTPError as exc:
-            raise unavailable(exc, f"sglang {self.base_url}") from exc
-        if resp.status_code >= 400:
-            raise error_for_status(resp.status_code, resp.content, f"sglang {self.base_url}")
+        status, body = await self._require_pool().request(
+            "POST", "/abort_request", json={"rid": rid}, timeout=self._connect_timeout)
+        if status >= 400:
+            raise error_for_status(status, body, self._upstream)
 
     async def flush_cache(self) -> bool:
-        client = self._require_client()
         try:
-            resp = await client.post("/flush_cache", timeout=self._connect_timeout)
-        except httpx.HTTPError:
+            status, _ = await self._require_pool().request(
+                "POST", "/flush_cache", timeout=self._connect_timeout)
+        except EngineError:
             return False
-        return resp.status_code == 200
+        return status == 200
 
     async def health(self) -> bool:
-        if self._client is None:
+        if self._pool is None:
             return False
         for path in ("/health", "/get_model_info"):
             try:
-                resp = await self._client.get(path, timeout=self._connect_timeout)
-            except httpx.HTTPError:
+                status, _ = await self._pool.request("GET", path, timeout=self._connect_timeout)
+            except EngineError:
                 return False
-            if resp.status_code == 200:
+            if status == 200:
                 return True
-            if resp.status_code != 404:
+            if status != 404:
                 return False
         return False
 

@@ -239,3 +239,51 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     yield serve
     for proc in reversed(procs):
         proc.stop()
+
+
+class RecordedUpstream:
+    """A loopback HTTP server that answers with recorded responses (files under
+    tests/fixtures) and keeps every request it got: for checking a client against a wire
+    format without the real server. Bodies go out in small chunked pieces, so clients
+    also meet events split across reads."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], tuple[int, bytes, str]] = {}
+        self.sent: list[tuple[str, str, object]] = []
+
+    def answer(self, method: str, path: str, body: bytes | Path, *, status: int = 200,
+               content_type: str = "application/json") -> None:
+        data = body.read_bytes() if isinstance(body, Path) else body
+        self.answers[(method, path)] = (status, data, content_type)
+
+    def app(self) -> object:
+        import json
+
+        from starlette.applications import Starlette
+        from starlette.responses import Response, StreamingResponse
+        from starlette.routing import Route
+
+        async def handle(request):  # type: ignore[no-untyped-def]
+            raw = await request.body()
+            self.sent.append((request.method, request.url.path,
+                              json.loads(raw) if raw else None))
+            status, data, content_type = self.answers.get(
+                (request.method, request.url.path), (404, b'{"detail": "no recording"}',
+                                                     "application/json"))
+            if content_type == "text/event-stream":
+                async def pieces():  # type: ignore[no-untyped-def]
+                    for i in range(0, len(data), 7):
+                        yield data[i:i + 7]
+                return StreamingResponse(pieces(), status_code=status, media_type=content_type)
+            return Response(data, status_code=status, media_type=content_type)
+
+        return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
+
+
+@pytest.fixture(scope="module")
+def recorded_upstream(serve_in_thread) -> Callable[[], tuple[RecordedUpstream, UvicornThread]]:
+    def start() -> tuple[RecordedUpstream, UvicornThread]:
+        recorded = RecordedUpstream()
+        return recorded, serve_in_thread(recorded.app())
+
+    return start

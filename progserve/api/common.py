@@ -35,7 +35,8 @@ def runtime_of(request: Request) -> Runtime:
 
 
 def tenant_of(request: Request) -> str:
-    """FastAPI dependency: the caller's tenant (401 when keys are on and missing/wrong)."""
+    """The caller's tenant (401 when keys are on and the key is missing or wrong). Called
+    in the handler, not as a FastAPI dependency: a sync dependency runs in a thread."""
     return request.app.state.runtime.auth.tenant_for(request.headers)
 
 
@@ -159,8 +160,8 @@ async def close_quietly(stream: AsyncIterator[Any]) -> None:
     """Close a scheduler stream even from inside a cancelled scope: closing it is what
     aborts the engine request and frees its KV, so it must not be cancelled itself."""
     aclose = getattr(stream, "aclose", None)
-    if aclose is None:
-        return
+    if aclose is None or getattr(stream, "ag_frame", True) is None:
+        return  # not closable, or already finished (the common case: nothing to do)
     with anyio.CancelScope(shield=True):
         try:
             await aclose()

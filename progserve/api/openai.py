@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine_backend.types import (
@@ -126,7 +126,8 @@ def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def list_models(request: Request) -> Response:
+    tenant_of(request)  # authenticates
     runtime = runtime_of(request)
     info = runtime.model_info
     return json_response({
@@ -154,7 +155,8 @@ def _chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
-async def chat_completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def chat_completions(request: Request) -> Response:
+    tenant = tenant_of(request)
     runtime = runtime_of(request)
     body = await read_model(request, ChatCompletionRequest)
     limits = runtime.settings.limits
@@ -284,7 +286,8 @@ def _completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[s
 
 
 @router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
-async def completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def completions(request: Request) -> Response:
+    tenant = tenant_of(request)
     runtime = runtime_of(request)
     body = await read_model(request, CompletionRequest)
     limits = runtime.settings.limits

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,7 +79,8 @@ def _check_limits(request: Request, calls: list[CallSpec], inputs: dict[str, str
 
 
 @router.post("", status_code=201, openapi_extra=request_body(ProgramSpec))
-async def submit_program(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def submit_program(request: Request) -> Response:
+    tenant = tenant_of(request)
     spec = await read_model(request, ProgramSpec)
     _check_tools(request, spec.calls)
     _check_limits(request, spec.calls, spec.inputs)
@@ -90,22 +91,23 @@ async def submit_program(request: Request, tenant: str = Depends(tenant_of)) -> 
 
 
 @router.get("")
-async def list_programs(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def list_programs(request: Request) -> Response:
+    tenant = tenant_of(request)
     programs = runtime_of(request).scheduler.list_programs(tenant=tenant)
     return json_response({"object": "list",
                           "data": [p.model_dump(mode="json") for p in programs]})
 
 
 @router.get("/{program_id}")
-async def program_state(program_id: str, request: Request,
-                        tenant: str = Depends(tenant_of)) -> Response:
+async def program_state(program_id: str, request: Request) -> Response:
+    tenant = tenant_of(request)
     state = runtime_of(request).scheduler.program_state(program_id, tenant=tenant)
     return json_response(state.model_dump(mode="json"))
 
 
 @router.post("/{program_id}/calls", openapi_extra=request_body(AddCallsRequest))
-async def add_calls(program_id: str, request: Request,
-                    tenant: str = Depends(tenant_of)) -> Response:
+async def add_calls(program_id: str, request: Request) -> Response:
+    tenant = tenant_of(request)
     body = await read_model(request, AddCallsRequest)
     _check_tools(request, body.calls)
     _check_limits(request, body.calls, {})
@@ -120,8 +122,8 @@ async def get_variable(
     request: Request,
     stream: bool = Query(False, description="SSE of the value's deltas"),
     timeout: float | None = Query(None, gt=0, le=3600, description="seconds to wait"),
-    tenant: str = Depends(tenant_of),
 ) -> Response:
+    tenant = tenant_of(request)
     scheduler = runtime_of(request).scheduler
     # Check now, so an unknown program or variable is a plain 404 even for a stream.
     if name not in scheduler.program_state(program_id, tenant=tenant).variables:
@@ -151,14 +153,14 @@ async def _variable_events(deltas: AsyncIterator[str]) -> AsyncIterator[bytes]:
 
 
 @router.post("/{program_id}/end")
-async def end_program(program_id: str, request: Request,
-                      tenant: str = Depends(tenant_of)) -> Response:
+async def end_program(program_id: str, request: Request) -> Response:
+    tenant = tenant_of(request)
     await runtime_of(request).scheduler.end_program(program_id, tenant=tenant)
     return json_response({"program_id": program_id, "status": "ended"})
 
 
 @router.delete("/{program_id}")
-async def cancel_program(program_id: str, request: Request,
-                         tenant: str = Depends(tenant_of)) -> Response:
+async def cancel_program(program_id: str, request: Request) -> Response:
+    tenant = tenant_of(request)
     await runtime_of(request).scheduler.cancel_program(program_id, tenant=tenant)
     return json_response({"program_id": program_id, "status": "cancelled"})

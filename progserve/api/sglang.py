@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 import progserve
@@ -53,7 +53,8 @@ router = APIRouter(tags=["sglang"])
 
 @router.get("/get_model_info")
 @router.get("/model_info")
-async def model_info(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def model_info(request: Request) -> Response:
+    tenant_of(request)  # authenticates
     runtime = runtime_of(request)
     info = runtime.model_info
     return json_response({
@@ -70,7 +71,8 @@ async def model_info(request: Request, tenant: str = Depends(tenant_of)) -> Resp
 
 @router.get("/get_server_info")
 @router.get("/server_info")
-async def server_info(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def server_info(request: Request) -> Response:
+    tenant_of(request)  # authenticates
     runtime = runtime_of(request)
     settings = runtime.settings
     stats = await runtime.scheduler.stats()
@@ -100,7 +102,8 @@ async def server_info(request: Request, tenant: str = Depends(tenant_of)) -> Res
 
 @router.get("/flush_cache")
 @router.post("/flush_cache")
-async def flush_cache(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def flush_cache(request: Request) -> Response:
+    tenant_of(request)  # authenticates
     if await runtime_of(request).flush_cache():
         return PlainTextResponse("Cache flushed.\n")
     raise BadRequestError("cache not flushed: an engine refused (requests still running, or "
@@ -108,7 +111,8 @@ async def flush_cache(request: Request, tenant: str = Depends(tenant_of)) -> Res
 
 
 @router.post("/abort_request", openapi_extra=request_body(AbortRequestInput))
-async def abort_request(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def abort_request(request: Request) -> Response:
+    tenant = tenant_of(request)
     body = await read_model(request, AbortRequestInput)
     registry = runtime_of(request).requests
     if body.abort_all:
@@ -156,7 +160,8 @@ def _engine_request(item: GenerateItem) -> GenerateRequest:
 
 @router.post("/generate", openapi_extra=request_body(GenerateInput))
 @router.put("/generate", openapi_extra=request_body(GenerateInput))
-async def generate(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+async def generate(request: Request) -> Response:
+    tenant = tenant_of(request)
     runtime = runtime_of(request)
     body = await read_model(request, GenerateInput)
     items = body.items()

@@ -3,7 +3,6 @@ engine) and against recorded vLLM-style answers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -101,49 +100,49 @@ async def test_abort_mid_stream(engine, upstream):
 # ------------------------------------------------------------------ recorded answers
 
 
-def recorded(file: str, status: int = 200):
-    sent: list[dict] = []
-
-    def handler(req: httpx.Request) -> httpx.Response:
-        if req.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]})
-        sent.append(json.loads(req.content))
-        return httpx.Response(status, content=(FIXTURES / file).read_bytes())
-
-    engine = OpenAIHTTPEngine("http://vllm.test/v1", logprobs=False,
-                              transport=httpx.MockTransport(handler))
-    return engine, sent
+@pytest.fixture(scope="module")
+def recorded(recorded_upstream):
+    upstream, server = recorded_upstream()
+    upstream.answer("GET", "/v1/models", b'{"data": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]}')
+    return upstream, server
 
 
-async def test_recorded_vllm_stream_with_usage():
-    engine, sent = recorded("completions_stream.sse")
+async def recorded_engine(recorded, file: str, status: int = 200) -> OpenAIHTTPEngine:
+    upstream, server = recorded
+    upstream.answer("POST", "/v1/completions", FIXTURES / file, status=status,
+                    content_type="text/event-stream" if file.endswith(".sse")
+                    else "application/json")
+    engine = OpenAIHTTPEngine(server.url + "/v1", logprobs=False)
     await engine.start()
+    return engine
+
+
+async def test_recorded_vllm_stream_with_usage(recorded):
+    engine = await recorded_engine(recorded, "completions_stream.sse")
     chunks = await collect(engine, request("rec", sampling=SamplingParams(
         max_new_tokens=20, temperature=0.2, stop=["\n"], seed=3)))
     assert [c.text for c in chunks if c.text] == [" Paris", " is", " the capital."]
     final = chunks[-1]
     assert final.finish_reason.type is FinishType.STOP
     assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (6, 5, 4)
-    assert sent[-1] == {"model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "The capital of France is",
-                        "max_tokens": 20, "temperature": 0.2, "top_p": 1.0, "stream": True,
-                        "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
+    sent = [body for _, path, body in recorded[0].sent if path == "/v1/completions"][-1]
+    assert sent == {"model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "The capital of France is",
+                    "max_tokens": 20, "temperature": 0.2, "top_p": 1.0, "stream": True,
+                    "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
     assert (await engine.stats()).cache_hit_tokens == 4
 
 
-async def test_recorded_stream_without_usage_counts_tokens():
-    engine, _ = recorded("completions_stream_no_usage.sse")
-    await engine.start()
+async def test_recorded_stream_without_usage_counts_tokens(recorded):
+    engine = await recorded_engine(recorded, "completions_stream_no_usage.sse")
     chunks = await collect(engine, request("rec"))
     assert chunks[-1].finish_reason.type is FinishType.LENGTH
     assert chunks[-1].completion_tokens == 2
 
 
-async def test_recorded_errors_are_typed():
-    engine, _ = recorded("error_400.json", status=400)
-    await engine.start()
+async def test_recorded_errors_are_typed(recorded):
+    engine = await recorded_engine(recorded, "error_400.json", status=400)
     with pytest.raises(InvalidRequestError, match="maximum context length"):
         await collect(engine, request("bad"))
-    engine, _ = recorded("error_400.json", status=429)
-    await engine.start()
+    engine = await recorded_engine(recorded, "error_400.json", status=429)
     with pytest.raises(EngineOverloadedError):
         await collect(engine, request("busy"))

@@ -4,13 +4,13 @@ serving the sim engine), and against recorded answers in SGLang's documented for
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import httpx
 import pytest
 
 from engine_backend.errors import (
+    EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
     UnknownRequestError,
@@ -138,37 +138,32 @@ async def test_unreachable_replica():
 # ------------------------------------------------------------------ recorded answers
 
 
-class Recorded:
-    """An httpx transport that answers with recorded SGLang responses and keeps what was
-    sent, so the engine is checked against SGLang's documented wire format."""
-
-    def __init__(self, stream_file: str, status: int = 200):
-        self.stream = (FIXTURES / stream_file).read_bytes()
-        self.status = status
-        self.sent: list[tuple[str, dict]] = []
-
-    def __call__(self, req: httpx.Request) -> httpx.Response:
-        body = json.loads(req.content) if req.content else {}
-        self.sent.append((req.url.path, body))
-        if req.url.path in ("/get_model_info", "/get_server_info"):
-            return httpx.Response(200, content=(FIXTURES / f"{req.url.path[1:]}.json")
-                                  .read_bytes())
-        if req.url.path == "/generate":
-            return httpx.Response(self.status, content=self.stream,
-                                  headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json={})
+@pytest.fixture(scope="module")
+def recorded(recorded_upstream):
+    """A loopback server answering with SGLang's recorded responses."""
+    upstream, server = recorded_upstream()
+    for name in ("get_model_info", "get_server_info"):
+        upstream.answer("GET", f"/{name}", FIXTURES / f"{name}.json")
+    upstream.answer("POST", "/abort_request", b"")
+    return upstream, server
 
 
-async def recorded_engine(stream_file: str, **kw) -> tuple[SGLangHTTPEngine, Recorded]:
-    recorded = Recorded(stream_file, kw.pop("status", 200))
-    engine = SGLangHTTPEngine("http://sglang.test", transport=httpx.MockTransport(recorded),
-                              **kw)
+async def recorded_engine(recorded, stream_file: str, status: int = 200, **kw):
+    upstream, server = recorded
+    upstream.answer("POST", "/generate", FIXTURES / stream_file, status=status,
+                    content_type="text/event-stream")
+    engine = SGLangHTTPEngine(server.url, **kw)
     await engine.start()
-    return engine, recorded
+    return engine
 
 
-async def test_recorded_stream_and_request_format():
-    engine, recorded = await recorded_engine("generate_stream.sse")
+def last_generate(recorded) -> dict:
+    return next(body for method, path, body in reversed(recorded[0].sent)
+                if path == "/generate")
+
+
+async def test_recorded_stream_and_request_format(recorded):
+    engine = await recorded_engine(recorded, "generate_stream.sse")
     req = request("rec-1", priority=0.25,
                   sampling=SamplingParams(max_new_tokens=16, temperature=0.5, stop=["\n"],
                                           seed=7))
@@ -181,8 +176,7 @@ async def test_recorded_stream_and_request_format():
     assert engine.model_info().model_path == "meta-llama/Llama-3.1-8B-Instruct"
     assert engine.model_info().max_context_len == 131072
     assert (await engine.stats()).kv_capacity_tokens == 455000
-    path, body = recorded.sent[-1]
-    assert path == "/generate"
+    body = last_generate(recorded)
     assert body["rid"] == "rec-1" and body["stream"] is True
     assert body["text"] == "The capital of France is"
     # Lower is more urgent in progserve; SGLang serves larger values first by default.
@@ -193,47 +187,55 @@ async def test_recorded_stream_and_request_format():
     await engine.close()
 
 
-async def test_priority_conventions():
-    default, _ = await recorded_engine("generate_stream.sse")
-    low_first, _ = await recorded_engine("generate_stream.sse", low_priority_values_first=True)
+async def test_priority_conventions(recorded):
+    default = await recorded_engine(recorded, "generate_stream.sse")
+    low_first = await recorded_engine(recorded, "generate_stream.sse",
+                                      low_priority_values_first=True)
     assert default.sglang_priority(0.0) > default.sglang_priority(2.0)  # urgent ranks higher
     assert low_first.sglang_priority(0.0) < low_first.sglang_priority(2.0)
     assert default.sglang_priority(1e12) == -(2**31 - 1)  # clamped to int32
-    no_priority, recorded = await recorded_engine("generate_stream.sse", send_priority=False)
+    no_priority = await recorded_engine(recorded, "generate_stream.sse", send_priority=False)
     await collect(no_priority, request("p"))
-    assert "priority" not in recorded.sent[-1][1]
+    assert "priority" not in last_generate(recorded)
     assert not no_priority.capabilities().priority
     for engine in (default, low_first, no_priority):
         await engine.close()
 
 
-async def test_recorded_incremental_ids_logprobs_and_abort():
-    engine, _ = await recorded_engine("generate_stream_incremental_ids.sse")
+async def test_recorded_incremental_ids_logprobs_and_abort(recorded):
+    engine = await recorded_engine(recorded, "generate_stream_incremental_ids.sse")
     chunks = await collect(engine, request("rec-2"))
     assert [t for c in chunks for t in c.token_ids] == [12366, 374, 279, 6864, 13]
     assert chunks[-1].finish_reason.type is FinishType.LENGTH
 
-    engine, recorded = await recorded_engine("generate_stream_logprobs.sse")
+    engine = await recorded_engine(recorded, "generate_stream_logprobs.sse")
     chunks = await collect(engine, request("rec-3", return_logprob=True, logprob_start_len=0))
-    assert recorded.sent[-1][1]["return_text_in_logprobs"] is True
+    assert last_generate(recorded)["return_text_in_logprobs"] is True
     assert [c.output_logprobs for c in chunks] == [[(-0.05, 12366, " Paris")],
                                                   [(-0.4, 374, " is")]]
     assert chunks[-1].input_logprobs[0] == (None, 128000, "<|begin_of_text|>")
 
-    engine, _ = await recorded_engine("generate_stream_abort.sse")
+    engine = await recorded_engine(recorded, "generate_stream_abort.sse")
     chunks = await collect(engine, request("rec-6"))
     assert chunks[-1].finish_reason.type is FinishType.ABORT
     assert chunks[-1].finish_reason.message == "Abort before prefill"
 
 
-async def test_recorded_failures():
-    engine, _ = await recorded_engine("generate_stream_error.sse")
+async def test_recorded_failures(recorded):
+    engine = await recorded_engine(recorded, "generate_stream_error.sse")
     with pytest.raises(InvalidRequestError, match="context length"):
         await collect(engine, request("err"))
-    engine, _ = await recorded_engine("generate_stream_truncated.sse")
+    engine = await recorded_engine(recorded, "generate_stream_truncated.sse")
     with pytest.raises(EngineUnavailableError, match="without a finish reason"):
         await collect(engine, request("cut"))
-    engine, _ = await recorded_engine("generate_stream.sse", status=503)
-    with pytest.raises(Exception, match="sglang") as err:
+    engine = await recorded_engine(recorded, "generate_stream.sse", status=503)
+    with pytest.raises(EngineOverloadedError, match="sglang"):
         await collect(engine, request("busy"))
-    assert err.value.status_code == 503
+
+
+async def test_connections_are_kept_alive(engine, upstream):
+    """A finished stream returns its connection to the pool: one connection serves many
+    calls (a new TCP connection per call would cost more than the proxy itself)."""
+    for i in range(5):
+        await collect(engine, request(f"ka-{i}", sampling=SamplingParams(max_new_tokens=2)))
+    assert len(engine._pool._idle) == 1
