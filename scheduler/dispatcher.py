@@ -92,6 +92,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dispatched = 0
         self.preemptions = 0
+        self._abort: Callable[[CallNode], None] | None = None
+        self._preempt_timer: asyncio.TimerHandle | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -176,6 +178,8 @@ class Dispatcher:
                 replica.parked.push(call, call.key)
                 continue
             self._place(call, replica, now)
+        if self._abort is not None:
+            self._schedule_preemption_check()
 
     def _place(self, call: CallNode, replica: Replica, now: float) -> None:
         call.program.queued.discard(call)
@@ -192,6 +196,49 @@ class Dispatcher:
         waiter = call.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(replica.index)
+
+    # --------------------------------------------------------------------- preemption
+    def enable_preemption(self, abort: Callable[[CallNode], None]) -> None:
+        """Abort-and-resume for replicas whose engine ignores priorities: while calls wait,
+        a running call that has run past its queue's quantum into a lower queue than the
+        best waiting call is aborted (`abort`) and queued again; it resumes later with its
+        prompt plus its output so far, which the prefix cache mostly serves."""
+        self._abort = abort
+
+    def _schedule_preemption_check(self) -> None:
+        if self._abort is None or self._preempt_timer is not None or not self.policy.uses_levels:
+            return
+        if not len(self.policy) or all(r.capabilities.priority for r in self.replicas):
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        self._preempt_timer = loop.call_later(
+            self.config.mlfq_quantum / 2, self._preemption_check
+        )
+
+    def _preemption_check(self) -> None:
+        self._preempt_timer = None
+        policy = self.policy
+        top = policy.heap.peek()
+        if top is not None and self._abort is not None:
+            loop = self._loop or asyncio.get_running_loop()
+            now = loop.time()
+            victim: CallNode | None = None
+            worst = top.level
+            for replica in self.replicas:
+                if replica.capabilities.priority or replica.has_room(top):
+                    continue  # the engine orders by itself, or the top call will fit anyway
+                for call in replica.running:
+                    if call.preempt_requested:
+                        continue
+                    level = policy.level_after_running(call, now - call.dispatched_at)
+                    if level > worst:
+                        victim, worst = call, level
+            if victim is not None:
+                victim.preempt_requested = True
+                victim.level = worst
+                self.preemptions += 1
+                self._abort(victim)
+        self._schedule_preemption_check()
 
     # ---------------------------------------------------------------------- inspection
     def queued(self) -> int:

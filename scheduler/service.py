@@ -103,6 +103,8 @@ class Scheduler:
             config, self.replicas, self.policy, self.router, self._on_dispatch, self._on_queued
         )
         self.retention = RetentionManager(config, self.replicas)
+        if config.preempt_without_priority:
+            self.dispatcher.enable_preemption(self._abort_running)
         self.health = ReplicaHealth(
             config, self.replicas, on_down=self.dispatcher.evacuate,
             on_rejoin=lambda _replica: self.dispatcher.kick(), fail_queued=self._fail_queued,
@@ -679,6 +681,8 @@ class Scheduler:
                                     call.prompt_tokens = chunk.prompt_tokens
                                 call.completion_tokens += chunk.completion_tokens
                                 call.cached_tokens += chunk.cached_tokens
+                                # Its service so far ranks it when it queues again (demotion).
+                                call.service += self._token_cost[1] * chunk.completion_tokens
                                 break
                             self._account_final(call, chunk)
                             self.dispatcher.release(call)
@@ -1023,6 +1027,14 @@ class Scheduler:
                     waiter.set_exception(error)  # its executor raises and ends the call
                     failed += 1
         return failed
+
+    def _abort_running(self, call: CallNode) -> None:
+        """Abort the engine request of a running call (its executor sees the abort)."""
+        request = call.request
+        if request is None or call.replica < 0:
+            return
+        rid = request.rid if not call.preemptions else f"{request.rid}~{call.preemptions}"
+        self._spawn(self._abort(self.replicas[call.replica], rid))
 
     @staticmethod
     async def _abort(replica: Replica, rid: str) -> None:
