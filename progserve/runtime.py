@@ -94,7 +94,13 @@ def build_store(settings: Settings) -> StateStore:
 
 def build_tools(settings: Settings) -> ToolExecutor:
     """The server-side tools: the builtin ones (an allowlist; a request never names code)."""
-    return ToolExecutor(register_builtin_tools(ToolRegistry()), getattr(settings, "tools", None))
+    config = settings.tools
+    registry = register_builtin_tools(
+        ToolRegistry(config),
+        docs_root=config.docs_root,
+        code_runner=config.enable_code_runner,
+    )
+    return ToolExecutor(registry, config)
 
 
 class Runtime:

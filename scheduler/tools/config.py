@@ -3,6 +3,8 @@ defaults given here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 
@@ -34,3 +36,6 @@ class ToolsConfig(BaseModel):
     max_plan_tasks: int = Field(64, ge=1, description="tasks one plan may hold")
     max_parallel_tool_calls: int = Field(32, ge=1, description="OpenAI tool_calls run at once")
     code_runner: CodeRunnerConfig = Field(default_factory=CodeRunnerConfig)
+    # Server-side builtin tools beyond `calculator` (always on).
+    docs_root: Path | None = Field(None, description="enables `search_docs` over this directory")
+    enable_code_runner: bool = Field(False, description="registers the sandboxed `python` tool")
