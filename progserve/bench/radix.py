@@ -4,9 +4,7 @@ One op is what an engine does per request: `match_prefix(prompt)` at admission, 
 `insert(prompt + output, slots)` at finish, then evict down to the capacity. The trace is
 deterministic for a seed: a few shared system prompts (1-2k tokens), programs whose
 contexts grow turn by turn (output, then a tool result or user message appended), forks
-of a context into branches, and some fresh unrelated requests. Every prompt is built
-from fresh int objects, as a tokenizer would hand them over, so list comparisons cannot
-short-cut on object identity. Only the cache calls are timed.
+of a context into branches, and some fresh unrelated requests.
 
 Every cache gets every request in turn (interleaved, so a busy machine slows all alike),
 and only the CPU time of the cache calls is counted. With `--compare-sglang`, SGLang's own
@@ -28,7 +26,7 @@ from typing import Protocol
 
 from engine_backend.radix_cache import RadixCache, TokenKey
 
-VOCAB = 128_000
+TOKEN_TYPE = "H"  # 16-bit token ids, generated in bulk from random bytes
 
 
 @dataclass(slots=True)
@@ -59,12 +57,15 @@ class Request:
 @dataclass(slots=True)
 class _Program:
     pid: str
-    context: list[int]
+    context: array.array  # token ids so far
     turns_left: int
 
 
 class AgentTrace:
-    """Deterministic request stream of interleaved agent programs."""
+    """Deterministic request stream of interleaved agent programs.
+
+    Every request's token lists are fresh int objects (`array.tolist()`), as a tokenizer
+    would hand them over, so list comparisons cannot short-cut on object identity."""
 
     def __init__(self, config: TraceConfig) -> None:
         self.config = config
@@ -82,28 +83,29 @@ class AgentTrace:
             else:
                 yield self._program_turn()
 
-    def _tokens(self, bounds: tuple[int, int]) -> list[int]:
-        n = self.rng.randint(*bounds)
-        return [self.rng.randrange(VOCAB) for _ in range(n)]
+    def _tokens(self, bounds: tuple[int, int]) -> array.array:
+        tokens = array.array(TOKEN_TYPE)
+        tokens.frombytes(self.rng.randbytes(self.rng.randint(*bounds) * tokens.itemsize))
+        return tokens
 
-    def _new_program(self, context: list[int] | None = None) -> _Program:
+    def _new_program(self, context: array.array | None = None) -> _Program:
         self._next_pid += 1
         if context is None:
-            context = self.rng.choice(self.system_prompts) + self._tokens(self.config.user_tokens)
+            system_prompt = self.rng.choice(self.system_prompts)
+            context = system_prompt + self._tokens(self.config.user_tokens)
         return _Program(f"p{self._next_pid}", context, self.rng.randint(*self.config.turns))
 
     def _fresh_request(self) -> Request:
-        prompt = self._tokens(self.config.fresh_tokens)
-        return Request("fresh", prompt, self._tokens(self.config.output_tokens))
+        prompt = self._tokens(self.config.fresh_tokens).tolist()
+        return Request("fresh", prompt, self._tokens(self.config.output_tokens).tolist())
 
     def _program_turn(self) -> Request:
         index = self.rng.randrange(len(self.programs))
         program = self.programs[index]
-        request = Request(program.pid, _fresh_ints(program.context),
-                          self._tokens(self.config.output_tokens))
-        program.context = program.context + request.output + self._tokens(
-            self.config.tool_result_tokens
-        )
+        output = self._tokens(self.config.output_tokens)
+        request = Request(program.pid, program.context.tolist(), output.tolist())
+        tool_result = self._tokens(self.config.tool_result_tokens)
+        program.context = program.context + output + tool_result
         program.turns_left -= 1
         if program.turns_left <= 0 or len(program.context) > self.config.max_context_tokens:
             self.programs[index] = self._new_program()
@@ -114,13 +116,9 @@ class AgentTrace:
     def _fork(self, program: _Program) -> None:
         # Branches share the context so far and diverge from their next tokens on.
         for _ in range(self.rng.randint(*self.config.fork_branches) - 1):
-            branch = self._new_program(program.context + self._tokens(self.config.user_tokens))
+            user = self._tokens(self.config.user_tokens)
+            branch = self._new_program(program.context + user)
             self.programs[self.rng.randrange(len(self.programs))] = branch
-
-
-def _fresh_ints(tokens: list[int]) -> list[int]:
-    """Same values, new int objects (like a tokenizer's output)."""
-    return array.array("q", tokens).tolist()
 
 
 # ----------------------------------------------------------------------- sides
@@ -169,33 +167,47 @@ class ProgserveSide:
     """progserve's RadixCache. `encode_once`: the engine's way, one `TokenKey` per request
     (encoded at admission, extended by the output at finish); else plain token lists."""
 
-    def __init__(self, *, capacity: int, eviction: str, encode_once: bool) -> None:
+    def __init__(self, *, capacity: int, eviction: str, encode_once: bool,
+                 encode_untimed: bool = False, values: bool = True) -> None:
         self.capacity = capacity
         self.encode_once = encode_once
+        self.encode_untimed = encode_untimed and encode_once
+        self.values = values
         self.pin_waiting = eviction == "priority"
         self.freed: list[int] = []
-        self.cache = RadixCache(eviction=eviction, store_values=True, on_evict=self.freed.extend)
+        self.cache = RadixCache(eviction=eviction, store_values=values,
+                                on_evict=self.freed.extend)
         self.next_slot = 0
         keys = "TokenKey" if encode_once else "lists"
-        self.result = RunResult(name=f"progserve RadixCache ({eviction}, {keys})")
+        kind = "" if values else ", no values"
+        self.result = RunResult(name=f"progserve RadixCache ({eviction}, {keys}{kind})")
 
-    def prepare(self, request: Request) -> list[int]:
+    def prepare(self, request: Request) -> tuple[list[int] | None, TokenKey | None,
+                                                   TokenKey | None]:
         start = self.next_slot
         self.next_slot += len(request.prompt) + len(request.output)
         self.freed.clear()
-        return list(range(start, self.next_slot))
+        values = list(range(start, self.next_slot)) if self.values else None
+        if not self.encode_untimed:
+            return values, None, None
+        prompt = TokenKey(request.prompt)
+        return values, prompt, prompt.extended(request.output)
 
     def op(self, request: Request, prepared: object) -> tuple[int, int]:
         cache, owner = self.cache, request.program
+        values, prompt, full = prepared  # type: ignore[misc]
         if self.pin_waiting:
             cache.unpin(owner)  # the program is back from its tool
-        if self.encode_once:
+        if prompt is not None:
+            matched = cache.match_prefix(prompt).length
+            cache.insert(full, values, owner=owner)
+        elif self.encode_once:
             key = TokenKey(request.prompt)
             matched = cache.match_prefix(key).length
-            cache.insert(key.extended(request.output), prepared, owner=owner)  # type: ignore[arg-type]
+            cache.insert(key.extended(request.output), values, owner=owner)
         else:
             matched = cache.match_prefix(request.prompt).length
-            cache.insert(request.prompt + request.output, prepared, owner=owner)  # type: ignore[arg-type]
+            cache.insert(request.prompt + request.output, values, owner=owner)
         if self.pin_waiting:
             cache.pin(owner)  # ... and waits on the next one
         overflow = cache.total_size() - self.capacity
@@ -237,13 +249,14 @@ class SGLangSide:
     core (`unified=True`). Keys are `array("q")`, SGLang's token-id container, built inside
     the timed region as our keys are. SGLang's match returns only the length (no values)."""
 
-    def __init__(self, *, capacity: int, unified: bool) -> None:
+    def __init__(self, *, capacity: int, unified: bool, encode_untimed: bool = False) -> None:
         import torch
         from sglang.srt.mem_cache import base_prefix_cache as base
         from sglang.srt.mem_cache.radix_cache import RadixKey
 
         self.torch, self.base, self.radix_key = torch, base, RadixKey
         self.capacity = capacity
+        self.encode_untimed = encode_untimed
         self.cache = self._unified_cache() if unified else self._python_cache()
         self.next_slot = 0
         label = "UnifiedRadixCache, Rust core" if unified else "RadixCache"
@@ -265,17 +278,24 @@ class SGLangSide:
             disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=_SimAllocator(),
             page_size=1, tree_components=(ComponentType.FULL,), tree_core_backend="rust"))
 
-    def prepare(self, request: Request) -> object:
+    def prepare(self, request: Request) -> tuple[object, array.array | None, array.array | None]:
         start = self.next_slot
         self.next_slot += len(request.prompt) + len(request.output)
-        return self.torch.arange(start, self.next_slot, dtype=self.torch.int64)
+        values = self.torch.arange(start, self.next_slot, dtype=self.torch.int64)
+        if not self.encode_untimed:
+            return values, None, None
+        prompt = array.array("q", request.prompt)
+        return values, prompt, prompt + array.array("q", request.output)
 
     def op(self, request: Request, prepared: object) -> tuple[int, int]:
         cache, base, radix_key = self.cache, self.base, self.radix_key
-        prompt = array.array("q", request.prompt)
+        values, prompt, full = prepared  # type: ignore[misc]
+        if prompt is None:
+            prompt = array.array("q", request.prompt)
         found = cache.match_prefix(base.MatchPrefixParams(key=radix_key(prompt)))
-        full = prompt + array.array("q", request.output)
-        cache.insert(base.InsertParams(key=radix_key(full), value=prepared))
+        if full is None:
+            full = prompt + array.array("q", request.output)
+        cache.insert(base.InsertParams(key=radix_key(full), value=values))
         overflow = self.size() - self.capacity
         if overflow <= 0:
             return found.device_prefix_len, 0
@@ -325,27 +345,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="our eviction order; priority pins each program between its turns")
     parser.add_argument("--compare-sglang", action="store_true",
                         help="also run SGLang's caches on the same requests, if importable")
+    parser.add_argument("--no-values", action="store_true",
+                        help="our caches store no per-token values (the sim engine's mode; "
+                             "SGLang's match returns no values either)")
+    parser.add_argument("--encode-untimed", action="store_true",
+                        help="build encoded keys (TokenKey, SGLang's array) outside the timed "
+                             "region: times the tree alone")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
 
 
 def main(args: argparse.Namespace) -> int:
     config = TraceConfig(ops=args.ops, seed=args.seed)
+    untimed, values = args.encode_untimed, not args.no_values
     sides: list[Side] = [
-        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=True),
-        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=False),
+        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=True,
+                      encode_untimed=untimed, values=values),
+        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=False,
+                      values=values),
     ]
     sglang_note = sglang_unavailable_reason() if args.compare_sglang else None
     if args.compare_sglang and sglang_note is None:
-        sides.append(SGLangSide(capacity=args.capacity, unified=False))
+        sides.append(SGLangSide(capacity=args.capacity, unified=False, encode_untimed=untimed))
         try:
-            sides.append(SGLangSide(capacity=args.capacity, unified=True))
+            sides.append(SGLangSide(capacity=args.capacity, unified=True,
+                                    encode_untimed=untimed))
         except Exception as exc:  # a build without the Rust tree core
             sglang_note = f"UnifiedRadixCache unavailable: {type(exc).__name__}: {exc}"
     results = _run_with_progress(config, sides)
-    _print_report(config, args.capacity, results, sglang_note)
+    _print_report(config, args.capacity, results, sglang_note, untimed)
     if args.json:
         payload = {"bench": "radix", "trace": asdict(config), "capacity": args.capacity,
                    "eviction": args.eviction, "timer": "thread CPU time",
+                   "encode_untimed": untimed, "values": values,
                    "results": [r.to_json() for r in results], "sglang_note": sglang_note}
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(payload, out, indent=2)
@@ -361,9 +392,10 @@ def _run_with_progress(config: TraceConfig, sides: list[Side]) -> list[RunResult
 
 
 def _print_report(config: TraceConfig, capacity: int, results: list[RunResult],
-                  sglang_note: str | None) -> None:
+                  sglang_note: str | None, encode_untimed: bool) -> None:
+    keys = " (keys encoded outside the timed region)" if encode_untimed else ""
     print(f"radix bench: {config.ops} requests (match+insert ops) per cache, seed "
-          f"{config.seed}, capacity {capacity} tokens; CPU time of the cache calls")
+          f"{config.seed}, capacity {capacity} tokens; CPU time of the cache calls{keys}")
     for r in results:
         print(f"  {r.name:44s} {r.ops_per_s:9,.0f} ops/s ({r.to_json()['us_per_op']} us/op)"
               f"  hit rate {r.hit_rate:.1%}  tree {r.tree_tokens} tokens"
