@@ -172,7 +172,7 @@ class TorchBatcher:
             del self.decoding[r]
             self._cache_prefix(r, len(r.slots))
             self._release(r)
-        else:  # prefill-only requests finish right after their prefill
+        else:  # not decoding: it has no sequence worth keeping
             self.abort(r)
         r.state = DONE
 

@@ -5,6 +5,7 @@ never change what greedy decoding produces, and the engine must behave like an e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -373,3 +374,48 @@ async def test_regex_constrained_decoding(tiny_gqa: Path) -> None:
     import json
 
     assert isinstance(json.loads("".join(c.text for c in js))["ok"], bool)
+
+
+async def test_random_traffic_keeps_outputs_and_leaks_no_slots(tiny_gqa: Path) -> None:
+    """Many requests with shared prefixes, random priorities and random aborts, in a small
+    KV pool: every stream ends, greedy outputs equal solo runs, and every slot is either
+    free or held by the tree at the end."""
+    import random
+
+    rng = random.Random(5)
+    prompts = [rng.choice(PROMPTS[:3]) + f" step {rng.randint(0, 3)}" for _ in range(14)]
+    lengths = [rng.randint(4, 24) for _ in prompts]
+    async with _engine(tiny_gqa, prefix_cache=False) as reference:
+        expected = [
+            _ids(await _collect(reference, _request(f"r{i}", p, max_new_tokens=n, ignore_eos=True)))
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+        ]
+    config = {"kv_capacity_tokens": 110, "max_running": 4, "chunked_prefill_tokens": 24,
+              "admission_reserve_tokens": 0, "cascade_min_prefix": 4}  # fmt: skip
+    async with _engine(tiny_gqa, **config) as engine:
+
+        async def run(i: int) -> tuple[int, list[Chunk]]:
+            await asyncio.sleep(rng.random() * 0.05)
+            request = _request(f"q{i}", prompts[i], max_new_tokens=lengths[i], ignore_eos=True)
+            request.priority = float(rng.randint(0, 3))
+            if i % 5 == 4:  # some are aborted mid-way
+                stream = engine.generate(request)
+                chunks = [await anext(stream)]
+                with contextlib.suppress(UnknownRequestError):  # it may have just finished
+                    await engine.abort(request.rid)
+                return i, chunks + [c async for c in stream]
+            return i, await _collect(engine, request)
+
+        results = await asyncio.gather(*(run(i) for i in range(len(prompts))))
+        stats = await engine.stats()
+        assert engine.cache is not None
+        assert engine.pool.used_slots == engine.cache.total_size()
+        assert engine.cache.protected_size() == 0
+        assert stats.preemptions > 0 and stats.cache_hit_tokens > 0  # the pressure was real
+    for i, chunks in results:
+        assert chunks[-1].finish_reason is not None
+        if i % 5 != 4:
+            assert _ids(chunks) == expected[i], i
+        else:
+            assert chunks[-1].finish_reason.type in (FinishType.ABORT, FinishType.LENGTH)
+    assert stats.running == 0 and stats.queue_len == 0
