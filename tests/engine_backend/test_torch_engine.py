@@ -173,8 +173,14 @@ async def test_stop_string_cuts_the_output(tiny_gqa: Path) -> None:
     async with _engine(tiny_gqa) as engine:
         free = await _collect(engine, _request("a", PROMPTS[0], max_new_tokens=20))
         text = "".join(c.text for c in free)
-        stop = text[len(text) // 2 : len(text) // 2 + 2]
-        assert stop.strip(), f"degenerate output {text!r}"
+        # A two-character stop string from the second half: no spaces, no broken bytes.
+        stop = next(
+            text[i : i + 2]
+            for i in range(len(text) // 2, len(text) - 1)
+            if text[i : i + 2].isprintable()
+            and not any(c.isspace() for c in text[i : i + 2])
+            and "\ufffd" not in text[i : i + 2]
+        )
         cut = await _collect(engine, _request("b", PROMPTS[0], max_new_tokens=20, stop=[stop]))
     got = "".join(c.text for c in cut)
     assert got == text[: text.index(stop)]
@@ -202,7 +208,8 @@ async def test_stop_token_ids_and_min_new_tokens(tiny_gqa: Path) -> None:
 
 
 async def test_seeded_sampling_is_reproducible_in_any_batch(tiny_gqa: Path) -> None:
-    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 7, "max_new_tokens": 16}
+    # Hot enough that two seeds (or greedy) cannot agree on 16 tokens by chance.
+    params = {"temperature": 2.0, "top_p": 0.95, "top_k": 100, "seed": 7, "max_new_tokens": 16}
     async with _engine(tiny_gqa) as engine:
         alone = _ids(await _collect(engine, _request("x", PROMPTS[0], **params)))
         runs = [_collect(engine, _request(f"y{i}", p, temperature=1.0, max_new_tokens=16))
