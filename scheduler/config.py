@@ -70,6 +70,9 @@ class SchedulerConfig(BaseModel):
     router_tree_tokens: int = Field(
         400_000, ge=1, description="tokens each replica's approximate prefix tree remembers"
     )
+    router_token_stride: int = Field(
+        16, ge=1, description="the router's prefix trees key token prompts by every n-th token"
+    )
     chars_per_token: int = Field(4, ge=1, description="text prompts: chars per pseudo-token")
     # Replica failures (scheduler/replica_health.py).
     engine_retries: int = Field(

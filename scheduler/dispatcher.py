@@ -58,13 +58,14 @@ class Replica:
 
 
 def make_replicas(engines: Sequence[Engine], config: SchedulerConfig) -> list[Replica]:
-    scale = 1.0
+    # The trees hold sampled keys: one element stands for `router_token_stride` tokens.
+    tree_elements = max(1, config.router_tree_tokens // config.router_token_stride)
     return [
         Replica(
             index=i,
             engine=engine,
             capabilities=engine.capabilities(),
-            tree=PrefixTree(config.router_tree_tokens, scale),
+            tree=PrefixTree(tree_elements),
             max_requests=config.max_inflight_requests,
             max_tokens=config.max_inflight_tokens,
         )
@@ -130,7 +131,8 @@ class Dispatcher:
             replica.running.discard(call)
             replica.inflight_requests -= 1
             replica.inflight_tokens -= call.budget_tokens
-            self.kick()
+            if len(self.policy) or replica.parked:
+                self.kick()
 
     def evacuate(self, replica: Replica) -> None:
         """The replica went down: calls parked for it go back to the queue."""

@@ -225,6 +225,7 @@ class Program:
     last_call_by_thread: dict[str, CallNode] = field(default_factory=dict)
     home_replica: int = -1
     retained_on: set[int] = field(default_factory=set)
+    retention_timer: bool = False  # an idle-expiry timer is armed
     idle_since: float = 0.0
     auto_ids: int = 0
     _graph: nx.DiGraph | None = None

@@ -40,15 +40,25 @@ class RetentionManager:
         self._send(replica, program.engine_key, True)
 
     def on_idle(self, program: Program, now: float) -> None:
-        """The program has nothing in flight: release its pins after the timeout."""
-        if program.retained_on:
-            loop = asyncio.get_running_loop()
-            loop.call_at(now + self.timeout, self._expire, program, now)
+        """The program has nothing in flight: release its pins after the timeout. One
+        timer per program at a time; it re-arms itself if the program was busy since."""
+        if program.retained_on and not program.retention_timer:
+            program.retention_timer = True
+            asyncio.get_running_loop().call_at(now + self.timeout, self._expire, program)
 
-    def _expire(self, program: Program, idle_since: float) -> None:
-        # Still idle since that moment? (Any activity moves `idle_since` or adds calls.)
-        if program.open_calls == 0 and program.idle_since == idle_since:
+    def _expire(self, program: Program) -> None:
+        program.retention_timer = False
+        if not program.retained_on:
+            return
+        if program.open_calls:
+            return  # busy: its next idle moment arms a new timer
+        due = program.idle_since + self.timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
             self.release(program)
+        else:  # it was busy, then went idle again: wait for the rest of its timeout
+            program.retention_timer = True
+            loop.call_at(due, self._expire, program)
 
     def release(self, program: Program) -> None:
         if not program.retained_on:

@@ -2,7 +2,9 @@
 
 Each replica has an approximate prefix tree (a `RadixCache` without values) of the prompts
 routed to it, bounded to about the engine's KV size, which estimates the cache hit a call
-would get there. The `affinity` balance (Autellix, and the SGLang router's cache-aware
+would get there. Approximate twice over, to stay cheap on the hot path: token prompts are
+keyed by every `router_token_stride`-th token (a C-speed slice; a prefix shared token by
+token is shared on the sampled grid too), text prompts by 16-character blocks. The `affinity` balance (Autellix, and the SGLang router's cache-aware
 mode):
 
 - a long-context call (prompt >= `long_context_tokens`) stays on its program's replica,
@@ -47,15 +49,14 @@ class RouteDecision:
 
 
 class PrefixTree:
-    """One replica's approximate prefix index, bounded in tokens."""
+    """One replica's approximate prefix index, bounded in key elements (LRU)."""
 
-    __slots__ = ("tree", "capacity", "scale")
+    __slots__ = ("tree", "capacity")
 
-    def __init__(self, capacity_tokens: int, scale: float) -> None:
+    def __init__(self, capacity: int) -> None:
         ticks = itertools.count()
         self.tree = RadixCache(eviction="lru", store_values=False, clock=lambda: next(ticks))
-        self.capacity = capacity_tokens
-        self.scale = scale  # tokens per key element
+        self.capacity = capacity
 
     def match(self, key: TokenKey) -> int:
         return self.tree.match_prefix(key, touch=False).length
@@ -86,7 +87,9 @@ class Router:
             if request is None:
                 return None, 1.0
             if request.input_ids is not None:
-                key = TokenKey(request.input_ids)
+                stride = self.config.router_token_stride
+                key = TokenKey(request.input_ids[::stride])
+                call.route_scale = float(stride)
             else:
                 key = TokenKey(text_route_key(request.text or ""))
                 call.route_scale = TEXT_BLOCK_CHARS / self.config.chars_per_token
@@ -182,9 +185,13 @@ class Router:
         """The replica now caches the prompt (and the output, for token-id prompts).
         Recorded once, at the end: a concurrent sibling still finds the shared prefix
         through the program's home and the earlier calls' entries."""
-        key, scale = self.route_key(call)
+        key, _ = self.route_key(call)
         if key is None:
             return
-        if output_ids and scale == 1.0:
-            key = key.extended(output_ids)
+        request = call.request
+        if output_ids and request is not None and request.input_ids is not None:
+            # Continue the sampling grid of the prompt (every `stride`-th position).
+            stride = self.config.router_token_stride
+            first = -len(request.input_ids) % stride
+            key = key.extended(output_ids[first::stride])
         replica.tree.insert(key)

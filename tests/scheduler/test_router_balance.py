@@ -114,4 +114,4 @@ def test_prefix_trees_stay_bounded():
     prog = Program(id="p", tenant="t", arrival=0, seq=0)
     for i in range(20):
         finish_on(router, replicas[0], call_for(prog, list(range(i * 500, i * 500 + 300))))
-    assert replicas[0].tree.tree.total_size() <= 1000
+    assert replicas[0].tree.tree.total_size() <= 1000 // 16  # sampled key elements
