@@ -116,8 +116,32 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
             components.update(operation.pop(BODY_DEFS_KEY, {}))
             operation.setdefault("responses", {}).pop("422", None)
             operation["responses"]["4XX"] = _error_response_doc(problem)
+            operation["responses"]["5XX"] = _error_response_doc(problem, server=True)
+            _document_other_bodies(path, operation)
     app.openapi_schema = schema
     return schema
+
+
+# Answers that are not JSON: SSE streams (`stream: true`, `?stream=true`) and plain text.
+_OTHER_BODIES = {
+    "/generate": "text/event-stream",
+    "/v1/chat/completions": "text/event-stream",
+    "/v1/completions": "text/event-stream",
+    "/v1/programs/{program_id}/variables/{name}": "text/event-stream",
+    "/flush_cache": "text/plain",
+}
+
+
+def _document_other_bodies(path: str, operation: dict[str, Any]) -> None:
+    media_type = _OTHER_BODIES.get(path)
+    ok = operation["responses"].get("200")
+    if media_type is None or ok is None:
+        return
+    if media_type == "text/event-stream":  # one schema per event: `data: <JSON or [DONE]>`
+        body = {"type": "object", "properties": {"data": {"type": "string"}}}
+    else:
+        body = {"type": "string"}
+    ok.setdefault("content", {})[media_type] = {"schema": body}
 
 
 _OPENAI_ERROR_SCHEMA = {
@@ -148,9 +172,10 @@ _PROBLEM_SCHEMA = {
 }
 
 
-def _error_response_doc(problem: bool) -> dict[str, Any]:
+def _error_response_doc(problem: bool, server: bool = False) -> dict[str, Any]:
+    who = "server or engine error" if server else "client error"
     if problem:
-        return {"description": "client error (RFC 9457 problem JSON)", "content": {
+        return {"description": f"{who} (RFC 9457 problem JSON)", "content": {
             "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-    return {"description": "client error (OpenAI error shape)", "content": {
+    return {"description": f"{who} (OpenAI error shape)", "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}

@@ -37,6 +37,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class ProgramResult:
     latency_s: float
     requests: int
     rejected: int = 0
+    resent: int = 0
     error: str | None = None
 
 
@@ -88,6 +90,7 @@ class LoadReport:
     failed: int
     lost: int
     rejected_429: int
+    resent: int
     requests: int
     wall_s: float
     programs_per_s: float
@@ -128,13 +131,30 @@ class ProgramDriver:
         self.latencies = latencies  # every request's, shared by the process's programs
         self.requests = 0
         self.rejected = 0
+        self.resent = 0  # requests sent again: the connection broke before they arrived
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def request(self, method: str, path: str, *,
+                      arrived: Callable[[], Awaitable[bool | None]] | None = None,
+                      **kwargs: Any) -> Any:
         """One request; 429s are waited out and retried. A non-2xx with an error body
-        raises `ClearError`; anything else (no answer, garbage) propagates: lost."""
+        raises `ClearError`; anything else (no answer, garbage) propagates: lost.
+
+        A connection that breaks before the answer (the server closed a keep-alive
+        connection the client was reusing) is resent only when that is safe: a read or an
+        `end` always; a POST that creates work only if `arrived()` says the server never
+        saw it (False); True (it ran, its answer is gone) or None (cannot tell) is lost."""
+        import httpx
+
         for _ in range(MAX_RETRIES_429):
             start = time.perf_counter()
-            resp = await self._send(method, path, **kwargs)
+            try:
+                resp = await self._send(method, path, **kwargs)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                safe = method == "GET" or path.endswith("/end")
+                if not safe and (arrived is None or await arrived() is not False):
+                    raise
+                self.resent += 1
+                continue
             self.latencies.append(time.perf_counter() - start)
             self.requests += 1
             if resp.status_code == 429:
@@ -160,6 +180,8 @@ class ProgramDriver:
                 if attempt == CONNECT_RETRIES - 1:
                     raise
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+            except httpx.HTTPError as exc:  # name the request in the report
+                raise type(exc)(f"{method} {path.rsplit('/', 1)[0]}/...: {exc}") from exc
         raise AssertionError("unreachable")
 
     async def native(self, program_id: str) -> None:
@@ -168,7 +190,7 @@ class ProgramDriver:
         for i in range(1, self.cfg.calls):
             calls.append({"id": f"c{i}", "prompt": f"Step {i} after: {{{{v{i - 1}}}}}",
                           "output": f"v{i}", "sampling": self._sampling()})
-        await self.request("POST", "/v1/programs",
+        await self.request("POST", "/v1/programs", arrived=lambda: self._known(program_id),
                            json={"program_id": program_id, "calls": calls})
         last = f"v{self.cfg.calls - 1}"
         await self.request("GET", f"/v1/programs/{program_id}/variables/{last}",
@@ -179,15 +201,36 @@ class ProgramDriver:
         messages = [{"role": "system", "content": "You are a careful agent."},
                     {"role": "user", "content": f"Task {program_id}: begin."}]
         for turn in range(self.cfg.calls):
-            headers = {"X-Program-Id": program_id}
-            if turn == self.cfg.calls - 1:
+            call_id = f"turn-{turn}"
+            headers = {"X-Program-Id": program_id, "X-Call-Id": call_id}
+            ending = turn == self.cfg.calls - 1
+            if ending:
                 headers["X-Program-End"] = "true"
+
+            async def arrived(call_id: str = call_id, first: bool = turn == 0,
+                              ending: bool = ending) -> bool | None:
+                known = await self._calls_of(program_id)
+                if known is None:  # no such program: only a first call could have made it
+                    return False if first and not ending else None
+                return call_id in known
+
             body = await self.request(
-                "POST", "/v1/chat/completions", headers=headers,
+                "POST", "/v1/chat/completions", headers=headers, arrived=arrived,
                 json={"model": "sim", "messages": messages, "max_tokens": self.cfg.max_tokens})
             reply = body["choices"][0]["message"]["content"] or ""
             messages += [{"role": "assistant", "content": reply},
                          {"role": "user", "content": f"Observation {turn}: continue."}]
+
+    async def _calls_of(self, program_id: str) -> set[str] | None:
+        """The server's call ids of a program (None: it does not know the program)."""
+        resp = await self._send("GET", f"/v1/programs/{program_id}")
+        if resp.status_code == 404:
+            return None
+        resp.raise_for_status()
+        return {call["id"] for call in resp.json()["calls"]}
+
+    async def _known(self, program_id: str) -> bool:
+        return await self._calls_of(program_id) is not None
 
     def _sampling(self) -> dict[str, Any]:
         return {"max_new_tokens": self.cfg.max_tokens}
@@ -204,7 +247,7 @@ class ProgramDriver:
         except Exception as exc:  # noqa: BLE001 - no clear answer: the program is lost
             outcome, error = LOST, f"{type(exc).__name__}: {exc}"[:300]
         return ProgramResult(program_id, api, outcome, time.perf_counter() - start,
-                             self.requests, self.rejected, error)
+                             self.requests, self.rejected, self.resent, error)
 
 
 def _error_text(status: int, body: Any) -> str:
@@ -494,6 +537,7 @@ def _report(cfg: LoadConfig, results: list[ProgramResult], latencies: list[float
         failed=counts[FAILED],
         lost=lost,
         rejected_429=sum(r.rejected for r in results),
+        resent=sum(r.resent for r in results),
         requests=requests,
         wall_s=round(wall, 3),
         programs_per_s=round(len(results) / wall, 1) if wall else 0.0,
@@ -571,7 +615,9 @@ def main(args: argparse.Namespace) -> int:
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [("completed", report.completed), ("failed", report.failed), ("lost", report.lost),
-            ("429 answers (retried)", report.rejected_429), ("requests", report.requests),
+            ("429 answers (retried)", report.rejected_429),
+            ("resent (connection broke before the request arrived)", report.resent),
+            ("requests", report.requests),
             ("wall s", report.wall_s), ("programs/s", report.programs_per_s),
             ("requests/s", report.requests_per_s),
             ("program latency p50 / p99 ms", f"{report.p50_ms} / {report.p99_ms}"),
