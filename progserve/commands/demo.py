@@ -63,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--policy", default=None, help="scheduling policy (default: config)")
     parser.add_argument(
+        "--no-prefix-cache", action="store_true", help="torch engine: never reuse prefix KV"
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed per example program"
     )
 
@@ -120,6 +123,8 @@ async def _settings(
     }
     if args.policy:
         overrides["scheduler"] = {"policy": args.policy}
+    if args.no_prefix_cache:
+        overrides["torch"] = {"prefix_cache": False}
     if engine == "sim":
         # The sim engine writes the replies the examples script, so that their control
         # flow (ReAct actions, plans, votes) runs as with a real model.

@@ -39,6 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="JSON of sha256(key) -> tenant; enables authentication")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log level (default: info)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="torch engine: never reuse cached prefix KV (for A/B checks)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every request (off by default: it costs latency)")
 
@@ -60,6 +62,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     }
     if args.policy:
         overrides["scheduler"] = {"policy": args.policy}
+    if getattr(args, "no_prefix_cache", False):
+        overrides["torch"] = {"prefix_cache": False}
     return load_settings(args.config, **overrides)
 
 
