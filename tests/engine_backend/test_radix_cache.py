@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from engine_backend.radix_cache import RadixCache
+from engine_backend.radix_cache import RadixCache, TokenKey
 
 
 def make_cache(**kwargs) -> RadixCache:
@@ -218,3 +218,42 @@ def test_reset_drops_everything() -> None:
     cache.reset()
     assert cache.total_size() == cache.protected_size() == cache.num_nodes() == 0
     assert cache.match_prefix([1, 2, 3]).length == 0
+
+
+def test_token_key_is_interchangeable_with_lists() -> None:
+    cache = make_cache(store_values=True)
+    prompt = TokenKey([5, 6, 7])
+    assert len(prompt) == 3 and prompt.tokens() == [5, 6, 7]
+    full = prompt.extended([8, 9])
+    assert full.tokens() == [5, 6, 7, 8, 9]
+    assert cache.insert(full, [50, 60, 70, 80, 90]) == 0
+    assert cache.match_prefix([5, 6, 7, 8]).value == [50, 60, 70, 80]
+    assert cache.match_prefix(prompt).length == 3
+    assert cache.insert([5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 0, 100]) == 5
+    assert TokenKey.from_bytes(full.data).tokens() == full.tokens()
+
+
+def test_one_key_across_several_caches() -> None:
+    replicas = [make_cache() for _ in range(3)]
+    replicas[1].insert([1, 2, 3, 4])
+    key = TokenKey([1, 2, 3, 9])
+    assert [r.match_prefix(key, touch=False).length for r in replicas] == [0, 3, 0]
+
+
+def test_bad_tokens_are_rejected() -> None:
+    cache = make_cache()
+    with pytest.raises(ValueError):
+        cache.insert([1, 2.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        cache.match_prefix([1 << 70])
+    with pytest.raises(ValueError):
+        TokenKey.from_bytes(b"123")
+    assert cache.total_size() == 0
+
+
+def test_long_token_ids_and_negative_ids_round_trip() -> None:
+    cache = make_cache()
+    key = [-1, 2**40, 0, 2**63 - 1]
+    cache.insert(key)
+    found = cache.match_prefix(key)
+    assert found.length == 4 and found.node.tokens() == key

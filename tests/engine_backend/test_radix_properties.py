@@ -97,7 +97,9 @@ class RadixMachine(RuleBasedStateMachine):
     def evict(self, num_tokens: int) -> None:
         evictable_before = self.cache.evictable_size()
         freed_before = set(self.freed)
+        nodes_before = all_nodes(self.cache)
         freed = self.cache.evict(num_tokens)
+        self.check_eviction_order([n for n in nodes_before if n.evicted])
         after = cached_prefixes(self.cache)
         removed = self.model.keys() - after.keys()
         assert after.keys() <= self.model.keys(), "eviction created tokens"
@@ -109,6 +111,15 @@ class RadixMachine(RuleBasedStateMachine):
                 "evicted a locked path"
             )
         self.model = {p: v for p, v in self.model.items() if p in after}
+
+    def check_eviction_order(self, evicted: list[TreeNode]) -> None:
+        """Nothing evicted ranks above a leaf that stayed (a parent never ranks below its
+        child, so this holds for whole evictions, not only single steps)."""
+        remaining = evictable_leaves(self.cache)
+        if evicted and remaining:
+            policy, owners = self.cache.policy, self.cache.owners
+            worst_evicted = max(policy.key(n, owners) for n in evicted)
+            assert worst_evicted <= min(policy.key(n, owners) for n in remaining)
 
     @rule(owner=owners)
     def pin(self, owner: str) -> None:
@@ -149,6 +160,19 @@ class RadixMachine(RuleBasedStateMachine):
             stack.extend(node.children.values())
 
 
+def all_nodes(cache: RadixCache) -> list[TreeNode]:
+    found, stack = [], list(cache.root.children.values())
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        stack.extend(node.children.values())
+    return found
+
+
+def evictable_leaves(cache: RadixCache) -> list[TreeNode]:
+    return [n for n in all_nodes(cache) if n.lock_ref == 0 and not n.children]
+
+
 def cached_path(node: TreeNode) -> Prefix:
     parts: list[list[int]] = []
     while node.parent is not None:
@@ -159,6 +183,17 @@ def cached_path(node: TreeNode) -> Prefix:
 
 class PriorityRadixMachine(RadixMachine):
     eviction = "priority"
+
+    def check_eviction_order(self, evicted: list[TreeNode]) -> None:
+        super().check_eviction_order(evicted)
+        # In words: a pinned prefix goes only once no unpinned leaf is left to evict.
+        pinned = self.cache.owners.pinned
+
+        def is_pinned(node: TreeNode) -> bool:
+            return bool(node.owners and not pinned.isdisjoint(node.owners))
+
+        if any(is_pinned(n) for n in evicted):
+            assert all(is_pinned(n) for n in evictable_leaves(self.cache))
 
 
 _settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
