@@ -1,0 +1,130 @@
+"""Bench workloads follow their published statistics; metrics and the JSON contract."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from engine_backend.sim import SimConfig
+from progserve.bench.driver import BenchSetup, run_trace
+from progserve.bench.metrics import percentile, steady_state, summarize_run
+from progserve.bench.workloads import (
+    BfclShape,
+    ChatShape,
+    LatsShape,
+    MapReduceShape,
+    count_calls,
+    generate_trace,
+)
+from scheduler.config import SchedulerConfig
+
+
+def test_traces_are_deterministic_per_seed():
+    a, b = generate_trace("mixed", 50, 7), generate_trace("mixed", 50, 7)
+    c = generate_trace("mixed", 50, 8)
+    assert [p.shape for p in a.programs] == [p.shape for p in b.programs]
+    assert [p.unit_arrival for p in a.programs] == [p.unit_arrival for p in b.programs]
+    assert [p.shape for p in a.programs] != [p.shape for p in c.programs]
+
+
+def test_workload_statistics_match_the_published_figures():
+    chat = generate_trace("chat", 3000, 1)
+    assert statistics.mean(len(p.shape.turns) for p in chat.programs) == pytest.approx(6.7, rel=0.08)
+    bfcl = generate_trace("bfcl", 3000, 1)
+    assert statistics.mean(len(p.shape.steps) for p in bfcl.programs) == pytest.approx(10.75, rel=0.05)
+    assert statistics.mean(o for p in bfcl.programs for o, _, _ in p.shape.steps) == \
+        pytest.approx(34, rel=0.08)
+    lats = generate_trace("lats", 500, 1)
+    assert statistics.mean(count_calls(p.shape) for p in lats.programs) == pytest.approx(161, rel=0.05)
+    mixed = generate_trace("mixed", 999, 1)
+    kinds = [p.kind for p in mixed.programs]
+    assert kinds.count("chat") == kinds.count("bfcl") == kinds.count("lats") == 333
+    gaps = [b.unit_arrival - a.unit_arrival for a, b in zip(mixed.programs, mixed.programs[1:], strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(1.0, rel=0.1)  # unit-rate Poisson
+
+
+def test_percentile_and_steady_state_window():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([0, 10], 95) == pytest.approx(9.5)
+
+    class R:
+        def __init__(self, i):
+            self.index = i
+
+    kept = steady_state([R(i) for i in range(100)], 100, 0.1, 0.2)
+    assert [r.index for r in kept] == list(range(10, 80))
+
+
+def small_setup(replicas=2):
+    return BenchSetup(replicas, SimConfig(stream_interval=0),
+                      SchedulerConfig(keep_finished_programs=0))
+
+
+def test_bfcl_prompts_average_about_735_tokens_and_runs_complete():
+    trace = generate_trace("bfcl", 30, 3)
+    prompts = []
+    run = run_trace(trace, "plas", 2.0, small_setup())
+    assert len(run.programs) == 30
+    assert run.calls == sum(count_calls(p.shape) for p in trace.programs)
+    for p in trace.programs:
+        shape = p.shape
+        assert isinstance(shape, BfclShape)
+    # the engine saw the prompts: prompt tokens per call ~735
+    prompts = run.engine["cache_query_tokens"] / run.calls
+    assert 550 < prompts < 950
+    assert run.engine["cache_hit_rate"] > 0.3  # shared headers/docs and growing contexts
+
+
+def test_dag_programs_measure_their_critical_path():
+    trace = generate_trace("mapreduce", 6, 2)
+    run = run_trace(trace, "atlas", 0.01, small_setup(1))
+    for result, program in zip(run.programs, trace.programs, strict=True):
+        shape = program.shape
+        assert isinstance(shape, MapReduceShape)
+        assert result.tokens == sum(o for _, o in shape.chunks) + shape.reduce_tokens
+        # a map's output plus the reduce's: fewer than all tokens
+        assert result.cp_tokens < result.tokens
+        assert result.cp_tokens >= shape.reduce_tokens + min(o for _, o in shape.chunks)
+
+
+def test_summary_reports_per_type_figures():
+    trace = generate_trace("mixed", 9, 4)
+    trace.programs = [p for p in trace.programs if not isinstance(p.shape, LatsShape)]
+    run = run_trace(trace, "fcfs", 0.5, small_setup())
+    summary = summarize_run(run, 9, 0.0, 0.0)
+    assert set(summary["p95_by_type"]) <= {"chat", "bfcl"}
+    assert summary["count"] == len(trace.programs)
+    assert summary["p50_token_latency"] <= summary["p95_token_latency"]
+    assert any(isinstance(p.shape, ChatShape) for p in trace.programs)
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_the_contracted_json(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "progserve.cli", "bench", "--workload", "bfcl", "--programs",
+           "40", "--replicas", "2", "--policies", "fcfs,plas", "--seed", "3", "--rate", "1.5",
+           "--unloaded-programs", "10", "--workers", "1", "--retention-kv-capacity", "20000",
+           "--json", str(out), "--plot", str(png)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    for key in ("workload", "programs", "replicas", "seed", "load_point"):
+        assert key in report
+    assert report["load_point"]["rate"] == 1.5
+    for name in ("fcfs", "plas"):
+        entry = report["policies"][name]
+        for key in ("max_rate_at_slo", "p50_token_latency", "p95_token_latency",
+                    "p99_token_latency", "mean_token_latency", "cache_hit_rate"):
+            assert key in entry
+        for key in ("mean_token_latency", "p50_token_latency", "p95_token_latency",
+                    "p95_by_type"):
+            assert key in entry["at_load"]
+        assert set(entry["at_load"]["p95_by_type"]) == {"bfcl"}
+    assert "differences" in report["setup"]
+    retention = report["retention"]
+    assert 0 <= retention["lru"]["cache_hit_rate"] <= 1
+    assert "cache_hit_gain_points" in retention
+    assert png.stat().st_size > 10_000
