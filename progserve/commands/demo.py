@@ -14,7 +14,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,17 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 @dataclass(frozen=True, slots=True)
 class DemoProgram:
     example: str  # file name in examples/, without .py
-    # Sizes that keep a CPU run of the real model within a few minutes.
-    small_args: tuple[str, ...] = ()
-    args: tuple[str, ...] = field(default_factory=tuple)
+    # Sizes that keep a CPU run of the real model within a few minutes; None: too long
+    # for the real model on a CPU (its 256-token plan), so the torch demo skips it.
+    torch_args: tuple[str, ...] | None = ()
 
 
 PROGRAMS = (
-    DemoProgram("react_agent", small_args=("--max-steps", "3")),
-    DemoProgram("map_reduce_summary", small_args=("--chunks", "4", "--words", "240")),
-    DemoProgram("tree_search", small_args=("--width", "2", "--depth", "1", "--beam", "1")),
-    DemoProgram("multi_agent_debate", small_args=("--agents", "2", "--rounds", "1")),
-    DemoProgram("llm_compiler", small_args=("--max-replans", "0")),
+    DemoProgram("react_agent", torch_args=("--max-steps", "2")),
+    DemoProgram("map_reduce_summary", torch_args=("--chunks", "4", "--words", "240")),
+    DemoProgram("tree_search", torch_args=("--width", "2", "--depth", "1", "--beam", "1")),
+    DemoProgram("multi_agent_debate", torch_args=("--agents", "2", "--rounds", "1")),
+    DemoProgram("llm_compiler", torch_args=None),
 )
 
 
@@ -74,18 +74,20 @@ def main(args: argparse.Namespace) -> int:
     if not EXAMPLES_DIR.is_dir():
         print(f"progserve demo runs the programs in {EXAMPLES_DIR}: use a source checkout")
         return 2
-    chosen = _chosen_programs(args.examples)
     engine = embedded_default_engine() if args.engine == "auto" else args.engine
+    chosen = _chosen_programs(args.examples, engine)
     return asyncio.run(_demo(args, engine, chosen))
 
 
-def _chosen_programs(names: str) -> list[DemoProgram]:
+def _chosen_programs(names: str, engine: str) -> list[DemoProgram]:
     by_name = {p.example: p for p in PROGRAMS}
     chosen = []
     for name in filter(None, (n.strip() for n in names.split(","))):
         if name not in by_name and not (EXAMPLES_DIR / f"{name}.py").is_file():
             raise SystemExit(f"unknown example {name!r}; choose from {', '.join(by_name)}")
-        chosen.append(by_name.get(name, DemoProgram(name)))
+        program = by_name.get(name, DemoProgram(name))
+        if engine != "torch" or program.torch_args is not None:
+            chosen.append(program)
     return chosen
 
 
@@ -173,7 +175,7 @@ async def _run_programs(
             *(
                 _run_example(
                     p.example,
-                    ["--url", url, "--json", *(p.small_args if engine == "torch" else p.args)],
+                    ["--url", url, "--json", *((p.torch_args or ()) if engine == "torch" else ())],
                     timeout=timeout,
                 )
                 for p in programs
