@@ -58,6 +58,9 @@ class SchedulerConfig(BaseModel):
     # KV retention across tool gaps and between a program's calls.
     retain_kv: bool = True
     retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
+    program_idle_timeout_s: float = Field(
+        600.0, gt=0, description="end a program with nothing in flight for this long"
+    )
     # Routing.
     balance: BalanceName = "affinity"
     long_context_tokens: int = Field(2048, ge=0, description="affinity above this prompt length")

@@ -226,6 +226,7 @@ class Program:
     home_replica: int = -1
     retained_on: set[int] = field(default_factory=set)
     retention_timer: bool = False  # an idle-expiry timer is armed
+    idle_timer: bool = False  # an idle-end timer is armed
     idle_since: float = 0.0
     auto_ids: int = 0
     _graph: nx.DiGraph | None = None

@@ -858,6 +858,24 @@ class Scheduler:
                     self._close_program(program, ProgramStatus.FINISHED)
                 else:
                     self.retention.on_idle(program, now)
+                    self._arm_idle_end(program, now + self.config.program_idle_timeout_s)
+
+    def _arm_idle_end(self, program: Program, due: float) -> None:
+        """Proxy clients rarely end their programs: one idle past the timeout ends by
+        itself (a later call reopens it, with its history)."""
+        if not program.idle_timer:
+            program.idle_timer = True
+            self.loop.call_at(due, self._idle_end, program)
+
+    def _idle_end(self, program: Program) -> None:
+        program.idle_timer = False
+        if program.is_closed or program.open_calls:
+            return  # its next idle moment re-arms the timer
+        due = program.idle_since + self.config.program_idle_timeout_s
+        if self.loop.time() >= due:
+            self._close_program(program, ProgramStatus.FINISHED)
+        else:
+            self._arm_idle_end(program, due)
 
     def _failure(self, call: CallNode, error: BaseException | None) -> BaseException:
         if isinstance(error, CallFailedError | ProgramCancelledError):

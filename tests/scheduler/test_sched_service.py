@@ -377,3 +377,22 @@ def test_stats_report_queues_and_replicas():
         assert st.calls_finished == 5 and st.queued == 0
 
     run(body, FakeEngine(), FakeEngine(), max_inflight_requests=1, balance="least_loaded")
+
+
+def test_idle_program_ends_by_itself_and_reopens_with_its_history():
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("chatty")
+        await consume(s.llm_call(pid, req("c1")))
+        await asyncio.sleep(50)
+        assert s.program_state(pid).status == "idle"
+        await consume(s.llm_call(pid, req("c2")))  # activity moves the deadline
+        await asyncio.sleep(90)
+        assert s.program_state(pid).status == "idle"
+        await asyncio.sleep(20)  # 110 s idle > 100 s
+        state = s.program_state(pid)
+        assert state.status == "finished"
+        await consume(s.llm_call(pid, req("c3")))
+        state = s.program_state(pid)
+        assert state.status == "idle" and state.history.calls_finished == 3
+
+    run(body, program_idle_timeout_s=100)
