@@ -69,6 +69,7 @@ class LoadConfig:
     keep_finished: int | None = None  # None: the server's defaults
     settle_s: float = 3.0
     warmup: int = 20
+    rounds: int = 1
 
 
 @dataclass(slots=True)
@@ -104,6 +105,7 @@ class LoadReport:
     rss_during_mb: float | None
     rss_after_mb: float | None
     server_unfinished: int
+    rss_after_rounds_mb: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -438,23 +440,38 @@ def _run_against(url: str, cfg: LoadConfig, server: ServerUnderTest | None,
         time.sleep(cfg.settle_s)
     pid = server.proc.pid if server is not None else None
     before = rss_mb(pid) if pid else None
-    sampler = RssSampler(pid) if pid else None
-    jobs = [(f"load-{run_id}-{i}", api_of(i, cfg.api)) for i in range(cfg.programs)]
-    if show_progress:
-        columns = (TextColumn("[bold]load[/]"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
-        with Progress(*columns, transient=True) as bar:
-            task = bar.add_task("programs", total=cfg.programs)
-            results, latencies, wall = _drive(url, cfg, jobs, lambda n: bar.advance(task, n),
-                                              sampler)
-    else:
-        results, latencies, wall = _drive(url, cfg, jobs, None, sampler)
-    during = sampler.stop() if sampler else None
-    time.sleep(cfg.settle_s)
-    after = rss_mb(pid) if pid else None
+    results: list[ProgramResult] = []
+    latencies: list[float] = []
+    wall = 0.0
+    peak: float | None = None
+    after_rounds: list[float] = []
+    for round_index in range(cfg.rounds):  # same server: growth between rounds = a leak
+        sampler = RssSampler(pid) if pid else None
+        jobs = [(f"load-{run_id}-r{round_index}-{i}", api_of(i, cfg.api))
+                for i in range(cfg.programs)]
+        if show_progress:
+            columns = (TextColumn(f"[bold]load {round_index + 1}/{cfg.rounds}[/]"),
+                       BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, transient=True) as bar:
+                task = bar.add_task("programs", total=cfg.programs)
+                got, lats, took = _drive(url, cfg, jobs, lambda n, t=task: bar.advance(t, n),
+                                         sampler)
+        else:
+            got, lats, took = _drive(url, cfg, jobs, None, sampler)
+        results += got
+        latencies += lats
+        wall += took
+        if sampler is not None:
+            peak = max(peak or 0.0, sampler.stop())
+        time.sleep(cfg.settle_s)
+        if pid:
+            after_rounds.append(rss_mb(pid) or 0.0)
     completed_ids = {r.program_id for r in results if r.outcome == COMPLETED}
     stuck = server_unfinished(url, completed_ids)
-    return _report(cfg, results, latencies, wall, before, during, after, stuck)
+    report = _report(cfg, results, latencies, wall, before, peak,
+                     after_rounds[-1] if after_rounds else None, stuck)
+    report.rss_after_rounds_mb = [round(v, 1) for v in after_rounds]
+    return report
 
 
 def _drive(url: str, cfg: LoadConfig, jobs: list[tuple[str, str]], advance: Any,
@@ -588,6 +605,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle", type=float, default=defaults.settle_s,
                         help="seconds after the run before RSS is read again")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="run the load this many times on the same server; RSS after "
+                        "each round shows whether memory keeps growing")
     parser.add_argument("--url", default=None,
                         help="drive a running server instead of starting one (no RSS)")
     parser.add_argument("--server-log", type=Path, default=None, metavar="FILE")
@@ -599,19 +619,20 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    if args.programs < 1 or args.calls < 1 or args.clients < 1:
-        raise SystemExit("--programs, --calls and --clients must be at least 1")
+    if min(args.programs, args.calls, args.clients, args.rounds) < 1:
+        raise SystemExit("--programs, --calls, --clients and --rounds must be at least 1")
     cfg = LoadConfig(programs=args.programs, calls=args.calls, api=args.api,
                      max_tokens=args.max_tokens, clients=args.clients, timeout_s=args.timeout,
                      time_scale=args.time_scale, stream_interval=args.stream_interval,
                      replicas=args.replicas, policy=args.policy,
                      keep_finished=args.keep_finished, settle_s=args.settle,
-                     warmup=args.warmup)
+                     warmup=args.warmup, rounds=args.rounds)
     report = run_load(cfg, args.url, log_path=args.server_log,
                       show_progress=not args.no_progress)
     console = Console()
+    rounds = f", {cfg.rounds} rounds" if cfg.rounds > 1 else ""
     table = Table(title=f"progserve bench load: {cfg.programs} concurrent programs "
-                  f"({cfg.api}, {cfg.calls} calls each)")
+                  f"({cfg.api}, {cfg.calls} calls each{rounds})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [("completed", report.completed), ("failed", report.failed), ("lost", report.lost),
@@ -625,6 +646,9 @@ def main(args: argparse.Namespace) -> int:
              f"{report.request_p50_ms} / {report.request_p99_ms}"),
             ("server RSS MB before / peak / after",
              f"{report.rss_before_mb} / {report.rss_during_mb} / {report.rss_after_mb}")]
+    if cfg.rounds > 1:
+        rows.append(("server RSS MB after each round",
+                     " / ".join(str(v) for v in report.rss_after_rounds_mb)))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)

@@ -1,0 +1,33 @@
+"""`progserve bench load` end to end at a small size: a real `progserve serve` subprocess,
+client processes, every program accounted for (completed + failed + lost = programs) and
+none lost; the JSON report carries the documented keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_load_runs_every_program_and_loses_none(tmp_path):
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "progserve.cli", "bench", "load", "--programs", "60",
+         "--clients", "2", "--warmup", "2", "--settle", "0.2", "--time-scale", "0.05",
+         "--rounds", "2", "--no-progress", "--json", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["programs"] == 120  # two rounds of 60
+    assert report["completed"] == 120 and report["failed"] == 0 and report["lost"] == 0
+    assert report["server_unfinished"] == 0
+    assert report["requests"] >= 120 * 3
+    assert 0 < report["p50_ms"] <= report["p99_ms"]
+    for key in ("rss_before_mb", "rss_during_mb", "rss_after_mb"):
+        assert report[key] > 0
+    assert len(report["rss_after_rounds_mb"]) == 2
+    assert "lost" in proc.stdout and "p50" in proc.stdout
