@@ -148,3 +148,25 @@ async def test_no_replica_left_gives_a_clear_error(serve_in_thread):
         assert f"sglang {b.url}" in resp.json()["error"]["message"]
     finally:
         b.stop()
+
+
+async def test_unreachable_replica_fails_fast_and_new_work_gets_503(serve_in_thread):
+    from rel_support import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    front = serve_in_thread(front_app([nowhere]))
+    scheduler = front.app.state.runtime.scheduler
+    async with httpx.AsyncClient(base_url=front.url, timeout=30) as client:
+        first = await client.post("/v1/chat/completions", json=chat_body(0, False))
+        assert first.status_code == 502, first.text
+        assert "unreachable" in first.json()["error"]["message"]
+        assert not scheduler.replicas[0].healthy
+        # Nothing could serve new work: a clear 503 at once instead of a queue that waits.
+        second = await client.post("/v1/chat/completions", json=chat_body(1, False))
+        assert second.status_code == 503, second.text
+        assert second.json()["error"]["code"] == "no_healthy_replica"
+        programs = await client.post("/v1/programs", json={"calls": [
+            {"id": "a", "prompt": "x", "output": "v"}]})
+        assert programs.status_code == 503
+        assert programs.headers["content-type"].startswith("application/problem+json")
+        assert (await client.get("/v1/programs")).status_code == 200  # reads still work
