@@ -22,18 +22,20 @@ PROGSERVE_SIM__TIME_SCALE=0.0001 PROGSERVE_LIMITS__MAX_TOKENS=4096 \
   progserve serve --engine sim --host 127.0.0.1 --port "$port" --log-level warning \
   >"$log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 200); do
   curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
   sleep 0.1
 done
+work="$(mktemp -d)"  # schemathesis keeps its example database in the current directory
 set +e
-schemathesis run "http://127.0.0.1:$port/openapi.json" \
+(cd "$work" && schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
   --phases examples,coverage,fuzzing \
   --max-examples "$max_examples" --seed 1 --workers 2 --request-timeout 30 \
-  --suppress-health-check all "$@"
+  --suppress-health-check all "$@")
 rc=$?
+rm -rf "$work"
 set -e
 if grep -q "Traceback" "$log"; then
   echo "[schemathesis.sh] the server logged a traceback:" >&2
