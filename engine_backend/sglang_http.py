@@ -254,6 +254,11 @@ class SGLangHTTPEngine(Engine):
                     f"{self._upstream}: stream for {rid} ended without a finish reason")
             finished = True
             yield final
+        except EngineUnavailableError as exc:
+            if str(exc).startswith(self._upstream):
+                raise
+            # Name the replica: "connection lost" alone does not say which one died.
+            raise EngineUnavailableError(f"{self._upstream}: {exc}") from exc
         finally:
             self._active.discard(rid)
             if opened and not finished:
