@@ -87,11 +87,12 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    # Routes match in order: the hot proxy routes first.
+    for router in (sglang.router, openai.router, programs.router, health.router):
+        app.include_router(router)
     install_observability(app, runtime)  # traces, /metrics, /ui (progserve/observability.py)
     # 429 + Retry-After past the limits, before a body is read (progserve/admission.py).
     install_admission(app, runtime.scheduler, runtime.settings.limits, error_response)
-    for router in (health.router, openai.router, sglang.router, programs.router):
-        app.include_router(router)
     for exc_type in (ApiError, RequestValidationError, ValidationError, SchedulerError,
                      EngineError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _on_error)

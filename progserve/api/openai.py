@@ -236,9 +236,10 @@ async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompleti
 
     parser = ToolCallStreamParser(tool_names) if tool_names else None
     n_calls = 0
-    finished_ok = False
+    # One write per engine chunk: the role event rides with the first chunk's events, and
+    # the last chunk's events carry the finish, the usage and [DONE].
+    pending = [event({"role": "assistant", "content": ""})]
     try:
-        yield event({"role": "assistant", "content": ""})
         out = CallOutput()
         async for chunk in call.chunks():
             out.add(chunk)
@@ -246,29 +247,30 @@ async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompleti
                 ([chunk.text] if chunk.text else [])
             if chunk.finished and parser:
                 pieces += parser.finish()
+            logprobs = chunk.output_logprobs if body.logprobs else None
             for piece in pieces:
                 if isinstance(piece, str):
-                    yield event({"content": piece}, logprobs=chunk.output_logprobs
-                                if body.logprobs else None)
+                    pending.append(event({"content": piece}, logprobs=logprobs))
+                    logprobs = None
                 elif n_calls == 0 or body.parallel_tool_calls:
-                    yield event({"tool_calls": [piece.to_openai(index=n_calls)]})
+                    pending.append(event({"tool_calls": [piece.to_openai(index=n_calls)]}))
                     n_calls += 1
-            if not pieces and body.logprobs and chunk.output_logprobs:
-                yield event({}, logprobs=chunk.output_logprobs)
+            if logprobs:
+                pending.append(event({}, logprobs=logprobs))
+            if not chunk.finished and pending:
+                yield b"".join(pending)
+                pending = []
         finish = "tool_calls" if n_calls else finish_reason_text(out.finish_reason)
-        yield event({}, finish)
+        pending.append(event({}, finish))
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [],
-                       "usage": usage_json(out.prompt_tokens, out.completion_tokens,
-                                           out.cached_tokens)})
-        finished_ok = True
+            pending.append(sse({**head, "choices": [], "usage": usage_json(
+                out.prompt_tokens, out.completion_tokens, out.cached_tokens)}))
+        await call.end_program_if_asked()
     except Exception as exc:  # noqa: BLE001 - reported in-band: headers are already sent
-        yield sse_error(exc)
+        pending.append(sse_error(exc))
     finally:
         await call.close()
-    if finished_ok:
-        await call.end_program_if_asked()
-    yield SSE_DONE
+    yield b"".join(pending) + SSE_DONE
 
 
 # --------------------------------------------------------------------------- completions
@@ -386,14 +388,15 @@ async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCa
             "model": runtime.model_name}
     outs = [CallOutput() for _ in calls]
     offsets = [0] * len(calls)
-    finished_ok = False
+    open_calls = len(calls)
+    pending: list[bytes] = []  # the last call's final event goes out with [DONE]
     try:
         if body.echo:
             for i, prompt in enumerate(prompts):
                 if isinstance(prompt, str):
                     offsets[i] = len(prompt)
-                    yield sse({**head, "choices": [{"index": i, "text": prompt,
-                                                    "logprobs": None, "finish_reason": None}]})
+                    pending.append(sse({**head, "choices": [{
+                        "index": i, "text": prompt, "logprobs": None, "finish_reason": None}]}))
         async for index, item in merge_streams(calls):
             if item is None:
                 continue  # completions calls are not abortable by rid
@@ -403,19 +406,21 @@ async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCa
                 logprobs = _completion_logprobs(item.output_logprobs, offsets[index])
             offsets[index] += len(item.text)
             if item.text or logprobs or item.finished:
-                yield sse({**head, "choices": [{
+                pending.append(sse({**head, "choices": [{
                     "index": index, "text": item.text, "logprobs": logprobs,
-                    "finish_reason": finish_reason_text(item.finish_reason)}]})
+                    "finish_reason": finish_reason_text(item.finish_reason)}]}))
+            open_calls -= item.finished
+            if open_calls and pending:
+                yield b"".join(pending)
+                pending = []
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_json(
+            pending.append(sse({**head, "choices": [], "usage": usage_json(
                 sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
-                sum(o.cached_tokens for o in outs))})
-        finished_ok = True
+                sum(o.cached_tokens for o in outs))}))
+        await calls[0].end_program_if_asked()
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
-        yield sse_error(exc)
+        pending.append(sse_error(exc))
     finally:
         with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
             await asyncio.gather(*(c.close() for c in calls))
-    if finished_ok:
-        await calls[0].end_program_if_asked()
-    yield SSE_DONE
+    yield b"".join(pending) + SSE_DONE

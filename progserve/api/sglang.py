@@ -240,7 +240,8 @@ async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: G
     batch = body.is_batch
     outs = [CallOutput() for _ in calls]
     with_text = body.return_text_in_logprobs
-    finished_ok = False
+    open_calls = len(calls)
+    tail = b""  # the very last event goes out together with [DONE]
     try:
         async for index, chunk in merge_streams(calls):
             out = outs[index]
@@ -253,13 +254,16 @@ async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: G
             event = _item_json(calls[index].rid, items[index], out, with_text, started)
             if batch:
                 event["index"] = index
+            if chunk is None or chunk.finished:
+                open_calls -= 1
+                if not open_calls:
+                    tail = sse(event)  # merge_streams ends right after this
+                    continue
             yield sse(event)
-        finished_ok = True
+        await calls[0].end_program_if_asked()
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-        yield sse_error(exc)
+        tail += sse_error(exc)
     finally:
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*(c.close() for c in calls))
-    if finished_ok:
-        await calls[0].end_program_if_asked()
-    yield SSE_DONE
+    yield tail + SSE_DONE

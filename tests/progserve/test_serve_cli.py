@@ -56,7 +56,6 @@ def test_engine_urls_repeat_one_per_replica():
 @pytest.mark.parametrize("argv,message", [
     (["--engine", "sglang"], "--engine-url"),
     (["--engine", "openai"], "--engine-url"),
-    (["--engine", "torch"], "--model"),
     (["--engine", "torch", "--model", "/no/such/dir"], "not a directory"),
     (["--api-keys", "/no/such/keys.json"], "API keys"),
 ])

@@ -1,0 +1,386 @@
+"""Middleware overhead: the latency progserve adds per call over calling the engine directly.
+
+One run starts, on loopback:
+- an *engine server*: `progserve serve --engine sim` in real time with a tiny time scale
+  and one chunk per reply (a fast fake engine that speaks SGLang's and OpenAI's protocols);
+- progserve in front of it as a proxy: `--engine sglang --engine-url <engine>` (and
+  `--engine openai` for the chat scenario);
+- LiteLLM's proxy in front of the same engine, when it is installed (`--litellm`).
+
+wrk (one connection, one thread, keep-alive) then sends the same non-streamed request to
+the engine directly and through each proxy, back to back in the same run. The added
+latency is the difference of the latency percentiles (proxy minus direct); requests/s are
+wrk's. Installs Debian's `wrk` if it is missing and the process may use apt.
+
+    progserve bench overhead --duration 10 --json artifacts/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+LITELLM_VENV = Path("/tmp/progserve-litellm-venv")
+# LiteLLM's proxy refuses to start without a master key; every target gets this bearer
+# (progserve runs without keys here, so it ignores it).
+BENCH_KEY = "sk-" + secrets.token_hex(24)
+DEFAULT_LITELLM = LITELLM_VENV / "bin" / "litellm"
+
+_LUA = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH requests=%d duration_us=%d errors=%d ",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout))
+  for _, p in ipairs({{50, 90, 99, 99.9}}) do
+    io.write(string.format("p%s=%d ", p, latency:percentile(p)))
+  end
+  io.write(string.format("mean=%.1f min=%d max=%d\\n", latency.mean, latency.min, latency.max))
+end
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per target")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per target, unused")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per reply")
+    parser.add_argument("--time-scale", type=float, default=1e-4,
+                        help="sim real-time compression (tiny: a fast engine)")
+    parser.add_argument("--scenarios", default="generate,chat",
+                        help="comma list: generate (SGLang /generate), chat (OpenAI chat)")
+    parser.add_argument("--litellm", default="auto",
+                        help=f"LiteLLM proxy binary, 'auto' ({DEFAULT_LITELLM} or PATH), 'off'")
+    parser.add_argument("--install-litellm", action="store_true",
+                        help=f"pip install litellm[proxy] into {LITELLM_VENV} first (minutes)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str],
+           health_path: str = "/health", timeout_s: float = 120.0) -> Server:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+    server = Server(name, f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(server.url + health_path, timeout=1) as resp:
+                if resp.status < 500:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"{name} did not come up in {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) -> Server:
+    port = _free_port()
+    argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning", *flags]
+    return _start(name, argv, port, workdir, env)
+
+
+def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:
+    port = _free_port()
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: bench\n"
+        "    litellm_params:\n"
+        f"      model: openai/{model}\n"
+        f"      api_base: {engine.url}/v1\n"
+        "      api_key: sk-bench\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {BENCH_KEY}\n"
+    )
+    argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", "1"]
+    return _start("litellm", argv, port, workdir, {"LITELLM_LOG": "ERROR"},
+                  health_path="/health/liveliness", timeout_s=240.0)
+
+
+def find_litellm(choice: str) -> str | None:
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return choice if Path(choice).exists() else None
+    if DEFAULT_LITELLM.exists():
+        return str(DEFAULT_LITELLM)
+    return shutil.which("litellm")
+
+
+def install_litellm() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+    subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+                   check=True)
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        if subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], **quiet).returncode:
+            subprocess.run(["apt-get", "update", "-q"], **quiet)
+            subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], **quiet)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    return found
+
+
+# ------------------------------------------------------------------------------ wrk
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class WrkResult:
+    target: str
+    url: str
+    requests: int
+    seconds: float
+    errors: int
+    rps: float
+    p50_us: int
+    p90_us: int
+    p99_us: int
+    p999_us: int
+    mean_us: float
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+
+
+def run_wrk(wrk: str, target: str, url: str, body: dict[str, Any], duration: float,
+            workdir: Path, servers: list[Server] = ()) -> WrkResult:
+    """One wrk run; also the CPU each server process spent per request meanwhile (robust
+    where latency is not: on a machine shared with other work)."""
+    script = workdir / f"{target.replace(':', '-')}.lua"
+    script.write_text(_LUA.format(body=json.dumps(body), key=BENCH_KEY))
+    cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
+    out = subprocess.run([wrk, "-t1", "-c1", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+                          "-s", str(script), url], capture_output=True, text=True, check=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result for {target}:\n{out.stdout}\n{out.stderr}")
+    values = dict(item.split("=", 1) for item in line.split()[1:])
+    seconds = int(values["duration_us"]) / 1e6
+    requests = int(values["requests"])
+    cpu = {s.name: round((cpu_seconds(s.proc.pid) - cpu_before[s.name]) * 1e3
+                         / max(1, requests), 3) for s in servers}
+    return WrkResult(
+        target=target, url=url, requests=requests, seconds=seconds,
+        errors=int(values["errors"]), rps=requests / seconds if seconds else 0.0,
+        p50_us=int(values["p50"]), p90_us=int(values["p90"]), p99_us=int(values["p99"]),
+        p999_us=int(values["p99.9"]), mean_us=float(values["mean"]),
+        cpu_ms_per_request=cpu,
+    )
+
+
+def check_answer(url: str, body: dict[str, Any]) -> None:
+    """One request by hand first: wrk counts any 2xx, so make sure it is a real answer."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        answer = json.loads(resp.read())
+    if not (answer.get("text") is not None or answer.get("choices")):
+        raise RuntimeError(f"{url} answered {answer!r}")
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class Scenario:
+    name: str
+    path: str
+    body: dict[str, Any]
+    direct: WrkResult | None = None
+    proxied: list[WrkResult] = field(default_factory=list)
+
+    def added(self, result: WrkResult) -> dict[str, float]:
+        assert self.direct is not None
+        return {
+            "p50_added_ms": (result.p50_us - self.direct.p50_us) / 1000,
+            "p99_added_ms": (result.p99_us - self.direct.p99_us) / 1000,
+            "mean_added_ms": (result.mean_us - self.direct.mean_us) / 1000,
+        }
+
+
+def bodies(max_tokens: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        "generate": ("/generate", {"text": "The quick brown fox jumps over the lazy dog.",
+                                   "sampling_params": {"max_new_tokens": max_tokens,
+                                                       "ignore_eos": True}}),
+        "chat": ("/v1/chat/completions", {
+            "model": "bench", "max_tokens": max_tokens, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "The quick brown fox jumps over."}]}),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    wrk = ensure_wrk()
+    if args.install_litellm and not DEFAULT_LITELLM.exists():
+        install_litellm()
+    litellm_bin = find_litellm(args.litellm)
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    scenarios = [Scenario(name, *bodies(args.max_tokens)[name]) for name in wanted]
+    servers: list[Server] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="progserve-overhead-") as tmp:
+        workdir = Path(tmp)
+        try:
+            engine = _progserve("engine", ["--engine", "sim"], workdir, {
+                "PROGSERVE_SIM__TIME_SCALE": str(args.time_scale),
+                "PROGSERVE_SIM__STREAM_INTERVAL": "0"})
+            servers.append(engine)
+            proxies = {"progserve(sglang)": _progserve(
+                "progserve-sglang", ["--engine", "sglang", "--engine-url", engine.url],
+                workdir, {})}
+            servers.extend(proxies.values())
+            if "chat" in wanted:
+                proxies["progserve(openai)"] = _progserve(
+                    "progserve-openai", ["--engine", "openai", "--engine-url", engine.url],
+                    workdir, {})
+                servers.append(proxies["progserve(openai)"])
+                if litellm_bin:
+                    try:
+                        model = json.loads(urllib.request.urlopen(
+                            engine.url + "/v1/models").read())["data"][0]["id"]
+                        proxies["litellm"] = _litellm(litellm_bin, engine, model, workdir)
+                        servers.append(proxies["litellm"])
+                    except (RuntimeError, OSError) as exc:
+                        notes.append(f"litellm did not start: {str(exc)[:300]}")
+                else:
+                    notes.append("litellm not installed (--install-litellm): no comparison")
+            for scenario in scenarios:
+                targets = [("direct", engine)] + [
+                    (name, srv) for name, srv in proxies.items()
+                    if scenario.name == "chat" or name == "progserve(sglang)"]
+                for name, srv in targets:
+                    url = srv.url + scenario.path
+                    check_answer(url, scenario.body)
+                    run_wrk(wrk, f"warmup-{scenario.name}", url, scenario.body, args.warmup,
+                            workdir)
+                    result = run_wrk(wrk, f"{scenario.name}:{name}", url, scenario.body,
+                                     args.duration, workdir, servers)
+                    if name == "direct":
+                        scenario.direct = result
+                    else:
+                        scenario.proxied.append(result)
+        finally:
+            for server in reversed(servers):
+                server.stop()
+    return _report(args, scenarios, notes)
+
+
+def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str]
+            ) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "config": {"duration_s": args.duration, "max_tokens": args.max_tokens,
+                   "time_scale": args.time_scale, "connections": 1, "tool": "wrk",
+                   "cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
+        "scenarios": {},
+        "notes": notes,
+    }
+    for scenario in scenarios:
+        entry: dict[str, Any] = {"direct": asdict(scenario.direct), "proxies": {}}
+        for result in scenario.proxied:
+            proxy = result.target.split(":", 1)[1]
+            entry["proxies"][proxy] = {**asdict(result), **scenario.added(result)}
+        ours = entry["proxies"].get("progserve(openai)") or entry["proxies"].get(
+            "progserve(sglang)")
+        theirs = entry["proxies"].get("litellm")
+        if ours and theirs and ours["p50_added_ms"] > 0:
+            entry["litellm_over_progserve_p50_added"] = \
+                theirs["p50_added_ms"] / ours["p50_added_ms"]
+        out["scenarios"][scenario.name] = entry
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    print(f"middleware overhead: wrk, 1 connection, {cfg['duration_s']:.0f}s per target, "
+          f"{cfg['max_tokens']} tokens per reply")
+    header = f"{'scenario':9} {'target':18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} " \
+             f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6}  cpu ms/request (proxy, engine)"
+    print(header)
+    for name, entry in report["scenarios"].items():
+        d = entry["direct"]
+        print(f"{name:9} {'direct':18} {d['rps']:8.0f} {d['p50_us'] / 1e3:8.3f} "
+              f"{d['p99_us'] / 1e3:8.3f} {'':>8} {'':>8} {d['errors']:6d}  "
+              f"-, {d['cpu_ms_per_request'].get('engine', 0):.3f}")
+        for proxy, r in entry["proxies"].items():
+            cpu = r["cpu_ms_per_request"]
+            own = sum(v for k, v in cpu.items() if k != "engine")
+            print(f"{name:9} {proxy:18} {r['rps']:8.0f} {r['p50_us'] / 1e3:8.3f} "
+                  f"{r['p99_us'] / 1e3:8.3f} {r['p50_added_ms']:8.3f} {r['p99_added_ms']:8.3f} "
+                  f"{r['errors']:6d}  {own:.3f}, {cpu.get('engine', 0):.3f}")
+        if "litellm_over_progserve_p50_added" in entry:
+            print(f"{name:9} litellm adds {entry['litellm_over_progserve_p50_added']:.1f}x "
+                  "progserve's p50 overhead")
+    for note in report["notes"]:
+        print("note:", note)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    failed = any(r["errors"] for s in report["scenarios"].values()
+                 for r in [s["direct"], *s["proxies"].values()])
+    return 1 if failed else 0
