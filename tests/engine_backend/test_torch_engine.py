@@ -76,8 +76,9 @@ async def test_greedy_identical_with_and_without_prefix_reuse(tiny_gqa: Path) ->
 
 async def test_batched_equals_one_at_a_time(tiny_mha: Path) -> None:
     async with _engine(tiny_mha, prefix_cache=False) as engine:
-        alone = await _one_at_a_time(engine, PROMPTS, max_new_tokens=10)
-        together = await _all_at_once(engine, PROMPTS, max_new_tokens=10)
+        # ignore_eos: a random model may pick EOS early; the check is about batching.
+        alone = await _one_at_a_time(engine, PROMPTS, max_new_tokens=10, ignore_eos=True)
+        together = await _all_at_once(engine, PROMPTS, max_new_tokens=10, ignore_eos=True)
     assert together == alone
     assert all(len(ids) == 10 for ids in alone)
 
