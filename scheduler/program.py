@@ -226,7 +226,9 @@ class Program:
     home_replica: int = -1
     retained_on: set[int] = field(default_factory=set)
     retention_timer: bool = False  # an idle-expiry timer is armed
-    idle_timer: bool = False  # an idle-end timer is armed
+    # The armed idle-end timer; cancelled when the program closes, so that a closed
+    # program is not kept alive (calls, graph, specs) until the timeout.
+    idle_timer: asyncio.TimerHandle | None = None
     idle_since: float = 0.0
     auto_ids: int = 0
     _graph: nx.DiGraph | None = None

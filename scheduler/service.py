@@ -863,12 +863,11 @@ class Scheduler:
     def _arm_idle_end(self, program: Program, due: float) -> None:
         """Proxy clients rarely end their programs: one idle past the timeout ends by
         itself (a later call reopens it, with its history)."""
-        if not program.idle_timer:
-            program.idle_timer = True
-            self.loop.call_at(due, self._idle_end, program)
+        if program.idle_timer is None:
+            program.idle_timer = self.loop.call_at(due, self._idle_end, program)
 
     def _idle_end(self, program: Program) -> None:
-        program.idle_timer = False
+        program.idle_timer = None
         if program.is_closed or program.open_calls:
             return  # its next idle moment re-arms the timer
         due = program.idle_since + self.config.program_idle_timeout_s
@@ -1067,6 +1066,9 @@ class Scheduler:
             self._open_programs -= 1
         program.status = status
         program.ended_at = now
+        if program.idle_timer is not None:
+            program.idle_timer.cancel()
+            program.idle_timer = None
         self.retention.release(program)
         self._spawn(self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
         if EventKind.PROGRAM_ENDED in self._wanted:
