@@ -9,9 +9,9 @@ Closing the stream (`close()`, or the task being cancelled) aborts the engine re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -22,6 +22,8 @@ from .common import ProgramIdentity, close_quietly, new_id
 
 if TYPE_CHECKING:
     from ..runtime import InflightRequest, Runtime
+
+T = TypeVar("T")
 
 ABORTED = FinishReason(FinishType.ABORT, message="aborted by /abort_request")
 
@@ -125,16 +127,24 @@ class ScheduledCall:
         return self._first
 
     async def chunks(self) -> AsyncIterator[Chunk]:
-        """Every chunk (the first one included, if `first()` fetched it)."""
+        """Every chunk (the first one included, if `first()` fetched it). After the final
+        one the scheduler's stream is run to its end, so it finishes on its own (cheaper
+        than closing it, and its bookkeeping runs now)."""
         if self._first is not None:
             first, self._first = self._first, None
             yield first
             if first.finished:
+                await self._drain()
                 return
         async for chunk in self._stream:
             yield chunk
             if chunk.finished:
+                await self._drain()
                 return
+
+    async def _drain(self) -> None:
+        async for _ in self._stream:
+            pass
 
     async def collect(self) -> CallOutput:
         out = CallOutput()
@@ -220,3 +230,15 @@ async def merge_streams(calls: list[ScheduledCall]) -> AsyncIterator[tuple[int, 
             task.cancel()
         with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def gather_each(awaitables: list[Awaitable[T]]) -> list[T]:
+    """`asyncio.gather`, minus its task per awaitable when there is only one (a single
+    prompt is the common case on the hot path)."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
+    return list(await asyncio.gather(*awaitables))
+
+
+async def close_all(calls: list[ScheduledCall]) -> None:
+    await gather_each([c.close() for c in calls])

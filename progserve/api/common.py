@@ -216,11 +216,15 @@ async def close_quietly(stream: AsyncIterator[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is None or getattr(stream, "ag_frame", True) is None:
         return  # not closable, or already finished (the common case: nothing to do)
-    with anyio.CancelScope(shield=True):
-        try:
+    task = asyncio.current_task()
+    try:
+        if task is not None and task.cancelling():
+            with anyio.CancelScope(shield=True):  # the task is being cancelled
+                await aclose()
+        else:
             await aclose()
-        except Exception:  # noqa: BLE001 - the client is gone; nothing to report to
-            pass
+    except Exception:  # noqa: BLE001 - the client is gone; nothing to report to
+        pass
 
 
 class ClientGone(Exception):

@@ -9,7 +9,6 @@ program once the call is done. Answers carry `X-Program-Id` and `X-Call-Id` head
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +31,7 @@ from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
 from ..config import LimitsConfig
 from ..errors import BadRequestError
 from ..runtime import Runtime
-from .calls import CallOutput, ScheduledCall, merge_streams
+from .calls import CallOutput, ScheduledCall, close_all, gather_each, merge_streams
 from .common import (
     SSE_DONE,
     ProgramIdentity,
@@ -310,17 +309,17 @@ async def completions(request: Request) -> Response:
                                           sampling)
     if body.stream:
         try:
-            await asyncio.gather(*(c.first() for c in calls))
+            await gather_each([c.first() for c in calls])
         except BaseException:
-            await asyncio.gather(*(c.close() for c in calls))
+            await close_all(calls)
             raise
         return sse_response(_completion_events(runtime, rid, calls, prompts, body),
                             calls[0].headers)
     try:
         outs = await unless_disconnected(
-            request, lambda: asyncio.gather(*(c.collect() for c in calls)))
+            request, lambda: gather_each([c.collect() for c in calls]))
     finally:
-        await asyncio.gather(*(c.close() for c in calls))
+        await close_all(calls)
     await calls[0].end_program_if_asked()
     choices = [_completion_choice(i, prompts[i], out, body) for i, out in enumerate(outs)]
     return json_response({
@@ -359,7 +358,7 @@ async def _start_completion_calls(runtime: Runtime, tenant: str, identity: Progr
                 ident = replace(identity, call_id=f"{identity.call_id}-{i}")
             calls.append(await ScheduledCall.start(runtime, tenant, ident, gen))
     except BaseException:
-        await asyncio.gather(*(c.close() for c in calls))
+        await close_all(calls)
         raise
     return calls
 
@@ -422,5 +421,5 @@ async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCa
         pending.append(sse_error(exc))
     finally:
         with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
-            await asyncio.gather(*(c.close() for c in calls))
+            await close_all(calls)
     yield b"".join(pending) + SSE_DONE

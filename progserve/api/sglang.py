@@ -15,7 +15,6 @@ decides the order.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +29,7 @@ from engine_backend.types import GenerateRequest, LogprobEntry
 
 from ..errors import BadRequestError
 from ..runtime import Runtime
-from .calls import ABORTED, CallOutput, ScheduledCall, merge_streams
+from .calls import ABORTED, CallOutput, ScheduledCall, close_all, gather_each, merge_streams
 from .common import (
     SSE_DONE,
     json_response,
@@ -174,24 +173,21 @@ async def generate(request: Request) -> Response:
             calls.append(await ScheduledCall.start(runtime, tenant, identity, gen,
                                                    abortable=True))
     except BaseException:
-        await asyncio.gather(*(c.close() for c in calls))
+        await close_all(calls)
         raise
     started = time.perf_counter()
     if body.stream:
         try:
-            await asyncio.gather(*(c.first() for c in calls))
+            await gather_each([c.first() for c in calls])
         except BaseException:
-            await asyncio.gather(*(c.close() for c in calls))
+            await close_all(calls)
             raise
         return sse_response(_events(calls, items, body, started), calls[0].headers)
     try:
-        if len(calls) == 1:
-            outs = [await unless_disconnected(request, calls[0].collect_abortable)]
-        else:
-            outs = await unless_disconnected(
-                request, lambda: asyncio.gather(*(c.collect_abortable() for c in calls)))
+        outs = await unless_disconnected(
+            request, lambda: gather_each([c.collect_abortable() for c in calls]))
     finally:
-        await asyncio.gather(*(c.close() for c in calls))
+        await close_all(calls)
     if calls:
         await calls[0].end_program_if_asked()
     results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
@@ -265,5 +261,5 @@ async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: G
         tail += sse_error(exc)
     finally:
         with anyio.CancelScope(shield=True):
-            await asyncio.gather(*(c.close() for c in calls))
+            await close_all(calls)
     yield tail + SSE_DONE
