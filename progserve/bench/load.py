@@ -151,10 +151,13 @@ class ProgramDriver:
             start = time.perf_counter()
             try:
                 resp = await self._send(method, path, **kwargs)
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
                 safe = method == "GET" or path.endswith("/end")
-                if not safe and (arrived is None or await arrived() is not False):
-                    raise
+                if not safe:
+                    seen = None if arrived is None else await arrived()
+                    if seen is not False:
+                        verdict = "saw it" if seen else "cannot tell whether it saw it"
+                        raise type(exc)(f"{exc} (the server {verdict})") from exc
                 self.resent += 1
                 continue
             self.latencies.append(time.perf_counter() - start)
