@@ -11,7 +11,10 @@ variable and an `end`); the other half are multi-turn OpenAI-proxy programs
 the last one with `X-Program-End`).
 
 A 429 is honoured (`Retry-After`, then the same request again), so admission control
-shapes the load instead of failing it. Each program ends as
+shapes the load instead of failing it. A connection that cannot be opened is opened
+again; one that breaks before the answer is resent only when that is safe (reads, `end`,
+or a POST the server confirms it never saw). `--rounds R` repeats the load on the same
+server and reports RSS after each round. Each program ends as
 - completed: every step answered 200 and the program is `finished` on the server;
 - failed: the server answered with a clear error (a documented 4xx/5xx body);
 - lost: no clear answer (connection dropped, timeout, malformed reply), or the server
