@@ -13,6 +13,7 @@ COMMANDS = {
     "serve": "progserve.commands.serve",
     "demo": "progserve.commands.demo",
     "bench": "progserve.bench.cli",
+    "config": "progserve.commands.config",
 }
 
 

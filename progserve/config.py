@@ -59,16 +59,16 @@ class Settings(BaseSettings):
         env_prefix="PROGSERVE_", env_nested_delimiter="__", extra="forbid"
     )
 
-    host: str = "127.0.0.1"
-    port: int = Field(30080, ge=0, le=65535)
-    engine: EngineKind = "sim"
+    host: str = Field("127.0.0.1", description="bind address of `serve`")
+    port: int = Field(30080, ge=0, le=65535, description="port of `serve` (0: a free one)")
+    engine: EngineKind = Field("sim", description="sim, torch, sglang or openai")
     engine_url: list[str] = Field(default_factory=list, description="one per replica")
     replicas: int = Field(1, ge=1, description="embedded engine replicas (sim/torch)")
     model: str | None = Field(None, description="model path or name served")
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, description="share program history and traces")
     api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
-    log_level: str = "info"
-    otlp_endpoint: str | None = None
+    log_level: str = Field("info", description="debug, info, warning or error")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP trace exporter URL")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     torch: TorchConfig = Field(default_factory=TorchConfig)
