@@ -105,7 +105,10 @@ class Dispatcher:
         places the call without a trip through the event loop."""
         call.status = CallStatus.QUEUED
         call.queued_at = now
-        call.program.queued.add(call)
+        program = call.program
+        if not program.queued:
+            program.waiting_since = now
+        program.queued.add(call)
         policy = self.policy
         policy.push(call, now)
         if self.on_queued is not None:
@@ -119,7 +122,7 @@ class Dispatcher:
         """Take a queued or parked call out of every queue (cancellation)."""
         if call.heap is not None:
             call.heap.remove(call)
-        call.program.queued.discard(call)
+        self._left_queue(call)
 
     def release(self, call: CallNode) -> None:
         """The call left its replica (finished, failed, aborted, preempted)."""
@@ -183,8 +186,16 @@ class Dispatcher:
         if self._abort is not None:
             self._schedule_preemption_check()
 
+    def _left_queue(self, call: CallNode) -> None:
+        program = call.program
+        if call in program.queued:
+            program.queued.discard(call)
+            if not program.queued:
+                loop = self._loop or asyncio.get_running_loop()
+                program.history.wait_wall_s += loop.time() - program.waiting_since
+
     def _place(self, call: CallNode, replica: Replica, now: float) -> None:
-        call.program.queued.discard(call)
+        self._left_queue(call)
         call.status = CallStatus.RUNNING
         call.replica = replica.index
         call.dispatched_at = now

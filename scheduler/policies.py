@@ -137,11 +137,13 @@ class LeveledPolicy(Policy):
 
     def _promotion_time(self, call: CallNode, now: float) -> float:
         """When `(W_prog + W_call) / (T_prog + T_call)` reaches beta; W_call grows as the
-        call waits (`call.wait` holds its waits before an earlier preemption)."""
+        call waits (`call.wait` holds its waits before an earlier preemption). W_prog is
+        the program's wall-clock waiting time (not a sum over its parallel calls, which
+        would promote a program five times as fast for waiting on five branches)."""
         call_wait = call.wait + (now - call.queued_at)
         if self.program_history:
             history = call.program.history
-            wait, service = history.wait_s + call_wait, history.service + call.service
+            wait, service = history.wait_wall_s + call_wait, history.service + call.service
         else:
             wait, service = call_wait, call.service
         if service <= 0:

@@ -63,7 +63,8 @@ class ProgramHistory:
     service: float = 0.0
     engine_time_s: float = 0.0
     weighted_tokens: float = 0.0
-    wait_s: float = 0.0
+    wait_s: float = 0.0  # summed over calls
+    wait_wall_s: float = 0.0  # time with at least one call queued (anti-starvation's W)
     calls_finished: int = 0
     engines_used: set[int] = field(default_factory=set)
     active_threads: dict[str, int] = field(default_factory=dict)  # thread -> open calls
@@ -224,12 +225,14 @@ class Program:
     running: set[CallNode] = field(default_factory=set)
     last_call_by_thread: dict[str, CallNode] = field(default_factory=dict)
     home_replica: int = -1
-    retained_on: set[int] = field(default_factory=set)
+    retained_on: set[int] = field(default_factory=set)  # replicas pinning its prefix now
+    touched: set[int] = field(default_factory=set)  # replicas of its calls since the last pin
     retention_timer: bool = False  # an idle-expiry timer is armed
     # The armed idle-end timer; cancelled when the program closes, so that a closed
     # program is not kept alive (calls, graph, specs) until the timeout.
     idle_timer: asyncio.TimerHandle | None = None
     idle_since: float = 0.0
+    waiting_since: float = 0.0  # when its queue last went from empty to non-empty
     auto_ids: int = 0
     _graph: nx.DiGraph | None = None
     _graph_calls: int = 0  # how many of `calls` (in insertion order) `_graph` holds

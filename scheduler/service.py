@@ -552,6 +552,8 @@ class Scheduler:
         )
         program.calls[call_id] = call
         program.last_call_by_thread[thread] = call
+        if not program.open_calls and program.retained_on:
+            self.retention.on_active(program)
         program.open_calls += 1
         program.history.thread_opened(thread)
         program.status = ProgramStatus.RUNNING

@@ -16,7 +16,7 @@ _seq = itertools.count()
 def program(pid: str, *, service: float = 0.0, wait: float = 0.0, tenant: str = "t") -> Program:
     p = Program(id=pid, tenant=tenant, arrival=0.0, seq=next(_seq))
     p.history.service = service
-    p.history.wait_s = wait
+    p.history.wait_wall_s = wait
     return p
 
 

@@ -295,6 +295,14 @@ def test_retention_pins_between_calls_and_unpins_at_end_or_idle():
         pid = await s.open_program("agent")
         await consume(s.llm_call(pid, req("c1")))
         await asyncio.sleep(0)  # the hint is sent by a task
+        assert eng.retained == {"agent": True}  # idle (a tool runs): pinned
+        stream = s.llm_call(pid, req("c1b", n=20))
+        await stream.__anext__()
+        await asyncio.sleep(0)
+        assert eng.retained == {"agent": False}  # active again: its request locks its prefix
+        async for _ in stream:
+            pass
+        await asyncio.sleep(0)
         assert eng.retained == {"agent": True}
         await s.end_program(pid)
         await asyncio.sleep(0)
