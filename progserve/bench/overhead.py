@@ -303,6 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         servers.append(proxies["litellm"])
                     except (RuntimeError, OSError) as exc:
                         notes.append(f"litellm did not start: {str(exc)[:300]}")
+                elif args.litellm == "off":
+                    notes.append("litellm comparison turned off (--litellm off)")
                 else:
                     notes.append("litellm not installed (--install-litellm): no comparison")
             for scenario in scenarios:

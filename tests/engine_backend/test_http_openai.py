@@ -146,3 +146,23 @@ async def test_recorded_errors_are_typed(recorded):
     engine = await recorded_engine(recorded, "error_400.json", status=429)
     with pytest.raises(EngineOverloadedError):
         await collect(engine, request("busy"))
+
+
+def test_logprob_requests_are_a_clear_400_without_logprobs(upstream, serve_in_thread):
+    """A progserve whose engine cannot give logprobs says so: 400, never a 500."""
+    import openai
+
+    front = serve_in_thread(create_app(Runtime(Settings(
+        engine="openai", engine_url=[upstream.url + "/v1"], http_engine={"logprobs": False}))))
+    resp = httpx.post(front.url + "/generate", json={
+        "text": "hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "logprobs_unsupported"
+    assert "logprobs" in resp.json()["error"]["message"]
+    client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="m", logprobs=True, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
+    ok = client.chat.completions.create(model="m", max_tokens=2,
+                                        messages=[{"role": "user", "content": "hi"}])
+    assert ok.usage.completion_tokens == 2

@@ -1,0 +1,39 @@
+"""`progserve bench overhead` runs end to end (short: this checks the harness, not the
+numbers) and reports what it measured for every target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from progserve.bench.overhead import ensure_wrk
+
+pytestmark = pytest.mark.slow
+
+
+def test_overhead_bench_reports_every_target(tmp_path):
+    try:
+        ensure_wrk()
+    except SystemExit:
+        pytest.skip("wrk is not installed and cannot be (needs root and apt)")
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "progserve.cli", "bench", "overhead", "--duration", "1",
+         "--warmup", "1", "--litellm", "off", "--json", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    generate = report["scenarios"]["generate"]
+    assert generate["direct"]["requests"] > 0 and generate["direct"]["errors"] == 0
+    proxied = generate["proxies"]["progserve(sglang)"]
+    assert proxied["requests"] > 0 and proxied["errors"] == 0
+    assert proxied["p50_added_ms"] == pytest.approx(
+        (proxied["p50_us"] - generate["direct"]["p50_us"]) / 1000)
+    assert proxied["cpu_ms_per_request"]["progserve-sglang"] > 0
+    chat = report["scenarios"]["chat"]
+    assert set(chat["proxies"]) == {"progserve(sglang)", "progserve(openai)"}
+    assert any("litellm" in note for note in report["notes"])  # why it is missing
+    assert "+p50 ms" in proc.stdout
