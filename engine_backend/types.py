@@ -8,7 +8,7 @@ engine emits many of them on the hot path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -72,7 +72,7 @@ class GenerateRequest(BaseModel):
         return self
 
 
-class FinishType(str, Enum):
+class FinishType(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
