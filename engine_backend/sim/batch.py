@@ -34,17 +34,17 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from engine_backend.outbox import ChunkOutbox
 from engine_backend.radix_cache import RadixCache, TokenKey, TreeNode
 from engine_backend.sim.config import SimConfig
 from engine_backend.sim.cost_model import StepCostModel
 from engine_backend.sim.responders import Reply
 
 if TYPE_CHECKING:
-    import asyncio
 
-    from engine_backend.types import Chunk, GenerateRequest
+    from engine_backend.types import GenerateRequest
 
 WAITING, PREFILLING, DECODING, DONE = 0, 1, 2, 3
 # While the admission headroom decays, re-check a blocked queue this often (steps).
@@ -87,9 +87,7 @@ class SimRequest:
     lock_node: TreeNode | None = None
     # stream side
     emitted: int = 0
-    chunks: list[Chunk] = field(default_factory=list)
-    waiter: asyncio.Future[Any] | None = None
-    error: BaseException | None = None
+    outbox: ChunkOutbox = field(default_factory=ChunkOutbox)
 
 
 @dataclass(slots=True)

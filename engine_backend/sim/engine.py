@@ -271,22 +271,12 @@ class SimEngine(Engine):
             self._tag_program(r.program_id)
         self.batcher.enqueue(r)
         self._wake()
-        assert self._loop is not None
+        chunks = r.outbox.drain("sim")
         try:
-            while True:
-                if not r.chunks:
-                    if r.error is not None:
-                        raise EngineUnavailableError(f"the sim engine failed: {r.error!r}")
-                    r.waiter = self._loop.create_future()
-                    await r.waiter
-                    continue
-                chunks, r.chunks = r.chunks, []
-                for chunk in chunks:
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
+            async for chunk in chunks:
+                yield chunk
         finally:
-            r.waiter = None
+            await chunks.aclose()
             if r.state != DONE:  # the consumer went away: free its KV
                 self._abort(r, None)
 
@@ -314,10 +304,7 @@ class SimEngine(Engine):
     # -------------------------------------------------------------- chunks
 
     def _push(self, r: SimRequest, chunk: Chunk) -> None:
-        r.chunks.append(chunk)
-        waiter = r.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        r.outbox.put(chunk)
 
     def _chunk(self, r: SimRequest, start: int, end: int, finish: FinishReason | None) -> Chunk:
         reply = r.reply
@@ -378,14 +365,8 @@ class SimEngine(Engine):
             raise
         except BaseException as exc:  # a bug: fail every stream instead of hanging them
             for r in list(self._requests.values()):
-                r.error = exc
-                self._push_error(r)
+                r.outbox.fail(exc)
             raise
-
-    def _push_error(self, r: SimRequest) -> None:
-        waiter = r.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     async def _advance_forever(self) -> None:
         loop = self._loop

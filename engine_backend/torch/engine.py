@@ -30,6 +30,7 @@ from engine_backend.errors import (
     UnsupportedError,
 )
 from engine_backend.kernels.ops import Backend
+from engine_backend.outbox import ChunkOutbox
 from engine_backend.radix_cache import RadixCache, TokenKey
 from engine_backend.types import (
     Capabilities,
@@ -65,9 +66,7 @@ class _Stream:
     spec: GenerateRequest
     detok: IncrementalDetokenizer
     stops: StopStrings
-    chunks: list[Chunk] = field(default_factory=list)
-    waiter: asyncio.Future[None] | None = None
-    error: BaseException | None = None
+    outbox: ChunkOutbox = field(default_factory=ChunkOutbox)
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -365,22 +364,12 @@ class TorchEngine(Engine):
         self._streams[r.rid] = stream
         self.batcher.enqueue(r)
         self._work.set()
-        assert self._loop is not None
+        chunks = stream.outbox.drain("torch")
         try:
-            while True:
-                if not stream.chunks:
-                    if stream.error is not None:
-                        raise EngineUnavailableError(f"the torch engine failed: {stream.error!r}")
-                    stream.waiter = self._loop.create_future()
-                    await stream.waiter
-                    continue
-                chunks, stream.chunks = stream.chunks, []
-                for chunk in chunks:
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
+            async for chunk in chunks:
+                yield chunk
         finally:
-            stream.waiter = None
+            await chunks.aclose()
             if r.state != DONE:  # the consumer went away: free its KV
                 self._request_abort(stream, None)
 
@@ -421,8 +410,7 @@ class TorchEngine(Engine):
         except BaseException as exc:  # a bug: fail every stream instead of hanging them
             log.exception("torch engine loop died")
             for stream in list(self._streams.values()):
-                stream.error = exc
-                self._wake(stream)
+                stream.outbox.fail(exc)
             raise
 
     def _apply_aborts(self) -> None:
@@ -523,10 +511,4 @@ class TorchEngine(Engine):
         return out
 
     def _push(self, stream: _Stream, chunk: Chunk) -> None:
-        stream.chunks.append(chunk)
-        self._wake(stream)
-
-    def _wake(self, stream: _Stream) -> None:
-        waiter = stream.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        stream.outbox.put(chunk)
