@@ -33,9 +33,11 @@ class SchedulerConfig(BaseModel):
         0.012, ge=0, description="service per generated token (~one decode step, 8B on H100)"
     )
     # MLFQ discretisation (Autellix): K queues, queue i holds priorities below
-    # first_bound * growth**i (seconds of attained service).
+    # first_bound * growth**i (seconds of attained service). The defaults put the last
+    # queue (FCFS by program arrival) at 32 s: a chat conversation (~24 s of service) stays
+    # above it, a tree search (~130 s) runs its first quarter above it, then in order.
     mlfq_queues: int = Field(8, ge=1, le=64)
-    mlfq_first_bound: float = Field(0.25, gt=0)
+    mlfq_first_bound: float = Field(0.5, gt=0)
     mlfq_growth: float = Field(2.0, gt=1)
     mlfq_quantum: float = Field(
         0.5,
@@ -43,7 +45,9 @@ class SchedulerConfig(BaseModel):
         description="service (s) a call may run in queue 0 before it is demoted; queue i "
         "gets mlfq_quantum * mlfq_growth**i",
     )
-    starvation_beta: float = Field(4.0, gt=0, description="promote when wait/service >= beta")
+    starvation_beta: float = Field(
+        16.0, gt=0, description="promote to the top queue when wait/service >= beta"
+    )
     # DLPM
     dlpm_quantum_tokens: int = Field(4096, gt=0, description="deficit added per tenant per round")
     # Dispatch budget per replica: keeps the engine's own queue short so our order decides.
@@ -52,7 +56,11 @@ class SchedulerConfig(BaseModel):
     decode_reserve_tokens: int = Field(
         256, ge=0, description="budget tokens counted per call for its output (capped by max)"
     )
-    pass_priority: bool = Field(True, description="pass priorities to engines that honour them")
+    pass_priority: bool = Field(
+        True,
+        description="pass priorities to engines that honour them (admission order; note that "
+        "an engine may also evict its cache by them)",
+    )
     # Abort-and-resume preemption for engines without priority support.
     preempt_without_priority: bool = False
     # KV retention across tool gaps and between a program's calls.
