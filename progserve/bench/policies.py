@@ -76,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # passed down fell to a 74% cache hit rate (fcfs: 84%) and collapsed; without, 85%.
 # With the budget smaller than the engine's batch, the engine's own queue stays short, so
 # the order is progserve's either way.
-BENCH_SCHEDULER = dict(max_inflight_requests=64, max_inflight_tokens=160_000,
+BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
                        keep_finished_programs=0, pass_priority=False)
 RETENTION_KV_CAPACITY = 60_000
 
