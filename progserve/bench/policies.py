@@ -78,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # the order is progserve's either way.
 BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
                        keep_finished_programs=0, pass_priority=False)
-RETENTION_KV_CAPACITY = 60_000
+RETENTION_KV_CAPACITY = 40_000  # first try; shrinks until LRU < 80%
 
 
 def build_setup(args: argparse.Namespace) -> BenchSetup:
@@ -326,36 +326,52 @@ class Bench:
 
     def _retention(self, pool: futures.Executor, progress: Any, bar: Any, rate: float,
                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """The same policy and load, memory pressure; plain LRU without retention hints vs
-        the priority eviction order with program-aware retention."""
+        """The same policy and load under memory pressure: plain LRU without retention
+        hints vs the priority eviction order with program-aware retention. Unless
+        `--retention-kv-capacity` is given, the KV capacity shrinks (x0.7 per try) until
+        plain LRU hits below 80%."""
         a = self.args
         policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
-        capacity = a.retention_kv_capacity or RETENTION_KV_CAPACITY
-        variants = {
-            "lru": ((("retain_kv", False),), (("eviction", "lru"), ("kv_capacity_tokens", capacity))),
-            "retention": ((("retain_kv", True),),
-                          (("eviction", "priority"), ("kv_capacity_tokens", capacity))),
-        }
-        progress.update(bar, total=(progress.tasks[0].total or 0) + 2, description="retention")
-        jobs = {
-            pool.submit(execute, self.spec(policy, rate, scheduler_overrides=s, sim_overrides=m)): name
-            for name, (s, m) in variants.items()
-        }
-        out: dict[str, Any] = {"policy": policy, "rate": rate, "kv_capacity_tokens": capacity}
-        for job in futures.as_completed(jobs):
-            summary = job.result()
+
+        def variant(name: str, capacity: int) -> dict[str, Any]:
+            retain = name == "retention"
+            spec = self.spec(
+                policy, rate,
+                scheduler_overrides=(("retain_kv", retain),),
+                sim_overrides=(("eviction", "priority" if retain else "lru"),
+                               ("kv_capacity_tokens", capacity)),
+            )
+            summary = pool.submit(execute, spec).result()
             progress.advance(bar)
-            out[jobs[job]] = {
+            return {
                 "cache_hit_rate": summary["cache_hit_rate"],
                 "mean_token_latency": summary["mean_token_latency"],
                 "p95_token_latency": summary["p95_token_latency"],
                 "preemptions": summary["engine"]["preemptions"],
                 "recomputed_tokens": summary["engine"]["recomputed_tokens"],
             }
-        out["cache_hit_gain_points"] = 100 * (
-            out["retention"]["cache_hit_rate"] - out["lru"]["cache_hit_rate"]
-        )
-        return out
+
+        capacity = a.retention_kv_capacity or RETENTION_KV_CAPACITY
+        progress.update(bar, total=(progress.tasks[0].total or 0) + 3, description="retention")
+        tried: list[dict[str, Any]] = []
+        lru = variant("lru", capacity)
+        tried.append({"kv_capacity_tokens": capacity, "lru_cache_hit_rate": lru["cache_hit_rate"]})
+        while a.retention_kv_capacity is None and lru["cache_hit_rate"] >= 0.8 and len(tried) < 8:
+            capacity = max(1000, int(capacity * 0.7))
+            progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
+            lru = variant("lru", capacity)
+            tried.append({"kv_capacity_tokens": capacity,
+                          "lru_cache_hit_rate": lru["cache_hit_rate"]})
+        retained = variant("retention", capacity)
+        return {
+            "policy": policy,
+            "rate": rate,
+            "kv_capacity_tokens": capacity,
+            "capacity_search": tried,
+            "lru": lru,
+            "retention": retained,
+            "cache_hit_gain_points": 100 * (retained["cache_hit_rate"] - lru["cache_hit_rate"]),
+        }
 
     # ------------------------------------------------------------------ the report
     def _report(self, unloaded: dict[str, Any], slo: float, sweeps: dict[str, Sweep],
