@@ -47,6 +47,13 @@ class ProgramResult:
 
     @property
     def token_latency(self) -> float:
+        """Response time (for a DAG: its critical-path time, i.e. makespan) per generated
+        token: the issue's reading of Autellix's program-level token latency."""
+        return (self.finish - self.arrival) / max(self.tokens, 1)
+
+    @property
+    def cp_token_latency(self) -> float:
+        """Stricter variant for DAGs: per token on the critical path only."""
         return (self.finish - self.arrival) / max(self.cp_tokens, 1)
 
 

@@ -1,10 +1,17 @@
 """Program-level latency statistics (Autellix's metric) over a run's steady state.
 
-Token latency of a program = its response time (finish - arrival) divided by the tokens it
-generated along its critical path; for a sequential program (chat, bfcl) that is all its
-tokens, for a DAG (lats, mapreduce) the tokens of the chain of calls that decided when it
-finished. Statistics skip the warm-up (the first `warmup` share of programs by arrival)
-and the drain (the last `drain` share), where the load is not yet / no longer steady.
+Token latency of a program = its response time (finish - arrival; for a DAG that is its
+critical-path time) divided by the tokens it generated. `critical_path` in a summary has
+the stricter variant for DAGs (lats, mapreduce): per token of the chain of calls that
+decided when the program finished (identical for chat and bfcl). Statistics skip the
+warm-up (the first `warmup` share of programs by arrival) and the drain (the last `drain`
+share), where the load is not yet / no longer steady.
+
+Stability: a run whose response times keep growing across its measured window has a
+backlog that grows without bound; with more programs its latency would too. `stable` is
+False when, for some program type, the mean response time of the last third of the
+window exceeds `GROWTH_LIMIT` times that of the first third. A sweep point meets the SLO
+only if it is stable.
 """
 
 from __future__ import annotations
@@ -49,6 +56,24 @@ def latency_stats(values: Iterable[float]) -> dict[str, float]:
     }
 
 
+GROWTH_LIMIT = 1.5
+
+
+def response_growth(measured: Sequence[ProgramResult]) -> dict[str, float]:
+    """Per program type: mean response time of the last third of the window (by arrival)
+    over that of the first third."""
+    out: dict[str, float] = {}
+    for kind in sorted({p.kind for p in measured}):
+        of_kind = sorted((p for p in measured if p.kind == kind), key=lambda p: p.index)
+        third = len(of_kind) // 3
+        if third < 10:
+            continue
+        first = sum(p.finish - p.arrival for p in of_kind[:third]) / third
+        last = sum(p.finish - p.arrival for p in of_kind[-third:]) / third
+        out[kind] = last / first if first > 0 else math.inf
+    return out
+
+
 def summarize_run(run: RunResult, total: int, warmup: float, drain: float) -> dict[str, Any]:
     """Everything the bench reports about one run (seconds per token for latencies)."""
     measured = steady_state(run.programs, total, warmup, drain)
@@ -64,6 +89,19 @@ def summarize_run(run: RunResult, total: int, warmup: float, drain: float) -> di
     out["p95_by_type"] = {k: v["p95_token_latency"] for k, v in by_type.items()}
     out["mean_by_type"] = {k: v["mean_token_latency"] for k, v in by_type.items()}
     out["by_type"] = by_type
+    out["critical_path"] = {
+        **latency_stats(p.cp_token_latency for p in measured),
+        "p95_by_type": {
+            kind: latency_stats(p.cp_token_latency for p in measured if p.kind == kind)[
+                "p95_token_latency"]
+            for kind in kinds
+        },
+    }
+    growth = response_growth(measured)
+    out["response_growth"] = growth
+    out["stable"] = all(g <= GROWTH_LIMIT for g in growth.values()) and (
+        len(run.programs) == total
+    )
     out["mean_queue_wait_s"] = (
         sum(p.queue_wait for p in measured) / len(measured) if measured else 0.0
     )
