@@ -175,17 +175,29 @@ class CodeRunner(IncrementalTool):
             pass  # the child died; reading its reply reports why
         reply = await _read_reply(self._child)
         if reply is None:
-            self._error = (
-                f"TimeoutError: the code ran past {self._config.timeout_s:g} s; process killed"
-                if self._timed_out
-                else "the code runner process died (a resource limit was hit?)"
-            )
+            self._error = await self._death_cause()
             return
         self._ran += 1
         self._append_output(str(reply.get("stdout") or "") + str(reply.get("stderr") or ""))
         self._value = reply.get("value")
         if reply.get("error"):
             self._error = str(reply["error"])
+
+    async def _death_cause(self) -> str:
+        """Why the child stopped answering. The CPU limit and the wall-clock limit race
+        for a busy loop (which one wins depends on the machine's load), so both count as
+        a timeout; the exit signal tells them apart."""
+        assert self._child is not None
+        if self._timed_out:
+            return f"TimeoutError: the code ran past {self._config.timeout_s:g} s; process killed"
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._child.proc.wait(), 1.0)
+        if self._child.proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            self._timed_out = True
+            return (f"TimeoutError: the code used its {self._config.cpu_s} CPU seconds; "
+                    "process killed")
+        return (f"the code runner process died (exit {self._child.proc.returncode}; "
+                "a resource limit was hit?)")
 
     def _append_output(self, text: str) -> None:
         room = self._config.max_output_bytes - self._stdout_size

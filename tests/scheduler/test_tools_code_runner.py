@@ -89,6 +89,19 @@ async def test_code_runner_enforces_its_wall_clock_limit(
     assert out["statements_run"] == 1  # `x = 1` ran; the loop was cut
 
 
+async def test_code_runner_reports_its_cpu_limit_as_a_timeout(
+    make_executor: Callable[..., ToolExecutor],
+) -> None:
+    executor = make_executor(timeout_s=30.0, cpu_s=1)  # the CPU limit strikes first
+    t0 = time.monotonic()
+    out = await executor.run(
+        "python", {"code": "while True:\n    pass\n"}, program_id="p", call_id="c"
+    )
+    assert time.monotonic() - t0 < 20
+    assert not out["ok"] and out["timed_out"], out
+    assert "1 CPU seconds" in out["error"], out
+
+
 async def test_child_has_no_environment_and_a_private_temp_cwd(
     make_executor: Callable[..., ToolExecutor],
 ) -> None:
