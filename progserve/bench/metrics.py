@@ -7,15 +7,22 @@ decided when the program finished (identical for chat and bfcl). Statistics skip
 warm-up (the first `warmup` share of programs by arrival) and the drain (the last `drain`
 share), where the load is not yet / no longer steady.
 
-Stability: a run whose response times keep growing across its measured window has a
-backlog that grows without bound; with more programs its latency would too. `stable` is
-False when, for some program type, the mean response time of the last third of the
-window exceeds `GROWTH_LIMIT` times that of the first third. A sweep point meets the SLO
-only if it is stable.
+Stability: a run whose backlog grows across its measured window is overloaded; with more
+programs its latency would grow without bound. Two signs, either one marks the run
+unstable (`stable` False):
+- response growth: for some program type, the mean response time of the last third of
+  the window (by arrival) exceeds `GROWTH_LIMIT` times that of the first third;
+- backlog growth: the mean number of programs in the system over the last third of the
+  window's time exceeds `GROWTH_LIMIT` times that over the first third. This one catches
+  a policy that starves a program type until arrivals stop: the starved programs then
+  all finish together in the drain, so their response times *shrink* by arrival order
+  while they pile up in the system.
+A sweep point meets the SLO only if it is stable.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -74,6 +81,27 @@ def response_growth(measured: Sequence[ProgramResult]) -> dict[str, float]:
     return out
 
 
+def backlog_growth(programs: Sequence[ProgramResult], measured: Sequence[ProgramResult],
+                   samples: int = 90) -> float:
+    """Mean programs in the system (arrived, not finished) over the last third of the
+    measured window's time, over that of the first third."""
+    if len(measured) < 30:
+        return 1.0
+    arrivals = sorted(p.arrival for p in programs)
+    finishes = sorted(p.finish for p in programs)
+    start = min(p.arrival for p in measured)
+    end = max(p.arrival for p in measured)
+    step = (end - start) / (samples - 1)
+    counts = [
+        bisect.bisect_right(arrivals, t) - bisect.bisect_right(finishes, t)
+        for t in (start + i * step for i in range(samples))
+    ]
+    third = samples // 3
+    first = sum(counts[:third]) / third
+    last = sum(counts[-third:]) / third
+    return last / max(first, 1.0)
+
+
 def summarize_run(run: RunResult, total: int, warmup: float, drain: float) -> dict[str, Any]:
     """Everything the bench reports about one run (seconds per token for latencies)."""
     measured = steady_state(run.programs, total, warmup, drain)
@@ -99,8 +127,11 @@ def summarize_run(run: RunResult, total: int, warmup: float, drain: float) -> di
     }
     growth = response_growth(measured)
     out["response_growth"] = growth
-    out["stable"] = all(g <= GROWTH_LIMIT for g in growth.values()) and (
-        len(run.programs) == total
+    out["backlog_growth"] = backlog = backlog_growth(run.programs, measured)
+    out["stable"] = (
+        all(g <= GROWTH_LIMIT for g in growth.values())
+        and backlog <= GROWTH_LIMIT
+        and len(run.programs) == total
     )
     out["mean_queue_wait_s"] = (
         sum(p.queue_wait for p in measured) / len(measured) if measured else 0.0

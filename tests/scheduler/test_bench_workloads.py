@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from engine_backend.sim import SimConfig
-from progserve.bench.driver import BenchSetup, run_trace
-from progserve.bench.metrics import percentile, steady_state, summarize_run
+from progserve.bench.driver import BenchSetup, ProgramResult, run_trace
+from progserve.bench.metrics import backlog_growth, percentile, steady_state, summarize_run
 from progserve.bench.workloads import (
     BfclShape,
     ChatShape,
@@ -57,6 +57,18 @@ def test_percentile_and_steady_state_window():
 
     kept = steady_state([R(i) for i in range(100)], 100, 0.1, 0.2)
     assert [r.index for r in kept] == list(range(10, 80))
+
+
+def test_backlog_growth_catches_a_type_starved_until_arrivals_stop():
+    def program(i, finish):
+        return ProgramResult(i, "x", float(i), finish, tokens=10, cp_tokens=10, calls=1)
+
+    steady = [program(i, i + 5.0) for i in range(300)]
+    assert backlog_growth(steady, steady) == pytest.approx(1.0, abs=0.1)
+    # Every third program is starved: it finishes only after the last arrival. Its
+    # response times shrink by arrival order, but the system fills up.
+    starved = [program(i, 400.0 if i % 3 == 0 else i + 5.0) for i in range(300)]
+    assert backlog_growth(starved, starved) > 1.5
 
 
 def small_setup(replicas=2):
@@ -124,6 +136,8 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
             assert key in entry["at_load"]
         assert set(entry["at_load"]["p95_by_type"]) == {"bfcl"}
     assert "differences" in report["setup"]
+    floor = report["comparison"]["floor"]
+    assert 0 < floor["mean_ratio"] <= 1.5 and 0 < floor["p95_ratio"] <= 1.5
     retention = report["retention"]
     assert 0 <= retention["lru"]["cache_hit_rate"] <= 1
     assert "cache_hit_gain_points" in retention
