@@ -34,23 +34,24 @@ class ChunkOutbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    async def take(self, engine_name: str) -> list[Chunk]:
+        """The undelivered chunks (at least one), waiting for them if there are none yet.
+        A plain coroutine, so an engine's stream can await it with no generator between."""
+        while not self.chunks:
+            if self.error is not None:
+                raise EngineUnavailableError(f"the {engine_name} engine failed: {self.error!r}")
+            self.waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        chunks, self.chunks = self.chunks, []
+        return chunks
+
     async def drain(self, engine_name: str) -> AsyncIterator[Chunk]:
         """Yield chunks as they come until the one with a finish reason."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self.chunks:
-                    if self.error is not None:
-                        raise EngineUnavailableError(
-                            f"the {engine_name} engine failed: {self.error!r}"
-                        )
-                    self.waiter = loop.create_future()
-                    await self.waiter
-                    continue
-                chunks, self.chunks = self.chunks, []
-                for chunk in chunks:
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
-        finally:
-            self.waiter = None
+        while True:
+            for chunk in await self.take(engine_name):
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return

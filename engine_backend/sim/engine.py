@@ -271,12 +271,14 @@ class SimEngine(Engine):
             self._tag_program(r.program_id)
         self.batcher.enqueue(r)
         self._wake()
-        chunks = r.outbox.drain("sim")
+        outbox = r.outbox
         try:
-            async for chunk in chunks:
-                yield chunk
+            while True:  # one generator per request: the outbox is awaited, not iterated
+                for chunk in await outbox.take("sim"):
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
         finally:
-            await chunks.aclose()
             if r.state != DONE:  # the consumer went away: free its KV
                 self._abort(r, None)
 
