@@ -256,6 +256,8 @@ class Metrics:
         self._tool_started_at: _Bounded = _Bounded()
         self._programs: _Bounded = _Bounded()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Applies observability events not yet applied (`EventBatch.flush`) before a scrape.
+        self.catch_up: Callable[[], None] = _nothing
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: the lookup is the costly part of an update."""
@@ -339,6 +341,7 @@ class Metrics:
 
     async def refresh(self) -> None:
         """Pull the scheduler's and engines' statistics into the snapshot gauges."""
+        self.catch_up()
         if self._scheduler_stats is not None:
             stats = self._scheduler_stats()
             self._snapshot.scheduler = await stats if inspect.isawaitable(stats) else stats
@@ -347,6 +350,7 @@ class Metrics:
 
     def render(self, tenant: str | None = None) -> bytes:
         """The Prometheus text exposition: everything, or as `tenant` may see it."""
+        self.catch_up()
         if tenant is None:
             return generate_latest(self.registry)
         return generate_latest(_TenantView(self.registry, tenant))  # type: ignore[arg-type]
@@ -369,6 +373,10 @@ class _TenantView:
             view = Metric(family.name, family.documentation, family.type, family.unit)
             view.samples = samples
             yield view
+
+
+def _nothing() -> None:
+    pass
 
 
 def _replica(replica: int | None) -> str:

@@ -2,8 +2,8 @@
 
 `install_observability(app, runtime)` is the one hook the app factory calls: it builds the
 trace store (shared through Redis when `--redis-url` is set), the OpenTelemetry tracing and
-the Prometheus metrics, subscribes both to the scheduler's events, adds the `traceparent`
-middleware, and mounts `/metrics` and `/ui`. `start()`/`close()` run with the app's
+the Prometheus metrics, subscribes both to the scheduler's events (through an
+`EventBatch`, which applies them off the request path), adds the `traceparent` middleware, and mounts `/metrics` and `/ui`. `start()`/`close()` run with the app's
 lifespan (the trace store also starts itself lazily on first use).
 
 Who sees what: with API keys off, everyone sees everything. With keys on, a caller of an
@@ -26,6 +26,7 @@ from engine_backend.types import EngineStats
 
 from .auth import Authenticator
 from .config import ObservabilityConfig
+from .event_batch import EventBatch
 from .metrics import EngineStatsSource, Metrics, install_metrics
 from .trace_store import TraceStore
 from .tracing import Tracing, install_tracing
@@ -45,6 +46,7 @@ class Observability:
     store: TraceStore
     tracing: Tracing
     metrics: Metrics
+    events: EventBatch
 
     def visible_tenant(self, headers: Mapping[str, str]) -> str | None:
         """None when the caller may see every tenant; else the one tenant it may see.
@@ -58,6 +60,7 @@ class Observability:
         await self.tracing.start()
 
     async def close(self) -> None:
+        self.events.close()
         await self.tracing.shutdown()
 
 
@@ -95,9 +98,10 @@ def build_observability(runtime: Runtime) -> Observability:
         engine_stats=runtime_engine_stats(runtime),
         queue_levels=levels,
     )
-    scheduler.add_listener(tracing.on_event)
-    scheduler.add_listener(metrics.on_event)
-    return Observability(config, runtime.auth, store, tracing, metrics)
+    events = EventBatch([tracing.on_event, metrics.on_event])
+    store.catch_up = metrics.catch_up = events.flush
+    scheduler.add_listener(events.on_event)
+    return Observability(config, runtime.auth, store, tracing, metrics, events)
 
 
 def runtime_engine_stats(runtime: Runtime) -> EngineStatsSource:

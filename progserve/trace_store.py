@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 SpanDict = dict[str, Any]
+
+
+def _nothing() -> None:
+    pass
 
 
 def program_key(tenant: str, program_id: str) -> str:
@@ -141,6 +146,9 @@ class TraceStore:
         self.flushes_failed = 0
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        # Applies observability events not yet applied (`EventBatch.flush`): every read and
+        # every Redis write calls it first, so nothing reads behind the scheduler.
+        self.catch_up: Callable[[], None] = _nothing
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -219,6 +227,7 @@ class TraceStore:
 
     def local_tenant_of(self, program_id: str) -> str | None:
         """The tenant of a program this instance has seen under that id, if any."""
+        self.catch_up()
         for rec in reversed(self._records.values()):
             if rec.program_id == program_id:
                 return rec.tenant
@@ -237,6 +246,7 @@ class TraceStore:
     async def program_spans(self, key: str) -> list[SpanDict]:
         """Every finished span of a program (by `program_key`), from this instance and
         (with Redis) all."""
+        self.catch_up()
         spans: dict[str, SpanDict] = {}
         for blob in self._spans.get(key, ()):
             span = orjson.loads(blob)
@@ -252,6 +262,7 @@ class TraceStore:
         return sorted(spans.values(), key=lambda s: (s["start_ns"], s["span_id"]))
 
     async def program_summary(self, key: str) -> dict[str, Any] | None:
+        self.catch_up()
         parts = await self._parts([key])
         return merge_records(parts[key], time.time_ns()) if parts.get(key) else None
 
@@ -259,6 +270,7 @@ class TraceStore:
         self, limit: int = 200, tenant: str | None = None
     ) -> list[dict[str, Any]]:
         """The most recently updated programs, newest first (only `tenant`'s if given)."""
+        self.catch_up()
         keys = [
             key
             for key, rec in reversed(self._records.items())
@@ -344,6 +356,7 @@ class TraceStore:
     async def flush(self) -> None:
         """Write queued spans and changed program records to Redis. On failure they stay
         queued (the next flush retries them), so an outage loses nothing but memory."""
+        self.catch_up()
         if self._redis is None or not (self._pending_spans or self._dirty):
             return
         spans, self._pending_spans = self._pending_spans, []

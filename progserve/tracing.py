@@ -231,6 +231,7 @@ class Tracing:
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Push spans buffered for the exporters out now (True when all made it)."""
+        self.store.catch_up()
         return all(p.force_flush(timeout_millis) for p in self.processors)
 
     def _emit(self, span: SpanDict) -> None:
@@ -515,6 +516,7 @@ class Tracing:
     def open_calls(self, key: str) -> list[SpanDict]:
         """This instance's in-flight calls of a program, shaped like finished spans
         (`end_ns` None, status "running")."""
+        self.store.catch_up()
         binding = self.program_trace(key)
         out = []
         for (open_key, _), timeline in self._open.items():
