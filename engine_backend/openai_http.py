@@ -7,6 +7,8 @@ Capabilities are what the protocol can honestly give:
   `echo` + `logprobs` request; prompt logprobs (`logprob_start_len >= 0`) are then read
   from a non-streamed `echo` answer, split at `usage.prompt_tokens`;
 - abort closes the stream (the protocol has no abort call; servers stop on disconnect);
+- a request whose caller only needs the whole answer (`GenerateRequest.stream` False) is
+  one non-streamed call, yielded as a single final chunk;
 - `cached_tokens` from `usage.prompt_tokens_details.cached_tokens` when the server sends it.
 """
 
@@ -169,6 +171,9 @@ class OpenAIHTTPEngine(Engine):
             if request.return_logprob and request.logprob_start_len >= 0:
                 yield await self._generate_with_prompt_logprobs(pool, request)
                 return
+            if not request.stream:
+                yield await self._complete(pool, request)
+                return
             async for chunk in self._stream(pool, request):
                 yield chunk
         finally:
@@ -205,12 +210,11 @@ class OpenAIHTTPEngine(Engine):
                                         else None)
         except EngineUnavailableError:
             if rid in self._aborted:  # abort() closed the connection under us
-                yield Chunk(rid=rid, finish_reason=FinishReason(FinishType.ABORT,
-                                                                message="aborted"))
+                yield self._aborted_chunk(rid)
                 return
             raise
         if rid in self._aborted:
-            yield Chunk(rid=rid, finish_reason=FinishReason(FinishType.ABORT, message="aborted"))
+            yield self._aborted_chunk(rid)
             return
         if reason is None:
             raise EngineUnavailableError(f"{upstream}: stream ended without a finish reason")
@@ -227,13 +231,58 @@ class OpenAIHTTPEngine(Engine):
         return Chunk(rid=rid, finish_reason=_finish(reason, completion, stop_reason),
                      prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
 
+    def _aborted_chunk(self, rid: str) -> Chunk:
+        return Chunk(rid=rid, finish_reason=FinishReason(FinishType.ABORT, message="aborted"))
+
+    async def _whole_answer(self, pool: HTTPPool, request: GenerateRequest
+                            ) -> dict[str, Any] | None:
+        """One non-streamed `/v1/completions` answer; None when `abort` closed it."""
+        rid = request.rid
+        try:
+            async with pool.stream("POST", "/v1/completions",
+                                   json=self.request_json(request, stream=False)) as resp:
+                if resp.status != 200:
+                    raise error_for_status(resp.status, await resp.aread(), self._upstream)
+                self._active[rid] = resp
+                body = await resp.aread()
+        except EngineUnavailableError:
+            if rid in self._aborted:
+                return None
+            raise
+        if rid in self._aborted:
+            return None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise EngineUnavailableError(f"{self._upstream}: malformed answer: {exc}") from exc
+        if not isinstance(data, dict):
+            raise EngineUnavailableError(f"{self._upstream}: unexpected answer {data!r:.200}")
+        return data
+
+    async def _complete(self, pool: HTTPPool, request: GenerateRequest) -> Chunk:
+        """The whole answer as one final chunk (the caller does not stream)."""
+        data = await self._whole_answer(pool, request)
+        if data is None:
+            return self._aborted_chunk(request.rid)
+        choice = (data.get("choices") or [{}])[0]
+        reason = choice.get("finish_reason")
+        if reason is None:
+            raise EngineUnavailableError(f"{self._upstream}: answer without a finish reason")
+        text = choice.get("text") or ""
+        logprobs = _logprob_entries(choice.get("logprobs")) if request.return_logprob else None
+        # Without a usage block, count what can be counted (as the stream does).
+        counted = len(logprobs) if logprobs else (1 if text else 0)
+        chunk = self._final(request.rid, reason, choice.get("stop_reason"),
+                            data.get("usage") or {}, counted)
+        chunk.text = text
+        chunk.output_logprobs = logprobs
+        return chunk
+
     async def _generate_with_prompt_logprobs(self, pool: HTTPPool,
                                              request: GenerateRequest) -> Chunk:
-        status, body = await pool.request("POST", "/v1/completions",
-                                          json=self.request_json(request, stream=False))
-        if status != 200:
-            raise error_for_status(status, body, self._upstream)
-        data = orjson.loads(body)
+        data = await self._whole_answer(pool, request)
+        if data is None:
+            return self._aborted_chunk(request.rid)
         choice = (data.get("choices") or [{}])[0]
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)

@@ -1,7 +1,9 @@
 """`SGLangHTTPEngine`: one SGLang server replica, driven through its native HTTP API.
 
 - `POST /generate` with `stream: true`. SGLang's events carry the *cumulative* text (and,
-  by default, cumulative `output_ids`); they are turned into delta `Chunk`s here.
+  by default, cumulative `output_ids`); they are turned into delta `Chunk`s here. A request
+  whose caller only needs the whole answer (`GenerateRequest.stream` False) is one
+  non-streamed `/generate`, yielded as a single final chunk (no SSE on either side).
 - `rid` is passed through, so `abort(rid)` can `POST /abort_request`. Closing the stream
   early (the consumer stopped) also aborts upstream: SGLang aborts on disconnect and an
   explicit abort is sent as well.
@@ -32,7 +34,7 @@ from .errors import (
     InvalidRequestError,
     UnknownRequestError,
 )
-from .http_client import HTTPPool, error_for_status
+from .http_client import HTTPPool, HTTPResponse, error_for_status
 from .types import (
     Capabilities,
     Chunk,
@@ -214,7 +216,7 @@ class SGLangHTTPEngine(Engine):
         body: dict[str, Any] = {
             "rid": request.rid,
             "sampling_params": sampling_to_json(request.sampling),
-            "stream": True,
+            "stream": request.stream,
         }
         if request.text is not None:
             body["text"] = request.text
@@ -243,13 +245,16 @@ class SGLangHTTPEngine(Engine):
                     raise error_for_status(resp.status, await resp.aread(), self._upstream)
                 opened = True
                 progress = _Progress()
-                async for event in resp.aiter_sse():
-                    chunk = self._chunk_from_event(rid, event, progress)
-                    if chunk.finished:
-                        final = chunk  # yielded once the body is read to its end
-                    elif final is None:
-                        yield chunk
-            if final is None:
+                if not request.stream:
+                    final = self._chunk_from_event(rid, await self._answer(resp), progress)
+                else:
+                    async for event in resp.aiter_sse():
+                        chunk = self._chunk_from_event(rid, event, progress)
+                        if chunk.finished:
+                            final = chunk  # yielded once the body is read to its end
+                        elif final is None:
+                            yield chunk
+            if final is None or not final.finished:
                 raise EngineUnavailableError(
                     f"{self._upstream}: stream for {rid} ended without a finish reason")
             finished = True
@@ -263,6 +268,16 @@ class SGLangHTTPEngine(Engine):
             self._active.discard(rid)
             if opened and not finished:
                 self._abort_in_background(rid)
+
+    async def _answer(self, resp: HTTPResponse) -> dict[str, Any]:
+        """A non-streamed `/generate` answer (one prompt: one JSON object)."""
+        try:
+            answer = await resp.json()
+        except orjson.JSONDecodeError as exc:
+            raise EngineUnavailableError(f"{self._upstream}: malformed answer: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise EngineUnavailableError(f"{self._upstream}: unexpected answer {answer!r:.200}")
+        return answer
 
     def _chunk_from_event(self, rid: str, event: dict[str, Any], progress: _Progress) -> Chunk:
         if "error" in event:

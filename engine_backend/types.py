@@ -60,6 +60,12 @@ class GenerateRequest(BaseModel):
     return_logprob: bool = False
     logprob_start_len: int = Field(-1, ge=-1, description="-1: output tokens only")
     top_logprobs_num: int = Field(0, ge=0, le=20)
+    stream: bool = Field(
+        True,
+        description="False: the caller only needs the whole answer (a non-streamed client "
+        "call), so an HTTP engine may make one non-streamed upstream call and yield it as a "
+        "single final chunk. In-process engines stream either way.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_prompt(self) -> GenerateRequest:

@@ -173,7 +173,7 @@ async def chat_completions(request: Request) -> Response:
                             runtime.chat_template.stop, _json_schema_for(body.response_format))
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
-                          top_logprobs_num=body.top_logprobs or 0)
+                          top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
     identity = program_identity(request.headers, body.metadata, body.user)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
@@ -352,6 +352,7 @@ async def _start_completion_calls(runtime: Runtime, tenant: str, identity: Progr
                 return_logprob=want_logprobs,
                 logprob_start_len=0 if (want_logprobs and body.echo) else -1,
                 top_logprobs_num=body.logprobs or 0,
+                stream=body.stream,
             )
             ident = identity
             if len(prompts) > 1 and identity.call_id is not None:

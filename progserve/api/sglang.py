@@ -144,7 +144,7 @@ def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
                                   param="input_ids", code="token_ids_unsupported")
 
 
-def _engine_request(item: GenerateItem) -> GenerateRequest:
+def _engine_request(item: GenerateItem, stream: bool) -> GenerateRequest:
     prompt = item.prompt
     return GenerateRequest(
         rid=item.rid or uuid.uuid4().hex,
@@ -154,6 +154,7 @@ def _engine_request(item: GenerateItem) -> GenerateRequest:
         return_logprob=item.return_logprob,
         logprob_start_len=item.logprob_start_len,
         top_logprobs_num=item.top_logprobs_num,
+        stream=stream,
     )
 
 
@@ -165,7 +166,7 @@ async def generate(request: Request) -> Response:
     body = await read_model(request, GenerateInput)
     items = body.items()
     _check(runtime, items)
-    requests = [_engine_request(item) for item in items]
+    requests = [_engine_request(item, body.stream) for item in items]
     identity = program_identity(request.headers)
     calls: list[ScheduledCall] = []
     try:
