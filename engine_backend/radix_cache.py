@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import struct
+import sys
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from engine_backend.radix_eviction import (
     make_eviction_policy,
 )
 
-__all__ = ["PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
+__all__ = ["KeyedTokens", "PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
 
 TOKEN_BYTES = 8  # an encoded token: little-endian int64 (packs faster than int32 here)
 
@@ -88,11 +89,68 @@ class TokenKey:
     def tokens(self) -> list[int]:
         return decode_tokens(self.data)
 
+    def data_strided(self, stride: int) -> bytes:
+        """The encoding of every `stride`-th token (`tokens()[::stride]`), by a C slice."""
+        data = self.data
+        if not data:
+            return data
+        return memoryview(data).cast("B", (len(data) // TOKEN_BYTES, TOKEN_BYTES))[::stride].tobytes()
+
     def __len__(self) -> int:
         return len(self.data) // TOKEN_BYTES
 
     def __repr__(self) -> str:
         return f"TokenKey(len={len(self)})"
+
+
+def encode_token_ids(tokens: Sequence[int]) -> bytes:
+    """Like `encode_tokens`, for token ids, which are never negative: raises ValueError on a
+    negative id. Packing as unsigned 64-bit gives the same bytes for every valid id, in one
+    C pass and faster than `struct.pack`."""
+    if TOKEN_BYTES != 8 or sys.byteorder != "little":  # not the key's layout: check, encode
+        tokens = _as_token_list(tokens)
+        if tokens and min(tokens) < 0:
+            raise ValueError("token ids must be non-negative")
+        return encode_tokens(tokens)
+    try:
+        return array("Q", tokens if isinstance(tokens, list) else _as_token_list(tokens)).tobytes()
+    except (OverflowError, TypeError):
+        raise ValueError("token ids must be non-negative 64-bit ints") from None
+
+
+class KeyedTokens(list[int]):
+    """A token-id list that carries its encoded `TokenKey` (`key`). A client that builds
+    prompts by appending to earlier ones (a chat history, an agent's trajectory) encodes
+    each new piece once (`concat`), and an engine or router takes `key` instead of
+    re-encoding the whole prompt on every call. Ids are non-negative (checked when
+    encoded). Never mutate one in place: its key would go stale (a list built from it, by
+    `+` or slicing, is a plain list again)."""
+
+    __slots__ = ("key",)
+
+    key: TokenKey
+
+    @classmethod
+    def of(cls, tokens: Sequence[int]) -> KeyedTokens:
+        out = cls(tokens)
+        out.key = TokenKey.from_bytes(encode_token_ids(out))
+        return out
+
+    @classmethod
+    def concat(cls, *parts: Sequence[int]) -> KeyedTokens:
+        """The parts end to end; only the parts without a key are encoded."""
+        out = cls()
+        data: list[bytes] = []
+        for part in parts:
+            out += part
+            data.append(part.key.data if type(part) is KeyedTokens else encode_token_ids(part))
+        out.key = TokenKey.from_bytes(b"".join(data))
+        return out
+
+    def key_if_current(self) -> TokenKey | None:
+        """`key`, unless the list was resized since it was built (a cheap staleness check)."""
+        key = self.key
+        return key if len(key.data) == len(self) * TOKEN_BYTES else None
 
 
 def _key_bytes(key: Sequence[int] | TokenKey) -> bytes:
@@ -170,7 +228,9 @@ class RadixCache:
         self._num_nodes = 0
         self._heap: list[tuple[EvictionKey, int, TreeNode]] = []
         self._seq = itertools.count()
-        self._owner_nodes: dict[str, set[TreeNode]] = {}
+        # Insertion-ordered (dicts as sets): re-pushing an owner's leaves in a fixed order
+        # keeps eviction ties, hence runs, independent of memory addresses.
+        self._owner_nodes: dict[str, dict[TreeNode, None]] = {}
 
     def match_prefix(self, key: Sequence[int] | TokenKey, *, touch: bool = True) -> PrefixMatch:
         """Longest cached prefix of `key`. Splits the last edge so the match ends on a node."""
@@ -220,7 +280,9 @@ class RadixCache:
             if priority > child.priority:
                 child.priority = priority
             if owner is not None:
-                self._add_owner(child, owner)
+                owners = child.owners
+                if owners is None or owner not in owners:
+                    self._add_owner(child, owner)
             node, pos = child, pos + len(child.key)
         present = pos // TOKEN_BYTES
         if pos < end:
@@ -235,7 +297,7 @@ class RadixCache:
         root = self.root
         while node is not root:
             if node.lock_ref == 0:
-                moved += node.size
+                moved += len(node.key) // TOKEN_BYTES
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
         self._evictable_size -= moved
@@ -252,7 +314,7 @@ class RadixCache:
                 raise ValueError(f"dec_lock_ref on an unlocked node {node!r}")
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                moved += node.size
+                moved += len(node.key) // TOKEN_BYTES
                 if not node.children:
                     self._push(node)
             node = node.parent  # type: ignore[assignment]
@@ -271,7 +333,7 @@ class RadixCache:
         heap, policy, owners = self._heap, self.policy, self.owners
         while freed < num_tokens and heap:
             entry_key, _, node = heapq.heappop(heap)
-            if not self._is_evictable_leaf(node):
+            if node.evicted or node.lock_ref or node.children:  # no longer an evictable leaf
                 continue
             current = policy.key(node, owners)
             if current != entry_key:  # touched or re-prioritised since it was pushed
@@ -340,7 +402,7 @@ class RadixCache:
             return
         else:
             node.owners.add(owner)
-        self._owner_nodes.setdefault(owner, set()).add(node)
+        self._owner_nodes.setdefault(owner, {})[node] = None
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Cut `child`'s edge after `at` bytes; the new upper node is returned."""
@@ -380,10 +442,11 @@ class RadixCache:
         parent.children[key[:TOKEN_BYTES]] = leaf
         if owner is not None:
             self._add_owner(leaf, owner)
-        self._evictable_size += leaf.size
+        self._evictable_size += len(key) // TOKEN_BYTES
         self._num_nodes += 1
         self._push(leaf)
-        self._maybe_compact_heap()
+        if len(self._heap) > 2 * self._num_nodes + 1024:
+            self._compact_heap()
 
     def _remove_leaf(self, leaf: TreeNode, freed_values: list[int]) -> int:
         parent = leaf.parent
@@ -396,8 +459,8 @@ class RadixCache:
             for owner in leaf.owners:
                 nodes = self._owner_nodes.get(owner)
                 if nodes is not None:
-                    nodes.discard(leaf)
-        size = leaf.size
+                    nodes.pop(leaf, None)
+        size = len(leaf.key) // TOKEN_BYTES
         self._evictable_size -= size
         self._num_nodes -= 1
         if parent.lock_ref == 0 and not parent.children:
@@ -418,10 +481,8 @@ class RadixCache:
             if self._is_evictable_leaf(node):
                 self._push(node)
 
-    def _maybe_compact_heap(self) -> None:
+    def _compact_heap(self) -> None:
         # Stale entries (leaves that grew children, touched leaves) pile up between evictions.
-        if len(self._heap) <= 2 * self._num_nodes + 1024:
-            return
         live: dict[int, TreeNode] = {}
         for _, _, node in self._heap:
             if self._is_evictable_leaf(node):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine_backend.radix_cache import RadixCache, TokenKey
+from engine_backend.radix_cache import KeyedTokens, RadixCache, TokenKey
 
 from .config import SchedulerConfig
 
@@ -86,9 +86,14 @@ class Router:
             request = call.request
             if request is None:
                 return None, 1.0
-            if request.input_ids is not None:
+            ids = request.input_ids
+            if ids is not None:
                 stride = self.config.router_token_stride
-                key = TokenKey(request.input_ids[::stride])
+                full = ids.key_if_current() if type(ids) is KeyedTokens else None
+                if full is not None:  # every stride-th 8-byte token of the encoded prompt
+                    key = TokenKey.from_bytes(full.data_strided(stride))
+                else:
+                    key = TokenKey(ids[::stride])
                 call.route_scale = float(stride)
             else:
                 key = TokenKey(text_route_key(request.text or ""))

@@ -131,7 +131,8 @@ class ContinuousBatcher:
         # token its prefill samples.
         self._prefill_private = 0
         # Prefilled prompts not yet in the tree, by program (see `_prefill_done`).
-        self._unpublished: dict[str, set[SimRequest]] = {}
+        # Insertion-ordered (dicts as sets): publishing order must not depend on addresses.
+        self._unpublished: dict[str, dict[SimRequest, None]] = {}
         self._batch: list[tuple[SimRequest, int, int]] = []
         # Tags cost a set insert per tree node; only the `priority` order reads them (pins).
         self.tag_owners = config.eviction != "lru"
@@ -467,7 +468,7 @@ class ContinuousBatcher:
         if r.program_id is None:
             self._publish(r)
         else:
-            self._unpublished.setdefault(r.program_id, set()).add(r)
+            self._unpublished.setdefault(r.program_id, {})[r] = None
 
     def _publish(self, r: SimRequest) -> None:
         """Insert a decoding request's prefilled sequence and move its lock there."""
@@ -491,6 +492,6 @@ class ContinuousBatcher:
             return
         pending = self._unpublished.get(r.program_id)
         if pending is not None:
-            pending.discard(r)
+            pending.pop(r, None)
             if not pending:
                 del self._unpublished[r.program_id]

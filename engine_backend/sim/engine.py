@@ -15,8 +15,6 @@ the end (what virtual-time benchmarks want: no per-token work at all).
 from __future__ import annotations
 
 import asyncio
-import sys
-from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -28,7 +26,7 @@ from engine_backend.errors import (
     UnknownRequestError,
     UnsupportedError,
 )
-from engine_backend.radix_cache import TOKEN_BYTES, RadixCache, TokenKey
+from engine_backend.radix_cache import KeyedTokens, RadixCache, TokenKey, encode_token_ids
 from engine_backend.sim.batch import DONE, ContinuousBatcher, SimRequest, StepPlan
 from engine_backend.sim.config import SimConfig
 from engine_backend.sim.cost_model import StepCostModel
@@ -59,16 +57,16 @@ MAX_TAGGED_PROGRAMS = 16_384
 
 
 def _prompt_key(ids: list[int]) -> TokenKey:
-    """Encode token ids for the radix cache, rejecting negative ids on the way (packing as
-    unsigned gives the cache's little-endian int64 bytes for every valid id, in one C pass;
-    ids the vocabulary does not know are accepted and decode as pseudo-words)."""
-    if TOKEN_BYTES != 8 or sys.byteorder != "little":  # not the cache's layout: check, encode
-        if min(ids) < 0:
-            raise InvalidRequestError("input_ids must be non-negative")
-        return TokenKey(ids)
+    """Encode token ids for the radix cache (a `KeyedTokens` prompt brings its key),
+    rejecting negative ids on the way; ids the vocabulary does not know are accepted and
+    decode as pseudo-words."""
+    if type(ids) is KeyedTokens:
+        key = ids.key_if_current()
+        if key is not None:
+            return key
     try:
-        return TokenKey.from_bytes(array("Q", ids).tobytes())
-    except (OverflowError, TypeError):
+        return TokenKey.from_bytes(encode_token_ids(ids))
+    except ValueError:
         raise InvalidRequestError("input_ids must be non-negative integers") from None
 
 

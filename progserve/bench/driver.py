@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_backend.radix_cache import KeyedTokens
 from engine_backend.sim import ReplyBuilder, SimConfig, SimEngine, SimTokenizer, SyntheticResponder
 from engine_backend.types import GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
@@ -87,16 +88,18 @@ class Client:
         self.scheduler = scheduler
         self.responder = responder
         p = trace.params
-        self.chat_system = shared_segment("chat-system", 0, p.chat_system_tokens)
-        self.bfcl_header = shared_segment("bfcl-header", 0, p.bfcl_header_tokens)
+        # Prompts are KeyedTokens built by appending: each piece is encoded for the radix
+        # trees once, not the whole prompt on every call.
+        self.chat_system = _segment("chat-system", 0, p.chat_system_tokens)
+        self.bfcl_header = _segment("bfcl-header", 0, p.bfcl_header_tokens)
         self.bfcl_docs = [
-            shared_segment("bfcl-docs", i, max(1, round(p.bfcl_doc_tokens * (0.6 + 0.8 * (i % 5) / 4))))
+            _segment("bfcl-docs", i, max(1, round(p.bfcl_doc_tokens * (0.6 + 0.8 * (i % 5) / 4))))
             for i in range(p.bfcl_doc_sets)
         ]
-        self.lats_gen_prefix = shared_segment("lats-gen", 0, p.lats_gen_prefix_tokens)
-        self.lats_value_prefix = shared_segment("lats-value", 0, p.lats_value_prefix_tokens)
-        self.mr_map_instruction = shared_segment("mr-map", 0, p.mr_instruction_tokens)
-        self.mr_reduce_instruction = shared_segment("mr-reduce", 0, p.mr_instruction_tokens)
+        self.lats_gen_prefix = _segment("lats-gen", 0, p.lats_gen_prefix_tokens)
+        self.lats_value_prefix = _segment("lats-value", 0, p.lats_value_prefix_tokens)
+        self.mr_map_instruction = _segment("mr-map", 0, p.mr_instruction_tokens)
+        self.mr_reduce_instruction = _segment("mr-reduce", 0, p.mr_instruction_tokens)
         self.params = p
         self._template = GenerateRequest(rid="template", input_ids=[0])
         self._sampling: dict[int, SamplingParams] = {}
@@ -134,6 +137,13 @@ class Client:
         return CallOutcome(output, tokens)
 
 
+def _segment(name: str, index: int, tokens: int) -> KeyedTokens:
+    return KeyedTokens.of(shared_segment(name, index, tokens))
+
+
+join = KeyedTokens.concat
+
+
 class Fresh:
     """Fresh (unshared) content of one program: consecutive token ids."""
 
@@ -142,10 +152,10 @@ class Fresh:
     def __init__(self, base: int) -> None:
         self.cursor = base
 
-    def __call__(self, n: int) -> list[int]:
+    def __call__(self, n: int) -> KeyedTokens:
         start = self.cursor
         self.cursor = start + n
-        return list(range(start, start + n))
+        return KeyedTokens.of(range(start, start + n))
 
 
 async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> tuple[int, int, int]:
@@ -154,11 +164,11 @@ async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> t
     tokens = 0
     parent: tuple[str, ...] = ()
     for turn, (user, reply) in enumerate(shape.turns):
-        context = context + fresh(user)
+        context = join(context, fresh(user))
         call_id = f"t{turn}"
         out = await client.call(pid, call_id, context, reply, client.params.chat_reply_max,
                                 parents=parent)
-        context = context + out.output
+        context = join(context, out.output)
         tokens += out.tokens
         parent = (call_id,)
     return tokens, tokens, len(shape.turns)
@@ -166,7 +176,7 @@ async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> t
 
 async def run_bfcl(client: Client, program: ProgramTrace, shape: BfclShape) -> tuple[int, int, int]:
     pid, fresh = program.id, Fresh(program.token_base)
-    context = client.bfcl_header + client.bfcl_docs[shape.doc_set] + fresh(shape.query_tokens)
+    context = join(client.bfcl_header, client.bfcl_docs[shape.doc_set], fresh(shape.query_tokens))
     tokens = 0
     parent: tuple[str, ...] = ()
     last = len(shape.steps) - 1
@@ -174,17 +184,17 @@ async def run_bfcl(client: Client, program: ProgramTrace, shape: BfclShape) -> t
         call_id = f"s{step}"
         out = await client.call(pid, call_id, context, out_tokens, 256, parents=parent)
         tokens += out.tokens
-        context = context + out.output
+        context = join(context, out.output)
         parent = (call_id,)
         if step < last:
             await asyncio.sleep(latency)  # the tool runs on the client side
-            context = context + fresh(result_tokens)
+            context = join(context, fresh(result_tokens))
     return tokens, tokens, len(shape.steps)
 
 
 @dataclass(slots=True)
 class _Node:
-    trajectory: list[int]
+    trajectory: KeyedTokens
     depth: int
     eval_call: str | None
     value: int  # the evaluation's length stands in for its score
@@ -194,9 +204,9 @@ async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> t
     pid, fresh = program.id, Fresh(program.token_base)
     p = client.params
     question = fresh(shape.question_tokens)
-    gen_head = client.lats_gen_prefix + question
-    value_head = client.lats_value_prefix + question
-    nodes = [_Node([], 0, None, 0)]
+    gen_head = join(client.lats_gen_prefix, question)
+    value_head = join(client.lats_value_prefix, question)
+    nodes = [_Node(KeyedTokens.of(()), 0, None, 0)]
     last_children: list[_Node] = []
     loop = asyncio.get_running_loop()
     total = 0
@@ -209,19 +219,19 @@ async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> t
             parent = nodes[it.parent % len(nodes)]
         if parent.depth >= p.lats_max_depth:
             parent = nodes[0]
-        gen_prompt = gen_head + parent.trajectory
+        gen_prompt = join(gen_head, parent.trajectory)
         observations = [fresh(n) for n in it.obs_tokens]  # allocated in a fixed order
         parents = (parent.eval_call,) if parent.eval_call else ()
 
         async def child(j: int, i: int = i, it: Any = it, parent: _Node = parent,
                         gen_prompt: list[int] = gen_prompt, parents: tuple[str, ...] = parents,
-                        observations: list[list[int]] = observations) -> tuple[_Node, int, int, float]:
+                        observations: list[KeyedTokens] = observations) -> tuple[_Node, int, int, float]:
             gen_id, eval_id = f"g{i}.{j}", f"v{i}.{j}"
             gen = await client.call(pid, gen_id, gen_prompt, it.gen_tokens[j], 256,
                                     thread=f"b{j}", parents=parents)
             await asyncio.sleep(it.tool_latency[j])
-            trajectory = parent.trajectory + gen.output + observations[j]
-            val = await client.call(pid, eval_id, value_head + trajectory, it.value_tokens[j],
+            trajectory = join(parent.trajectory, gen.output, observations[j])
+            val = await client.call(pid, eval_id, join(value_head, trajectory), it.value_tokens[j],
                                     64, thread=f"b{j}", parents=(gen_id,))
             node = _Node(trajectory, parent.depth + 1, eval_id, val.tokens)
             return node, gen.tokens + val.tokens, gen.tokens + val.tokens, loop.time()
@@ -234,7 +244,7 @@ async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> t
         # The next iteration waited for the last child to finish: the path runs through it.
         path_tokens += max(results, key=lambda r: r[3])[2]
     best = max(last_children or nodes, key=lambda n: n.value)
-    answer = await client.call(pid, "answer", gen_head + best.trajectory, shape.answer_tokens,
+    answer = await client.call(pid, "answer", join(gen_head, best.trajectory), shape.answer_tokens,
                                256, parents=(best.eval_call,) if best.eval_call else ())
     total += answer.tokens
     return total, path_tokens + answer.tokens, calls + 1
@@ -248,13 +258,13 @@ async def run_mapreduce(
     loop = asyncio.get_running_loop()
 
     async def map_one(j: int) -> tuple[CallOutcome, float]:
-        out = await client.call(pid, f"map{j}", client.mr_map_instruction + chunks[j],
+        out = await client.call(pid, f"map{j}", join(client.mr_map_instruction, chunks[j]),
                                 shape.chunks[j][1], 256, thread=f"m{j}")
         return out, loop.time()
 
     maps = await asyncio.gather(*(map_one(j) for j in range(len(chunks))))
     summaries = [t for out, _ in maps for t in out.output]
-    reduce = await client.call(pid, "reduce", client.mr_reduce_instruction + summaries,
+    reduce = await client.call(pid, "reduce", join(client.mr_reduce_instruction, summaries),
                                shape.reduce_tokens, 1024,
                                parents=tuple(f"map{j}" for j in range(len(chunks))))
     last_map = max(maps, key=lambda m: m[1])[0]
