@@ -1,0 +1,63 @@
+"""The generation routes' short path (`app.ProgserveApp`) keeps the full stack's
+semantics: the same answers, the same error mapping (an unexpected error is a 500 in
+OpenAI's shape and is re-raised for the server to log), and requests under a
+`root_path` still served by the full stack."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from progserve.app import create_app
+from progserve.config import Settings
+from progserve.runtime import Runtime
+
+BODY = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[Runtime]:
+    rt = Runtime(Settings(sim={"time_scale": 0.01}))
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+def client(app: object, *, root_path: str = "", raise_errors: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, root_path=root_path,  # type: ignore[arg-type]
+                                    raise_app_exceptions=raise_errors)
+    return httpx.AsyncClient(transport=transport, base_url="http://progserve")
+
+
+async def test_short_path_and_full_stack_answer_alike(runtime: Runtime) -> None:
+    app = create_app(runtime)
+    async with client(app) as short, client(app, root_path="/api") as full:
+        direct = await short.post("/generate", json=BODY)
+        mounted = await full.post("/api/generate", json=BODY)
+        bad = await short.post("/generate", json={"text": ""})
+    assert direct.status_code == mounted.status_code == 200
+    assert direct.json()["meta_info"]["completion_tokens"] == 4
+    assert mounted.json()["meta_info"]["completion_tokens"] == 4
+    assert direct.headers["x-program-id"] and mounted.headers["x-program-id"]
+    assert bad.status_code == 400 and bad.json()["error"]["message"]
+
+
+async def test_unexpected_error_is_a_500_and_reraised(runtime: Runtime,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(runtime.scheduler, "llm_call", broken)
+    app = create_app(runtime)
+    async with client(app, raise_errors=False) as c:
+        answer = await c.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 500
+    assert set(answer.json()["error"]) >= {"message", "type"}
+    async with client(app) as c:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await c.post("/generate", json=BODY)
