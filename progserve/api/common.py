@@ -5,7 +5,7 @@ request when the client goes away."""
 from __future__ import annotations
 
 import asyncio
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,6 +15,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 
 from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_body
 
@@ -41,7 +42,12 @@ def tenant_of(request: Request) -> str:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+    return f"{prefix}-{random_hex(10)}"
+
+
+def random_hex(nbytes: int) -> str:
+    """`2 * nbytes` random hex digits (what `uuid4().hex` gives, at a third of its cost)."""
+    return os.urandom(nbytes).hex()
 
 
 # ------------------------------------------------------------------------ request body
@@ -177,6 +183,16 @@ class ProgramIdentity:
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def _x_headers(headers: Headers) -> dict[str, str]:
+    """The request's `X-` headers in one pass (the first of repeated ones, as
+    `Headers.get` gives): a Starlette lookup scans every header, and there are seven."""
+    found: dict[str, str] = {}
+    for name, value in headers.raw:
+        if name[:2] in (b"x-", b"X-"):
+            found.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return found
+
+
 def _split_ids(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
@@ -187,6 +203,8 @@ def program_identity(headers: Mapping[str, str], metadata: Mapping[str, Any] | N
                      user: str | None = None) -> ProgramIdentity:
     """Headers win; then the body's `metadata` (`program_id`, `thread_id`,
     `parent_call_ids`, `call_id`, `program_end`); then `user` as the program id."""
+    if isinstance(headers, Headers):
+        headers = _x_headers(headers)
     meta = metadata or {}
     program_id = headers.get("x-program-id") or meta.get("program_id") or user or None
     thread_id = headers.get("x-thread-id") or meta.get("thread_id") or None

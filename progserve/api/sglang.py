@@ -16,7 +16,6 @@ decides the order.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from .common import (
     SSE_DONE,
     json_response,
     program_identity,
+    random_hex,
     read_model,
     request_body,
     runtime_of,
@@ -147,7 +147,7 @@ def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
 def _engine_request(item: GenerateItem, stream: bool) -> GenerateRequest:
     prompt = item.prompt
     return GenerateRequest(
-        rid=item.rid or uuid.uuid4().hex,
+        rid=item.rid or random_hex(16),
         text=prompt if isinstance(prompt, str) else None,
         input_ids=prompt if not isinstance(prompt, str) else None,
         sampling=item.sampling.to_engine(),
