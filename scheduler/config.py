@@ -66,6 +66,10 @@ class SchedulerConfig(BaseModel):
     # KV retention across tool gaps and between a program's calls.
     retain_kv: bool = True
     retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
+    retention_budget_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="share of a replica's KV capacity that retention pins may cover",
+    )
     program_idle_timeout_s: float = Field(
         600.0, gt=0, description="end a program with nothing in flight for this long"
     )

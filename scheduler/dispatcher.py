@@ -40,6 +40,7 @@ class Replica:
     running: set[CallNode] = field(default_factory=set)
     parked: ReadyHeap = field(default_factory=lambda: ReadyHeap("parked"))
     healthy: bool = True  # False while down (scheduler/replica_health.py): takes no calls
+    kv_capacity: int = 0  # tokens, from the engine's stats at start; 0 = unknown
 
     def has_room(self, call: CallNode) -> bool:
         if self.inflight_requests >= self.max_requests or not self.healthy:

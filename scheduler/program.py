@@ -225,8 +225,10 @@ class Program:
     running: set[CallNode] = field(default_factory=set)
     last_call_by_thread: dict[str, CallNode] = field(default_factory=dict)
     home_replica: int = -1
-    retained_on: set[int] = field(default_factory=set)  # replicas pinning its prefix now
-    touched: set[int] = field(default_factory=set)  # replicas of its calls since the last pin
+    # replica -> context tokens its retention slot there covers (pinned now)
+    retained_on: dict[int, int] = field(default_factory=dict)
+    # replica -> longest context of its calls there since the last pin
+    touched: dict[int, int] = field(default_factory=dict)
     retention_timer: bool = False  # an idle-expiry timer is armed
     # The armed idle-end timer; cancelled when the program closes, so that a closed
     # program is not kept alive (calls, graph, specs) until the timeout.

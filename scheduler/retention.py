@@ -2,14 +2,21 @@
 
 A program is *idle* when nothing of it is queued or running: it waits on a tool, or on
 its client's next turn, and will most likely come back with a longer prompt on the same
-prefix. While it is idle the scheduler asks the engines where its recent calls ran to
+prefix. When it goes idle, the scheduler asks the engines where its recent calls ran to
 retain its prefix (`Engine.retain(program_id, True)`, the radix cache's owner pin, which
-the priority eviction order evicts last). The pin is released as soon as the program is
-active again (its next call queues; a running request locks its own prefix anyway), when
-the program ends, or after `retention_timeout_s` of idleness.
+the priority eviction order evicts last).
 
-Pinning only idle programs keeps the pinned set small and meaningful: under load most
-programs have calls queued or running, and pinning them all would protect nothing.
+Pins are *slots* with a budget. Each replica's pins may cover at most
+`retention_budget_fraction` of its KV capacity (counted in the programs' context tokens).
+A program that goes idle takes a slot if the budget has room, and keeps it, pinned, until
+it ends or stays idle past `retention_timeout_s`; a program that finds no room is not
+pinned and competes under plain LRU. The budget matters because tool gaps make the
+access pattern cyclic: every waiting program comes back after about one tool latency,
+and when their contexts together exceed the cache, LRU evicts exactly the program that
+returns next, and almost nothing hits. Unbounded pins fail the same way (the pinned set
+itself overflows). A bounded set of slot holders that keep their prefixes turns that
+into hits for the holders, and the slots pass on as programs end. Keeping the pin while
+the holder's next call waits in the queue matters too: under load that wait can be long.
 """
 
 from __future__ import annotations
@@ -29,40 +36,57 @@ class RetentionManager:
     def __init__(self, config: SchedulerConfig, replicas: Sequence[Replica]) -> None:
         self.enabled = config.retain_kv
         self.timeout = config.retention_timeout_s
+        self.budget_fraction = config.retention_budget_fraction
         self.replicas = replicas
         self.retained: dict[str, Program] = {}  # engine key -> program
+        self.pinned_tokens = [0] * len(replicas)  # per replica: tokens its slots cover
         self.pins = 0  # retain(True) hints sent
+        self.refused = 0  # idle programs left unpinned: their replica's budget was full
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def on_call_finished(self, program: Program, replica: Replica, now: float) -> None:
-        """Remember where the program's context is cached now."""
+    def on_call_finished(
+        self, program: Program, replica: Replica, context_tokens: int, now: float
+    ) -> None:
+        """Remember where the program's context is cached now, and how long it is."""
         if self.enabled and replica.capabilities.retention:
-            program.touched.add(replica.index)
+            touched = program.touched
+            touched[replica.index] = max(touched.get(replica.index, 0), context_tokens)
 
     def on_idle(self, program: Program, now: float) -> None:
         """Nothing of the program is queued or running: pin its prefix where its recent
-        calls ran, and release the pins after the timeout if it stays idle."""
+        calls ran, if it holds a slot there or the budget has room for one."""
         if not self.enabled or program.single_call or program.is_closed or not program.touched:
             return
-        for index in program.touched:
-            if index not in program.retained_on:
-                program.retained_on.add(index)
+        for index, tokens in program.touched.items():
+            held = program.retained_on.get(index)
+            if held is None:
+                if not self._has_room(index, tokens):
+                    self.refused += 1
+                    continue
                 self.pins += 1
                 self._send(self.replicas[index], program.engine_key, True)
+            self.pinned_tokens[index] += tokens - (held or 0)
+            program.retained_on[index] = tokens
         program.touched.clear()
+        if not program.retained_on:
+            return
         self.retained[program.engine_key] = program
         if not program.retention_timer:
             program.retention_timer = True
             asyncio.get_running_loop().call_at(now + self.timeout, self._expire, program)
 
-    def on_active(self, program: Program) -> None:
-        """The program queued a call again: its pins are no longer needed."""
-        if program.retained_on:
-            self.release(program)
+    def _has_room(self, index: int, tokens: int) -> bool:
+        capacity = self.replicas[index].kv_capacity
+        if capacity <= 0:  # the engine did not say: no budget
+            return True
+        return self.pinned_tokens[index] + tokens <= self.budget_fraction * capacity
 
     def _expire(self, program: Program) -> None:
         program.retention_timer = False
         if not program.retained_on or program.open_calls:
+            if program.retained_on:  # active now; look again a timeout after it idles
+                program.retention_timer = True
+                asyncio.get_running_loop().call_later(self.timeout, self._expire, program)
             return
         due = program.idle_since + self.timeout
         loop = asyncio.get_running_loop()
@@ -73,10 +97,12 @@ class RetentionManager:
             loop.call_at(due, self._expire, program)
 
     def release(self, program: Program) -> None:
+        """Unpin the program everywhere and free its slots (it ended, or idled out)."""
         if not program.retained_on:
             return
         key = program.engine_key
-        for index in sorted(program.retained_on):
+        for index, tokens in sorted(program.retained_on.items()):
+            self.pinned_tokens[index] -= tokens
             self._send(self.replicas[index], key, False)
         program.retained_on.clear()
         self.retained.pop(key, None)

@@ -135,6 +135,12 @@ class Scheduler:
         self.dispatcher.bind(self._loop)
         for engine in self.engines:
             await engine.start()
+        for replica in self.replicas:
+            try:  # the retention budget is a share of it
+                stats = await asyncio.wait_for(replica.engine.stats(), 5.0)
+                replica.kv_capacity = stats.kv_capacity_tokens
+            except Exception:
+                log.warning("no KV capacity from replica %d", replica.index, exc_info=True)
         self._started = True
 
     async def close(self) -> None:
@@ -552,8 +558,6 @@ class Scheduler:
         )
         program.calls[call_id] = call
         program.last_call_by_thread[thread] = call
-        if not program.open_calls and program.retained_on:
-            self.retention.on_active(program)
         program.open_calls += 1
         program.history.thread_opened(thread)
         program.status = ProgramStatus.RUNNING
@@ -798,7 +802,8 @@ class Scheduler:
         call.output_parts = None
         call.request = None
         if replica is not None and status == CallStatus.FINISHED:
-            self.retention.on_call_finished(call.program, replica, now)
+            self.retention.on_call_finished(
+                call.program, replica, call.prompt_tokens + call.completion_tokens, now)
         self._end_call(call, status, error, now)
 
     # ------------------------------------------------------------------ call endings

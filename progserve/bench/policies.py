@@ -65,6 +65,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "pressure); auto: on for bfcl")
     g.add_argument("--retention-kv-capacity", type=int, default=None,
                    help="KV tokens per replica for the retention ablation (memory pressure)")
+    g.add_argument("--retention-budget", type=float, default=None,
+                   help="share of a replica's KV that retention pins may cover "
+                        "(scheduler.retention_budget_fraction)")
 
 
 # Defaults every policy shares. The budget keeps the engines' own queues short (progserve's
@@ -89,6 +92,8 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
         sched["max_inflight_tokens"] = args.max_inflight_tokens
     if args.balance:
         sched["balance"] = args.balance
+    if args.retention_budget is not None:
+        sched["retention_budget_fraction"] = args.retention_budget
     sim: dict[str, Any] = {"stream_interval": 0, "seed": args.seed}
     if args.kv_capacity:
         sim["kv_capacity_tokens"] = args.kv_capacity
@@ -332,7 +337,7 @@ class Bench:
                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The same policy and load under memory pressure: plain LRU without retention
         hints vs the priority eviction order with program-aware retention. Unless
-        `--retention-kv-capacity` is given, the KV capacity shrinks (x0.7 per try) until
+        `--retention-kv-capacity` is given, the KV capacity shrinks (x0.85 per try: the mildest pressure that qualifies) until
         plain LRU hits below 80%."""
         a = self.args
         policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
@@ -360,8 +365,8 @@ class Bench:
         tried: list[dict[str, Any]] = []
         lru = variant("lru", capacity)
         tried.append({"kv_capacity_tokens": capacity, "lru_cache_hit_rate": lru["cache_hit_rate"]})
-        while a.retention_kv_capacity is None and lru["cache_hit_rate"] >= 0.8 and len(tried) < 8:
-            capacity = max(1000, int(capacity * 0.7))
+        while a.retention_kv_capacity is None and lru["cache_hit_rate"] >= 0.8 and len(tried) < 12:
+            capacity = max(1000, int(capacity * 0.85))
             progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
             lru = variant("lru", capacity)
             tried.append({"kv_capacity_tokens": capacity,

@@ -37,8 +37,10 @@ class FakeEngine(Engine):
         priority: bool = True,
         retention: bool = True,
         fail_rids: set[str] | None = None,
+        kv_capacity: int = 0,  # reported by stats(); 0 = unknown (no retention budget)
     ) -> None:
         self.slots = slots
+        self.kv_capacity = kv_capacity
         self.token_s = token_s
         self.prefill_s = prefill_s
         self._priority = priority
@@ -60,7 +62,8 @@ class FakeEngine(Engine):
         return ModelInfo(model_path="fake")
 
     async def stats(self) -> EngineStats:
-        return EngineStats(len(self._waiting), self.slots - self._free, 0, 1, 0, 0)
+        return EngineStats(len(self._waiting), self.slots - self._free, 0, self.kv_capacity,
+                           0, 0)
 
     async def retain(self, program_id: str, keep: bool) -> None:
         self.retained[program_id] = keep

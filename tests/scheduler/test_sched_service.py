@@ -299,7 +299,7 @@ def test_retention_pins_between_calls_and_unpins_at_end_or_idle():
         stream = s.llm_call(pid, req("c1b", n=20))
         await stream.__anext__()
         await asyncio.sleep(0)
-        assert eng.retained == {"agent": False}  # active again: its request locks its prefix
+        assert eng.retained == {"agent": True}  # active again: the slot is kept
         async for _ in stream:
             pass
         await asyncio.sleep(0)
@@ -317,6 +317,23 @@ def test_retention_pins_between_calls_and_unpins_at_end_or_idle():
         assert eng.retained["idle"] is False
 
     run(body)
+
+
+def test_retention_pins_only_as_many_programs_as_its_budget_covers():
+    async def body(s: Scheduler, engines):
+        eng = engines[0]  # 20 tokens of KV (all of it for pins): one 15-token context fits
+        a, b = await s.open_program("a"), await s.open_program("b")
+        await consume(s.llm_call(a, req("a1", n=4)))  # 11 prompt + 4 output tokens
+        await consume(s.llm_call(b, req("b1", n=4)))
+        await asyncio.sleep(0)
+        assert eng.retained == {"a": True}  # b found the budget full
+        assert s.retention.refused == 1
+        await s.end_program(a)  # a's slot passes on at b's next idle time
+        await consume(s.llm_call(b, req("b2", n=4)))
+        await asyncio.sleep(0)
+        assert eng.retained == {"a": False, "b": True}
+
+    run(body, FakeEngine(kv_capacity=20))
 
 
 def test_tool_calls_run_through_the_tool_runner():
