@@ -10,8 +10,10 @@
 - `dlpm`: longest prefix match first, admitted by per-tenant deficit round robin.
 
 The Autellix policies are discretised into K queues with geometric bounds: queue i holds
-ranks below `first_bound * growth**i`. Within a queue the order is FCFS by program arrival
-(so that a queue's programs finish in order instead of sharing). A call whose wait is
+ranks below `first_bound * growth**i`. Within a queue, urgent calls (latency-critical for
+the client, or upstream of one: `CallNode.urgent`) go first, then FCFS by program arrival
+(so that a queue's programs finish in order instead of sharing). `fcfs` stays pure call
+arrival order: it is the baseline of what engines do today. A call whose wait is
 large against its service is promoted to the top queue:
 `(W_prog + W_call) / (T_prog + T_call) >= beta`. A running call is demoted once it runs
 past its queue's quantum (`quantum * growth**level`), which matters to abort-and-resume
@@ -119,6 +121,9 @@ class LeveledPolicy(Policy):
         """FCFS within a queue, by program arrival."""
         return call.program.seq
 
+    def key(self, call: CallNode, level: int) -> tuple[int, int, int, int]:
+        return (level, 0 if call.urgent else 1, self.order(call), call.seq)
+
     def push(self, call: CallNode, now: float) -> None:
         rank = self.rank(call)
         call.priority = rank
@@ -133,7 +138,7 @@ class LeveledPolicy(Policy):
                 call.promote_at = due
                 heapq.heappush(self._promote, (due, call.seq, call.version + 1, call))
         call.level = level
-        self.heap.push(call, (level, self.order(call), call.seq))
+        self.heap.push(call, self.key(call, level))
 
     def _promotion_time(self, call: CallNode, now: float) -> float:
         """When `(W_prog + W_call) / (T_prog + T_call)` reaches beta; W_call grows as the
@@ -159,7 +164,7 @@ class LeveledPolicy(Policy):
                 call.level = 0
                 call.promote_at = math.inf
                 self.promotions += 1
-                self.heap.push(call, (0, self.order(call), call.seq))
+                self.heap.push(call, self.key(call, 0))
         return self.heap.pop()
 
     def on_call_finished(self, call: CallNode, now: float) -> None:
@@ -168,7 +173,8 @@ class LeveledPolicy(Policy):
                 self.push(queued, now)
 
     def engine_priority(self, call: CallNode) -> float:
-        return call.level * LEVEL_STRIDE + self.order(call)
+        urgency = 0.0 if call.urgent else LEVEL_STRIDE / 2
+        return call.level * LEVEL_STRIDE + urgency + self.order(call)
 
     def level_after_running(self, call: CallNode, ran: float) -> int:
         level = call.level

@@ -168,6 +168,10 @@ class CallNode:
     unresolved: int = 0  # parents/inputs not yet done
     children: list[CallNode] = field(default_factory=list)
     # policy state
+    # Latency-critical (the client awaits its output) or upstream of such a call: the
+    # leveled policies run it first within its queue (Parrot's criticality, propagated
+    # to the calls it waits on).
+    urgent: bool = False
     priority: float = 0.0  # attained-service rank; lower runs first
     level: int = 0  # MLFQ queue
     key: tuple[Any, ...] = ()
@@ -340,3 +344,20 @@ def dependency_ids(call: CallSpec, producers: dict[str, str | None]) -> list[str
             deps.append(producer)
     deps.extend(call.parents)
     return list(dict.fromkeys(deps))
+
+
+def mark_urgent(call: CallNode) -> list[CallNode]:
+    """Mark a latency-critical call and every call it waits on, transitively: the client
+    awaits the output, so the whole chain leading to it is on its critical path. Returns
+    the calls marked now (queued ones need their queue key refreshed)."""
+    calls = call.program.calls
+    marked: list[CallNode] = []
+    stack = [call]
+    while stack:
+        node = stack.pop()
+        if node.urgent or node.status >= CallStatus.FINISHED:
+            continue
+        node.urgent = True
+        marked.append(node)
+        stack.extend(calls[p] for p in node.parents if p in calls)
+    return marked

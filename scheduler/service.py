@@ -50,6 +50,7 @@ from .program import (
     ProgramStatus,
     VariableSlot,
     dependency_ids,
+    mark_urgent,
     validate_new_calls,
 )
 from .replica_health import ReplicaHealth
@@ -912,6 +913,9 @@ class Scheduler:
             call.status = CallStatus.PENDING
             new_calls.append(call)
         for call in new_calls:
+            if call.spec is not None and call.spec.latency_critical:
+                self._mark_urgent(call)
+        for call in new_calls:
             for dep_id in call.parents:
                 dep = program.calls[dep_id]
                 if dep.status == CallStatus.FINISHED:
@@ -934,6 +938,13 @@ class Scheduler:
                 self._end_call(call, CallStatus.FAILED, self._failure(failed, None), now)
             elif call.unresolved == 0:
                 self._start_graph_call(call)
+
+    def _mark_urgent(self, call: CallNode) -> None:
+        now = self.loop.time()
+        queue = getattr(self.policy, "heap", None)
+        for node in mark_urgent(call):
+            if queue is not None and node.heap is queue:  # re-key it in its queue
+                self.policy.push(node, now)
 
     def _render(self, program: Program, template: str) -> str:
         variables = program.variables

@@ -223,3 +223,28 @@ def test_remove_and_requeue_keep_queue_consistent():
     pol.requeue(first, 0.0)
     assert len(pol) == 2
     assert drain(pol) == ["a", "c"]
+
+
+def test_urgent_calls_go_first_within_a_queue_but_fcfs_ignores_them():
+    from scheduler.program import mark_urgent
+
+    for name, expected in (("plas", ["u", "a"]), ("atlas", ["u", "a"]), ("fcfs", ["a", "u"])):
+        pol = make_policy(cfg(name))
+        prog = program(f"p-{name}")
+        plain, critical = call(prog, "a"), call(prog, "u")
+        assert mark_urgent(critical) == [critical]
+        push(pol, plain)
+        push(pol, critical)
+        assert drain(pol) == expected, name
+
+
+def test_urgency_propagates_to_the_calls_a_critical_call_waits_on():
+    from scheduler.program import mark_urgent
+
+    prog = program("dag")
+    root, side = call(prog, "root"), call(prog, "side")
+    mid = call(prog, "mid", parents=("root",))
+    leaf = call(prog, "leaf", parents=("mid",))
+    assert {c.id for c in mark_urgent(leaf)} == {"leaf", "mid", "root"}
+    assert root.urgent and mid.urgent and not side.urgent
+    assert mark_urgent(leaf) == []  # already marked

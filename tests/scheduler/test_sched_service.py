@@ -336,6 +336,25 @@ def test_retention_pins_only_as_many_programs_as_its_budget_covers():
     run(body, FakeEngine(kv_capacity=20))
 
 
+def test_a_latency_critical_call_and_its_inputs_run_before_other_ready_calls():
+    async def body(s: Scheduler, engines):
+        eng = engines[0]  # one request in flight: the queue order is the order of starts
+        blocker = await s.open_program("blocker")
+        running = asyncio.ensure_future(consume(s.llm_call(blocker, req("busy", n=30))))
+        await asyncio.sleep(0.05)
+        spec = ProgramSpec(calls=[
+            gen("bulk1", "x", "b1"), gen("bulk2", "y", "b2"), gen("plan", "z", "plan"),
+            gen("answer", "{{plan}}", "ans", latency_critical=True),
+        ])
+        gid = await s.submit_program(spec)
+        await s.wait_variable(gid, "ans", timeout=10)
+        await running
+        started = [rid.split("/")[1] for rid in eng.started[1:]]
+        assert started[:2] == ["plan", "answer"], started
+
+    run(body, FakeEngine(slots=1), policy="plas", max_inflight_requests=1)
+
+
 def test_tool_calls_run_through_the_tool_runner():
     class Tools:
         def __init__(self):
