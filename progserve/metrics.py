@@ -9,6 +9,10 @@ Two sources:
   in-flight requests and tokens per replica, programs by status, and engine statistics
   (KV usage, radix cache hit rate, engine-side preemptions).
 
+Event-driven series are tallied in plain dicts and lists as events come, and folded into
+the Prometheus objects when scraped (`render`): a Prometheus update takes a lock and a
+label lookup, and a call made some twenty of them.
+
 Tenant isolation: only the `progserve_tenant_*` families carry a `tenant` label. A
 tenant's scrape (`render(tenant=...)`) keeps its own series of those and drops every
 other tenant's; the aggregate families carry no names.
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TENANT_LABEL = "tenant"
 MAX_TRACKED = 200_000  # open calls / programs whose start times are kept (a guard)
+MAX_PENDING_OBSERVATIONS = 10_000  # folded in early past this (memory between scrapes)
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
@@ -256,16 +261,39 @@ class Metrics:
         self._tool_started_at: _Bounded = _Bounded()
         self._programs: _Bounded = _Bounded()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Not yet folded into the Prometheus objects (see the module docstring).
+        self._counts: dict[tuple[Any, tuple[str, ...]], float] = {}
+        self._observations: list[tuple[Any, tuple[str, ...], float]] = []
         # Applies observability events not yet applied (`EventBatch.flush`) before a scrape.
         self.catch_up: Callable[[], None] = _nothing
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, cached: the lookup is the costly part of an update."""
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """`metric.labels(*labels)`, cached (the metric itself when it has no labels)."""
+        if not labels:
+            return metric
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def _inc(self, metric: Any, *labels: str, amount: float = 1.0) -> None:
+        key = (metric, labels)
+        self._counts[key] = self._counts.get(key, 0.0) + amount
+
+    def _observe(self, metric: Any, value: float, *labels: str) -> None:
+        self._observations.append((metric, labels, value))
+        if len(self._observations) > MAX_PENDING_OBSERVATIONS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Tallies into the Prometheus objects."""
+        counts, self._counts = self._counts, {}
+        for (metric, labels), amount in counts.items():
+            self._child(metric, labels).inc(amount)
+        observations, self._observations = self._observations, []
+        for metric, labels, value in observations:
+            self._child(metric, labels).observe(value)
 
     # -- events --------------------------------------------------------------------------
 
@@ -273,10 +301,10 @@ class Metrics:
         kind = ev.kind
         if kind is EventKind.CALL_DISPATCHED:
             if ev.queue_wait_s is not None:
-                self.queue_wait.observe(ev.queue_wait_s)
+                self._observe(self.queue_wait, ev.queue_wait_s)
         elif kind is EventKind.CALL_FIRST_TOKEN:
             if ev.ttft_s is not None:
-                self.ttft.observe(ev.ttft_s)
+                self._observe(self.ttft, ev.ttft_s)
             self._first_token_at.put((ev.program_id, ev.call_id), ev.time)
         elif kind in (EventKind.CALL_FINISHED, EventKind.CALL_FAILED):
             self._llm_call_ended(ev)
@@ -285,31 +313,31 @@ class Metrics:
         elif kind in (EventKind.TOOL_FINISHED, EventKind.TOOL_FAILED):
             self._tool_ended(ev)
         elif kind is EventKind.CALL_PREEMPTED:
-            self._child(self.preemptions, _replica(ev.replica)).inc()
+            self._inc(self.preemptions, _replica(ev.replica))
         elif kind is EventKind.CALL_PROMOTED:
-            self.promotions.inc()
+            self._inc(self.promotions)
         elif kind is EventKind.PROGRAM_STARTED:
-            self.programs_started.inc()
-            self._child(self.tenant_programs, ev.tenant).inc()
+            self._inc(self.programs_started)
+            self._inc(self.tenant_programs, ev.tenant)
             self._programs.put(ev.program_id, _ProgramTally(ev.time))
         elif kind is EventKind.PROGRAM_ENDED:
             self._program_ended(ev)
 
     def _llm_call_ended(self, ev: SchedulerEvent) -> None:
         failed = ev.kind is EventKind.CALL_FAILED
-        self._child(self.calls, "llm", "failed" if failed else "finished").inc()
-        self._child(self.tenant_calls, ev.tenant).inc()
+        self._inc(self.calls, "llm", "failed" if failed else "finished")
+        self._inc(self.tenant_calls, ev.tenant)
         replica = _replica(ev.replica)
-        self._child(self.tokens, "prompt", replica).inc(ev.prompt_tokens)
-        self._child(self.tokens, "cached", replica).inc(ev.cached_tokens)
-        self._child(self.tokens, "completion", replica).inc(ev.completion_tokens)
-        self._child(self.tenant_tokens, ev.tenant, "prompt").inc(ev.prompt_tokens)
-        self._child(self.tenant_tokens, ev.tenant, "completion").inc(ev.completion_tokens)
+        self._inc(self.tokens, "prompt", replica, amount=ev.prompt_tokens)
+        self._inc(self.tokens, "cached", replica, amount=ev.cached_tokens)
+        self._inc(self.tokens, "completion", replica, amount=ev.completion_tokens)
+        self._inc(self.tenant_tokens, ev.tenant, "prompt", amount=ev.prompt_tokens)
+        self._inc(self.tenant_tokens, ev.tenant, "completion", amount=ev.completion_tokens)
         self._snapshot.prompt_tokens += ev.prompt_tokens
         self._snapshot.cached_tokens += ev.cached_tokens
         first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
         if not failed and first is not None and ev.completion_tokens > 1:
-            self.tpot.observe(max(0.0, ev.time - first) / (ev.completion_tokens - 1))
+            self._observe(self.tpot, max(0.0, ev.time - first) / (ev.completion_tokens - 1))
         tally = self._programs.get(ev.program_id)
         if tally is not None:
             tally.completion_tokens += ev.completion_tokens
@@ -317,9 +345,9 @@ class Metrics:
     def _tool_ended(self, ev: SchedulerEvent) -> None:
         tool = ev.tool or "unknown"
         failed = ev.kind is EventKind.TOOL_FAILED
-        self._child(self.calls, "tool", "failed" if failed else "finished").inc()
-        self._child(self.tool_calls, tool, "failed" if failed else "finished").inc()
-        self._child(self.tenant_calls, ev.tenant).inc()
+        self._inc(self.calls, "tool", "failed" if failed else "finished")
+        self._inc(self.tool_calls, tool, "failed" if failed else "finished")
+        self._inc(self.tenant_calls, ev.tenant)
         started = self._tool_started_at.pop((ev.program_id, ev.call_id), None)
         latency = (
             ev.duration_s
@@ -327,15 +355,14 @@ class Metrics:
             else (ev.time - started if started is not None else None)
         )
         if latency is not None:
-            self._child(self.tool_latency, tool).observe(max(0.0, latency))
+            self._observe(self.tool_latency, max(0.0, latency), tool)
 
     def _program_ended(self, ev: SchedulerEvent) -> None:
-        self._child(self.programs_ended, ev.status or "finished").inc()
+        self._inc(self.programs_ended, ev.status or "finished")
         tally = self._programs.pop(ev.program_id, None)
         if tally is not None and tally.completion_tokens > 0 and ev.status in (None, "finished"):
-            self.program_token_latency.observe(
-                max(0.0, ev.time - tally.started) / tally.completion_tokens
-            )
+            self._observe(self.program_token_latency,
+                          max(0.0, ev.time - tally.started) / tally.completion_tokens)
 
     # -- scrape --------------------------------------------------------------------------
 
@@ -351,6 +378,7 @@ class Metrics:
     def render(self, tenant: str | None = None) -> bytes:
         """The Prometheus text exposition: everything, or as `tenant` may see it."""
         self.catch_up()
+        self._fold()
         if tenant is None:
             return generate_latest(self.registry)
         return generate_latest(_TenantView(self.registry, tenant))  # type: ignore[arg-type]
