@@ -24,9 +24,11 @@ EngineKind = Literal["sim", "torch", "sglang", "openai"]
 
 
 class LimitsConfig(BaseModel):
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="larger request bodies get 413"
+    )
     max_tokens: int = Field(16384, ge=1, description="cap on max_tokens / max_new_tokens")
-    max_prompt_chars: int = Field(1_000_000, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="longer prompts get 400")
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )

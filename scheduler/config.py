@@ -25,7 +25,10 @@ ServiceMetric = Literal["weighted_tokens", "engine_time"]
 class SchedulerConfig(BaseModel):
     policy: PolicyName = Field("atlas", description="call ordering policy")
     # Attained service (see the module docstring).
-    service_metric: ServiceMetric = "weighted_tokens"
+    service_metric: ServiceMetric = Field(
+        "weighted_tokens",
+        description="attained service: weighted_tokens (deterministic) or engine_time",
+    )
     prefill_token_cost_s: float = Field(
         1e-4, ge=0, description="service per uncached prompt token (~10k tok/s prefill)"
     )
@@ -36,9 +39,9 @@ class SchedulerConfig(BaseModel):
     # first_bound * growth**i (seconds of attained service). The defaults put the last
     # queue (FCFS by program arrival) at 32 s: a chat conversation (~24 s of service) stays
     # above it, a tree search (~130 s) runs its first quarter above it, then in order.
-    mlfq_queues: int = Field(8, ge=1, le=64)
-    mlfq_first_bound: float = Field(0.5, gt=0)
-    mlfq_growth: float = Field(2.0, gt=1)
+    mlfq_queues: int = Field(8, ge=1, le=64, description="K, the number of MLFQ queues")
+    mlfq_first_bound: float = Field(0.5, gt=0, description="rank (service s) bound of queue 0")
+    mlfq_growth: float = Field(2.0, gt=1, description="queue i holds ranks below first_bound * growth**i")
     mlfq_quantum: float = Field(
         0.5,
         gt=0,
@@ -51,8 +54,10 @@ class SchedulerConfig(BaseModel):
     # DLPM
     dlpm_quantum_tokens: int = Field(4096, gt=0, description="deficit added per tenant per round")
     # Dispatch budget per replica: keeps the engine's own queue short so our order decides.
-    max_inflight_requests: int = Field(32, ge=1)
-    max_inflight_tokens: int = Field(65536, ge=1)
+    max_inflight_requests: int = Field(32, ge=1, description="per replica: requests sent and not finished")
+    max_inflight_tokens: int = Field(
+        65536, ge=1, description="per replica: prompt + reserved decode tokens in flight"
+    )
     decode_reserve_tokens: int = Field(
         256, ge=0, description="budget tokens counted per call for its output (capped by max)"
     )
@@ -62,9 +67,11 @@ class SchedulerConfig(BaseModel):
         "an engine may also evict its cache by them)",
     )
     # Abort-and-resume preemption for engines without priority support.
-    preempt_without_priority: bool = False
+    preempt_without_priority: bool = Field(
+        False, description="abort-and-resume demoted calls on engines without priority"
+    )
     # KV retention across tool gaps and between a program's calls.
-    retain_kv: bool = True
+    retain_kv: bool = Field(True, description="pin idle programs' prefixes (retention slots)")
     retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
     retention_budget_fraction: float = Field(
         1.0, gt=0, le=1,
@@ -74,7 +81,9 @@ class SchedulerConfig(BaseModel):
         600.0, gt=0, description="end a program with nothing in flight for this long"
     )
     # Routing.
-    balance: BalanceName = "affinity"
+    balance: BalanceName = Field(
+        "affinity", description="routing: affinity, least_loaded or round_robin"
+    )
     long_context_tokens: int = Field(2048, ge=0, description="affinity above this prompt length")
     cache_match_fraction: float = Field(
         0.5, ge=0, le=1, description="short calls go where this share of the prompt is cached"
@@ -101,7 +110,7 @@ class SchedulerConfig(BaseModel):
         10.0, gt=0, description="every replica down this long: queued calls fail"
     )
     # Limits.
-    max_calls_per_program: int = Field(10_000, ge=1)
+    max_calls_per_program: int = Field(10_000, ge=1, description="larger graphs are rejected")
     max_programs: int = Field(100_000, ge=1, description="open programs before 429")
     max_queued_calls: int = Field(1_000_000, ge=1, description="queued calls before 429")
     keep_finished_programs: int = Field(

@@ -16,10 +16,10 @@ class HardwareProfile(BaseModel):
 
     params: float = Field(8.03e9, gt=0, description="model parameters (Llama-3-8B: 8.03e9)")
     bytes_per_param: float = Field(2.0, gt=0, description="bf16 weights")
-    num_layers: int = Field(32, ge=1)
-    hidden_size: int = Field(4096, ge=1)
+    num_layers: int = Field(32, ge=1, description="transformer layers")
+    hidden_size: int = Field(4096, ge=1, description="model width")
     kv_heads: int = Field(8, ge=1, description="GQA key/value heads")
-    head_dim: int = Field(128, ge=1)
+    head_dim: int = Field(128, ge=1, description="attention head size")
     kv_bytes_per_elem: float = Field(2.0, gt=0, description="bf16 KV cache")
     hbm_bandwidth: float = Field(3.35e12, gt=0, description="bytes/s (H100 SXM5 datasheet)")
     bandwidth_efficiency: float = Field(0.8, gt=0, le=1, description="achieved / peak HBM")
@@ -45,22 +45,28 @@ class SimConfig(BaseModel):
     )
     # SGLang's admission headroom: reserve new_token_ratio * remaining max_new_tokens of
     # running requests (clipped); the ratio decays per step and jumps back after a retraction.
-    init_new_token_ratio: float = Field(0.7, ge=0, le=1)
-    min_new_token_ratio: float = Field(0.1, ge=0, le=1)
-    new_token_ratio_decay_steps: int = Field(600, ge=1)
+    init_new_token_ratio: float = Field(
+        0.7, ge=0, le=1, description="share of max_new_tokens reserved at admission (SGLang)"
+    )
+    min_new_token_ratio: float = Field(
+        0.1, ge=0, le=1, description="floor the reserve ratio decays to"
+    )
+    new_token_ratio_decay_steps: int = Field(
+        600, ge=1, description="decode steps from the initial to the minimum ratio"
+    )
     clip_max_new_tokens: int = Field(4096, ge=1, description="cap of one request's reservation")
     retract_decode_steps: int = Field(20, ge=0, description="ratio estimate after a retraction")
     time_scale: float = Field(1.0, gt=0, description="real-time mode: 0.1 runs 10x faster")
     stream_interval: int = Field(
         1, ge=0, description="tokens per streamed chunk; 0 = one chunk at the end (benchmarks)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of synthetic outputs")
     synthetic_mean_tokens: int = Field(
         128, ge=1, description="mean output length when no expectation is registered"
     )
     script_file: Path | None = Field(
         None, description="JSON list of {pattern, reply} rules for the scripted responder"
     )
-    model_path: str = "progserve/sim-llama-3-8b"
-    max_context_len: int = Field(32768, ge=16)
+    model_path: str = Field("progserve/sim-llama-3-8b", description="name it reports")
+    max_context_len: int = Field(32768, ge=16, description="longest prompt + output")
     hardware: HardwareProfile = Field(default_factory=HardwareProfile)
