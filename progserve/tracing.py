@@ -60,6 +60,30 @@ log = logging.getLogger(__name__)
 
 A = "progserve."  # attribute namespace
 PROGRAM_ID = A + "program.id"
+# Attribute names, joined once (not per span).
+_CACHED_TOKENS = A + "cached_tokens"
+_CALL_ID = A + "call.id"
+_CALL_KIND = A + "call.kind"
+_CALL_PARENTS = A + "call.parents"
+_DECODE_TOKENS = A + "decode_tokens"
+_DURATION_S = A + "duration_s"
+_INSTANCE = A + "instance"
+_POLICY_PRIORITY = A + "policy.priority"
+_POLICY_QUEUE_LEVEL = A + "policy.queue_level"
+_PREEMPTIONS = A + "preemptions"
+_PREFILL_TOKENS = A + "prefill_tokens"
+_PROGRAM_CALLS = A + "program.calls"
+_PROGRAM_STATUS = A + "program.status"
+_PROMPT_TOKENS = A + "prompt_tokens"
+_QUEUE_WAIT_S = A + "queue_wait_s"
+_REPLICA = A + "replica"
+_SERVICE = A + "service"
+_SPAN_KIND = A + "span.kind"
+_TENANT = A + "tenant"
+_THREAD_ID = A + "thread.id"
+_TOOL_NAME = A + "tool.name"
+_TOOL_PARTIAL_START_S = A + "tool.partial_start_s"
+_TTFT_S = A + "ttft_s"
 SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 MAX_OPEN_CALLS = 200_000  # in-flight call timelines kept (a guard, far above real loads)
 MAX_BINDINGS = 100_000
@@ -288,7 +312,10 @@ class Tracing:
         the call: a `traceparent` the middleware attached is the current context here."""
         if key in self._bindings:
             return
-        caller = trace.get_current_span().get_span_context()
+        current = otel_context.get_current()
+        if not current and not self.store.shared:
+            return  # no caller span here (the common case), nothing shared to look up
+        caller = trace.get_current_span(current).get_span_context()
         if caller.is_valid and caller.is_remote:
             self.adopt_caller(key, caller)
         elif self.store.shared:
@@ -340,7 +367,7 @@ class Tracing:
         timeline.queue_level = ev.queue_level
         if ev.queue_wait_s is not None:
             timeline.queue_wait_s = ev.queue_wait_s
-        timeline.events.append(("dispatched", now_ns, {A + "replica": _replica(ev.replica)}))
+        timeline.events.append(("dispatched", now_ns, {_REPLICA: _replica(ev.replica)}))
 
     def _call_first_token(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns)
@@ -351,12 +378,12 @@ class Tracing:
     def _call_preempted(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns)
         timeline.preemptions += 1
-        timeline.events.append(("preempted", now_ns, {A + "replica": _replica(ev.replica)}))
+        timeline.events.append(("preempted", now_ns, {_REPLICA: _replica(ev.replica)}))
 
     def _call_promoted(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._open.get(_open_key(ev))
         if timeline is not None:
-            timeline.events.append(("promoted", now_ns, {A + "policy.queue_level": 0}))
+            timeline.events.append(("promoted", now_ns, {_POLICY_QUEUE_LEVEL: 0}))
 
     def _tool_started(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns, kind="tool")
@@ -501,11 +528,11 @@ class Tracing:
                 "error": (ev.error or rec.status) if failed else None,
                 "attributes": {
                     PROGRAM_ID: ev.program_id,
-                    A + "span.kind": "program",
-                    A + "tenant": ev.tenant,
-                    A + "instance": self.instance_id,
-                    A + "program.status": rec.status,
-                    A + "program.calls": rec.llm_calls + rec.tool_calls,
+                    _SPAN_KIND: "program",
+                    _TENANT: ev.tenant,
+                    _INSTANCE: self.instance_id,
+                    _PROGRAM_STATUS: rec.status,
+                    _PROGRAM_CALLS: rec.llm_calls + rec.tool_calls,
                 },
                 "events": [],
             }
@@ -575,51 +602,51 @@ def _replica(replica: int | None) -> int:
 def _call_attributes(t: CallTimeline, instance_id: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         PROGRAM_ID: t.program_id,
-        A + "span.kind": t.kind,
-        A + "call.id": t.call_id,
-        A + "call.kind": t.kind,
-        A + "tenant": t.tenant,
-        A + "instance": instance_id,
-        A + "policy.priority": float(t.priority),
-        A + "policy.queue_level": int(t.queue_level),
-        A + "replica": _replica(t.replica),
-        A + "preemptions": t.preemptions,
+        _SPAN_KIND: t.kind,
+        _CALL_ID: t.call_id,
+        _CALL_KIND: t.kind,
+        _TENANT: t.tenant,
+        _INSTANCE: instance_id,
+        _POLICY_PRIORITY: float(t.priority),
+        _POLICY_QUEUE_LEVEL: int(t.queue_level),
+        _REPLICA: _replica(t.replica),
+        _PREEMPTIONS: t.preemptions,
     }
     if t.thread_id is not None:
-        attrs[A + "thread.id"] = t.thread_id
+        attrs[_THREAD_ID] = t.thread_id
     if t.parents:
-        attrs[A + "call.parents"] = list(t.parents)
+        attrs[_CALL_PARENTS] = list(t.parents)
     if t.queue_wait_s is not None:
-        attrs[A + "queue_wait_s"] = float(t.queue_wait_s)
+        attrs[_QUEUE_WAIT_S] = float(t.queue_wait_s)
     if t.ttft_s is not None:
-        attrs[A + "ttft_s"] = float(t.ttft_s)
+        attrs[_TTFT_S] = float(t.ttft_s)
     if t.tool is not None:
-        attrs[A + "tool.name"] = t.tool
+        attrs[_TOOL_NAME] = t.tool
     if t.partial_start_s is not None:
-        attrs[A + "tool.partial_start_s"] = float(t.partial_start_s)
+        attrs[_TOOL_PARTIAL_START_S] = float(t.partial_start_s)
     return attrs
 
 
 def _usage_attributes(ev: SchedulerEvent) -> dict[str, Any]:
     prefill = max(0, ev.prompt_tokens - ev.cached_tokens)
     attrs: dict[str, Any] = {
-        A + "prompt_tokens": ev.prompt_tokens,
-        A + "prefill_tokens": prefill,
-        A + "cached_tokens": ev.cached_tokens,
-        A + "decode_tokens": ev.completion_tokens,
-        A + "service": float(ev.service),
+        _PROMPT_TOKENS: ev.prompt_tokens,
+        _PREFILL_TOKENS: prefill,
+        _CACHED_TOKENS: ev.cached_tokens,
+        _DECODE_TOKENS: ev.completion_tokens,
+        _SERVICE: float(ev.service),
         # OpenTelemetry's GenAI semantic conventions, for tools that know them.
         "gen_ai.usage.input_tokens": ev.prompt_tokens,
         "gen_ai.usage.output_tokens": ev.completion_tokens,
     }
     if ev.queue_wait_s is not None:
-        attrs[A + "queue_wait_s"] = float(ev.queue_wait_s)
+        attrs[_QUEUE_WAIT_S] = float(ev.queue_wait_s)
     if ev.ttft_s is not None:
-        attrs[A + "ttft_s"] = float(ev.ttft_s)
+        attrs[_TTFT_S] = float(ev.ttft_s)
     if ev.duration_s is not None:
-        attrs[A + "duration_s"] = float(ev.duration_s)
+        attrs[_DURATION_S] = float(ev.duration_s)
     if ev.replica is not None:
-        attrs[A + "replica"] = ev.replica
+        attrs[_REPLICA] = ev.replica
     return attrs
 
 
