@@ -264,6 +264,18 @@ class RadixCache:
 
         Values of the already-cached part are not replaced: the caller frees its duplicates.
         """
+        return self.insert_path(key, value, owner=owner, priority=priority)[0]
+
+    def insert_path(
+        self,
+        key: Sequence[int] | TokenKey,
+        value: Sequence[int] | None = None,
+        *,
+        owner: str | None = None,
+        priority: float = 0.0,
+    ) -> tuple[int, TreeNode]:
+        """`insert`, also returning the node where `key` now ends (to lock it without
+        another walk): (tokens already cached, node)."""
         data = _key_bytes(key)
         value_list = self._checked_values(len(data) // TOKEN_BYTES, value)
         now = self.clock()
@@ -287,8 +299,8 @@ class RadixCache:
         present = pos // TOKEN_BYTES
         if pos < end:
             tail = value_list[present:] if value_list is not None else None
-            self._add_leaf(node, data[pos:], tail, now, owner, priority)
-        return present
+            node = self._add_leaf(node, data[pos:], tail, now, owner, priority)
+        return present, node
 
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Protect the path node..root from eviction; returns tokens that became protected."""
@@ -437,7 +449,7 @@ class RadixCache:
         now: float,
         owner: str | None,
         priority: float,
-    ) -> None:
+    ) -> TreeNode:
         leaf = TreeNode(key=key, value=value, parent=parent, last_access=now, priority=priority)
         parent.children[key[:TOKEN_BYTES]] = leaf
         if owner is not None:
@@ -447,6 +459,7 @@ class RadixCache:
         self._push(leaf)
         if len(self._heap) > 2 * self._num_nodes + 1024:
             self._compact_heap()
+        return leaf
 
     def _remove_leaf(self, leaf: TreeNode, freed_values: list[int]) -> int:
         parent = leaf.parent

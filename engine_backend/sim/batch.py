@@ -295,9 +295,10 @@ class ContinuousBatcher:
         r.state = DONE
         self._on_finish(r)
 
-    def _insert(self, key: TokenKey, r: SimRequest) -> None:
+    def _insert(self, key: TokenKey, r: SimRequest) -> TreeNode:
+        """Cache `key` for `r`; returns the node where it ends."""
         owner = r.program_id if self.tag_owners else None
-        self.cache.insert(key, owner=owner, priority=-r.priority)
+        return self.cache.insert_path(key, owner=owner, priority=-r.priority)[1]
 
     def _unlock(self, r: SimRequest) -> None:
         if r.lock_node is not None:
@@ -474,8 +475,7 @@ class ContinuousBatcher:
         """Insert a decoding request's prefilled sequence and move its lock there."""
         assert r.fill is not None and r.lock_node is not None
         cache = self.cache
-        self._insert(r.fill, r)
-        node = cache.match_prefix(r.fill, touch=False).node
+        node = self._insert(r.fill, r)
         cache.inc_lock_ref(node)
         cache.dec_lock_ref(r.lock_node)
         r.lock_node = node
