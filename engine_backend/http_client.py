@@ -315,13 +315,24 @@ class HTTPPool:
         finally:
             self._release(conn)
 
+    async def fetch(self, method: str, path: str, *, json: Any = None) -> tuple[int, bytes]:
+        """A whole exchange, (status, body), with no timeout. Cancelling it closes the
+        connection, which tells the server to stop."""
+        conn = await self._open(method, path, json)
+        try:
+            parts: list[bytes] = []
+            while (part := await conn.next_chunk()) is not None:
+                parts.append(part)
+            return conn.status, b"".join(parts)
+        finally:
+            self._release(conn)
+
     async def request(self, method: str, path: str, *, json: Any = None,
                       timeout: float | None = None) -> tuple[int, bytes]:
         """A whole exchange: (status, body)."""
         try:
             async with asyncio.timeout(timeout):
-                async with self.stream(method, path, json=json) as resp:
-                    return resp.status, await resp.aread()
+                return await self.fetch(method, path, json=json)
         except TimeoutError as exc:
             raise EngineUnavailableError(f"{self.base_url}{path}: no answer in {timeout}s") \
                 from exc

@@ -34,7 +34,7 @@ from .errors import (
     InvalidRequestError,
     UnknownRequestError,
 )
-from .http_client import HTTPPool, HTTPResponse, error_for_status
+from .http_client import HTTPPool, error_for_status
 from .types import (
     Capabilities,
     Chunk,
@@ -240,14 +240,21 @@ class SGLangHTTPEngine(Engine):
         opened = finished = False
         final: Chunk | None = None
         try:
-            async with pool.stream("POST", "/generate", json=self.request_json(request)) as resp:
-                if resp.status != 200:
-                    raise error_for_status(resp.status, await resp.aread(), self._upstream)
-                opened = True
-                progress = _Progress()
-                if not request.stream:
-                    final = self._chunk_from_event(rid, await self._answer(resp), progress)
-                else:
+            if not request.stream:
+                opened = True  # from here on, leaving early aborts upstream
+                status, body = await pool.fetch("POST", "/generate",
+                                                json=self.request_json(request))
+                if status != 200:
+                    opened = False
+                    raise error_for_status(status, body, self._upstream)
+                final = self._chunk_from_event(rid, self._answer(body), _Progress())
+            else:
+                async with pool.stream("POST", "/generate",
+                                       json=self.request_json(request)) as resp:
+                    if resp.status != 200:
+                        raise error_for_status(resp.status, await resp.aread(), self._upstream)
+                    opened = True
+                    progress = _Progress()
                     async for event in resp.aiter_sse():
                         chunk = self._chunk_from_event(rid, event, progress)
                         if chunk.finished:
@@ -269,10 +276,10 @@ class SGLangHTTPEngine(Engine):
             if opened and not finished:
                 self._abort_in_background(rid)
 
-    async def _answer(self, resp: HTTPResponse) -> dict[str, Any]:
+    def _answer(self, body: bytes) -> dict[str, Any]:
         """A non-streamed `/generate` answer (one prompt: one JSON object)."""
         try:
-            answer = await resp.json()
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise EngineUnavailableError(f"{self._upstream}: malformed answer: {exc}") from exc
         if not isinstance(answer, dict):

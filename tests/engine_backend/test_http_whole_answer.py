@@ -3,6 +3,8 @@ and yield the whole answer as a single final chunk, equal to what the stream reb
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine_backend.openai_http import OpenAIHTTPEngine
@@ -51,3 +53,29 @@ async def test_openai_whole_answer_is_one_final_chunk(upstream):
     assert final.text == "".join(c.text for c in streamed)
     assert final.completion_tokens == 12 and final.prompt_tokens == streamed[-1].prompt_tokens
     assert final.output_logprobs is not None and len(final.output_logprobs) == 12
+
+
+def upstream_running(upstream) -> int:
+    return upstream.call(upstream.app.state.runtime.engines[0].stats()).running
+
+
+async def test_cancelled_whole_answer_aborts_upstream(upstream):
+    """A non-streamed call whose consumer goes away (its client left) stops upstream."""
+    long = SamplingParams(max_new_tokens=4000, ignore_eos=True)
+    async with SGLangHTTPEngine(upstream.url) as engine:
+        req = GenerateRequest(rid="whole-cancel", text="Tell me a story", stream=False,
+                              sampling=long)
+        task = asyncio.create_task(collect(engine, req))
+        for _ in range(200):
+            if upstream_running(upstream) == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert upstream_running(upstream) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if upstream_running(upstream) == 0:
+                break
+            await asyncio.sleep(0.005)
+        assert upstream_running(upstream) == 0
