@@ -76,6 +76,10 @@ class Router:
         self.balance = config.balance
         self._next = 0
         self.long_context = config.long_context_tokens
+        # The trees serve two readers: the choice among several replicas, and DLPM's
+        # prefix hint. With neither, keeping them costs every call a radix insert for
+        # nothing (the common single-engine proxy set-up).
+        self.tracks_prefixes = len(self.replicas) > 1 or config.policy == "dlpm"
 
     # ------------------------------------------------------------------ keys and hints
     def route_key(self, call: CallNode) -> tuple[TokenKey | None, float]:
@@ -190,6 +194,8 @@ class Router:
         """The replica now caches the prompt (and the output, for token-id prompts).
         Recorded once, at the end: a concurrent sibling still finds the shared prefix
         through the program's home and the earlier calls' entries."""
+        if not self.tracks_prefixes:
+            return
         key, _ = self.route_key(call)
         if key is None:
             return

@@ -115,3 +115,17 @@ def test_prefix_trees_stay_bounded():
     for i in range(20):
         finish_on(router, replicas[0], call_for(prog, list(range(i * 500, i * 500 + 300))))
     assert replicas[0].tree.tree.total_size() <= 1000 // 16  # sampled key elements
+
+
+def test_trees_are_kept_only_where_they_can_change_a_decision():
+    prog = Program(id="p", tenant="t", arrival=0, seq=0)
+    tokens = list(range(500, 900))
+    lone, (replica,) = setup(n=1)
+    finish_on(lone, replica, call_for(prog, tokens))
+    assert lone.best_match(call_for(prog, tokens)) == 0  # one replica, no hint reader
+    dlpm, (replica,) = setup(n=1, policy="dlpm")
+    finish_on(dlpm, replica, call_for(prog, tokens))
+    assert dlpm.best_match(call_for(prog, tokens)) == 400  # DLPM reads the hint
+    many, replicas = setup(n=2)
+    finish_on(many, replicas[1], call_for(prog, tokens))
+    assert many.best_match(call_for(prog, tokens)) == 400
