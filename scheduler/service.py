@@ -693,16 +693,19 @@ class Scheduler:
                                 call.service += self._token_cost[1] * chunk.completion_tokens
                                 break
                             self._account_final(call, chunk)
-                            self.dispatcher.release(call)
                             if slot is not None and choices and parts is not None:
                                 slot.parts = [pick_choice("".join(parts), choices)]
-                            if reason.type is FinishType.ABORT:
-                                outcome = CallStatus.CANCELLED
-                            else:
-                                outcome = CallStatus.FINISHED
-                                await self._record_service(call)
-                            self._end_llm_call(call, replica, outcome, None)
-                            yield chunk
+                            outcome = (CallStatus.CANCELLED if reason.type is FinishType.ABORT
+                                       else CallStatus.FINISHED)
+                            # The answer first, the bookkeeping when the consumer moves on
+                            # (or closes the stream): a proxy writes its response meanwhile.
+                            try:
+                                yield chunk
+                            finally:
+                                self.dispatcher.release(call)
+                                if outcome == CallStatus.FINISHED:
+                                    await self._record_service(call)
+                                self._end_llm_call(call, replica, outcome, None)
                             return
                     finally:
                         await stream.aclose()

@@ -34,6 +34,10 @@ class CallRecord:
 
 @runtime_checkable
 class StateStore(Protocol):
+    # True when no method ever suspends (nothing outside the process): callers may then
+    # rely on a store update completing before the event loop runs anything else.
+    in_process: bool
+
     async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
         """The program's history, or None if the store has never seen it."""
         ...
@@ -50,7 +54,9 @@ class StateStore(Protocol):
 
 
 class InMemoryStateStore:
-    """The default: one process, a dict. `record_call` never suspends."""
+    """The default: one process, a dict. No method ever suspends."""
+
+    in_process = True
 
     def __init__(self, max_ended: int = 100_000) -> None:
         self._totals: dict[tuple[str, str], HistoryTotals] = {}
@@ -93,6 +99,8 @@ class RedisStateStore:
     set of replica indices). Every write refreshes a TTL (`ttl_s`), so abandoned programs
     expire; an ended program keeps its history for `ended_ttl_s`.
     """
+
+    in_process = False
 
     def __init__(
         self,

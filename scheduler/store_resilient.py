@@ -62,6 +62,8 @@ class _Journal:
 class ResilientStateStore:
     """A `StateStore` over a shared backend that degrades to local state and re-syncs."""
 
+    in_process = False
+
     def __init__(
         self,
         backend: StateStore,

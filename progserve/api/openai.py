@@ -31,7 +31,14 @@ from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
 from ..config import LimitsConfig
 from ..errors import BadRequestError
 from ..runtime import Runtime
-from .calls import CallOutput, ScheduledCall, close_all, gather_each, merge_streams
+from .calls import (
+    CallOutput,
+    ScheduledCall,
+    close_all,
+    finish_after_answer,
+    gather_each,
+    merge_streams,
+)
 from .common import (
     SSE_DONE,
     ProgramIdentity,
@@ -186,10 +193,12 @@ async def chat_completions(request: Request) -> Response:
         return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)
     try:
         out = await unless_disconnected(request, call.collect)
-    finally:
+    except BaseException:
         await call.close()
-    await call.end_program_if_asked()
-    return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers)
+        raise
+    later = await finish_after_answer(runtime, [call])
+    return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers,
+                         background=later)
 
 
 def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: CallOutput,
@@ -318,9 +327,10 @@ async def completions(request: Request) -> Response:
     try:
         outs = await unless_disconnected(
             request, lambda: gather_each([c.collect() for c in calls]))
-    finally:
+    except BaseException:
         await close_all(calls)
-    await calls[0].end_program_if_asked()
+        raise
+    later = await finish_after_answer(runtime, calls)
     choices = [_completion_choice(i, prompts[i], out, body) for i, out in enumerate(outs)]
     return json_response({
         "id": rid,
@@ -331,7 +341,7 @@ async def completions(request: Request) -> Response:
         "usage": usage_json(sum(o.prompt_tokens for o in outs),
                             sum(o.completion_tokens for o in outs),
                             sum(o.cached_tokens for o in outs)),
-    }, headers=calls[0].headers)
+    }, headers=calls[0].headers, background=later)
 
 
 async def _start_completion_calls(runtime: Runtime, tenant: str, identity: ProgramIdentity,

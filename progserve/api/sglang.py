@@ -28,7 +28,15 @@ from engine_backend.types import GenerateRequest, LogprobEntry
 
 from ..errors import BadRequestError
 from ..runtime import Runtime
-from .calls import ABORTED, CallOutput, ScheduledCall, close_all, gather_each, merge_streams
+from .calls import (
+    ABORTED,
+    CallOutput,
+    ScheduledCall,
+    close_all,
+    finish_after_answer,
+    gather_each,
+    merge_streams,
+)
 from .common import (
     SSE_DONE,
     json_response,
@@ -187,13 +195,14 @@ async def generate(request: Request) -> Response:
     try:
         outs = await unless_disconnected(
             request, lambda: gather_each([c.collect_abortable() for c in calls]))
-    finally:
+    except BaseException:
         await close_all(calls)
-    if calls:
-        await calls[0].end_program_if_asked()
+        raise
+    later = await finish_after_answer(runtime, calls)
     results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
                for c, item, out in zip(calls, items, outs, strict=True)]
-    return json_response(results if body.is_batch else results[0], headers=calls[0].headers)
+    return json_response(results if body.is_batch else results[0], headers=calls[0].headers,
+                         background=later)
 
 
 def _logprobs_json(entries: list[LogprobEntry] | None, with_text: bool) -> list[list[Any]]:

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from progserve.api.calls import ScheduledCall, finish_after_answer
+from progserve.api.common import ProgramIdentity
 from progserve.app import create_app
 from progserve.config import Settings
 from progserve.runtime import Runtime
@@ -61,3 +63,56 @@ async def test_unexpected_error_is_a_500_and_reraised(runtime: Runtime,
     async with client(app) as c:
         with pytest.raises(RuntimeError, match="a bug"):
             await c.post("/generate", json=BODY)
+
+
+async def _answered_call(runtime: Runtime, program_id: str) -> ScheduledCall:
+    from engine_backend.types import GenerateRequest, SamplingParams
+
+    request = GenerateRequest(rid=f"rid-{program_id}", text="hello there", stream=False,
+                              sampling=SamplingParams(max_new_tokens=3))
+    identity = ProgramIdentity(program_id=program_id, end=True)
+    call = await ScheduledCall.start(runtime, "default", identity, request)
+    out = await call.collect()
+    assert out.completion_tokens == 3 and out.finish_reason is not None
+    return call
+
+
+async def test_an_answer_is_written_before_its_call_is_booked(runtime: Runtime) -> None:
+    """With the in-process store, the bookkeeping (and the program end the client asked
+    for) waits for the answer to be written, then completes."""
+    scheduler = runtime.scheduler
+    await scheduler.open_program("p-defer")
+    call = await _answered_call(runtime, "p-defer")
+    later = await finish_after_answer(runtime, [call])
+    assert later is not None
+    assert scheduler.program_state("p-defer").calls[0].status == "running"
+    await later()
+    state = scheduler.program_state("p-defer")
+    assert state.calls[0].status == "finished" and state.status == "finished"
+    assert state.history.calls_finished == 1
+
+
+async def test_a_remote_store_books_the_call_before_the_answer(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that suspends (Redis) could let another request see the call unfinished:
+    there the bookkeeping runs first."""
+    scheduler = runtime.scheduler
+    monkeypatch.setattr(type(scheduler.store), "in_process", False)
+    await scheduler.open_program("p-now")
+    call = await _answered_call(runtime, "p-now")
+    assert await finish_after_answer(runtime, [call]) is None
+    state = scheduler.program_state("p-now")
+    assert state.calls[0].status == "finished" and state.status == "finished"
+
+
+async def test_a_sequential_client_sees_its_ended_program(runtime: Runtime) -> None:
+    app = create_app(runtime)
+    async with client(app) as c:
+        answer = await c.post("/generate", json=BODY, headers={
+            "X-Program-Id": "p-seq", "X-Program-End": "true"})
+        assert answer.status_code == 200
+        state = await c.get("/v1/programs/p-seq")
+    assert state.status_code == 200
+    body = state.json()
+    assert body["status"] == "finished"
+    assert [call["status"] for call in body["calls"]] == ["finished"]

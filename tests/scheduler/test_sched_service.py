@@ -440,3 +440,24 @@ def test_idle_program_ends_by_itself_and_reopens_with_its_history():
         assert state.status == "idle" and state.history.calls_finished == 3
 
     run(body, program_idle_timeout_s=100)
+
+
+def test_final_chunk_comes_before_the_call_is_booked_and_closing_books_it():
+    """A proxy writes its answer while the call's bookkeeping waits: the final chunk is
+    yielded first; moving on (or closing the stream) ends the call as finished."""
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p1")
+        stream = s.llm_call(pid, req("r1", n=3))
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break
+        (c,) = s.program_state(pid).calls
+        assert c.status == "running"  # answered, not yet booked
+        assert s.replicas[0].inflight_requests == 1
+        await stream.aclose()
+        state = s.program_state(pid)
+        assert state.calls[0].status == "finished" and state.calls[0].completion_tokens == 3
+        assert state.history.calls_finished == 1
+        assert s.replicas[0].inflight_requests == 0
+
+    run(body)
