@@ -243,6 +243,19 @@ class Program:
     _graph: nx.DiGraph | None = None
     _graph_calls: int = 0  # how many of `calls` (in insertion order) `_graph` holds
 
+    def drop_calls(self) -> None:
+        """Forget the calls of a program the scheduler no longer keeps. A call points at
+        its program and the program at its calls: left as a cycle, only the collector's
+        full passes free them, and those grow with the live heap (tens of ms a pass at
+        ten thousand kept programs, a stall for every request in flight)."""
+        self.calls.clear()
+        self.last_call_by_thread.clear()
+        self.variables.clear()
+        self.queued.clear()
+        self.running.clear()
+        self._graph = None
+        self._graph_calls = 0
+
     @property
     def graph(self) -> nx.DiGraph:
         """The call DAG: nodes are call ids (attribute `call`), edges parent -> child."""

@@ -1103,6 +1103,7 @@ class Scheduler:
             old = self._ended.popleft()
             if old.is_closed and old.open_calls == 0:
                 self._programs.pop((old.tenant, old.id), None)
+                old.drop_calls()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

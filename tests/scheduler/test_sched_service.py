@@ -461,3 +461,27 @@ def test_final_chunk_comes_before_the_call_is_booked_and_closing_books_it():
         assert s.replicas[0].inflight_requests == 0
 
     run(body)
+
+
+def test_programs_past_the_kept_ones_are_freed_without_the_cycle_collector():
+    import gc
+
+    from scheduler.program import Program
+
+    def live_programs() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is Program)
+
+    async def body(s: Scheduler, engines):
+        before = live_programs()
+        for i in range(30):
+            pid = await s.open_program(None)
+            await consume(s.llm_call(pid, req(f"r{i}")))
+        return live_programs() - before
+
+    gc.collect()
+    gc.disable()
+    try:
+        alive = run(body, keep_finished_programs=5)
+    finally:
+        gc.enable()
+    assert alive <= 5 + 1  # the kept ones (and the one just ended)
