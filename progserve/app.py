@@ -6,6 +6,7 @@ a new one built from `Settings`. The runtime starts and stops with the app's lif
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -74,6 +75,16 @@ async def _on_client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody is listening; the status is for the logs
 
 
+def _freeze_startup_heap() -> None:
+    """Move what start-up built (modules, classes, the runtime) out of the cycle
+    collector's reach: it lives as long as the server, and every full collection would
+    walk it again, a pause of tens of ms that lands on whatever requests are in flight.
+    Only `progserve serve` asks for it (`app.state.freeze_startup_heap`): an app embedded
+    in a longer-lived process (tests, notebooks) keeps its collector as it is."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(runtime: Runtime | Settings) -> FastAPI:
     """An app around `runtime` (or a new `Runtime` built from settings)."""
     if isinstance(runtime, Settings):
@@ -82,6 +93,8 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        if getattr(app.state, "freeze_startup_heap", False):
+            _freeze_startup_heap()
         try:
             yield
         finally:

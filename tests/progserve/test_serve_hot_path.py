@@ -116,3 +116,17 @@ async def test_a_sequential_client_sees_its_ended_program(runtime: Runtime) -> N
     body = state.json()
     assert body["status"] == "finished"
     assert [call["status"] for call in body["calls"]] == ["finished"]
+
+
+async def test_only_a_server_process_freezes_its_startup_heap() -> None:
+    import gc
+
+    gc.unfreeze()
+    for asked in (False, True):
+        app = create_app(Settings(sim={"time_scale": 0.01}))
+        app.state.freeze_startup_heap = asked
+        try:
+            async with app.router.lifespan_context(app):
+                assert (gc.get_freeze_count() > 0) is asked
+        finally:
+            gc.unfreeze()
