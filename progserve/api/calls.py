@@ -9,6 +9,7 @@ Closing the stream (`close()`, or the task being cancelled) aborts the engine re
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from ..runtime import InflightRequest, Runtime
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 ABORTED = FinishReason(FinishType.ABORT, message="aborted by /abort_request")
 
@@ -275,6 +278,16 @@ async def finish_after_answer(runtime: Runtime, calls: list[ScheduledCall]
     the server reads another request, so no client can see a call answered but not yet
     ended. A remote state store (Redis) makes it suspend, so it runs first there."""
     if runtime.scheduler.store.in_process:
-        return BackgroundTask(finish_all, calls)
+        return BackgroundTask(_finish_answered, calls)
     await finish_all(calls)
     return None
+
+
+async def _finish_answered(calls: list[ScheduledCall]) -> None:
+    """`finish_all` once the answer is out: a failure can no longer reach the client (a
+    program ended meanwhile, say), so it is logged rather than raised into the server."""
+    try:
+        await finish_all(calls)
+    except Exception:  # noqa: BLE001
+        log.warning("finishing answered calls %s failed", [c.call_id for c in calls],
+                    exc_info=True)

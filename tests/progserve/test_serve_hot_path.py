@@ -130,3 +130,21 @@ async def test_only_a_server_process_freezes_its_startup_heap() -> None:
                 assert (gc.get_freeze_count() > 0) is asked
         finally:
             gc.unfreeze()
+
+
+async def test_a_failure_after_the_answer_is_logged_not_raised(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from scheduler.errors import ProgramNotFoundError
+
+    async def gone(self: ScheduledCall) -> None:
+        raise ProgramNotFoundError(self.program_id)
+
+    await runtime.scheduler.open_program("p-gone")
+    call = await _answered_call(runtime, "p-gone")
+    monkeypatch.setattr(ScheduledCall, "end_program_if_asked", gone)
+    later = await finish_after_answer(runtime, [call])
+    assert later is not None
+    await later()  # the client already has its answer: nothing to raise into
+    assert "finishing answered calls" in caplog.text
+    assert runtime.scheduler.program_state("p-gone").calls[0].status == "finished"
