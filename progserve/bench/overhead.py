@@ -8,9 +8,13 @@ One run starts, on loopback:
 - LiteLLM's proxy in front of the same engine, when it is installed (`--litellm`).
 
 wrk (one connection, one thread, keep-alive) then sends the same non-streamed request to
-the engine directly and through each proxy, back to back in the same run. The added
-latency is the difference of the latency percentiles (proxy minus direct); requests/s are
-wrk's. Installs Debian's `wrk` if it is missing and the process may use apt.
+the engine directly and through each proxy, in the same run, in `--rounds` alternating
+rounds (direct, proxy A, proxy B, direct, ...): a machine whose speed drifts during the
+run (other jobs, frequency) shifts both sides of a round alike. The added latency of a
+round is the difference of its percentiles (proxy minus the direct run just before); the
+report gives the median over rounds, each target's percentiles as medians over rounds,
+and every round in the JSON. Requests/s are wrk's. Installs Debian's `wrk` if it is
+missing and the process may use apt.
 
     progserve bench overhead --duration 10 --json artifacts/overhead.json
 """
@@ -23,6 +27,7 @@ import os
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +61,10 @@ end
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per target")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds per target, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds over the targets (>= 1)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per target, unused")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per reply")
     parser.add_argument("--time-scale", type=float, default=1e-4,
@@ -247,16 +255,41 @@ class Scenario:
     name: str
     path: str
     body: dict[str, Any]
-    direct: WrkResult | None = None
-    proxied: list[WrkResult] = field(default_factory=list)
+    # target name ("direct", "progserve(sglang)", ...) -> one wrk result per round
+    rounds: dict[str, list[WrkResult]] = field(default_factory=dict)
 
-    def added(self, result: WrkResult) -> dict[str, float]:
-        assert self.direct is not None
+    def record(self, name: str, result: WrkResult) -> None:
+        self.rounds.setdefault(name, []).append(result)
+
+    def added(self, name: str) -> dict[str, float]:
+        """Median over rounds of (proxy - the direct run of the same round)."""
+        pairs = list(zip(self.rounds[name], self.rounds["direct"], strict=True))
         return {
-            "p50_added_ms": (result.p50_us - self.direct.p50_us) / 1000,
-            "p99_added_ms": (result.p99_us - self.direct.p99_us) / 1000,
-            "mean_added_ms": (result.mean_us - self.direct.mean_us) / 1000,
+            f"{key}_added_ms": statistics.median(
+                (getattr(p, f"{key}_us") - getattr(d, f"{key}_us")) / 1000 for p, d in pairs)
+            for key in ("p50", "p99", "mean")
         }
+
+
+def merge_rounds(results: list[WrkResult]) -> WrkResult:
+    """One target's rounds as one result: counts summed, percentiles as medians over the
+    rounds, mean and CPU per request weighted by requests."""
+    requests = sum(r.requests for r in results)
+    seconds = sum(r.seconds for r in results)
+    weight = [r.requests / max(1, requests) for r in results]
+    return WrkResult(
+        target=results[0].target, url=results[0].url, requests=requests, seconds=seconds,
+        errors=sum(r.errors for r in results), rps=requests / seconds if seconds else 0.0,
+        p50_us=int(statistics.median(r.p50_us for r in results)),
+        p90_us=int(statistics.median(r.p90_us for r in results)),
+        p99_us=int(statistics.median(r.p99_us for r in results)),
+        p999_us=int(statistics.median(r.p999_us for r in results)),
+        mean_us=sum(w * r.mean_us for w, r in zip(weight, results, strict=True)),
+        cpu_ms_per_request={
+            key: round(sum(w * r.cpu_ms_per_request.get(key, 0.0)
+                           for w, r in zip(weight, results, strict=True)), 3)
+            for key in results[0].cpu_ms_per_request},
+    )
 
 
 def bodies(max_tokens: int) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -307,21 +340,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     notes.append("litellm comparison turned off (--litellm off)")
                 else:
                     notes.append("litellm not installed (--install-litellm): no comparison")
+            rounds = max(1, args.rounds)
             for scenario in scenarios:
                 targets = [("direct", engine)] + [
                     (name, srv) for name, srv in proxies.items()
                     if scenario.name == "chat" or name == "progserve(sglang)"]
-                for name, srv in targets:
+                for _, srv in targets:
                     url = srv.url + scenario.path
                     check_answer(url, scenario.body)
                     run_wrk(wrk, f"warmup-{scenario.name}", url, scenario.body, args.warmup,
                             workdir)
-                    result = run_wrk(wrk, f"{scenario.name}:{name}", url, scenario.body,
-                                     args.duration, workdir, servers)
-                    if name == "direct":
-                        scenario.direct = result
-                    else:
-                        scenario.proxied.append(result)
+                for _ in range(rounds):
+                    for name, srv in targets:
+                        scenario.record(name, run_wrk(
+                            wrk, f"{scenario.name}:{name}", srv.url + scenario.path,
+                            scenario.body, args.duration / rounds, workdir, servers))
         finally:
             for server in reversed(servers):
                 server.stop()
@@ -331,17 +364,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str]
             ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "config": {"duration_s": args.duration, "max_tokens": args.max_tokens,
+        "config": {"duration_s": args.duration, "rounds": max(1, args.rounds),
+                   "max_tokens": args.max_tokens,
                    "time_scale": args.time_scale, "connections": 1, "tool": "wrk",
                    "cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
         "scenarios": {},
         "notes": notes,
     }
     for scenario in scenarios:
-        entry: dict[str, Any] = {"direct": asdict(scenario.direct), "proxies": {}}
-        for result in scenario.proxied:
-            proxy = result.target.split(":", 1)[1]
-            entry["proxies"][proxy] = {**asdict(result), **scenario.added(result)}
+        entry: dict[str, Any] = {
+            "direct": asdict(merge_rounds(scenario.rounds["direct"])), "proxies": {},
+            "rounds": {name: [asdict(r) for r in results]
+                       for name, results in scenario.rounds.items()},
+        }
+        for proxy, results in scenario.rounds.items():
+            if proxy != "direct":
+                entry["proxies"][proxy] = {**asdict(merge_rounds(results)),
+                                           **scenario.added(proxy)}
         ours = entry["proxies"].get("progserve(openai)") or entry["proxies"].get(
             "progserve(sglang)")
         theirs = entry["proxies"].get("litellm")
@@ -354,8 +393,9 @@ def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str
 
 def print_report(report: dict[str, Any]) -> None:
     cfg = report["config"]
-    print(f"middleware overhead: wrk, 1 connection, {cfg['duration_s']:.0f}s per target, "
-          f"{cfg['max_tokens']} tokens per reply")
+    print(f"middleware overhead: wrk, 1 connection, {cfg['duration_s']:.0f}s per target in "
+          f"{cfg['rounds']} alternating rounds, {cfg['max_tokens']} tokens per reply "
+          "(added: median over rounds of proxy minus direct)")
     header = f"{'scenario':9} {'target':18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} " \
              f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6}  cpu ms/request (proxy, engine)"
     print(header)

@@ -4,6 +4,7 @@ numbers) and reports what it measured for every target."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -21,8 +22,8 @@ def test_overhead_bench_reports_every_target(tmp_path):
         pytest.skip("wrk is not installed and cannot be (needs root and apt)")
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "progserve.cli", "bench", "overhead", "--duration", "1",
-         "--warmup", "1", "--litellm", "off", "--json", str(out)],
+        [sys.executable, "-m", "progserve.cli", "bench", "overhead", "--duration", "2",
+         "--rounds", "2", "--warmup", "1", "--litellm", "off", "--json", str(out)],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -30,8 +31,13 @@ def test_overhead_bench_reports_every_target(tmp_path):
     assert generate["direct"]["requests"] > 0 and generate["direct"]["errors"] == 0
     proxied = generate["proxies"]["progserve(sglang)"]
     assert proxied["requests"] > 0 and proxied["errors"] == 0
-    assert proxied["p50_added_ms"] == pytest.approx(
-        (proxied["p50_us"] - generate["direct"]["p50_us"]) / 1000)
+    # Added latency pairs each proxy round with the direct round just before it.
+    rounds = generate["rounds"]
+    assert len(rounds["direct"]) == len(rounds["progserve(sglang)"]) == 2
+    paired = [(p["p50_us"] - d["p50_us"]) / 1000
+              for p, d in zip(rounds["progserve(sglang)"], rounds["direct"], strict=True)]
+    assert proxied["p50_added_ms"] == pytest.approx(statistics.median(paired))
+    assert proxied["requests"] == sum(r["requests"] for r in rounds["progserve(sglang)"])
     assert proxied["cpu_ms_per_request"]["progserve-sglang"] > 0
     chat = report["scenarios"]["chat"]
     assert set(chat["proxies"]) == {"progserve(sglang)", "progserve(openai)"}
