@@ -72,6 +72,18 @@ def settled_history(url: str, program_id: str, calls: int) -> dict[str, Any]:
         time.sleep(0.02)
 
 
+def settled_view(url: str, program_id: str, calls: int) -> dict[str, Any]:
+    """The UI's view of the program once it shows `calls` calls: spans reach Redis in the
+    trace store's background flush (every 0.2 s), so the other replica's newest call may
+    still be on its way when the answer arrives."""
+    deadline = time.monotonic() + 5
+    while True:
+        view = httpx.get(f"{url}/ui/api/programs/{program_id}", timeout=10).json()
+        if len(view["calls"]) >= calls or time.monotonic() > deadline:
+            return view
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def replicas(redis_server, tmp_path: Path):  # type: ignore[no-untyped-def]
     procs = start_replicas(redis_server.url, tmp_path)
@@ -99,7 +111,7 @@ def test_calls_on_both_replicas_share_one_history_and_one_trace(replicas) -> Non
         assert mine["priority"] == pytest.approx(total - mine["service"], rel=1e-9)
     # one trace: each replica's UI shows all six calls, from both instances
     for replica in replicas:
-        view = httpx.get(f"{replica.url}/ui/api/programs/{program_id}", timeout=10).json()
+        view = settled_view(replica.url, program_id, calls=6)
         assert len(view["calls"]) == 6
         assert len({s["trace_id"] for s in view["spans"]}) == 1
         assert len(view["program"]["instances"]) == 2
