@@ -53,23 +53,49 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
 
+# An ended program's history, packed: (service, engine_time_s, weighted_tokens, wait_s,
+# calls_finished, engines used). A tuple of numbers holds no references, so the cycle
+# collector stops tracking it after its first pass: tens of thousands of ended programs
+# then add nothing to the full collections' pauses, as live `HistoryTotals` (each with
+# its set) would.
+PackedTotals = tuple[float, float, float, float, int, tuple[int, ...]]
+
+
+def pack_totals(totals: HistoryTotals) -> PackedTotals:
+    return (totals.service, totals.engine_time_s, totals.weighted_tokens, totals.wait_s,
+            totals.calls_finished, tuple(sorted(totals.engines_used)))
+
+
+def unpack_totals(packed: PackedTotals) -> HistoryTotals:
+    service, engine_time_s, weighted_tokens, wait_s, calls_finished, engines = packed
+    return HistoryTotals(service, engine_time_s, weighted_tokens, wait_s, calls_finished,
+                         set(engines))
+
+
 class InMemoryStateStore:
-    """The default: one process, a dict. No method ever suspends."""
+    """The default: one process, a dict. No method ever suspends.
+
+    Running programs' totals are live objects; an ended program's are packed (see
+    `PackedTotals`) and kept for the `max_ended` most recent ones, so a program reopened
+    after its end resumes its history."""
 
     in_process = True
 
     def __init__(self, max_ended: int = 100_000) -> None:
         self._totals: dict[tuple[str, str], HistoryTotals] = {}
-        self._ended: dict[tuple[str, str], str] = {}
+        self._ended: dict[tuple[str, str], PackedTotals | None] = {}
         self.max_ended = max_ended
 
     async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
-        return self._totals.get((tenant, program_id))
+        key = (tenant, program_id)
+        totals = self._totals.get(key)
+        if totals is None:
+            packed = self._ended.get(key)
+            return unpack_totals(packed) if packed is not None else None
+        return totals
 
     async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
-        totals = self._totals.get((tenant, program_id))
-        if totals is None:
-            totals = self._totals[(tenant, program_id)] = HistoryTotals()
+        totals = self._totals.get((tenant, program_id)) or self._reopen((tenant, program_id))
         totals.service += record.service
         totals.engine_time_s += record.engine_time_s
         totals.weighted_tokens += record.weighted_tokens
@@ -79,13 +105,20 @@ class InMemoryStateStore:
             totals.engines_used.add(record.replica)
         return totals
 
+    def _reopen(self, key: tuple[str, str]) -> HistoryTotals:
+        """Live totals for a program with none: new, or its ended history resumed."""
+        packed = self._ended.pop(key, None)
+        totals = self._totals[key] = (unpack_totals(packed) if packed is not None
+                                      else HistoryTotals())
+        return totals
+
     async def end_program(self, tenant: str, program_id: str, status: str) -> None:
         key = (tenant, program_id)
-        self._ended[key] = status
+        totals = self._totals.pop(key, None)
+        self._ended.pop(key, None)  # re-inserted: the newest end is evicted last
+        self._ended[key] = pack_totals(totals) if totals is not None else None
         if len(self._ended) > self.max_ended:  # forget the oldest ended programs
-            oldest = next(iter(self._ended))
-            del self._ended[oldest]
-            self._totals.pop(oldest, None)
+            del self._ended[next(iter(self._ended))]
 
     async def close(self) -> None:
         self._totals.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from sched_fake_engine import FakeEngine
@@ -36,6 +37,41 @@ async def test_record_call_accumulates_and_load_returns_totals(make_store):
     # tenants are separate namespaces
     assert await store.load("other", "p") is None
     await store.end_program("t", "p", "finished")
+    await store.close()
+
+
+async def test_ended_history_resumes_and_stays_out_of_the_cycle_collector(make_store):
+    """An ended program reopened later goes on from its history; in memory, what is kept
+    of ended programs is not tracked by the cycle collector (no weight on full passes),
+    and only the newest `max_ended` of them are kept."""
+    store = make_store()
+    await store.record_call("t", "p", CallRecord(1.0, 2.0, 1.0, 0.5, replica=1))
+    await store.end_program("t", "p", "finished")
+    loaded = await store.load("t", "p")
+    assert loaded is not None and loaded.calls_finished == 1 and loaded.engines_used == {1}
+    totals = await store.record_call("t", "p", CallRecord(0.5, 1.0, 0.5, 0.0, replica=0))
+    assert totals.service == pytest.approx(1.5)
+    assert totals.calls_finished == 2 and totals.engines_used == {0, 1}
+    await store.end_program("t", "p", "finished")
+    if isinstance(store, InMemoryStateStore):
+        store.max_ended = 2
+        for i in range(3):
+            await store.record_call("t", f"q{i}", CallRecord(1.0, 1.0, 1.0, 0.0, replica=0))
+            await store.end_program("t", f"q{i}", "finished")
+        assert await store.load("t", "p") is None  # the oldest ended ones are forgotten
+        assert await store.load("t", "q0") is None
+        assert (await store.load("t", "q2")).service == pytest.approx(1.0)
+        # 1,000 more ended programs add nothing for the collector to walk: their packed
+        # totals are untracked after two passes (the inner tuple first, then the outer)
+        store.max_ended = 2_000
+        gc.collect()
+        before = len(gc.get_objects())
+        for i in range(1_000):
+            await store.record_call("t", f"r{i}", CallRecord(1.0, 1.0, 1.0, 0.0, replica=0))
+            await store.end_program("t", f"r{i}", "finished")
+        gc.collect()
+        gc.collect()
+        assert len(gc.get_objects()) - before < 50
     await store.close()
 
 
