@@ -6,7 +6,6 @@ a new one built from `Settings`. The runtime starts and stops with the app's lif
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +25,7 @@ from scheduler.errors import CallFailedError, SchedulerError
 from .admission import install_admission
 from .api import health, openai, programs, sglang
 from .api.common import BODY_DEFS_KEY, ClientGone, json_response
+from .collector import FrozenSurvivors
 from .config import Settings
 from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
 from .observability import install_observability
@@ -75,16 +75,6 @@ async def _on_client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody is listening; the status is for the logs
 
 
-def _freeze_startup_heap() -> None:
-    """Move what start-up built (modules, classes, the runtime) out of the cycle
-    collector's reach: it lives as long as the server, and every full collection would
-    walk it again, a pause of tens of ms that lands on whatever requests are in flight.
-    Only `progserve serve` asks for it (`app.state.freeze_startup_heap`): an app embedded
-    in a longer-lived process (tests, notebooks) keeps its collector as it is."""
-    gc.collect()
-    gc.freeze()
-
-
 def create_app(runtime: Runtime | Settings) -> FastAPI:
     """An app around `runtime` (or a new `Runtime` built from settings)."""
     if isinstance(runtime, Settings):
@@ -93,11 +83,18 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        if getattr(app.state, "freeze_startup_heap", False):
-            _freeze_startup_heap()
+        # Only `progserve serve` asks (`app.state.freeze_survivors`): an app embedded in a
+        # longer-lived process (tests, notebooks) keeps its collector as it is.
+        collector = None
+        interval = runtime.settings.gc_full_scan_interval_s
+        if getattr(app.state, "freeze_survivors", False) and interval > 0:
+            collector = FrozenSurvivors(interval)
+            collector.install()
         try:
             yield
         finally:
+            if collector is not None:
+                collector.close()
             await runtime.close()
             await app.state.observability.close()
 

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
     log_level: str = Field("info", description="debug, info, warning or error")
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP trace exporter URL")
+    gc_full_scan_interval_s: float = Field(
+        300.0, ge=0,
+        description="`serve` freezes what survives a full GC pass, so later passes skip it; "
+                    "one pass in this many seconds walks it all (0: CPython's collector as is)",
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     torch: TorchConfig = Field(default_factory=TorchConfig)
