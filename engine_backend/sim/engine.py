@@ -18,14 +18,13 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from engine_backend.base import Engine
 from engine_backend.errors import (
     EngineError,
-    EngineUnavailableError,
     InvalidRequestError,
     UnknownRequestError,
     UnsupportedError,
 )
+from engine_backend.local_engine import LocalEngine
 from engine_backend.radix_cache import KeyedTokens, RadixCache, TokenKey, encode_token_ids
 from engine_backend.sim.batch import DONE, ContinuousBatcher, SimRequest, StepPlan
 from engine_backend.sim.config import SimConfig
@@ -44,7 +43,6 @@ from engine_backend.sim.tokenizer import SimTokenizer
 from engine_backend.types import (
     Capabilities,
     Chunk,
-    EngineStats,
     FinishReason,
     FinishType,
     GenerateRequest,
@@ -75,7 +73,7 @@ def _resolve(future: asyncio.Future[bool], value: bool) -> None:
         future.set_result(value)
 
 
-class SimEngine(Engine):
+class SimEngine(LocalEngine):
     name = "sim"
 
     def __init__(
@@ -86,6 +84,7 @@ class SimEngine(Engine):
         tokenizer: SimTokenizer | None = None,
         cost_model: StepCostModel | None = None,
     ) -> None:
+        super().__init__()
         self.config = config = config or SimConfig()
         self.tokenizer = tokenizer or SimTokenizer()
         if responder is None:
@@ -98,7 +97,6 @@ class SimEngine(Engine):
             )
         self.responder = responder
         self.cost_model = cost_model or StepCostModel.from_hardware(config.hardware)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.cache = RadixCache(eviction=config.eviction, clock=self._now)
         self.batcher = ContinuousBatcher(
             config, self.cost_model, self.cache, self._on_finish, self._on_progress
@@ -106,41 +104,17 @@ class SimEngine(Engine):
         self._requests: dict[str, SimRequest] = {}
         self._programs: OrderedDict[str, None] = OrderedDict()
         self._pinned: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[bool] | None = None
-        self._closed = False
         self._t = 0.0  # time of the last step boundary
 
     # ------------------------------------------------------------- lifecycle
 
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
+    def _on_start(self) -> None:
+        self._t = self._now()
 
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        if self._closed:
-            raise EngineUnavailableError("the sim engine is closed")
-        self._loop = asyncio.get_running_loop()
-        self._t = self._loop.time()
-        self._task = self._loop.create_task(self._run(), name="sim-engine")
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+    def _abort_all(self, reason: str) -> None:
         for r in list(self._requests.values()):
-            self._abort(r, "the engine closed")
-
-    async def health(self) -> bool:
-        return not self._closed and (self._task is None or not self._task.done())
+            self._abort(r, reason)
 
     # ------------------------------------------------------------ interface
 
@@ -161,18 +135,11 @@ class SimEngine(Engine):
             max_context_len=self.config.max_context_len,
         )
 
-    async def stats(self) -> EngineStats:
-        b = self.batcher
-        return EngineStats(
-            queue_len=b.n_waiting,
-            running=b.running(),
-            kv_used_tokens=b.kv_used(),
-            kv_capacity_tokens=self.config.kv_capacity_tokens,
-            cache_hit_tokens=b.cache_hit_tokens,
-            cache_query_tokens=b.cache_query_tokens,
-            preemptions=b.preemptions,
-            recomputed_tokens=b.recomputed_tokens,
-        )
+    def _kv_used(self) -> int:
+        return self.batcher.kv_used()
+
+    def _kv_capacity(self) -> int:
+        return self.config.kv_capacity_tokens
 
     async def retain(self, program_id: str, keep: bool) -> None:
         if keep:
@@ -183,10 +150,6 @@ class SimEngine(Engine):
             # Its next call re-tags its whole context on insert; forgetting bounds memory.
             self.cache.forget_owner(program_id)
             self._programs.pop(program_id, None)
-
-    async def flush_cache(self) -> bool:
-        self.cache.evict(self.cache.evictable_size())
-        return True
 
     async def abort(self, rid: str) -> None:
         r = self._requests.get(rid)
@@ -203,8 +166,7 @@ class SimEngine(Engine):
     def _prepare(self, request: GenerateRequest) -> SimRequest:
         if not isinstance(request, GenerateRequest):
             raise InvalidRequestError(f"expected a GenerateRequest, got {type(request).__name__}")
-        if self._closed:
-            raise EngineUnavailableError("the sim engine is closed")
+        self._check_open()
         config = self.config
         sampling = request.sampling
         if sampling.max_new_tokens < 0:

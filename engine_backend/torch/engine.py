@@ -22,20 +22,18 @@ from typing import Any
 
 import torch
 
-from engine_backend.base import Engine
 from engine_backend.errors import (
-    EngineUnavailableError,
     InvalidRequestError,
     UnknownRequestError,
     UnsupportedError,
 )
 from engine_backend.kernels.ops import Backend
+from engine_backend.local_engine import LocalEngine
 from engine_backend.outbox import ChunkOutbox
 from engine_backend.radix_cache import RadixCache, TokenKey
 from engine_backend.types import (
     Capabilities,
     Chunk,
-    EngineStats,
     FinishReason,
     FinishType,
     GenerateRequest,
@@ -96,17 +94,17 @@ def worker_threads(config: TorchConfig) -> int:
     return config.threads or max(1, (os.cpu_count() or 2) // 2)
 
 
-class TorchEngine(Engine):
+class TorchEngine(LocalEngine):
     name = "torch"
 
     def __init__(
         self, model: LlamaModel, tokenizer: Any, config: TorchConfig, model_path: Path
     ) -> None:
+        super().__init__()
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
-        self._loop: asyncio.AbstractEventLoop | None = None
         spec = model.spec
         self.max_context_len = min(config.max_context_len or spec.max_positions, spec.max_positions)
         self.pool = KVPool(
@@ -137,9 +135,7 @@ class TorchEngine(Engine):
         self._streams: dict[str, _Stream] = {}
         self._aborts: list[_Stream] = []  # applied between steps
         self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
-        self._closed = False
         self._request_count = 0
 
     @classmethod
@@ -168,40 +164,20 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------- lifecycle
 
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
-
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        if self._closed:
-            raise EngineUnavailableError("the torch engine is closed")
-        self._loop = asyncio.get_running_loop()
+    def _on_start(self) -> None:
         threads = worker_threads(self.config)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="torch-engine", initializer=torch.set_num_threads,
             initargs=(threads,),
         )  # fmt: skip
-        self._task = self._loop.create_task(self._run(), name="torch-engine")
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+    def _abort_all(self, reason: str) -> None:
         for stream in list(self._streams.values()):
-            self._end(stream, FinishReason(FinishType.ABORT, message="the engine closed"))
+            self._end(stream, FinishReason(FinishType.ABORT, message=reason))
+
+    def _on_close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def health(self) -> bool:
-        return not self._closed and (self._task is None or not self._task.done())
 
     # ------------------------------------------------------------ interface
 
@@ -223,18 +199,11 @@ class TorchEngine(Engine):
             chat_template=getattr(self.tokenizer, "chat_template", None),
         )
 
-    async def stats(self) -> EngineStats:
-        b = self.batcher
-        return EngineStats(
-            queue_len=b.n_waiting,
-            running=b.running(),
-            kv_used_tokens=self.pool.used_slots,
-            kv_capacity_tokens=self.pool.capacity,
-            cache_hit_tokens=b.cache_hit_tokens,
-            cache_query_tokens=b.cache_query_tokens,
-            preemptions=b.preemptions,
-            recomputed_tokens=b.recomputed_tokens,
-        )
+    def _kv_used(self) -> int:
+        return self.pool.used_slots
+
+    def _kv_capacity(self) -> int:
+        return self.pool.capacity
 
     async def retain(self, program_id: str, keep: bool) -> None:
         if self.cache is None:
@@ -243,12 +212,6 @@ class TorchEngine(Engine):
             self.cache.pin(program_id)
         else:
             self.cache.forget_owner(program_id)
-
-    async def flush_cache(self) -> bool:
-        if self.cache is None:
-            return False
-        self.cache.evict(self.cache.evictable_size())
-        return True
 
     async def abort(self, rid: str) -> None:
         stream = self._streams.get(rid)
@@ -271,8 +234,7 @@ class TorchEngine(Engine):
         """Everything that can be checked without tokenizing."""
         if not isinstance(request, GenerateRequest):
             raise InvalidRequestError(f"expected a GenerateRequest, got {type(request).__name__}")
-        if self._closed:
-            raise EngineUnavailableError("the torch engine is closed")
+        self._check_open()
         if request.rid in self._streams:
             raise InvalidRequestError(f"request {request.rid!r} is already running")
         sampling = request.sampling
