@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,9 +20,11 @@ from starlette.background import BackgroundTask
 from engine_backend.types import Chunk, FinishReason, FinishType, GenerateRequest, LogprobEntry
 
 from ..errors import BadRequestError
-from .common import ProgramIdentity, close_quietly, new_id
+from .common import ProgramIdentity, close_quietly, new_id, unless_disconnected
 
 if TYPE_CHECKING:
+    from fastapi import Request
+
     from ..runtime import InflightRequest, Runtime
 
 T = TypeVar("T")
@@ -260,6 +262,49 @@ async def gather_each(awaitables: list[Awaitable[T]]) -> list[T]:
 
 async def close_all(calls: list[ScheduledCall]) -> None:
     await gather_each([c.close() for c in calls])
+
+
+# A request's calls, from start to answer: the steps every entrance takes. Each one closes
+# all the calls (aborting their engine requests) when it fails.
+
+
+async def start_all(runtime: Runtime, tenant: str,
+                    calls: Iterable[tuple[ProgramIdentity, GenerateRequest]], *,
+                    abortable: bool = False) -> list[ScheduledCall]:
+    """One scheduled call per (identity, request), in order."""
+    started: list[ScheduledCall] = []
+    try:
+        for identity, request in calls:
+            started.append(await ScheduledCall.start(runtime, tenant, identity, request,
+                                                     abortable=abortable))
+    except BaseException:
+        await close_all(started)
+        raise
+    return started
+
+
+async def await_first(calls: list[ScheduledCall]) -> None:
+    """Every call's first chunk, before a stream's status line is sent."""
+    try:
+        await gather_each([c.first() for c in calls])
+    except BaseException:
+        await close_all(calls)
+        raise
+
+
+async def answer_all(request: Request, runtime: Runtime, calls: list[ScheduledCall], *,
+                     abortable: bool = False) -> tuple[list[CallOutput], BackgroundTask | None]:
+    """Every call's whole output (cancelled if the client leaves), and the task that
+    finishes the calls once the answer is written (`finish_after_answer`).
+    `abortable`: an `/abort_request` ends a call early (`collect_abortable`)."""
+    collect = ScheduledCall.collect_abortable if abortable else ScheduledCall.collect
+    try:
+        outs = await unless_disconnected(request,
+                                         lambda: gather_each([collect(c) for c in calls]))
+    except BaseException:
+        await close_all(calls)
+        raise
+    return outs, await finish_after_answer(runtime, calls)
 
 
 async def finish_all(calls: list[ScheduledCall]) -> None:

@@ -34,10 +34,11 @@ from ..runtime import Runtime
 from .calls import (
     CallOutput,
     ScheduledCall,
+    answer_all,
+    await_first,
     close_all,
-    finish_after_answer,
-    gather_each,
     merge_streams,
+    start_all,
 )
 from .common import (
     SSE_DONE,
@@ -52,7 +53,6 @@ from .common import (
     sse_error,
     sse_response,
     tenant_of,
-    unless_disconnected,
 )
 from .openai_wire import ChatCompletionRequest, CompletionRequest, ToolChoiceNamed
 
@@ -185,18 +185,9 @@ async def chat_completions(request: Request) -> Response:
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
     if body.stream:
-        try:
-            await call.first()
-        except BaseException:
-            await call.close()
-            raise
+        await await_first([call])
         return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)
-    try:
-        out = await unless_disconnected(request, call.collect)
-    except BaseException:
-        await call.close()
-        raise
-    later = await finish_after_answer(runtime, [call])
+    (out,), later = await answer_all(request, runtime, [call])
     return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers,
                          background=later)
 
@@ -317,20 +308,10 @@ async def completions(request: Request) -> Response:
     calls = await _start_completion_calls(runtime, tenant, identity, rid, prompts, body,
                                           sampling)
     if body.stream:
-        try:
-            await gather_each([c.first() for c in calls])
-        except BaseException:
-            await close_all(calls)
-            raise
+        await await_first(calls)
         return sse_response(_completion_events(runtime, rid, calls, prompts, body),
                             calls[0].headers)
-    try:
-        outs = await unless_disconnected(
-            request, lambda: gather_each([c.collect() for c in calls]))
-    except BaseException:
-        await close_all(calls)
-        raise
-    later = await finish_after_answer(runtime, calls)
+    outs, later = await answer_all(request, runtime, calls)
     choices = [_completion_choice(i, prompts[i], out, body) for i, out in enumerate(outs)]
     return json_response({
         "id": rid,
@@ -351,27 +332,24 @@ async def _start_completion_calls(runtime: Runtime, tenant: str, identity: Progr
     """One scheduled call per prompt; the calls of one request are siblings in the
     caller's program (each with its own call id)."""
     want_logprobs = body.logprobs is not None
-    calls: list[ScheduledCall] = []
-    try:
-        for i, prompt in enumerate(prompts):
-            gen = GenerateRequest(
-                rid=rid if len(prompts) == 1 else f"{rid}-{i}",
-                text=prompt if isinstance(prompt, str) else None,
-                input_ids=prompt if not isinstance(prompt, str) else None,
-                sampling=sampling,
-                return_logprob=want_logprobs,
-                logprob_start_len=0 if (want_logprobs and body.echo) else -1,
-                top_logprobs_num=body.logprobs or 0,
-                stream=body.stream,
-            )
-            ident = identity
-            if len(prompts) > 1 and identity.call_id is not None:
-                ident = replace(identity, call_id=f"{identity.call_id}-{i}")
-            calls.append(await ScheduledCall.start(runtime, tenant, ident, gen))
-    except BaseException:
-        await close_all(calls)
-        raise
-    return calls
+
+    def call(i: int, prompt: str | list[int]) -> tuple[ProgramIdentity, GenerateRequest]:
+        gen = GenerateRequest(
+            rid=rid if len(prompts) == 1 else f"{rid}-{i}",
+            text=prompt if isinstance(prompt, str) else None,
+            input_ids=prompt if not isinstance(prompt, str) else None,
+            sampling=sampling,
+            return_logprob=want_logprobs,
+            logprob_start_len=0 if (want_logprobs and body.echo) else -1,
+            top_logprobs_num=body.logprobs or 0,
+            stream=body.stream,
+        )
+        ident = identity
+        if len(prompts) > 1 and identity.call_id is not None:
+            ident = replace(identity, call_id=f"{identity.call_id}-{i}")
+        return ident, gen
+
+    return await start_all(runtime, tenant, (call(i, p) for i, p in enumerate(prompts)))
 
 
 def _echo_text(prompt: str | list[int], out: CallOutput) -> str:

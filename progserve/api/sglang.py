@@ -32,10 +32,11 @@ from .calls import (
     ABORTED,
     CallOutput,
     ScheduledCall,
+    answer_all,
+    await_first,
     close_all,
-    finish_after_answer,
-    gather_each,
     merge_streams,
+    start_all,
 )
 from .common import (
     SSE_DONE,
@@ -49,7 +50,6 @@ from .common import (
     sse_error,
     sse_response,
     tenant_of,
-    unless_disconnected,
 )
 from .sglang_wire import AbortRequestInput, GenerateInput, GenerateItem
 
@@ -176,29 +176,13 @@ async def generate(request: Request) -> Response:
     _check(runtime, items)
     requests = [_engine_request(item, body.stream) for item in items]
     identity = program_identity(request.headers)
-    calls: list[ScheduledCall] = []
-    try:
-        for gen in requests:
-            calls.append(await ScheduledCall.start(runtime, tenant, identity, gen,
-                                                   abortable=True))
-    except BaseException:
-        await close_all(calls)
-        raise
+    calls = await start_all(runtime, tenant, [(identity, gen) for gen in requests],
+                            abortable=True)
     started = time.perf_counter()
     if body.stream:
-        try:
-            await gather_each([c.first() for c in calls])
-        except BaseException:
-            await close_all(calls)
-            raise
+        await await_first(calls)
         return sse_response(_events(calls, items, body, started), calls[0].headers)
-    try:
-        outs = await unless_disconnected(
-            request, lambda: gather_each([c.collect_abortable() for c in calls]))
-    except BaseException:
-        await close_all(calls)
-        raise
-    later = await finish_after_answer(runtime, calls)
+    outs, later = await answer_all(request, runtime, calls, abortable=True)
     results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
                for c, item, out in zip(calls, items, outs, strict=True)]
     return json_response(results if body.is_batch else results[0], headers=calls[0].headers,
