@@ -17,7 +17,7 @@ from scheduler.store import RedisStateStore
 pytestmark = pytest.mark.slow
 
 CHAIN = 6  # calls per graph program
-TURNS = 4  # chat turns per proxy program
+TURNS = 4  # chat turns per proxy program, at least: they go on until the test says stop
 
 
 def chain_spec(i: int) -> dict:
@@ -37,13 +37,18 @@ async def graph_program(client: httpx.AsyncClient, i: int) -> str:
     return f"chain-{i}"
 
 
-async def chat_program(client: httpx.AsyncClient, i: int) -> str:
+async def chat_program(client: httpx.AsyncClient, i: int, stop: asyncio.Event,
+                       turns: dict[str, int]) -> str:
+    """Chat turns until `stop` is set (and at least `TURNS`): calls keep coming through
+    the outage however fast the machine is."""
     messages = [{"role": "user", "content": f"Hello {i}"}]
-    for _ in range(TURNS):
+    turns[f"chat-{i}"] = 0
+    while turns[f"chat-{i}"] < TURNS or not stop.is_set():
         resp = await client.post("/v1/chat/completions", headers={"X-Program-Id": f"chat-{i}"},
                                  json={"model": "m", "messages": messages, "max_tokens": 24,
                                        "ignore_eos": True})
         assert resp.status_code == 200, resp.text
+        turns[f"chat-{i}"] += 1
         messages += [{"role": "assistant", "content": resp.json()["choices"][0]["message"]
                       ["content"]}, {"role": "user", "content": "more"}]
         await asyncio.sleep(0.1)
@@ -58,7 +63,8 @@ async def test_redis_restart_loses_nothing_and_resyncs(make_redis_server, serve_
     scheduler = server.app.state.runtime.scheduler
     async with httpx.AsyncClient(base_url=server.url, timeout=90) as client:
         work = [asyncio.create_task(graph_program(client, i)) for i in range(12)]
-        work += [asyncio.create_task(chat_program(client, i)) for i in range(12)]
+        stop, turns = asyncio.Event(), {}
+        work += [asyncio.create_task(chat_program(client, i, stop, turns)) for i in range(12)]
         await asyncio.sleep(0.8)  # every program has history in Redis by now
         redis_server.kill()
         finished_before = scheduler.calls_finished
@@ -67,6 +73,7 @@ async def test_redis_restart_loses_nothing_and_resyncs(make_redis_server, serve_
         assert scheduler.calls_finished > finished_before + 10  # no pause in serving
         assert not any(task.done() and task.exception() for task in work)
         redis_server.start()  # back, and empty
+        stop.set()
         program_ids = await asyncio.gather(*work)  # all complete, none failed
         for _ in range(100):  # the store notices and re-syncs
             if store.healthy:
@@ -79,7 +86,7 @@ async def test_redis_restart_loses_nothing_and_resyncs(make_redis_server, serve_
     try:
         for pid, state in states.items():
             finished = sum(1 for c in state["calls"] if c["status"] == "finished")
-            assert finished == (CHAIN if pid.startswith("chain") else TURNS), state["calls"]
+            assert finished == (CHAIN if pid.startswith("chain") else turns[pid]), state["calls"]
             totals = await shared.load("default", pid)
             assert totals is not None, f"{pid} is missing from Redis after the re-sync"
             assert totals.calls_finished == finished, (pid, totals)
