@@ -25,7 +25,7 @@ from scheduler.errors import CallFailedError, SchedulerError
 from .admission import install_admission
 from .api import health, openai, programs, sglang
 from .api.common import BODY_DEFS_KEY, ClientGone, json_response
-from .collector import FrozenSurvivors
+from .collector import ServerCollector
 from .config import Settings
 from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
 from .observability import install_observability
@@ -83,12 +83,12 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        # Only `progserve serve` asks (`app.state.freeze_survivors`): an app embedded in a
+        # Only `progserve serve` asks (`app.state.tune_collector`): an app embedded in a
         # longer-lived process (tests, notebooks) keeps its collector as it is.
         collector = None
-        interval = runtime.settings.gc_full_scan_interval_s
-        if getattr(app.state, "freeze_survivors", False) and interval > 0:
-            collector = FrozenSurvivors(interval)
+        if getattr(app.state, "tune_collector", False):
+            collector = ServerCollector(runtime.settings.gc_full_scan_interval_s,
+                                        app.state.observability.metrics.observe_gc_pause)
             collector.install()
         try:
             yield

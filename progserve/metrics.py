@@ -50,6 +50,7 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0
 PROGRAM_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOOL_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 StatsSource = Callable[[], "SchedulerStats | Awaitable[SchedulerStats]"]
 EngineStatsSource = Callable[[], Awaitable[Sequence[EngineStats | None]]]
@@ -255,6 +256,13 @@ class Metrics:
             [TENANT_LABEL, "type"],
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "progserve_gc_pause_seconds",
+            "cycle-collector pauses of the server process, by generation (2: full passes)",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
         self._snapshot = _SnapshotCollector(queue_levels)
         r.register(self._snapshot)
         self._first_token_at: _Bounded = _Bounded()
@@ -264,6 +272,7 @@ class Metrics:
         # Not yet folded into the Prometheus objects (see the module docstring).
         self._counts: dict[tuple[Any, tuple[str, ...]], float] = {}
         self._observations: list[tuple[Any, tuple[str, ...], float]] = []
+        self._gc_pauses: list[tuple[int, float]] = []  # appended from inside the collector
         # Applies observability events not yet applied (`EventBatch.flush`) before a scrape.
         self.catch_up: Callable[[], None] = _nothing
 
@@ -294,6 +303,15 @@ class Metrics:
         observations, self._observations = self._observations, []
         for metric, labels, value in observations:
             self._child(metric, labels).observe(value)
+        pauses, self._gc_pauses = self._gc_pauses[-MAX_PENDING_OBSERVATIONS:], []
+        for generation, seconds in pauses:
+            self._child(self.gc_pause, (str(generation),)).observe(seconds)
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        """A `collector.ServerCollector` sink. It runs inside the cycle collector, so it
+        only appends (no lock, no fold); a scrape folds what came (the newest
+        `MAX_PENDING_OBSERVATIONS` of them)."""
+        self._gc_pauses.append((generation, seconds))
 
     # -- events --------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"progserve serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(runtime)
-    app.state.freeze_survivors = True  # a server process: see progserve/collector.py
+    app.state.tune_collector = True  # a server process: see progserve/collector.py
     uvicorn.run(app, host=settings.host, port=settings.port,
                 **uvicorn_options(settings.log_level, args.access_log))
     return 0

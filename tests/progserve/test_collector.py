@@ -1,5 +1,5 @@
-"""`FrozenSurvivors`: full GC passes skip what survived the previous one, and a periodic
-pass over everything still frees old cyclic garbage."""
+"""`ServerCollector`: full GC passes skip what survived the previous one, a periodic
+pass over everything still frees old cyclic garbage, and every pause is timed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from progserve.collector import FrozenSurvivors
+from progserve.collector import ServerCollector
 
 
 class Node:
@@ -18,9 +18,9 @@ class Node:
 
 
 @pytest.fixture
-def collector() -> Iterator[FrozenSurvivors]:
+def collector() -> Iterator[ServerCollector]:
     gc.unfreeze()
-    frozen = FrozenSurvivors(full_scan_interval_s=3600)
+    frozen = ServerCollector(full_scan_interval_s=3600)
     frozen.install()
     try:
         yield frozen
@@ -35,7 +35,7 @@ def cycle() -> tuple[list[Node], weakref.ref[Node]]:
     return [a], weakref.ref(a)
 
 
-def test_survivors_of_a_full_pass_are_frozen(collector: FrozenSurvivors) -> None:
+def test_survivors_of_a_full_pass_are_frozen(collector: ServerCollector) -> None:
     start = gc.get_freeze_count()
     assert start > 0  # what start-up built
     kept = [Node() for _ in range(1000)]
@@ -44,7 +44,7 @@ def test_survivors_of_a_full_pass_are_frozen(collector: FrozenSurvivors) -> None
     assert not [o for o in gc.get_objects() if isinstance(o, Node)]  # none left to walk
 
 
-def test_old_cycles_are_freed_by_the_periodic_full_scan(collector: FrozenSurvivors) -> None:
+def test_old_cycles_are_freed_by_the_periodic_full_scan(collector: ServerCollector) -> None:
     holder, alive = cycle()
     gc.collect()  # the cycle survives (held) and is frozen
     holder.clear()  # now it is garbage, but frozen: ordinary passes skip it
@@ -57,10 +57,26 @@ def test_old_cycles_are_freed_by_the_periodic_full_scan(collector: FrozenSurvivo
 
 def test_close_unfreezes_and_stops_freezing() -> None:
     gc.unfreeze()
-    frozen = FrozenSurvivors(full_scan_interval_s=3600)
+    frozen = ServerCollector(full_scan_interval_s=3600)
     frozen.install()
     frozen.close()
     assert gc.get_freeze_count() == 0
     kept = [Node() for _ in range(10)]
     gc.collect()
     assert gc.get_freeze_count() == 0 and kept
+
+
+def test_every_pause_is_timed_and_interval_zero_changes_nothing_else() -> None:
+    gc.unfreeze()
+    pauses: list[tuple[int, float]] = []
+    watch = ServerCollector(full_scan_interval_s=0, on_pause=lambda g, s: pauses.append((g, s)))
+    watch.install()
+    try:
+        kept = [Node() for _ in range(100)]
+        gc.collect()
+        gc.collect(0)
+        assert gc.get_freeze_count() == 0 and kept  # timing only
+    finally:
+        watch.close()
+    assert [g for g, _ in pauses] == [2, 0]
+    assert all(0 <= s < 5 for _, s in pauses)

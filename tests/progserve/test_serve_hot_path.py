@@ -118,16 +118,21 @@ async def test_a_sequential_client_sees_its_ended_program(runtime: Runtime) -> N
     assert [call["status"] for call in body["calls"]] == ["finished"]
 
 
-async def test_only_a_server_process_freezes_its_collector_survivors() -> None:
+async def test_only_a_server_process_tunes_its_collector_and_times_its_pauses() -> None:
     import gc
 
     gc.unfreeze()
     for asked in (False, True):
         app = create_app(Settings(sim={"time_scale": 0.01}))
-        app.state.freeze_survivors = asked
+        app.state.tune_collector = asked
         try:
             async with app.router.lifespan_context(app):
                 assert (gc.get_freeze_count() > 0) is asked
+                gc.collect()
+                async with client(app) as c:
+                    scrape = (await c.get("/metrics")).text
+                timed = 'progserve_gc_pause_seconds_count{generation="2"}' in scrape
+                assert timed is asked
             assert gc.get_freeze_count() == 0  # undone when the app stops
         finally:
             gc.unfreeze()
