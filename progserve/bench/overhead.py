@@ -75,6 +75,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"LiteLLM proxy binary, 'auto' ({DEFAULT_LITELLM} or PATH), 'off'")
     parser.add_argument("--install-litellm", action="store_true",
                         help=f"pip install litellm[proxy] into {LITELLM_VENV} first (minutes)")
+    parser.add_argument("--target-ms", type=float, default=1.0,
+                        help="the most progserve may add at p50, in every scenario (ms)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
 
 
@@ -388,7 +390,18 @@ def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str
             entry["litellm_over_progserve_p50_added"] = \
                 theirs["p50_added_ms"] / ours["p50_added_ms"]
         out["scenarios"][scenario.name] = entry
+    out["target"] = _target(out["scenarios"], args.target_ms)
     return out
+
+
+def _target(scenarios: dict[str, Any], limit_ms: float) -> dict[str, Any]:
+    """Whether every progserve path stayed within `limit_ms` added at p50."""
+    added = {f"{name}:{proxy}": r["p50_added_ms"] for name, entry in scenarios.items()
+             for proxy, r in entry["proxies"].items() if proxy.startswith("progserve")}
+    worst = max(added.values(), default=None)
+    return {"p50_added_ms_max": limit_ms, "worst_p50_added_ms": worst,
+            "worst_path": max(added, key=added.__getitem__) if added else None,
+            "met": worst is not None and worst <= limit_ms}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -413,6 +426,12 @@ def print_report(report: dict[str, Any]) -> None:
         if "litellm_over_progserve_p50_added" in entry:
             print(f"{name:9} litellm adds {entry['litellm_over_progserve_p50_added']:.1f}x "
                   "progserve's p50 overhead")
+    target = report["target"]
+    if target["worst_p50_added_ms"] is not None:
+        verdict = "met" if target["met"] else "NOT met"
+        print(f"target: progserve adds at most {target['p50_added_ms_max']:g} ms at p50: "
+              f"{verdict} (worst {target['worst_p50_added_ms']:.3f} ms, "
+              f"{target['worst_path']})")
     for note in report["notes"]:
         print("note:", note)
 

@@ -43,3 +43,10 @@ def test_overhead_bench_reports_every_target(tmp_path):
     assert set(chat["proxies"]) == {"progserve(sglang)", "progserve(openai)"}
     assert any("litellm" in note for note in report["notes"])  # why it is missing
     assert "+p50 ms" in proc.stdout
+    # The verdict is the worst progserve path against --target-ms (1 ms by default).
+    target = report["target"]
+    added = [r["p50_added_ms"] for s in report["scenarios"].values()
+             for r in s["proxies"].values()]
+    assert target["worst_p50_added_ms"] == max(added)
+    assert target["met"] is (max(added) <= target["p50_added_ms_max"] == 1.0)
+    assert "target: progserve adds at most 1 ms at p50" in proc.stdout
