@@ -8,6 +8,9 @@ they later become is mostly freed by reference counting (the scheduler breaks it
 cycles, `Program.drop_calls`). So after each full pass its survivors are frozen
 (`gc.freeze()`): later passes walk only what is newer. Every `full_scan_interval_s` one
 pass walks the frozen heap too, so cyclic garbage among old objects still goes, late.
+Since every object is walked by one full pass either way, full passes then run after
+every collection of the middle generation (`FULL_PASS_THRESHOLD`, CPython's default is
+10): the same work in five to six times as many, that much shorter pauses.
 
 Every collection's pause is handed to `on_pause(generation, seconds)` (the
 `progserve_gc_pause_seconds` histogram), freezing or not.
@@ -21,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 OLDEST = 2  # the generation of CPython's full collections
+# Middle-generation collections between full ones while survivors are frozen (CPython: 10).
+FULL_PASS_THRESHOLD = 1
 
 PauseSink = Callable[[int, float], None]
 
@@ -38,6 +43,7 @@ class ServerCollector:
         self._last_full_scan = time.monotonic()
         self._started = 0.0
         self._installed = False
+        self._thresholds = gc.get_threshold()
 
     def install(self) -> None:
         """Collect and freeze what start-up built (when freezing), then watch every pass."""
@@ -46,6 +52,9 @@ class ServerCollector:
         if self.freezes:
             gc.collect()
             gc.freeze()
+            self._thresholds = gc.get_threshold()
+            young, middle, _ = self._thresholds
+            gc.set_threshold(young, middle, FULL_PASS_THRESHOLD)
         gc.callbacks.append(self._on_collection)
         self._installed = True
 
@@ -54,6 +63,7 @@ class ServerCollector:
             gc.callbacks.remove(self._on_collection)
             if self.freezes:
                 gc.unfreeze()
+                gc.set_threshold(*self._thresholds)
             self._installed = False
 
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:

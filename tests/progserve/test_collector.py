@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from progserve.collector import ServerCollector
+from progserve.collector import FULL_PASS_THRESHOLD, ServerCollector
 
 
 class Node:
@@ -57,9 +57,13 @@ def test_old_cycles_are_freed_by_the_periodic_full_scan(collector: ServerCollect
 
 def test_close_unfreezes_and_stops_freezing() -> None:
     gc.unfreeze()
+    before = gc.get_threshold()
     frozen = ServerCollector(full_scan_interval_s=3600)
     frozen.install()
+    # full passes walk only new objects now: one after every middle-generation pass
+    assert gc.get_threshold() == (*before[:2], FULL_PASS_THRESHOLD)
     frozen.close()
+    assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
     kept = [Node() for _ in range(10)]
     gc.collect()
