@@ -75,9 +75,11 @@ def unpack_totals(packed: PackedTotals) -> HistoryTotals:
 class InMemoryStateStore:
     """The default: one process, a dict. No method ever suspends.
 
-    Running programs' totals are live objects; an ended program's are packed (see
+    A running program's totals are a live object; an ended program's are packed (see
     `PackedTotals`) and kept for the `max_ended` most recent ones, so a program reopened
-    after its end resumes its history."""
+    after its end goes on from its history. A call recorded after its program ended (it
+    was cancelled mid-call, or reopened) updates the packed totals: nothing outlives the
+    ended programs' bound."""
 
     in_process = True
 
@@ -95,34 +97,43 @@ class InMemoryStateStore:
         return totals
 
     async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
-        totals = self._totals.get((tenant, program_id)) or self._reopen((tenant, program_id))
-        totals.service += record.service
-        totals.engine_time_s += record.engine_time_s
-        totals.weighted_tokens += record.weighted_tokens
-        totals.wait_s += record.wait_s
-        totals.calls_finished += 1
-        if record.replica >= 0:
-            totals.engines_used.add(record.replica)
-        return totals
-
-    def _reopen(self, key: tuple[str, str]) -> HistoryTotals:
-        """Live totals for a program with none: new, or its ended history resumed."""
-        packed = self._ended.pop(key, None)
-        totals = self._totals[key] = (unpack_totals(packed) if packed is not None
-                                      else HistoryTotals())
+        key = (tenant, program_id)
+        totals = self._totals.get(key)
+        if totals is not None:
+            add_record(totals, record)
+            return totals
+        if key in self._ended:
+            packed = self._ended[key]
+            totals = unpack_totals(packed) if packed is not None else HistoryTotals()
+            add_record(totals, record)
+            self._ended[key] = pack_totals(totals)
+            return totals
+        totals = self._totals[key] = HistoryTotals()
+        add_record(totals, record)
         return totals
 
     async def end_program(self, tenant: str, program_id: str, status: str) -> None:
         key = (tenant, program_id)
         totals = self._totals.pop(key, None)
-        self._ended.pop(key, None)  # re-inserted: the newest end is evicted last
-        self._ended[key] = pack_totals(totals) if totals is not None else None
+        packed = self._ended.pop(key, None)  # re-inserted: the newest end is evicted last
+        self._ended[key] = pack_totals(totals) if totals is not None else packed
         if len(self._ended) > self.max_ended:  # forget the oldest ended programs
             del self._ended[next(iter(self._ended))]
 
     async def close(self) -> None:
         self._totals.clear()
         self._ended.clear()
+
+
+def add_record(totals: HistoryTotals, record: CallRecord) -> None:
+    """One finished call into a program's totals."""
+    totals.service += record.service
+    totals.engine_time_s += record.engine_time_s
+    totals.weighted_tokens += record.weighted_tokens
+    totals.wait_s += record.wait_s
+    totals.calls_finished += 1
+    if record.replica >= 0:
+        totals.engines_used.add(record.replica)
 
 
 class RedisStateStore:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from .store import CallRecord, HistoryTotals, InMemoryStateStore, StateStore
+from .store import CallRecord, HistoryTotals, InMemoryStateStore, StateStore, add_record
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +168,8 @@ class ResilientStateStore:
         else:
             entry.touched = asyncio.get_running_loop().time()
             self._local.move_to_end(key)
-        totals = entry.totals
-        totals.service += record.service
-        totals.engine_time_s += record.engine_time_s
-        totals.weighted_tokens += record.weighted_tokens
-        totals.wait_s += record.wait_s
-        totals.calls_finished += 1
-        if record.replica >= 0:
-            totals.engines_used.add(record.replica)
-        return totals
+        add_record(entry.totals, record)
+        return entry.totals
 
     # -- degraded mode and re-sync -------------------------------------------------------
 

@@ -68,7 +68,10 @@ async def test_ended_history_resumes_and_stays_out_of_the_cycle_collector(make_s
         before = len(gc.get_objects())
         for i in range(1_000):
             await store.record_call("t", f"r{i}", CallRecord(1.0, 1.0, 1.0, 0.0, replica=0))
-            await store.end_program("t", f"r{i}", "finished")
+            await store.end_program("t", f"r{i}", "cancelled")
+            # a call that finishes after its program was cancelled is still counted
+            late = await store.record_call("t", f"r{i}", CallRecord(1.0, 1.0, 1.0, 0.0, 1))
+            assert late.calls_finished == 2 and late.engines_used == {0, 1}
         gc.collect()
         gc.collect()
         assert len(gc.get_objects()) - before < 50
