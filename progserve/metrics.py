@@ -20,7 +20,9 @@ other tenant's; the aggregate families carry no names.
 
 from __future__ import annotations
 
+import bisect
 import inspect
+import itertools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,15 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from engine_backend.types import EngineStats
 from scheduler.events import EventKind, SchedulerEvent
@@ -94,6 +102,35 @@ class _SnapshotCollector(Collector):
             yield from _scheduler_families(self.scheduler, self.queue_levels)
         if self.engines:
             yield from _engine_families(self.engines)
+
+
+class _PauseHistogram(Collector):
+    """`progserve_gc_pause_seconds{generation}`. Observed from inside the cycle collector,
+    on whatever thread allocated, so neither a lock (Prometheus' own histogram takes one;
+    the collector may have interrupted its holder) nor an allocation that grows between
+    scrapes: fixed bucket counters, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = [[0] * (len(GC_PAUSE_BUCKETS) + 1) for _ in range(3)]
+        self.sums = [0.0, 0.0, 0.0]
+
+    def observe(self, generation: int, seconds: float) -> None:
+        self.counts[generation][bisect.bisect_left(GC_PAUSE_BUCKETS, seconds)] += 1
+        self.sums[generation] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "progserve_gc_pause_seconds",
+            "cycle-collector pauses of the server process, by generation (2: full passes)",
+            labels=["generation"],
+        )
+        bounds = [*map(floatToGoString, GC_PAUSE_BUCKETS), "+Inf"]
+        for generation, counts in enumerate(self.counts):
+            if any(counts):
+                cumulative = list(itertools.accumulate(counts))
+                family.add_metric([str(generation)], list(zip(bounds, cumulative, strict=True)),
+                                  self.sums[generation])
+        yield family
 
 
 def _scheduler_families(stats: SchedulerStats, queue_levels: int) -> Iterator[Metric]:
@@ -256,13 +293,8 @@ class Metrics:
             [TENANT_LABEL, "type"],
             registry=r,
         )
-        self.gc_pause = Histogram(
-            "progserve_gc_pause_seconds",
-            "cycle-collector pauses of the server process, by generation (2: full passes)",
-            ["generation"],
-            buckets=GC_PAUSE_BUCKETS,
-            registry=r,
-        )
+        self._gc_pauses = _PauseHistogram()
+        r.register(self._gc_pauses)
         self._snapshot = _SnapshotCollector(queue_levels)
         r.register(self._snapshot)
         self._first_token_at: _Bounded = _Bounded()
@@ -272,7 +304,6 @@ class Metrics:
         # Not yet folded into the Prometheus objects (see the module docstring).
         self._counts: dict[tuple[Any, tuple[str, ...]], float] = {}
         self._observations: list[tuple[Any, tuple[str, ...], float]] = []
-        self._gc_pauses: list[tuple[int, float]] = []  # appended from inside the collector
         # Applies observability events not yet applied (`EventBatch.flush`) before a scrape.
         self.catch_up: Callable[[], None] = _nothing
 
@@ -303,15 +334,10 @@ class Metrics:
         observations, self._observations = self._observations, []
         for metric, labels, value in observations:
             self._child(metric, labels).observe(value)
-        pauses, self._gc_pauses = self._gc_pauses[-MAX_PENDING_OBSERVATIONS:], []
-        for generation, seconds in pauses:
-            self._child(self.gc_pause, (str(generation),)).observe(seconds)
 
     def observe_gc_pause(self, generation: int, seconds: float) -> None:
-        """A `collector.ServerCollector` sink. It runs inside the cycle collector, so it
-        only appends (no lock, no fold); a scrape folds what came (the newest
-        `MAX_PENDING_OBSERVATIONS` of them)."""
-        self._gc_pauses.append((generation, seconds))
+        """A `collector.ServerCollector` sink (see `_PauseHistogram`)."""
+        self._gc_pauses.observe(generation, seconds)
 
     # -- events --------------------------------------------------------------------------
 

@@ -130,3 +130,27 @@ async def test_tenants_see_only_their_own_labels_and_programs(tmp_path: Path) ->
         assert view["program"]["tenant"] == tenant and view["program"]["llm_calls"] == 2
         assert {s["attributes"]["progserve.tenant"] for s in view["spans"]} == {tenant}
     assert acme_same.json()["trace_id"] != admin_same.json()["trace_id"]
+
+
+def test_gc_pauses_are_a_bounded_histogram_per_generation() -> None:
+    """Observed from inside the cycle collector: fixed counters (no list that grows until
+    the next scrape), rendered as a Prometheus histogram with inclusive bounds."""
+    from progserve.metrics import Metrics
+
+    metrics = Metrics()
+    for _ in range(10_000):
+        metrics.observe_gc_pause(0, 0.0002)
+    metrics.observe_gc_pause(2, 0.01)  # on a bound: counted in le="0.01"
+    metrics.observe_gc_pause(2, 3.0)  # past the last bound: +Inf only
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.render().decode())
+               if family.name == "progserve_gc_pause_seconds" for s in family.samples}
+    gen0, gen2 = (("generation", "0"),), (("generation", "2"),)
+    assert samples[("progserve_gc_pause_seconds_count", gen0)] == 10_000
+    assert samples[("progserve_gc_pause_seconds_bucket", (*gen0, ("le", "0.0005")))] == 10_000
+    assert samples[("progserve_gc_pause_seconds_bucket", (*gen2, ("le", "0.005")))] == 0
+    assert samples[("progserve_gc_pause_seconds_bucket", (*gen2, ("le", "0.01")))] == 1
+    assert samples[("progserve_gc_pause_seconds_bucket", (*gen2, ("le", "1.0")))] == 1
+    assert samples[("progserve_gc_pause_seconds_bucket", (*gen2, ("le", "+Inf")))] == 2
+    assert samples[("progserve_gc_pause_seconds_sum", gen2)] == 3.01
+    assert not [k for k in samples if ("generation", "1") in k[1]]  # none observed
