@@ -25,7 +25,7 @@ from scheduler.config import SchedulerConfig
 
 from .driver import BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
-from .workloads import PROGRAM_TYPES, WORKLOADS, generate_trace
+from .workloads import DEFAULT_MIX, PROGRAM_TYPES, WORKLOADS, Mix, generate_trace, parse_mix
 
 ALL_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "dlpm")
 PROGRAM_AWARE = ("plas", "atlas")
@@ -35,6 +35,10 @@ PROGRAM_AWARE = ("plas", "atlas")
 def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("policy benchmark (default when no bench kind is given)")
     g.add_argument("--workload", choices=WORKLOADS, default="mixed")
+    g.add_argument("--mix", type=mix_argument, default=None, metavar="TYPE=WEIGHT,...",
+                   help="program types of the mixed workload and their weights, e.g. "
+                        "chat=2,bfcl=1,lats=1,mapreduce=1 (default: chat, bfcl, lats "
+                        "equally)")
     g.add_argument("--programs", type=int, default=2000, help="programs per run (>= 2000 "
                    "for steady state; fewer for a smoke run)")
     g.add_argument("--replicas", type=int, default=4)
@@ -84,6 +88,19 @@ BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
 RETENTION_KV_CAPACITY = 40_000  # first try; shrinks until LRU < 80%
 
 
+def mix_argument(text: str) -> Mix:
+    try:
+        return parse_mix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def bench_mix(args: argparse.Namespace) -> Mix | None:
+    if args.mix is not None and args.workload != "mixed":
+        raise SystemExit(f"--mix applies to --workload mixed, not {args.workload}")
+    return args.mix
+
+
 def build_setup(args: argparse.Namespace) -> BenchSetup:
     sched: dict[str, Any] = dict(BENCH_SCHEDULER)
     if args.max_inflight_requests:
@@ -116,11 +133,12 @@ class RunSpec:
     scheduler_overrides: tuple[tuple[str, Any], ...] = ()
     sim_overrides: tuple[tuple[str, Any], ...] = ()
     label: str = ""
+    mix: Mix | None = None  # the mixed workload's type weights (None: the default)
 
 
 def execute(spec: RunSpec) -> dict[str, Any]:
     """One simulation (in a worker process): its summary."""
-    trace = generate_trace(spec.workload, spec.programs, spec.seed)
+    trace = generate_trace(spec.workload, spec.programs, spec.seed, mix=spec.mix)
     total = spec.programs
     if spec.subset is not None:
         trace.programs = trace.programs[: spec.subset]
@@ -218,12 +236,24 @@ class Bench:
         if unknown:
             raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
         self.setup = build_setup(args)
-        self.trace = generate_trace(args.workload, args.programs, args.seed)
+        self.mix = bench_mix(args)
+        self.trace = generate_trace(args.workload, args.programs, args.seed, mix=self.mix)
 
     def spec(self, policy: str, rate: float, **kw: Any) -> RunSpec:
         a = self.args
         return RunSpec(a.workload, a.programs, a.seed, policy, rate, self.setup, a.warmup,
-                       a.drain, **kw)
+                       a.drain, mix=self.mix, **kw)
+
+    def mix_report(self) -> dict[str, Any] | None:
+        """The mixed workload's weights and how many programs of each type the trace has."""
+        if self.args.workload != "mixed":
+            return None
+        weights = dict(self.mix or DEFAULT_MIX)
+        counts = {kind: 0 for kind in weights}
+        for program in self.trace.programs:
+            counts[program.kind] += 1
+        return {"weights": weights, "programs_by_type": counts,
+                "default": self.mix is None}
 
     def start_rate(self) -> float:
         """A first guess of the knee from the trace's work: ~2,500 output tokens/s per
@@ -410,6 +440,7 @@ class Bench:
             policies[policy] = entry
         report: dict[str, Any] = {
             "workload": a.workload,
+            "mix": self.mix_report(),
             "programs": a.programs,
             "replicas": a.replicas,
             "seed": a.seed,
@@ -498,6 +529,15 @@ def ratio_floor(unloaded: dict[str, Any], fcfs_at_load: dict[str, Any]) -> dict[
     return out
 
 
+def workload_label(report: dict[str, Any]) -> str:
+    """`mixed`, or `mixed (chat=2, lats=1)` for a mix other than the default."""
+    mix = report.get("mix")
+    if not mix or mix.get("default"):
+        return report["workload"]
+    weights = ", ".join(f"{kind}={weight:g}" for kind, weight in mix["weights"].items())
+    return f"{report['workload']} ({weights})"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -532,7 +572,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("program arrival rate (programs/s)")
         ax.set_ylabel("ms per token")
         ax.set_yscale("log")
-        ax.set_title(f"{title} — {report['workload']}, {report['replicas']} replicas")
+        ax.set_title(f"{title} — {workload_label(report)}, {report['replicas']} replicas")
         ax.legend()
     fig.text(0.01, 0.01, "x: run stopped once its p95 could no longer meet the SLO "
              "(partial statistics)", fontsize=8)
@@ -545,7 +585,7 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['workload']}: {report['programs']} programs, "
+    table = Table(title=f"{workload_label(report)}: {report['programs']} programs, "
                         f"{report['replicas']} replicas, load {report['load_point']['rate']:.3g}/s")
     table.add_column("policy")
     table.add_column("max rate @SLO")

@@ -40,7 +40,10 @@ mapreduce (Parrot's map-reduce summarisation)
   chunk, 80 output tokens; reduce prompt: an instruction plus every map output, 250
   output tokens. Maps run in parallel, the reduce waits for all of them.
 
-mixed: equal parts chat, bfcl and lats, interleaved at random.
+mixed: equal parts chat, bfcl and lats, interleaved at random. Other mixes: `mix`, a
+weight per program type (`parse_mix("chat=2,bfcl=1,lats=1,mapreduce=1")`); each type gets
+its share of the programs (smooth weighted round robin, then a seeded shuffle), so the
+default mix gives the same trace as equal weights always did.
 """
 
 from __future__ import annotations
@@ -265,19 +268,66 @@ def _mapreduce(d: _Draw) -> MapReduceShape:
 
 _MAKERS = {"chat": _chat, "bfcl": _bfcl, "lats": _lats, "mapreduce": _mapreduce}
 MIXED_TYPES = ("chat", "bfcl", "lats")
+DEFAULT_MIX: tuple[tuple[str, float], ...] = tuple((kind, 1.0) for kind in MIXED_TYPES)
+
+Mix = tuple[tuple[str, float], ...]  # (program type, weight), in a fixed order
+
+
+def parse_mix(text: str) -> Mix:
+    """`"chat=2,bfcl=1,lats=1"` -> weights per program type (a bare name weighs 1)."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in PROGRAM_TYPES:
+            raise ValueError(f"unknown program type {name!r} in the mix "
+                             f"(known: {', '.join(PROGRAM_TYPES)})")
+        if name in weights:
+            raise ValueError(f"program type {name!r} appears twice in the mix")
+        try:
+            weight = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {name!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {value!r}")
+        weights[name] = weight
+    if not weights or sum(weights.values()) <= 0:
+        raise ValueError("the mix needs at least one program type with a weight above 0")
+    return tuple(weights.items())
+
+
+def mix_kinds(mix: Mix, programs: int) -> list[str]:
+    """Program types in smooth weighted round-robin order: every prefix of the list holds
+    each type in proportion to its weight (equal weights: a, b, c, a, b, c, ...)."""
+    total = sum(w for _, w in mix)
+    current = [0.0] * len(mix)
+    kinds = []
+    for _ in range(programs):
+        for i, (_, weight) in enumerate(mix):
+            current[i] += weight
+        best = max(range(len(mix)), key=current.__getitem__)  # first on ties
+        current[best] -= total
+        kinds.append(mix[best][0])
+    return kinds
 
 
 def generate_trace(
-    workload: str, programs: int, seed: int, params: WorkloadParams | None = None
+    workload: str, programs: int, seed: int, params: WorkloadParams | None = None,
+    *, mix: Mix | None = None,
 ) -> Trace:
-    """`programs` program shapes and unit-rate Poisson arrivals, deterministic in `seed`."""
+    """`programs` program shapes and unit-rate Poisson arrivals, deterministic in `seed`.
+    `mix` (only for `mixed`) weighs the program types; default: chat, bfcl, lats equally."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+    if mix is not None and workload != "mixed":
+        raise ValueError(f"a mix applies to the mixed workload, not to {workload!r}")
     params = params or WorkloadParams()
     rng = random.Random(f"progserve-bench/{workload}/{seed}")
     draw = _Draw(rng, params)
     if workload == "mixed":
-        kinds = [MIXED_TYPES[i % len(MIXED_TYPES)] for i in range(programs)]
+        kinds = mix_kinds(mix or DEFAULT_MIX, programs)
         rng.shuffle(kinds)
     else:
         kinds = [workload] * programs

@@ -19,6 +19,8 @@ from progserve.bench.workloads import (
     MapReduceShape,
     count_calls,
     generate_trace,
+    mix_kinds,
+    parse_mix,
 )
 from scheduler.config import SchedulerConfig
 
@@ -45,6 +47,46 @@ def test_workload_statistics_match_the_published_figures():
     assert kinds.count("chat") == kinds.count("bfcl") == kinds.count("lats") == 333
     gaps = [b.unit_arrival - a.unit_arrival for a, b in zip(mixed.programs, mixed.programs[1:], strict=False)]
     assert statistics.mean(gaps) == pytest.approx(1.0, rel=0.1)  # unit-rate Poisson
+
+
+def test_default_mix_keeps_the_equal_thirds_trace():
+    # Pinned from before mixes existed: documented results stay reproducible.
+    kinds = [p.kind for p in generate_trace("mixed", 12, 5).programs]
+    assert kinds == ["chat", "chat", "lats", "chat", "lats", "bfcl", "bfcl", "lats", "lats",
+                     "bfcl", "chat", "bfcl"]
+    explicit = generate_trace("mixed", 12, 5, mix=parse_mix("chat,bfcl,lats"))
+    assert [p.kind for p in explicit.programs] == kinds
+
+
+def test_a_weighted_mix_gives_each_type_its_share_in_every_prefix():
+    mix = parse_mix("chat=2, bfcl=1, lats=0.5, mapreduce=0.5")
+    kinds = mix_kinds(mix, 400)
+    assert [kinds.count(k) for k in ("chat", "bfcl", "lats", "mapreduce")] == [200, 100, 50, 50]
+    first = kinds[:8]
+    assert first.count("chat") == 4 and first.count("bfcl") == 2
+    trace = generate_trace("mixed", 400, 2, mix=mix)
+    assert sorted(p.kind for p in trace.programs) == sorted(kinds)  # shuffled, same counts
+    assert any(isinstance(p.shape, MapReduceShape) for p in trace.programs)
+    only_lats = generate_trace("mixed", 20, 2, mix=parse_mix("lats=1,chat=0"))
+    assert {p.kind for p in only_lats.programs} == {"lats"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("chat=1,poker=1", "unknown program type 'poker'"),
+    ("chat=1,chat=2", "appears twice"),
+    ("chat=x", "not a number"),
+    ("chat=-1", ">= 0"),
+    ("chat=0", "at least one"),
+    ("", "at least one"),
+])
+def test_bad_mixes_are_refused_with_the_reason(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mix(text)
+
+
+def test_a_mix_only_applies_to_the_mixed_workload():
+    with pytest.raises(ValueError, match="mixed workload"):
+        generate_trace("chat", 10, 0, mix=parse_mix("chat=1"))
 
 
 def test_percentile_and_steady_state_window():
@@ -142,3 +184,22 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
     assert 0 <= retention["lru"]["cache_hit_rate"] <= 1
     assert "cache_hit_gain_points" in retention
     assert png.stat().st_size > 10_000
+
+
+def test_bench_cli_runs_a_custom_mix_and_reports_it(tmp_path):
+    out = tmp_path / "mix.json"
+    cmd = [sys.executable, "-m", "progserve.cli", "bench", "--workload", "mixed", "--mix",
+           "chat=2,mapreduce=1", "--programs", "12", "--replicas", "2", "--policies", "fcfs",
+           "--rate", "0.5", "--unloaded-programs", "3", "--workers", "1", "--warmup", "0",
+           "--drain", "0", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["mix"] == {"weights": {"chat": 2.0, "mapreduce": 1.0},
+                             "programs_by_type": {"chat": 8, "mapreduce": 4}, "default": False}
+    assert set(report["policies"]["fcfs"]["at_load"]["p95_by_type"]) == {"chat", "mapreduce"}
+    bad = subprocess.run([*cmd[:6], "--mix", "chat=1,quiz=2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown program type 'quiz'" in bad.stderr
+    not_mixed = subprocess.run([*cmd[:5], "chat", "--mix", "chat=1"], capture_output=True,
+                               text=True, timeout=120)
+    assert not_mixed.returncode != 0 and "--mix applies to --workload mixed" in not_mixed.stderr
