@@ -88,8 +88,10 @@ class SchedulerConfig(BaseModel):
     cache_match_fraction: float = Field(
         0.5, ge=0, le=1, description="short calls go where this share of the prompt is cached"
     )
-    balance_abs_threshold: int = Field(
-        16, ge=0, description="in-flight imbalance (requests) above which load beats cache"
+    balance_abs_threshold: int | None = Field(
+        None, ge=0,
+        description="backlog imbalance (requests in flight or waiting) above which load "
+                    "beats cache; default: one in-flight budget (max_inflight_requests)",
     )
     router_tree_tokens: int = Field(
         400_000, ge=1, description="tokens each replica's approximate prefix tree remembers"

@@ -9,12 +9,21 @@ mode):
 
 - a long-context call (prompt >= `long_context_tokens`) stays on its program's replica,
   waiting for room there: moving it would re-prefill the whole context;
-- a short call goes where at least `cache_match_fraction` of its prompt is cached, unless
-  that replica is more than `balance_abs_threshold` requests busier than the least-loaded
-  one; otherwise to the least-loaded replica.
+- a short call goes to its program's replica when at least `cache_match_fraction` of its
+  prompt is cached there, and waits for room there too, unless that replica's backlog
+  (calls in flight or waiting for it) exceeds the least-loaded one's by more than
+  `balance_abs_threshold` (default: one in-flight budget); otherwise to another replica
+  that caches that share, or to the least-loaded one.
 
-`round_robin` and `least_loaded` are the baselines. Every balance only picks among
-replicas with room in their in-flight budget.
+Waiting for the program's replica departs from Autellix's least-loaded routing of short
+calls: on the sim engine an agent's "short" calls (bfcl's ~735-2,000-token prompts, LATS
+value calls, chat turns) re-prefilled elsewhere cost more than the wait. Measured (mixed,
+2,000 programs, 4 replicas, fcfs, 3.06 programs/s): moving them when the home replica was
+full gave a 87.2% cache hit rate and 31.6 / 77.0 ms per token mean / p95; waiting gives
+91.7% and 19.3 / 48.9, and the knee moves from ~3.1 to ~4 programs/s.
+
+`round_robin` and `least_loaded` are the baselines. Every balance places calls only on
+replicas with room in their in-flight budget (`affinity` may park one for its home).
 """
 
 from __future__ import annotations
@@ -69,6 +78,11 @@ class PrefixTree:
             tree.evict(excess)
 
 
+def backlog(replica: Replica) -> int:
+    """Calls on the replica or parked waiting for it."""
+    return replica.inflight_requests + len(replica.parked)
+
+
 class Router:
     def __init__(self, config: SchedulerConfig, replicas: Sequence[Replica]) -> None:
         self.config = config
@@ -76,6 +90,9 @@ class Router:
         self.balance = config.balance
         self._next = 0
         self.long_context = config.long_context_tokens
+        self.max_imbalance = (config.balance_abs_threshold
+                              if config.balance_abs_threshold is not None
+                              else config.max_inflight_requests)
         # The trees serve two readers: the choice among several replicas, and DLPM's
         # prefix hint. With neither, keeping them costs every call a radix insert for
         # nothing (the common single-engine proxy set-up).
@@ -163,13 +180,19 @@ class Router:
         if key is None or not len(key):
             return RouteDecision(least)
         threshold = self.config.cache_match_fraction * call.prompt_len
-        max_imbalance = self.config.balance_abs_threshold
+        max_imbalance = self.max_imbalance
         floor = least.inflight_requests
         # The program's home usually holds its prefix: try it before searching every tree.
-        if home is not None and home.has_room(call):
+        if home is not None:
             hit = int(home.tree.match(key) * scale)
-            if hit >= threshold and hit > 0 and home.inflight_requests - floor <= max_imbalance:
-                return RouteDecision(home, estimated_hit=hit)
+            if hit >= threshold and hit > 0:
+                if home.has_room(call):
+                    if home.inflight_requests - floor <= max_imbalance:
+                        return RouteDecision(home, estimated_hit=hit)
+                elif backlog(home) - backlog(least) <= max_imbalance:
+                    # Full: wait there rather than re-prefill the prefix elsewhere, unless
+                    # its backlog is that much longer than the least-loaded replica's.
+                    return RouteDecision(home, wait_for_home=True, estimated_hit=hit)
         best: Replica | None = None
         best_hit = 0
         for replica in self.replicas:

@@ -71,6 +71,34 @@ def test_load_beats_cache_past_the_imbalance_threshold():
     assert decision.replica is not replicas[0]
 
 
+def test_short_call_waits_for_its_full_home_rather_than_re_prefill_elsewhere():
+    router, replicas = setup(max_inflight_requests=4)
+    prog = Program(id="p", tenant="t", arrival=0, seq=0)
+    context = list(range(500, 900))  # short: below long_context_tokens
+    finish_on(router, replicas[1], call_for(prog, context))
+    occupy(replicas[1], 4)  # full
+    decision = router.choose(call_for(prog, context + [1, 2]))
+    assert decision.replica is replicas[1] and decision.wait_for_home
+    assert decision.estimated_hit == 400
+    # A prompt mostly not cached there is not worth the wait: least-loaded.
+    other = router.choose(call_for(prog, context[:40] + list(range(5000, 5400))))
+    assert other.replica is not replicas[1] and not other.wait_for_home
+
+
+def test_a_home_backlog_past_one_budget_sends_short_calls_elsewhere():
+    router, replicas = setup(max_inflight_requests=4)
+    assert router.max_imbalance == 4  # default: one in-flight budget
+    prog = Program(id="p", tenant="t", arrival=0, seq=0)
+    context = list(range(500, 900))
+    finish_on(router, replicas[1], call_for(prog, context))
+    occupy(replicas[1], 4)
+    for _ in range(4):  # backlog 4 in flight + 4 parked vs 0: more than one budget
+        parked = call_for(Program(id="z", tenant="t", arrival=0, seq=2), [3])
+        replicas[1].parked.push(parked, (parked.seq,))
+    decision = router.choose(call_for(prog, context + [1, 2]))
+    assert decision.replica is not replicas[1] and not decision.wait_for_home
+
+
 def test_long_context_stays_home_and_waits_when_home_is_full():
     router, replicas = setup(long_context_tokens=100, max_inflight_requests=2)
     prog = Program(id="p", tenant="t", arrival=0, seq=0)
