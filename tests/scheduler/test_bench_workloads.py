@@ -203,3 +203,22 @@ def test_bench_cli_runs_a_custom_mix_and_reports_it(tmp_path):
     not_mixed = subprocess.run([*cmd[:5], "chat", "--mix", "chat=1"], capture_output=True,
                                text=True, timeout=120)
     assert not_mixed.returncode != 0 and "--mix applies to --workload mixed" in not_mixed.stderr
+
+
+@pytest.mark.parametrize("start", [20_000, 40_000, 200_000])
+def test_retention_runs_at_the_mildest_pressure_where_lru_is_under_80(start):
+    from progserve.bench.policies import mildest_pressure
+
+    def hit_at(capacity: int) -> float:  # LRU's hit rate rises with capacity
+        return min(0.99, capacity / 80_000)
+
+    tried = []
+
+    def try_lru(capacity: int) -> dict:
+        tried.append(capacity)
+        return {"cache_hit_rate": hit_at(capacity)}
+
+    capacity, lru = mildest_pressure(start, try_lru(start), try_lru)
+    assert lru["cache_hit_rate"] == hit_at(capacity) < 0.8
+    # one x0.85 step more capacity would reach 80%: the mildest qualifying pressure
+    assert hit_at(int(capacity / 0.85)) >= 0.8 or hit_at(round(capacity / 0.85)) >= 0.8
