@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from engine_backend.errors import InvalidRequestError, UnknownRequestError, UnsupportedError
 from engine_backend.sim import SimConfig, SimEngine
 from engine_backend.sim.cost_model import StepCostModel
+from engine_backend.sim.responders import hash_text
 from engine_backend.types import Chunk, FinishType, GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
 
@@ -48,7 +49,7 @@ def test_waiting_queue_orders_by_priority_then_fcfs() -> None:
     async def body(engine: SimEngine) -> None:
         async def one(rid: str, priority: float) -> None:
             engine.responder.expect(rid, 5)
-            await collect(engine, request(rid, ids(50, hash(rid) % 1000), priority=priority))
+            await collect(engine, request(rid, ids(50, hash_text(rid) % 1000), priority=priority))
             order.append(rid)
 
         blocker = asyncio.ensure_future(one("blocker", 0))

@@ -20,7 +20,7 @@ from engine_backend.sim import (
     StepCostModel,
     SyntheticResponder,
 )
-from engine_backend.sim.responders import PromptView, parse_choices
+from engine_backend.sim.responders import PromptView, hash_text, parse_choices
 from engine_backend.sim.tokenizer import EOS_ID
 from engine_backend.types import Chunk, FinishType, GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
@@ -92,7 +92,8 @@ def test_tokenizer_is_deterministic_and_decodes() -> None:
 
 def view(builder: ReplyBuilder, rid: str, sampling: SamplingParams, text: str = "hi") -> PromptView:
     ids = builder.tokenizer.encode(text)
-    return PromptView(rid, ids, sampling, seed=hash(rid) & 0xFFFF, tokenizer=builder.tokenizer,
+    # hash_text, not hash(): str hashes are salted per process, so replies would vary.
+    return PromptView(rid, ids, sampling, seed=hash_text(rid) & 0xFFFF, tokenizer=builder.tokenizer,
                       _text=text)
 
 
