@@ -111,7 +111,9 @@ def test_chat_and_logprobs_through_the_openai_backend(openai_front, engine_serve
     assert info["capabilities"]["priority"] is False
     body = httpx.post(openai_front.url + "/generate", json={
         "text": "Q: Is the sky blue? A: yes", "return_logprob": True, "logprob_start_len": 0,
-        "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 3}}).json()
+        "return_text_in_logprobs": True,
+        # ignore_eos: the synthetic reply may otherwise end (EOS) before 3 tokens.
+        "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}).json()
     assert len(body["meta_info"]["output_token_logprobs"]) == 3
     assert body["meta_info"]["input_token_logprobs"][0][0] is None
 
