@@ -54,6 +54,10 @@ class Replica:
     def has_request_room(self) -> bool:
         return self.healthy and self.inflight_requests < self.max_requests
 
+    def backlog(self) -> int:
+        """Calls on the replica or parked waiting for it."""
+        return self.inflight_requests + len(self.parked)
+
     def load_key(self) -> tuple[int, int, int]:
         return (self.inflight_requests, self.inflight_tokens, self.index)
 

@@ -78,11 +78,6 @@ class PrefixTree:
             tree.evict(excess)
 
 
-def backlog(replica: Replica) -> int:
-    """Calls on the replica or parked waiting for it."""
-    return replica.inflight_requests + len(replica.parked)
-
-
 class Router:
     def __init__(self, config: SchedulerConfig, replicas: Sequence[Replica]) -> None:
         self.config = config
@@ -189,7 +184,7 @@ class Router:
                 if home.has_room(call):
                     if home.inflight_requests - floor <= max_imbalance:
                         return RouteDecision(home, estimated_hit=hit)
-                elif backlog(home) - backlog(least) <= max_imbalance:
+                elif home.backlog() - least.backlog() <= max_imbalance:
                     # Full: wait there rather than re-prefill the prefix elsewhere, unless
                     # its backlog is that much longer than the least-loaded replica's.
                     return RouteDecision(home, wait_for_home=True, estimated_hit=hit)
