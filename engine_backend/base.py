@@ -27,7 +27,9 @@ class Engine(abc.ABC):
       `FinishType.ABORT`. Unknown rids raise `UnknownRequestError`.
     - `retain(program_id, keep)` is a cache-retention hint: while `keep` is true the
       engine should prefer to keep that program's cached prefix (it waits on a tool).
-      Engines without the capability ignore it.
+      `program_ended(program_id)` is the opposite hint: the program will send nothing
+      more, so what only it cached may go first. Engines without the capability ignore
+      both.
     """
 
     name: str = "engine"
@@ -55,6 +57,9 @@ class Engine(abc.ABC):
 
     async def retain(self, program_id: str, keep: bool) -> None:  # noqa: B027
         """Cache-retention hint; default: ignored."""
+
+    async def program_ended(self, program_id: str) -> None:  # noqa: B027
+        """Cache hint: the program ended; default: ignored."""
 
     async def flush_cache(self) -> bool:
         """Drop every unlocked cache entry. Returns True if the engine did it."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import struct
 import sys
 import time
@@ -40,6 +41,8 @@ from engine_backend.radix_eviction import (
 __all__ = ["KeyedTokens", "PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
 
 TOKEN_BYTES = 8  # an encoded token: little-endian int64 (packs faster than int32 here)
+# Priority of nodes whose every owner ended (`retire_owner`): below any request's.
+RETIRED = -math.inf
 
 
 def _as_token_list(seq: Sequence[int]) -> list[int]:
@@ -165,7 +168,7 @@ class TreeNode:
     last_access: float
     children: dict[bytes, TreeNode] = field(default_factory=dict)  # by first token's bytes
     lock_ref: int = 0
-    priority: float = 0.0  # max `insert(priority=...)` seen on this path
+    priority: float = 0.0  # max `insert(priority=...)` seen on this path; RETIRED: orphaned
     owners: set[str] | None = None
     evicted: bool = False
 
@@ -380,6 +383,23 @@ class RadixCache:
         for node in self._owner_nodes.pop(owner, ()):
             if node.owners is not None:
                 node.owners.discard(owner)
+
+    def retire_owner(self, owner: str) -> None:
+        """The owner is gone for good (its program ended): drop it like `forget_owner`,
+        and mark the nodes it alone owned `RETIRED`, the first to go under the
+        `priority` order. Nobody will ask for them again unless a new request shares
+        them, and that request's insert raises them back to its own priority."""
+        self.owners.pinned.discard(owner)
+        self.owners.priorities.pop(owner, None)
+        for node in self._owner_nodes.pop(owner, ()):
+            owners = node.owners
+            if owners is None:
+                continue
+            owners.discard(owner)
+            if not owners:
+                node.priority = RETIRED
+                if self._is_evictable_leaf(node):
+                    self._push(node)  # its key went down: the heap must see it again
 
     def evictable_size(self) -> int:
         return self._evictable_size

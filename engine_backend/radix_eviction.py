@@ -2,8 +2,8 @@
 
 The cache keeps evictable leaves in a heap with lazy invalidation, so a policy's key may
 only grow over time (a touch, a pin, a raised priority). The only events that lower a key
-are owner events (`unpin`, a lowered owner priority); the cache re-pushes that owner's
-leaves when they happen. A custom policy must keep to that contract.
+are owner events (`unpin`, a lowered owner priority, `retire_owner`); the cache re-pushes
+that owner's leaves when they happen. A custom policy must keep to that contract.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class LRUEviction:
 class PriorityEviction:
     """Unpinned before pinned, then lower priority first, then least recently used.
 
-    The hook for KV retention across tool gaps: a program waiting on a tool pins its
-    owner id, so its prefix is the last thing to go.
+    The hooks for program-aware retention: a program waiting on a tool pins its owner
+    id, so its prefix is the last thing to go; a program that ended retires its id, so
+    what it alone cached (priority `RETIRED`) is the first.
     """
 
     name = "priority"

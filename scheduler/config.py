@@ -71,11 +71,15 @@ class SchedulerConfig(BaseModel):
         False, description="abort-and-resume demoted calls on engines without priority"
     )
     # KV retention across tool gaps and between a program's calls.
-    retain_kv: bool = Field(True, description="pin idle programs' prefixes (retention slots)")
+    retain_kv: bool = Field(
+        True, description="program-aware KV retention: an ended program's KV goes first; "
+        "idle programs hold pins within retention_budget_fraction"
+    )
     retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
     retention_budget_fraction: float = Field(
-        1.0, gt=0, le=1,
-        description="share of a replica's KV capacity that retention pins may cover",
+        0.0, ge=0, le=1,
+        description="share of a replica's KV capacity that pins of idle programs may "
+        "cover (0: no pins)",
     )
     program_idle_timeout_s: float = Field(
         600.0, gt=0, description="end a program with nothing in flight for this long"

@@ -233,6 +233,8 @@ class Program:
     retained_on: dict[int, int] = field(default_factory=dict)
     # replica -> longest context of its calls there since the last pin
     touched: dict[int, int] = field(default_factory=dict)
+    # replicas that cached its context (told when it ends, to let that go first)
+    cached_on: set[int] = field(default_factory=set)
     retention_timer: bool = False  # an idle-expiry timer is armed
     # The armed idle-end timer; cancelled when the program closes, so that a closed
     # program is not kept alive (calls, graph, specs) until the timeout.

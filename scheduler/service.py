@@ -1093,7 +1093,7 @@ class Scheduler:
         if program.idle_timer is not None:
             program.idle_timer.cancel()
             program.idle_timer = None
-        self.retention.release(program)
+        self.retention.on_program_end(program)
         self._spawn(self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
         if EventKind.PROGRAM_ENDED in self._wanted:
             self._emit_program(EventKind.PROGRAM_ENDED, program)

@@ -151,6 +151,11 @@ class SimEngine(LocalEngine):
             self.cache.forget_owner(program_id)
             self._programs.pop(program_id, None)
 
+    async def program_ended(self, program_id: str) -> None:
+        self._pinned.discard(program_id)
+        self.cache.retire_owner(program_id)
+        self._programs.pop(program_id, None)
+
     async def abort(self, rid: str) -> None:
         r = self._requests.get(rid)
         if r is None:

@@ -213,6 +213,10 @@ class TorchEngine(LocalEngine):
         else:
             self.cache.forget_owner(program_id)
 
+    async def program_ended(self, program_id: str) -> None:
+        if self.cache is not None:
+            self.cache.retire_owner(program_id)
+
     async def abort(self, rid: str) -> None:
         stream = self._streams.get(rid)
         if stream is None:

@@ -198,6 +198,39 @@ def test_shared_node_takes_the_max_protection_of_its_owners() -> None:
     assert cache.match_prefix([7, 7, 7, 1], touch=False).length == 3
 
 
+def test_retired_owner_context_goes_first_but_shared_prefix_stays() -> None:
+    cache = make_cache(eviction="priority")
+    cache.insert([3, 3], owner="idle")  # the least recently used leaf
+    cache.insert([7, 7, 7, 2, 2], owner="live")
+    cache.insert([7, 7, 7, 1, 1], owner="ended")  # [7, 7, 7] is shared; most recent
+    cache.retire_owner("ended")
+    assert cache.evict(1) == 2  # the ended program's private tail, not the LRU leaf
+    assert cache.match_prefix([7, 7, 7, 1, 1], touch=False).length == 3
+    assert cache.match_prefix([3, 3], touch=False).length == 2
+    # The shared prefix is still owned by "live": not retired when the tail goes.
+    assert cache.evict(2) == 2  # [3, 3], by LRU again
+    assert cache.match_prefix([7, 7, 7, 2, 2], touch=False).length == 5
+
+
+def test_retired_prefix_taken_up_again_is_ordinary() -> None:
+    cache = make_cache(eviction="priority")
+    cache.insert([5, 5, 5], owner="ended")
+    cache.retire_owner("ended")
+    cache.insert([6, 6], owner="other")
+    cache.insert([5, 5, 5], owner="newcomer")  # a new program shares it: priority back
+    assert cache.evict(1) == 2  # now [6, 6] is simply least recently used
+    assert cache.match_prefix([5, 5, 5], touch=False).length == 3
+
+
+def test_lru_ignores_retirement() -> None:
+    cache = make_cache(eviction="lru")
+    cache.insert([1, 1], owner="a")
+    cache.insert([2, 2], owner="b")
+    cache.retire_owner("b")
+    cache.evict(1)
+    assert cache.match_prefix([2, 2], touch=False).length == 2
+
+
 def test_insert_priority_protects_under_priority_order() -> None:
     cache = make_cache(eviction="priority")
     cache.insert([1], priority=2.0)

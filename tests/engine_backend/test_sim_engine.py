@@ -192,6 +192,31 @@ def test_retain_keeps_a_pinned_program_prefix_while_others_are_evicted() -> None
     assert scenario(retain=False) == 0
 
 
+def test_an_ended_program_context_is_evicted_before_a_live_one() -> None:
+    def scenario(hint: bool) -> int:
+        async def body(engine: SimEngine) -> int:
+            live = ids(1_000, 1)
+            engine.responder.expect("live-1", 20)
+            first = await collect(engine, request("live-1", live, program_id="live"))
+            live += [t for c in first for t in c.token_ids]
+            engine.responder.expect("ended-1", 20)  # more recent than live's context
+            await collect(engine, request("ended-1", ids(1_000, 2), program_id="ended"))
+            if hint:
+                await engine.program_ended("ended")
+            engine.responder.expect("big", 20)  # needs one of the two contexts' room
+            await collect(engine, request("big", ids(2_500, 3), program_id="big"))
+            engine.responder.expect("live-2", 20)
+            second = await collect(engine, request("live-2", live + ids(10, 4),
+                                                   program_id="live"))
+            return second[-1].cached_tokens
+
+        return run(SimConfig(kv_capacity_tokens=4_000, eviction="priority",
+                             stream_interval=0), body)
+
+    assert scenario(hint=True) == 1_020
+    assert scenario(hint=False) == 0  # plain recency evicts the live program's context
+
+
 def test_abort_queued_running_and_unknown() -> None:
     config = SimConfig(max_running=1, stream_interval=1, priority_preemption=False)
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine_backend.errors import InvalidRequestError, UnknownRequestError
+from engine_backend.radix_cache import RETIRED
 from engine_backend.torch.config import TorchConfig
 from engine_backend.torch.engine import TorchEngine
 from engine_backend.types import Chunk, FinishType, GenerateRequest, SamplingParams
@@ -363,6 +364,18 @@ async def test_retention_pins_a_programs_prefix(tiny_gqa: Path) -> None:
     assert (
         kept[-1].cached_tokens >= len(AutoTokenizer.from_pretrained(tiny_gqa)(SHARED).input_ids) - 1
     )
+
+
+async def test_an_ended_programs_prefix_is_retired(tiny_gqa: Path) -> None:
+    async with _engine(tiny_gqa, kv_capacity_tokens=96, eviction="priority") as engine:
+        request = _request("p1", SHARED, max_new_tokens=1)
+        request.program_id = "prog"
+        await _collect(engine, request)
+        await engine.program_ended("prog")
+        assert engine.cache is not None
+        ids = AutoTokenizer.from_pretrained(tiny_gqa)(SHARED).input_ids
+        node = engine.cache.match_prefix(ids, touch=False).node
+        assert node.priority == RETIRED  # the first to go under the priority order
 
 
 async def test_regex_constrained_decoding(tiny_gqa: Path) -> None:

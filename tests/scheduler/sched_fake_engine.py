@@ -49,6 +49,7 @@ class FakeEngine(Engine):
         self.started: list[str] = []  # rids in start order
         self.requests: list[GenerateRequest] = []
         self.retained: dict[str, bool] = {}
+        self.ended: list[str] = []  # program_ended hints
         self.aborted: list[str] = []
         self._free = slots
         self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -67,6 +68,10 @@ class FakeEngine(Engine):
 
     async def retain(self, program_id: str, keep: bool) -> None:
         self.retained[program_id] = keep
+
+    async def program_ended(self, program_id: str) -> None:
+        self.retained.pop(program_id, None)  # the hint unpins too
+        self.ended.append(program_id)
 
     async def abort(self, rid: str) -> None:
         event = self._live.get(rid)
