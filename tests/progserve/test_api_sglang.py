@@ -72,7 +72,8 @@ def test_generate_single(server):
 
 def test_generate_length_finish_and_input_ids(server):
     body = httpx.post(server.url + "/generate", json={
-        "input_ids": [11, 22, 33, 44], "sampling_params": {"max_new_tokens": 5}}).json()
+        "input_ids": [11, 22, 33, 44],  # a synthetic reply of random length: ignore_eos
+        "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}).json()
     assert body["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
     assert body["meta_info"]["prompt_tokens"] == 4
     assert len(body["output_ids"]) == 5

@@ -81,5 +81,6 @@ def test_serve_process_end_to_end(serve_process, tmp_path):
     assert info["policy"] == "plas"
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", max_retries=0)
     reply = client.chat.completions.create(model="m", max_tokens=3,
-                                           messages=[{"role": "user", "content": "hi"}])
+                                           messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"ignore_eos": True})  # 3 exactly
     assert reply.usage.completion_tokens == 3
