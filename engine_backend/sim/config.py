@@ -38,7 +38,7 @@ class SimConfig(BaseModel):
     max_running: int = Field(256, ge=1, description="max requests in a decode batch")
     chunked_prefill_tokens: int = Field(8192, ge=16, description="prefill tokens per step")
     eviction: Literal["lru", "priority"] = Field(
-        "priority", description="radix eviction order: lru | priority (keeps retained programs)"
+        "priority", description="radix eviction order: lru | priority (ended programs first, pinned last)"
     )
     priority_preemption: bool = Field(
         True, description="a waiting request that outranks a running one may preempt it"

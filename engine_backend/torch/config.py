@@ -34,7 +34,9 @@ class TorchConfig(BaseModel):
         True, description="a waiting request preempts a running one of lower priority"
     )
     prefix_cache: bool = Field(True, description="share prompt prefixes' KV via the radix tree")
-    eviction: Literal["lru", "priority"] = Field("priority", description="radix eviction order")
+    eviction: Literal["lru", "priority"] = Field(
+        "priority", description="radix eviction order: lru | priority (ended programs first, pinned last)"
+    )
     preemption: Literal["recompute", "swap"] = Field(
         "recompute",
         description="recompute: a preempted request's KV goes to the radix cache and is "

@@ -425,7 +425,7 @@ class Bench:
         a = self.args
         policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
 
-        def variant(name: str, capacity: int) -> dict[str, Any]:
+        def submit(name: str, capacity: int) -> futures.Future[dict[str, Any]]:
             retain = name == "retention"
             spec = self.spec(
                 policy, rate,
@@ -433,7 +433,13 @@ class Bench:
                 sim_overrides=(("eviction", "priority" if retain else "lru"),
                                ("kv_capacity_tokens", capacity)),
             )
-            summary = pool.submit(execute, spec).result()
+            return pool.submit(execute, spec)
+
+        def variant(name: str, capacity: int) -> dict[str, Any]:
+            return collect(submit(name, capacity))
+
+        def collect(job: futures.Future[dict[str, Any]]) -> dict[str, Any]:
+            summary = job.result()
             progress.advance(bar)
             return {
                 "cache_hit_rate": summary["cache_hit_rate"],
@@ -444,7 +450,7 @@ class Bench:
             }
 
         capacity = a.retention_kv_capacity or RETENTION_KV_CAPACITY
-        progress.update(bar, total=(progress.tasks[0].total or 0) + 3, description="retention")
+        progress.update(bar, total=(progress.tasks[0].total or 0) + 2, description="retention")
         tried: list[dict[str, Any]] = []
 
         def try_lru(capacity: int) -> dict[str, Any]:
@@ -458,12 +464,24 @@ class Bench:
         lru = try_lru(capacity)
         if a.retention_kv_capacity is None:
             capacity, lru = mildest_pressure(capacity, lru, try_lru)
-        retained = variant("retention", capacity)
+        # The retention variant at every capacity the search tried, so the gain shows
+        # across pressures (the `curve`), not at one point only.
+        capacities = sorted({t["kv_capacity_tokens"] for t in tried} | {capacity})
+        progress.update(bar, total=(progress.tasks[0].total or 0) + len(capacities) - 1)
+        jobs = {c: submit("retention", c) for c in capacities}
+        retained_at = {c: collect(job) for c, job in jobs.items()}
+        retained = retained_at[capacity]
+        lru_at = {t["kv_capacity_tokens"]: t["lru_cache_hit_rate"] for t in tried}
+        curve = [{"kv_capacity_tokens": c, "lru_cache_hit_rate": lru_at[c],
+                  "retention_cache_hit_rate": retained_at[c]["cache_hit_rate"],
+                  "gain_points": 100 * (retained_at[c]["cache_hit_rate"] - lru_at[c])}
+                 for c in capacities if c in lru_at]
         return {
             "policy": policy,
             "rate": rate,
             "kv_capacity_tokens": capacity,
             "capacity_search": tried,
+            "curve": curve,
             "lru": lru,
             "retention": retained,
             "cache_hit_gain_points": 100 * (retained["cache_hit_rate"] - lru["cache_hit_rate"]),
@@ -608,7 +626,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_p95, ax_mean) = plt.subplots(1, 2, figsize=(12, 4.5))
+    curve = (report.get("retention") or {}).get("curve")
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(18 if curve else 12, 4.5))
+    ax_p95, ax_mean = axes[0], axes[1]
+    if curve:
+        plot_retention(axes[2], report["retention"])
     for name, entry in report["policies"].items():
         points = [p for p in entry.get("sweep") or [] if p.get("p95_token_latency")]
         load = entry.get("at_load")
@@ -645,6 +667,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_retention(ax: Any, retention: dict[str, Any]) -> None:
+    """Cache hit rate against KV capacity per replica: plain LRU vs retention."""
+    curve = retention["curve"]
+    tokens = [p["kv_capacity_tokens"] / 1000 for p in curve]
+    ax.plot(tokens, [100 * p["lru_cache_hit_rate"] for p in curve], marker="o",
+            label="plain LRU")
+    ax.plot(tokens, [100 * p["retention_cache_hit_rate"] for p in curve], marker="o",
+            label="program-aware retention")
+    ax.axhline(100 * RETENTION_LRU_CEILING, color="grey", linestyle="--", label="80%")
+    ax.axvline(retention["kv_capacity_tokens"] / 1000, color="grey", linestyle=":",
+               label=f"ablation point ({retention['cache_hit_gain_points']:+.1f} points)")
+    ax.set_xlabel("KV capacity per replica (thousand tokens)")
+    ax.set_ylabel("prefix cache hit rate (%)")
+    ax.set_title(f"KV retention — {retention['policy']} at {retention['rate']:.3g} programs/s")
+    ax.legend()
+
+
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -673,7 +712,15 @@ def print_table(report: dict[str, Any]) -> None:
                       ms(load.get("p95_token_latency")),
                       "-" if load.get("cache_hit_rate") is None else f"{load['cache_hit_rate']:.1%}",
                       *[ms((load.get("p95_by_type") or {}).get(t)) for t in types])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    retention = report.get("retention")
+    if retention:
+        console.print(
+            f"KV retention ({retention['policy']}, {retention['kv_capacity_tokens']:,} KV "
+            f"tokens per replica): plain LRU {retention['lru']['cache_hit_rate']:.1%} -> "
+            f"retention {retention['retention']['cache_hit_rate']:.1%} cache hits "
+            f"({retention['cache_hit_gain_points']:+.1f} points)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -183,6 +183,10 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
     retention = report["retention"]
     assert 0 <= retention["lru"]["cache_hit_rate"] <= 1
     assert "cache_hit_gain_points" in retention
+    [point] = retention["curve"]  # a fixed capacity: one point of the curve
+    assert point["kv_capacity_tokens"] == 20_000
+    assert point["lru_cache_hit_rate"] == retention["lru"]["cache_hit_rate"]
+    assert point["retention_cache_hit_rate"] == retention["retention"]["cache_hit_rate"]
     assert png.stat().st_size > 10_000
 
 
