@@ -49,6 +49,16 @@ BENCH = {
             ("plas", 5.6, 0.030, 0.19, 0.70), ("atlas", 5.9, 0.028, 0.17, 0.72),
         )
     },
+    "retention": {
+        "policy": "plas", "rate": 43.1, "kv_capacity_tokens": 63909,
+        "lru": {"cache_hit_rate": 0.797}, "retention": {"cache_hit_rate": 0.888},
+        "cache_hit_gain_points": 9.1,
+        "curve": [
+            {"kv_capacity_tokens": c, "lru_cache_hit_rate": lru, "retention_cache_hit_rate": ret}
+            for c, lru, ret in ((55362, 0.713, 0.766), (63909, 0.797, 0.888),
+                                (65131, 0.807, 0.918))
+        ],
+    },
 }  # fmt: skip
 
 
@@ -129,6 +139,12 @@ async def test_ui_draws_the_dag_and_timeline_of_a_mapreduce_program(tmp_path: Pa
                 "els => els.map(e => e.dataset.category)",
             )
             assert rate_bars == ["fcfs", "mlfq", "plas", "atlas"]
+            retention = await page.eval_on_selector_all(
+                '.chart svg[data-chart^="KV retention"] rect[data-category]',
+                "els => els.map(e => [e.dataset.category, e.dataset.series])",
+            )
+            assert len(retention) == 6  # 3 capacities x (LRU, retention)
+            assert ["63.9k", "retention"] in retention
             assert "mixed" in await page.inner_text("#bench-meta")
             await page.screenshot(path=str(ARTIFACTS / "ui-compare.png"), full_page=True)
             await browser.close()

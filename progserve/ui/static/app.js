@@ -362,6 +362,21 @@ function renderBench(bench) {
     [{ name: "cache_hit_rate", values: names.map((n) => pol(n).cache_hit_rate != null ? 100 * pol(n).cache_hit_rate : null) }], { base, higher: true });
   const curves = names.map((n) => ({ name: n, points: curvePoints(pol(n)) })).filter((c) => c.points.length > 1);
   if (curves.length) lineChart(box, "p95 token latency vs arrival rate", curves);
+  retentionChart(box, bench.retention);
+}
+
+// The KV-retention ablation: cache hit rate per KV capacity, plain LRU vs retention.
+function retentionChart(box, ret) {
+  if (!ret || typeof ret !== "object") return;
+  const points = Array.isArray(ret.curve) && ret.curve.length ? ret.curve
+    : [{ kv_capacity_tokens: ret.kv_capacity_tokens, lru_cache_hit_rate: (ret.lru || {}).cache_hit_rate,
+         retention_cache_hit_rate: (ret.retention || {}).cache_hit_rate }];
+  const pct = (v) => (typeof v === "number" ? 100 * v : null);
+  const gain = typeof ret.cache_hit_gain_points === "number" ? `, ${ret.cache_hit_gain_points >= 0 ? "+" : ""}${ret.cache_hit_gain_points.toFixed(1)} points at ${fmtNum(ret.kv_capacity_tokens / 1000)}k` : "";
+  barChart(box, `KV retention: cache hit rate (%) by KV tokens per replica${gain}`,
+    points.map((q) => `${fmtNum(q.kv_capacity_tokens / 1000)}k`),
+    [{ name: "plain LRU", values: points.map((q) => pct(q.lru_cache_hit_rate)) },
+     { name: "retention", values: points.map((q) => pct(q.retention_cache_hit_rate)) }], {});
 }
 
 // A policy's latency-vs-rate curve, if the bench recorded one (any list of {rate, p95...}).
