@@ -56,10 +56,16 @@ class RetentionManager:
         self, program: Program, replica: Replica, context_tokens: int, now: float
     ) -> None:
         """Remember where the program's context is cached now, and how long it is."""
-        if self.enabled and replica.capabilities.retention:
+        if not self.enabled or not replica.capabilities.retention:
+            return
+        if program.is_closed:  # it outlived its program's end: its KV was cached just now
+            if not program.single_call:
+                self._send(replica, program.engine_key, None)
+            return
+        program.cached_on.add(replica.index)
+        if self.pinning:
             touched = program.touched
             touched[replica.index] = max(touched.get(replica.index, 0), context_tokens)
-            program.cached_on.add(replica.index)
 
     def on_idle(self, program: Program, now: float) -> None:
         """Nothing of the program is queued or running: pin its prefix where its recent

@@ -319,6 +319,27 @@ def test_retention_pins_between_calls_and_lets_go_at_end_or_idle():
     run(body, retention_budget_fraction=1.0)
 
 
+def test_an_ended_program_is_let_go_where_it_ran_also_after_a_late_call():
+    async def body(s: Scheduler, engines):
+        eng = engines[0]
+        pid = await s.open_program("agent")
+        await consume(s.llm_call(pid, req("c1")))
+        plain = await s.open_program(None)  # an untagged request: no hint
+        single = await consume(s.llm_call(plain, req("plain")))
+        assert single[-1].finish_reason is not None
+        stream = s.llm_call(pid, req("c2", n=20))
+        await stream.__anext__()
+        await s.end_program(pid)  # c2 still runs
+        await asyncio.sleep(0)
+        assert eng.ended == ["agent"] and eng.retained == {}  # no pins by default
+        async for _ in stream:  # c2 finishes after the end: its KV is let go too
+            pass
+        await asyncio.sleep(0)
+        assert eng.ended == ["agent", "agent"]
+
+    run(body)
+
+
 def test_retention_pins_only_as_many_programs_as_its_budget_covers():
     async def body(s: Scheduler, engines):
         eng = engines[0]  # 20 tokens of KV (all of it for pins): one 15-token context fits
