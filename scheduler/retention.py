@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .config import SchedulerConfig
 from .dispatcher import Replica
@@ -60,7 +61,7 @@ class RetentionManager:
             return
         if program.is_closed:  # it outlived its program's end: its KV was cached just now
             if not program.single_call:
-                self._send(replica, program.engine_key, None)
+                self._send_ended(replica, program.engine_key)
             return
         program.cached_on.add(replica.index)
         if self.pinning:
@@ -127,7 +128,7 @@ class RetentionManager:
             return  # an untagged request: its prefix may be the next turn's
         key = program.engine_key
         for index in sorted(program.cached_on):
-            self._send(self.replicas[index], key, None)
+            self._send_ended(self.replicas[index], key)
         program.cached_on.clear()
 
     def _free_slots(self, program: Program) -> list[int]:
@@ -139,22 +140,25 @@ class RetentionManager:
         self.retained.pop(program.engine_key, None)
         return [index for index, _ in held]
 
-    def _send(self, replica: Replica, key: str, keep: bool | None) -> None:
-        """A hint as a task: keep True pins, False unpins, None says the program ended."""
-        task = asyncio.get_running_loop().create_task(self._hint(replica, key, keep))
+    def _send(self, replica: Replica, key: str, keep: bool) -> None:
+        self._spawn(replica, replica.engine.retain(key, keep))
+
+    def _send_ended(self, replica: Replica, key: str) -> None:
+        self._spawn(replica, replica.engine.program_ended(key))
+
+    def _spawn(self, replica: Replica, hint: Coroutine[Any, Any, None]) -> None:
+        """Send a cache hint as a task: it never delays nor fails the program."""
+        task = asyncio.get_running_loop().create_task(self._guarded(replica, hint))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _hint(replica: Replica, key: str, keep: bool | None) -> None:
+    async def _guarded(replica: Replica, hint: Coroutine[Any, Any, None]) -> None:
         try:
-            if keep is None:
-                await replica.engine.program_ended(key)
-            else:
-                await replica.engine.retain(key, keep)
+            await hint
         except Exception:  # a hint; never fail a program over it
-            log.warning("cache hint (%s, %s) failed on replica %d", key, keep, replica.index,
-                        exc_info=True)
+            log.warning("cache hint %s failed on replica %d", hint.__qualname__,
+                        replica.index, exc_info=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -199,26 +199,21 @@ Probe = tuple[int, dict[str, Any]]
 
 def _bracket(capacity: int, lru: dict[str, Any], try_lru: Callable[[int], dict[str, Any]]
              ) -> tuple[Probe | None, Probe | None]:
-    """(largest capacity tried with LRU under 80%, smallest tried at or over it)."""
-    if lru["cache_hit_rate"] >= RETENTION_LRU_CEILING:
-        above: Probe = (capacity, lru)
-        for _ in range(12):
-            smaller = max(1000, int(above[0] * 0.85))
-            result = try_lru(smaller)
-            if result["cache_hit_rate"] < RETENTION_LRU_CEILING:
-                return (smaller, result), above
-            if smaller == above[0]:
-                break
-            above = (smaller, result)
-        return None, above
-    below: Probe = (capacity, lru)
-    for _ in range(12):
-        bigger = int(below[0] / 0.85)
-        result = try_lru(bigger)
-        if result["cache_hit_rate"] >= RETENTION_LRU_CEILING:
-            return below, (bigger, result)
-        below = (bigger, result)
-    return below, None
+    """(largest capacity tried with LRU under 80%, smallest tried at or over it): from
+    `capacity`, x0.85 steps up while LRU hits below 80%, down while it hits 80% or more,
+    until both sides are found (at most 12 more tries)."""
+    below: Probe | None = None
+    above: Probe | None = None
+    probe: Probe = (capacity, lru)
+    for tries in range(13):
+        if probe[1]["cache_hit_rate"] < RETENTION_LRU_CEILING:
+            below, step = probe, int(probe[0] / 0.85)
+        else:
+            above, step = probe, max(1000, int(probe[0] * 0.85))
+        if (below and above) or step == probe[0] or tries == 12:
+            break
+        probe = (step, try_lru(step))
+    return below, above
 
 
 # ------------------------------------------------------------------ the sweep
@@ -435,9 +430,6 @@ class Bench:
             )
             return pool.submit(execute, spec)
 
-        def variant(name: str, capacity: int) -> dict[str, Any]:
-            return collect(submit(name, capacity))
-
         def collect(job: futures.Future[dict[str, Any]]) -> dict[str, Any]:
             summary = job.result()
             progress.advance(bar)
@@ -456,7 +448,7 @@ class Bench:
         def try_lru(capacity: int) -> dict[str, Any]:
             if tried:
                 progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
-            result = variant("lru", capacity)
+            result = collect(submit("lru", capacity))
             tried.append({"kv_capacity_tokens": capacity,
                           "lru_cache_hit_rate": result["cache_hit_rate"]})
             return result
@@ -466,16 +458,15 @@ class Bench:
             capacity, lru = mildest_pressure(capacity, lru, try_lru)
         # The retention variant at every capacity the search tried, so the gain shows
         # across pressures (the `curve`), not at one point only.
-        capacities = sorted({t["kv_capacity_tokens"] for t in tried} | {capacity})
-        progress.update(bar, total=(progress.tasks[0].total or 0) + len(capacities) - 1)
-        jobs = {c: submit("retention", c) for c in capacities}
+        lru_at = {t["kv_capacity_tokens"]: t["lru_cache_hit_rate"] for t in tried}
+        progress.update(bar, total=(progress.tasks[0].total or 0) + len(lru_at) - 1)
+        jobs = {c: submit("retention", c) for c in sorted(lru_at)}
         retained_at = {c: collect(job) for c, job in jobs.items()}
         retained = retained_at[capacity]
-        lru_at = {t["kv_capacity_tokens"]: t["lru_cache_hit_rate"] for t in tried}
-        curve = [{"kv_capacity_tokens": c, "lru_cache_hit_rate": lru_at[c],
+        curve = [{"kv_capacity_tokens": c, "lru_cache_hit_rate": hit,
                   "retention_cache_hit_rate": retained_at[c]["cache_hit_rate"],
-                  "gain_points": 100 * (retained_at[c]["cache_hit_rate"] - lru_at[c])}
-                 for c in capacities if c in lru_at]
+                  "gain_points": 100 * (retained_at[c]["cache_hit_rate"] - hit)}
+                 for c, hit in sorted(lru_at.items())]
         return {
             "policy": policy,
             "rate": rate,
