@@ -69,7 +69,7 @@ class AdmissionController:
                 f"{self.inflight} requests in progress (limit {limits.max_inflight_requests})"
                 "; retry later", retry_after=self.retry_after(self.inflight
                                                               - limits.max_inflight_requests + 1))
-        queued = self.scheduler.dispatcher.queued()
+        queued = self.scheduler.queued()
         if queued >= limits.max_queued_calls:
             self._reject()
             raise OverloadedError(

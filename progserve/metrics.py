@@ -172,6 +172,16 @@ def _scheduler_families(stats: SchedulerStats, queue_levels: int) -> Iterator[Me
         "programs whose KV prefix is pinned while they wait",
         value=stats.retained_programs,
     )
+    yield GaugeMetricFamily(
+        "progserve_admission_held_programs",
+        "new programs waiting for KV admission (the admitted ones' contexts fill the KV)",
+        value=stats.admission_held_programs,
+    )
+    yield GaugeMetricFamily(
+        "progserve_admission_kv_demand_tokens",
+        "KV footprint of the admitted programs (their contexts less shared prefixes)",
+        value=stats.admission_kv_demand_tokens,
+    )
     yield CounterMetricFamily(
         "progserve_scheduler_preemptions",
         "calls preempted by the scheduler (abort-and-resume or demotion)",

@@ -75,11 +75,22 @@ class SchedulerConfig(BaseModel):
         True, description="program-aware KV retention: an ended program's KV goes first; "
         "idle programs hold pins within retention_budget_fraction"
     )
-    retention_timeout_s: float = Field(30.0, gt=0, description="unpin an idle program after this")
+    retention_timeout_s: float = Field(
+        30.0, gt=0, description="unpin an idle program after this; it stops counting toward "
+        "KV admission then too"
+    )
     retention_budget_fraction: float = Field(
         0.0, ge=0, le=1,
         description="share of a replica's KV capacity that pins of idle programs may "
         "cover (0: no pins)",
+    )
+    kv_admission: bool = Field(
+        True, description="KV-aware program admission: hold new programs while the admitted "
+        "programs' KV footprint fills kv_admission_fill of the replicas' KV capacity"
+    )
+    kv_admission_fill: float = Field(
+        0.9, gt=0, description="share of the replicas' KV capacity the admitted programs' "
+        "footprint may reach before new programs wait"
     )
     program_idle_timeout_s: float = Field(
         600.0, gt=0, description="end a program with nothing in flight for this long"

@@ -40,6 +40,7 @@ from .errors import (
     SchedulerOverloadedError,
 )
 from .events import EventKind, Listener, SchedulerEvent
+from .kv_admission import KvAdmission
 from .policies import make_policy
 from .program import (
     CALL_STATUS_NAMES,
@@ -104,6 +105,7 @@ class Scheduler:
             config, self.replicas, self.policy, self.router, self._on_dispatch, self._on_queued
         )
         self.retention = RetentionManager(config, self.replicas)
+        self.admission = KvAdmission(config, self.replicas, self.dispatcher.enqueue)
         if config.preempt_without_priority:
             self.dispatcher.enable_preemption(self._abort_running)
         self.health = ReplicaHealth(
@@ -153,6 +155,7 @@ class Scheduler:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.retention.close()
+        self.admission.close()
         await self.health.close()
         for engine in self.engines:
             await engine.close()
@@ -279,7 +282,7 @@ class Scheduler:
             raise ProgramValidationError(
                 f"program {program.id!r} reached {self.config.max_calls_per_program} calls"
             )
-        if self.dispatcher.queued() >= self.config.max_queued_calls:
+        if self.queued() >= self.config.max_queued_calls:
             raise SchedulerOverloadedError("too many queued calls", retry_after=1.0)
         return self._proxy_stream(program, request, thread_id, parents, call_id)
 
@@ -433,6 +436,11 @@ class Scheduler:
             if tenant is None or p.tenant == tenant
         ]
 
+    def queued(self) -> int:
+        """Calls waiting: in the policy's queue, parked for a replica, or held with their
+        program for KV admission."""
+        return self.dispatcher.queued() + self.admission.held_calls
+
     async def stats(self) -> SchedulerStats:
         by_status: dict[str, int] = {}
         for program in self._programs.values():
@@ -441,7 +449,7 @@ class Scheduler:
         return SchedulerStats(
             policy=self.policy.name,
             balance=self.config.balance,
-            queued=self.dispatcher.queued(),
+            queued=self.queued(),
             queue_depth_by_level=self.policy.depth_by_level(),
             running=sum(r.inflight_requests for r in self.replicas),
             replicas=[
@@ -464,6 +472,8 @@ class Scheduler:
             preemptions=self.dispatcher.preemptions,
             promotions=self.policy.promotions,
             retained_programs=len(self.retention.retained),
+            admission_held_programs=len(self.admission.held),
+            admission_kv_demand_tokens=round(self.admission.demand),
         )
 
     # ================================================================== internals
@@ -580,7 +590,9 @@ class Scheduler:
         loop = self.loop
         call.waiter = None
         call.replica = -1
-        self.dispatcher.enqueue(call, loop.time())
+        now = loop.time()
+        if self.admission.admit(call, now):
+            self.dispatcher.enqueue(call, now)
         if call.status == CallStatus.QUEUED:  # not placed at once: its executor waits
             call.waiter = loop.create_future()
 
@@ -799,6 +811,7 @@ class Scheduler:
         now = self.loop.time()
         if call.status == CallStatus.QUEUED:
             self.dispatcher.remove(call)
+            self.admission.discard(call)
         waiter = call.waiter
         if waiter is not None and not waiter.done():
             waiter.cancel()
@@ -811,6 +824,7 @@ class Scheduler:
         if replica is not None and status == CallStatus.FINISHED:
             self.retention.on_call_finished(
                 call.program, replica, call.prompt_tokens + call.completion_tokens, now)
+            self.admission.on_call_finished(call, now)
         self._end_call(call, status, error, now)
 
     # ------------------------------------------------------------------ call endings
@@ -1046,6 +1060,7 @@ class Scheduler:
                 continue
             if call.status == CallStatus.QUEUED:
                 self.dispatcher.remove(call)
+                self.admission.discard(call)
             waiter = call.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
@@ -1094,6 +1109,7 @@ class Scheduler:
             program.idle_timer.cancel()
             program.idle_timer = None
         self.retention.on_program_end(program)
+        self.admission.on_program_end(program, now)
         self._spawn(self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
         if EventKind.PROGRAM_ENDED in self._wanted:
             self._emit_program(EventKind.PROGRAM_ENDED, program)

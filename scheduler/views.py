@@ -100,3 +100,9 @@ class SchedulerStats(BaseModel):
     preemptions: int = 0
     promotions: int = 0
     retained_programs: int = 0
+    admission_held_programs: int = Field(
+        0, description="programs waiting for KV admission (scheduler/kv_admission.py)"
+    )
+    admission_kv_demand_tokens: int = Field(
+        0, description="KV footprint of the admitted programs, in tokens"
+    )

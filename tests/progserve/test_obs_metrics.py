@@ -71,6 +71,11 @@ async def test_metrics_parse_and_include_the_listed_metrics() -> None:
     # tool latencies
     tools = fams["progserve_tool_latency_seconds"]
     assert _value(tools, "progserve_tool_latency_seconds_count", tool="search_docs") == 3
+    # KV admission: the programs ended, nothing waits or counts
+    assert _value(fams["progserve_admission_held_programs"],
+                  "progserve_admission_held_programs") == 0  # fmt: skip
+    assert _value(fams["progserve_admission_kv_demand_tokens"],
+                  "progserve_admission_kv_demand_tokens") == 0  # fmt: skip
     # preemptions (scheduler and engine side)
     assert "progserve_scheduler_preemptions" in fams
     assert "progserve_engine_preemptions" in fams

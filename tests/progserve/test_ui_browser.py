@@ -54,9 +54,11 @@ BENCH = {
         "lru": {"cache_hit_rate": 0.797}, "retention": {"cache_hit_rate": 0.888},
         "cache_hit_gain_points": 9.1,
         "curve": [
-            {"kv_capacity_tokens": c, "lru_cache_hit_rate": lru, "retention_cache_hit_rate": ret}
-            for c, lru, ret in ((55362, 0.713, 0.766), (63909, 0.797, 0.888),
-                                (65131, 0.807, 0.918))
+            {"kv_capacity_tokens": c, "lru_cache_hit_rate": lru, "retention_cache_hit_rate": ret,
+             "lru_mean_token_latency": lru_s, "retention_mean_token_latency": ret_s}
+            for c, lru, ret, lru_s, ret_s in ((55362, 0.713, 0.919, 0.085, 0.050),
+                                              (63909, 0.797, 0.941, 0.076, 0.040),
+                                              (65131, 0.807, 0.947, 0.070, 0.038))
         ],
     },
 }  # fmt: skip
@@ -140,11 +142,16 @@ async def test_ui_draws_the_dag_and_timeline_of_a_mapreduce_program(tmp_path: Pa
             )
             assert rate_bars == ["fcfs", "mlfq", "plas", "atlas"]
             retention = await page.eval_on_selector_all(
-                '.chart svg[data-chart^="KV retention"] rect[data-category]',
+                '.chart svg[data-chart^="KV retention: cache hit"] rect[data-category]',
                 "els => els.map(e => [e.dataset.category, e.dataset.series])",
             )
             assert len(retention) == 6  # 3 capacities x (LRU, retention)
             assert ["63.9k", "retention"] in retention
+            latency = await page.eval_on_selector_all(
+                '.chart svg[data-chart^="KV retention: mean program token latency"] '
+                'rect[data-category]', "els => els.length",
+            )
+            assert latency == 6
             assert "mixed" in await page.inner_text("#bench-meta")
             await page.screenshot(path=str(ARTIFACTS / "ui-compare.png"), full_page=True)
             await browser.close()

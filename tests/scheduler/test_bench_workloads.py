@@ -187,6 +187,10 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
     assert point["kv_capacity_tokens"] == 20_000
     assert point["lru_cache_hit_rate"] == retention["lru"]["cache_hit_rate"]
     assert point["retention_cache_hit_rate"] == retention["retention"]["cache_hit_rate"]
+    assert point["retention_mean_token_latency"] == retention["retention"]["mean_token_latency"]
+    assert point["lru_mean_token_latency"] == retention["lru"]["mean_token_latency"]
+    assert set(retention["variants"]) == {"lru", "retention", "ended_first"}
+    assert 0 <= retention["ended_first"]["cache_hit_rate"] <= 1
     assert png.stat().st_size > 10_000
 
 
