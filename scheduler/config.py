@@ -92,6 +92,9 @@ class SchedulerConfig(BaseModel):
         0.9, gt=0, description="share of the replicas' KV capacity the admitted programs' "
         "footprint may reach before new programs wait"
     )
+    kv_admission_max_wait_s: float = Field(
+        60.0, gt=0, description="a program waits for KV admission at most this long"
+    )
     program_idle_timeout_s: float = Field(
         600.0, gt=0, description="end a program with nothing in flight for this long"
     )

@@ -24,8 +24,9 @@ thrash). The *demand* is the footprints of the admitted programs; a program that
 not finished a call yet counts as the running mean of first-call footprints. A new program
 (its first call) is admitted while the demand stays below `kv_admission_fill` of the
 replicas' KV capacity; otherwise it waits, in arrival order, and its other calls with
-it. An admitted program stops counting when it ends, or when it has been idle (nothing
-queued or running) for `retention_timeout_s`: its client may never come back.
+it, but never longer than `kv_admission_max_wait_s`. An admitted program stops counting
+when it ends, or when it has been idle (nothing queued or running) for
+`retention_timeout_s`: its client may never come back.
 
 Untagged single requests pass: they hold no KV across tool gaps. With a replica whose
 KV capacity is unknown (an engine that reports none), admission is off.
@@ -56,6 +57,7 @@ class KvAdmission:
         self.enabled = config.kv_admission
         self.fill = config.kv_admission_fill
         self.idle_s = config.retention_timeout_s
+        self.max_wait_s = config.kv_admission_max_wait_s
         self.replicas = replicas
         self._release = release  # queue a call for dispatch (Dispatcher.enqueue)
         # Admitted program -> its footprint; least recently active first.
@@ -178,10 +180,18 @@ class KvAdmission:
         """Admit held programs, oldest first, while there is room; queue their calls
         with the time they were held, so their wait counts from then."""
         held = self.held
-        while held and self._has_room(now):
+        while held and (self._has_room(now) or self._overdue(now)):
             program, calls = held.popitem(last=False)
             self._admit(program)
             self._queue(calls)
+
+    def _overdue(self, now: float) -> bool:
+        """The oldest held program has waited `kv_admission_max_wait_s`: admit it anyway.
+        No program waits forever behind one whose context alone fills the KV."""
+        return now >= self._held_since() + self.max_wait_s
+
+    def _held_since(self) -> float:
+        return next(iter(self.held.values()))[0].queued_at
 
     def _queue(self, calls: list[CallNode]) -> None:
         self.held_calls -= len(calls)
@@ -190,14 +200,16 @@ class KvAdmission:
 
     def _arm_timer(self, now: float) -> None:
         """While programs are held, look again when the least recently active admitted
-        program could idle out: nothing else may happen before then."""
+        program could idle out, or the oldest held one is overdue: nothing else may
+        happen before then."""
         if self._timer is not None or not self.held:
             return
-        due = now + self.idle_s
+        due = min(now + self.idle_s, self._held_since() + self.max_wait_s)
         if self.admitted:
             oldest = next(iter(self.admitted))
             if not oldest.open_calls:
-                due = max(now, oldest.idle_since + self.idle_s)
+                due = min(due, oldest.idle_since + self.idle_s)
+        due = max(now, due)
         self._timer = asyncio.get_running_loop().call_at(due, self._on_timer)
 
     def _on_timer(self) -> None:

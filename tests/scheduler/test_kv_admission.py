@@ -22,6 +22,17 @@ def text(n: int) -> str:
     return "x" * n
 
 
+async def fill_the_kv_and_hold_one(s: Scheduler) -> tuple[str, str, asyncio.Future]:
+    """Program a's context fills the KV; program b's first call then waits."""
+    a = await s.open_program("a")
+    await consume(s.llm_call(a, req("a1", n=4, text=text(996))))
+    b = await s.open_program("b")
+    held = asyncio.ensure_future(consume(s.llm_call(b, req("b1", n=2))))
+    await asyncio.sleep(1)
+    assert s.queued() == 1 and "b1" not in s.engines[0].started
+    return a, b, held
+
+
 def test_a_new_program_waits_until_the_admitted_ones_fit_then_runs_first_come_first():
     async def body(s: Scheduler, engines):
         eng = engines[0]
@@ -50,17 +61,27 @@ def test_a_new_program_waits_until_the_admitted_ones_fit_then_runs_first_come_fi
 
 def test_an_admitted_program_idle_past_the_timeout_stops_counting():
     async def body(s: Scheduler, engines):
-        a = await s.open_program("a")
-        await consume(s.llm_call(a, req("a1", n=4, text=text(996))))  # fills the KV
-        b = await s.open_program("b")
-        held = asyncio.ensure_future(consume(s.llm_call(b, req("b1", n=2))))
-        await asyncio.sleep(20)
+        a, _, held = await fill_the_kv_and_hold_one(s)
+        await asyncio.sleep(19)
         assert not held.done()  # a is idle, but maybe only for its tool
         await asyncio.sleep(15)  # past retention_timeout_s (30) after a's call
         assert held.done() and (await held)[-1].completion_tokens == 2
         assert a not in {p.id for p in s.admission.admitted}
 
     run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+
+
+def test_no_program_waits_longer_than_the_max_wait_behind_one_that_fills_the_kv():
+    async def body(s: Scheduler, engines):
+        a, _, held = await fill_the_kv_and_hold_one(s)
+        busy = asyncio.ensure_future(consume(s.llm_call(a, req("a2", n=10_000))))  # 100 s
+        await asyncio.sleep(58)  # a never idles, never ends
+        assert not held.done()
+        await asyncio.sleep(3)  # past kv_admission_max_wait_s (60) since b was held
+        assert held.done() and (await held)[-1].completion_tokens == 2
+        busy.cancel()
+
+    run(body, FakeEngine(kv_capacity=KV, slots=2), kv_admission_fill=1.0)
 
 
 def test_untagged_requests_and_later_calls_of_admitted_programs_pass_a_full_cache():
@@ -77,12 +98,7 @@ def test_untagged_requests_and_later_calls_of_admitted_programs_pass_a_full_cach
 
 def test_a_cancelled_held_call_leaves_nothing_behind():
     async def body(s: Scheduler, engines):
-        a = await s.open_program("a")
-        await consume(s.llm_call(a, req("a1", n=4, text=text(996))))
-        b = await s.open_program("b")
-        held = asyncio.ensure_future(consume(s.llm_call(b, req("b1", n=2))))
-        await asyncio.sleep(1)
-        assert s.queued() == 1
+        a, _, held = await fill_the_kv_and_hold_one(s)
         held.cancel()  # the client went away
         await asyncio.sleep(0)
         assert s.queued() == 0 and not s.admission.held
@@ -95,11 +111,7 @@ def test_a_cancelled_held_call_leaves_nothing_behind():
 
 def test_ending_a_program_while_its_call_waits_for_admission_still_runs_the_call():
     async def body(s: Scheduler, engines):
-        a = await s.open_program("a")
-        await consume(s.llm_call(a, req("a1", n=4, text=text(996))))
-        b = await s.open_program("b")
-        held = asyncio.ensure_future(consume(s.llm_call(b, req("b1", n=2))))
-        await asyncio.sleep(1)
+        _, b, held = await fill_the_kv_and_hold_one(s)
         await s.end_program(b)  # calls in flight of an ended program finish
         assert (await held)[-1].completion_tokens == 2
         assert not s.admission.held and s.queued() == 0
