@@ -85,8 +85,9 @@ class SchedulerConfig(BaseModel):
         "cover (0: no pins)",
     )
     kv_admission: bool = Field(
-        True, description="KV-aware program admission: hold new programs while the admitted "
-        "programs' KV footprint fills kv_admission_fill of the replicas' KV capacity"
+        False, description="KV-aware program admission: hold new programs while the admitted "
+        "programs' KV footprint fills kv_admission_fill of the replicas' KV capacity (for "
+        "tool-calling loops under memory pressure; it costs latency on tree searches)"
     )
     kv_admission_fill: float = Field(
         0.9, gt=0, description="share of the replicas' KV capacity the admitted programs' "

@@ -30,6 +30,11 @@ when it ends, or when it has been idle (nothing queued or running) for
 
 Untagged single requests pass: they hold no KV across tool gaps. With a replica whose
 KV capacity is unknown (an engine that reports none), admission is off.
+
+Off by default (`kv_admission`): on a mix with tree searches under memory pressure it
+did not raise the hit rate and cost latency, because a tree's KV is in its live branches,
+which the deepest-branch footprint does not see, so the programs it holds back (chats,
+tool loops) free little and wait behind long ones (docs/architecture.md has the numbers).
 """
 
 from __future__ import annotations

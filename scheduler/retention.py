@@ -10,8 +10,8 @@ turnover, and under memory pressure it is the live programs, back from their too
 that miss. Measured (bfcl, 2,000 programs, 4 replicas, plas, 43.1 programs/s, seed 0):
 60k KV tokens per replica, LRU 76.4% hits vs 82.1%; 64k, 80.2% vs 89.5%, with the mean
 queue wait 11.4 -> 2.3 s, because every hit is prefill the engine does not redo. Its
-partner under memory pressure is KV admission (`kv_admission.py`), which keeps the live
-programs' contexts within the KV by holding new programs back.
+partner under memory pressure is KV admission (`kv_admission.py`, off by default), which
+keeps the live programs' contexts within the KV by holding new programs back.
 
 Pins of idle programs (`retention_budget_fraction` > 0; off by default). A program is
 *idle* when nothing of it is queued or running: it waits on a tool, or on its client's

@@ -73,6 +73,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--retention-budget", type=float, default=None,
                    help="share of a replica's KV that retention pins may cover "
                         "(scheduler.retention_budget_fraction)")
+    g.add_argument("--kv-admission", choices=("on", "off"), default=None,
+                   help="KV-aware program admission in the sweep and at the fixed load "
+                        "(scheduler.kv_admission; default: the scheduler's, off); the "
+                        "retention ablation's `retention` variant always has it")
 
 
 # Defaults every policy shares. The budget keeps the engines' own queues short (progserve's
@@ -114,6 +118,8 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
         sched["balance"] = args.balance
     if args.retention_budget is not None:
         sched["retention_budget_fraction"] = args.retention_budget
+    if args.kv_admission is not None:
+        sched["kv_admission"] = args.kv_admission == "on"
     sim: dict[str, Any] = {"stream_interval": 0, "seed": args.seed}
     if args.kv_capacity:
         sim["kv_capacity_tokens"] = args.kv_capacity
@@ -487,8 +493,9 @@ class Bench:
             "variants": {
                 "lru": "eviction order lru, no retention hints, no KV admission",
                 "retention": "eviction order priority; an ended program's private KV goes "
-                             "first (Engine.program_ended); new programs wait while the "
-                             "admitted ones' KV footprint exceeds "
+                             "first (Engine.program_ended); KV admission on (off by default "
+                             "in the scheduler): new programs wait while the admitted ones' "
+                             "KV footprint exceeds "
                              f"{self.setup.scheduler.kv_admission_fill:g} of the replicas' "
                              "KV (scheduler/kv_admission.py); pins of idle programs cover at "
                              f"most {self.setup.scheduler.retention_budget_fraction:g} of "
@@ -546,7 +553,8 @@ class Bench:
             "steady_state": {"warmup": a.warmup, "drain": a.drain},
             "setup": {
                 "same_for_every_policy": ["engine (SimEngine, same config)", "radix KV cache",
-                                          "in-flight budget", "router", "KV retention",
+                                          "in-flight budget", "router",
+                                          "KV retention and admission settings",
                                           "trace and arrivals"],
                 "differences": ["the call-ordering policy (and the priority it passes to "
                                 "the engine: fcfs and dlpm pass 0, so the engine orders "

@@ -56,7 +56,7 @@ def test_a_new_program_waits_until_the_admitted_ones_fit_then_runs_first_come_fi
         (waited,) = s.program_state(c).calls
         assert waited.queue_wait_s >= 5  # the hold counts as queueing
 
-    run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
 
 def test_an_admitted_program_idle_past_the_timeout_stops_counting():
@@ -68,7 +68,7 @@ def test_an_admitted_program_idle_past_the_timeout_stops_counting():
         assert held.done() and (await held)[-1].completion_tokens == 2
         assert a not in {p.id for p in s.admission.admitted}
 
-    run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
 
 def test_no_program_waits_longer_than_the_max_wait_behind_one_that_fills_the_kv():
@@ -81,7 +81,8 @@ def test_no_program_waits_longer_than_the_max_wait_behind_one_that_fills_the_kv(
         assert held.done() and (await held)[-1].completion_tokens == 2
         busy.cancel()
 
-    run(body, FakeEngine(kv_capacity=KV, slots=2), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV, slots=2), kv_admission=True,
+        kv_admission_fill=1.0)
 
 
 def test_untagged_requests_and_later_calls_of_admitted_programs_pass_a_full_cache():
@@ -93,7 +94,7 @@ def test_untagged_requests_and_later_calls_of_admitted_programs_pass_a_full_cach
         assert (await consume(s.llm_call(a, req("a2", n=2))))[-1].completion_tokens == 2
         assert s.admission.delayed == 0
 
-    run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
 
 def test_a_cancelled_held_call_leaves_nothing_behind():
@@ -106,7 +107,7 @@ def test_a_cancelled_held_call_leaves_nothing_behind():
         await asyncio.sleep(1)
         assert "b1" not in engines[0].started
 
-    run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
 
 def test_ending_a_program_while_its_call_waits_for_admission_still_runs_the_call():
@@ -116,10 +117,10 @@ def test_ending_a_program_while_its_call_waits_for_admission_still_runs_the_call
         assert (await held)[-1].completion_tokens == 2
         assert not s.admission.held and s.queued() == 0
 
-    run(body, FakeEngine(kv_capacity=KV), kv_admission_fill=1.0)
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
 
-def test_no_admission_when_a_replica_does_not_report_its_kv_or_it_is_off():
+def test_no_admission_when_a_replica_does_not_report_its_kv_or_by_default():
     async def body(s: Scheduler, engines):
         a = await s.open_program("a")
         await consume(s.llm_call(a, req("a1", n=4, text=text(5000))))
@@ -127,8 +128,8 @@ def test_no_admission_when_a_replica_does_not_report_its_kv_or_it_is_off():
         assert (await consume(s.llm_call(b, req("b1", n=2))))[-1].completion_tokens == 2
         assert s.admission.delayed == 0
 
-    run(body, FakeEngine(kv_capacity=0))
-    run(body, FakeEngine(kv_capacity=KV), kv_admission=False)
+    run(body, FakeEngine(kv_capacity=0), kv_admission=True)
+    run(body, FakeEngine(kv_capacity=KV))  # off by default
 
 
 def _call(program: Program, prompt: int, output: int, cached: int) -> CallNode:
@@ -140,7 +141,7 @@ def _call(program: Program, prompt: int, output: int, cached: int) -> CallNode:
 def test_footprint_is_the_longest_context_less_the_prefix_shared_with_other_programs():
     async def body() -> None:  # the admission arms timers on the running loop
         released: list[CallNode] = []
-        admission = KvAdmission(SchedulerConfig(kv_admission_fill=1.0),
+        admission = KvAdmission(SchedulerConfig(kv_admission=True, kv_admission_fill=1.0),
                                 [SimpleNamespace(kv_capacity=KV)],
                                 lambda call, now: released.append(call))
         tree = Program(id="tree", tenant="t", arrival=0.0, seq=0)
