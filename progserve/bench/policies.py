@@ -92,6 +92,9 @@ BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
                        keep_finished_programs=0, pass_priority=False)
 RETENTION_KV_CAPACITY = 40_000  # first try; the search moves from there
 RETENTION_LRU_CEILING = 0.8  # the ablation runs where plain LRU hits just below this
+RETENTION_VARIANT_LABELS = (("lru", "plain LRU"),
+                            ("retention", "retention (hint + KV admission)"),
+                            ("ended_first", "ended-program hint alone"))
 RETENTION_REFINE_STEPS = 3  # bisections of the last x0.85 step: within ~2% of capacity
 
 
@@ -464,20 +467,19 @@ class Bench:
         lru = try_lru(capacity)
         if a.retention_kv_capacity is None:
             capacity, lru = mildest_pressure(capacity, lru, try_lru)
-        # The retention variant at every capacity the search tried, so the gain shows
+        # Both retention variants at every capacity the search tried, so the gain shows
         # across pressures (the `curve`), not at one point only.
         lru_at = {t["kv_capacity_tokens"]: t for t in tried}
-        progress.update(bar, total=(progress.tasks[0].total or 0) + len(lru_at) - 1)
-        progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
-        ended_first_job = submit("ended_first", capacity)
-        jobs = {c: submit("retention", c) for c in sorted(lru_at)}
-        retained_at = {c: collect(job) for c, job in jobs.items()}
-        retained = retained_at[capacity]
-        ended_first = collect(ended_first_job)
+        progress.update(bar, total=(progress.tasks[0].total or 0) + 2 * len(lru_at) - 1)
+        jobs = {(name, c): submit(name, c)
+                for c in sorted(lru_at) for name in ("retention", "ended_first")}
+        runs = {key: collect(job) for key, job in jobs.items()}
+        retained, ended_first = runs["retention", capacity], runs["ended_first", capacity]
         curve = [{**lru_at[c],
-                  "retention_cache_hit_rate": retained_at[c]["cache_hit_rate"],
-                  "retention_mean_token_latency": retained_at[c]["mean_token_latency"],
-                  "gain_points": 100 * (retained_at[c]["cache_hit_rate"]
+                  **{f"{name}_{key}": runs[name, c][key]
+                     for name in ("retention", "ended_first")
+                     for key in ("cache_hit_rate", "mean_token_latency")},
+                  "gain_points": 100 * (runs["retention", c]["cache_hit_rate"]
                                         - lru_at[c]["lru_cache_hit_rate"])}
                  for c in sorted(lru_at)]
         return {
@@ -500,8 +502,8 @@ class Bench:
                              "KV (scheduler/kv_admission.py); pins of idle programs cover at "
                              f"most {self.setup.scheduler.retention_budget_fraction:g} of "
                              "a replica's KV (0: no pins)",
-                "ended_first": "as retention, without KV admission (at kv_capacity_tokens "
-                               "only): what the ended-program hint alone gives",
+                "ended_first": "as retention, without KV admission (scheduler default): "
+                               "what the ended-program hint alone gives",
             },
         }
 
@@ -688,11 +690,12 @@ def plot_retention(axes: Any, retention: dict[str, Any]) -> None:
     curve = retention["curve"]
     tokens = [p["kv_capacity_tokens"] / 1000 for p in curve]
     point = retention["kv_capacity_tokens"] / 1000
+    variants = [(name, label) for name, label in RETENTION_VARIANT_LABELS
+                if f"{name}_cache_hit_rate" in curve[0]]
     ax = axes[0]
-    ax.plot(tokens, [100 * p["lru_cache_hit_rate"] for p in curve], marker="o",
-            label="plain LRU")
-    ax.plot(tokens, [100 * p["retention_cache_hit_rate"] for p in curve], marker="o",
-            label="program-aware retention")
+    for name, label in variants:
+        ax.plot(tokens, [100 * p[f"{name}_cache_hit_rate"] for p in curve], marker="o",
+                label=label)
     ax.axhline(100 * RETENTION_LRU_CEILING, color="grey", linestyle="--", label="80%")
     ax.axvline(point, color="grey", linestyle=":",
                label=f"ablation point ({retention['cache_hit_gain_points']:+.1f} points)")
@@ -700,9 +703,10 @@ def plot_retention(axes: Any, retention: dict[str, Any]) -> None:
     ax.set_title(f"KV retention — {retention['policy']} at {retention['rate']:.3g} programs/s")
     if len(axes) > 1:
         latency = axes[1]
-        for key, label in (("lru_mean_token_latency", "plain LRU"),
-                           ("retention_mean_token_latency", "program-aware retention")):
-            latency.plot(tokens, [1000 * p[key] for p in curve], marker="o", label=label)
+        for name, label in variants:
+            if f"{name}_mean_token_latency" in curve[0]:
+                latency.plot(tokens, [1000 * p[f"{name}_mean_token_latency"] for p in curve],
+                             marker="o", label=label)
         latency.axvline(point, color="grey", linestyle=":", label="ablation point")
         latency.set_ylabel("mean program token latency (ms)")
         latency.set_title("KV retention — latency at the same capacities")

@@ -55,7 +55,9 @@ BENCH = {
         "cache_hit_gain_points": 9.1,
         "curve": [
             {"kv_capacity_tokens": c, "lru_cache_hit_rate": lru, "retention_cache_hit_rate": ret,
-             "lru_mean_token_latency": lru_s, "retention_mean_token_latency": ret_s}
+             "lru_mean_token_latency": lru_s, "retention_mean_token_latency": ret_s,
+             "ended_first_cache_hit_rate": (lru + ret) / 2,
+             "ended_first_mean_token_latency": (lru_s + ret_s) / 2}
             for c, lru, ret, lru_s, ret_s in ((55362, 0.713, 0.919, 0.085, 0.050),
                                               (63909, 0.797, 0.941, 0.076, 0.040),
                                               (65131, 0.807, 0.947, 0.070, 0.038))
@@ -145,13 +147,13 @@ async def test_ui_draws_the_dag_and_timeline_of_a_mapreduce_program(tmp_path: Pa
                 '.chart svg[data-chart^="KV retention: cache hit"] rect[data-category]',
                 "els => els.map(e => [e.dataset.category, e.dataset.series])",
             )
-            assert len(retention) == 6  # 3 capacities x (LRU, retention)
+            assert len(retention) == 9  # 3 capacities x (LRU, retention, hint alone)
             assert ["63.9k", "retention"] in retention
             latency = await page.eval_on_selector_all(
                 '.chart svg[data-chart^="KV retention: mean program token latency"] '
                 'rect[data-category]', "els => els.length",
             )
-            assert latency == 6
+            assert latency == 9
             assert "mixed" in await page.inner_text("#bench-meta")
             await page.screenshot(path=str(ARTIFACTS / "ui-compare.png"), full_page=True)
             await browser.close()

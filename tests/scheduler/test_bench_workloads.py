@@ -191,6 +191,7 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
     assert point["lru_mean_token_latency"] == retention["lru"]["mean_token_latency"]
     assert set(retention["variants"]) == {"lru", "retention", "ended_first"}
     assert 0 <= retention["ended_first"]["cache_hit_rate"] <= 1
+    assert point["ended_first_cache_hit_rate"] == retention["ended_first"]["cache_hit_rate"]
     assert png.stat().st_size > 10_000
 
 

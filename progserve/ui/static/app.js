@@ -376,13 +376,17 @@ function retentionChart(box, ret) {
   barChart(box, `KV retention: cache hit rate (%) by KV tokens per replica${gain}`,
     points.map((q) => `${fmtNum(q.kv_capacity_tokens / 1000)}k`),
     [{ name: "plain LRU", values: points.map((q) => pct(q.lru_cache_hit_rate)) },
-     { name: "retention", values: points.map((q) => pct(q.retention_cache_hit_rate)) }], {});
+     { name: "retention", values: points.map((q) => pct(q.retention_cache_hit_rate)) },
+     ...(points.some((q) => typeof q.ended_first_cache_hit_rate === "number")
+       ? [{ name: "hint alone", values: points.map((q) => pct(q.ended_first_cache_hit_rate)) }] : [])], {});
   if (points.some((q) => typeof q.retention_mean_token_latency === "number")) {
     // Hits bought with waiting (KV admission holds programs) would show here.
     barChart(box, "KV retention: mean program token latency (s/token, lower is better) by KV tokens per replica",
       points.map((q) => `${fmtNum(q.kv_capacity_tokens / 1000)}k`),
       [{ name: "plain LRU", values: points.map((q) => q.lru_mean_token_latency) },
-       { name: "retention", values: points.map((q) => q.retention_mean_token_latency) }], {});
+       { name: "retention", values: points.map((q) => q.retention_mean_token_latency) },
+       ...(points.some((q) => typeof q.ended_first_mean_token_latency === "number")
+         ? [{ name: "hint alone", values: points.map((q) => q.ended_first_mean_token_latency) }] : [])], {});
   }
 }
 
