@@ -105,9 +105,10 @@ class Dispatcher:
         self._loop = loop
 
     # ------------------------------------------------------------------ entry points
-    def enqueue(self, call: CallNode, now: float) -> None:
+    def enqueue(self, call: CallNode, now: float, *, announce: bool = True) -> None:
         """Queue a ready call. If the queue was empty the pass runs now, so an idle system
-        places the call without a trip through the event loop."""
+        places the call without a trip through the event loop. `announce=False`: the
+        call was announced as queued before (held for KV admission since `now`)."""
         call.status = CallStatus.QUEUED
         call.queued_at = now
         program = call.program
@@ -116,7 +117,7 @@ class Dispatcher:
         program.queued.add(call)
         policy = self.policy
         policy.push(call, now)
-        if self.on_queued is not None:
+        if announce and self.on_queued is not None:
             self.on_queued(call)
         if len(policy) == 1 and not self._scheduled:
             self._run_pass()

@@ -105,7 +105,10 @@ class Scheduler:
             config, self.replicas, self.policy, self.router, self._on_dispatch, self._on_queued
         )
         self.retention = RetentionManager(config, self.replicas)
-        self.admission = KvAdmission(config, self.replicas, self.dispatcher.enqueue)
+        self.admission = KvAdmission(
+            config, self.replicas,
+            lambda call, since: self.dispatcher.enqueue(call, since, announce=False),
+        )
         if config.preempt_without_priority:
             self.dispatcher.enable_preemption(self._abort_running)
         self.health = ReplicaHealth(
@@ -593,6 +596,8 @@ class Scheduler:
         now = loop.time()
         if self.admission.admit(call, now):
             self.dispatcher.enqueue(call, now)
+        else:
+            self._on_queued(call)  # it waits from now, for admission first
         if call.status == CallStatus.QUEUED:  # not placed at once: its executor waits
             call.waiter = loop.create_future()
 

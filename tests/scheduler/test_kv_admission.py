@@ -11,6 +11,7 @@ from test_sched_service import consume, req, run
 
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
+from scheduler.events import EventKind
 from scheduler.kv_admission import KvAdmission
 from scheduler.program import CallNode, Program
 from scheduler.service import Scheduler
@@ -55,6 +56,23 @@ def test_a_new_program_waits_until_the_admitted_ones_fit_then_runs_first_come_fi
         assert s.admission.delayed == 2 and s.queued() == 0
         (waited,) = s.program_state(c).calls
         assert waited.queue_wait_s >= 5  # the hold counts as queueing
+
+    run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
+
+
+def test_a_held_call_is_announced_as_queued_once_when_it_starts_waiting():
+    async def body(s: Scheduler, engines):
+        events = []
+        s.add_listener(events.append, kinds=[EventKind.CALL_QUEUED, EventKind.CALL_DISPATCHED])
+        a, b, held = await fill_the_kv_and_hold_one(s)  # b is held at t=~0.04
+        await s.end_program(a)
+        await held
+        queued = [e for e in events if e.program_id == b and e.kind is EventKind.CALL_QUEUED]
+        dispatched = [e for e in events
+                      if e.program_id == b and e.kind is EventKind.CALL_DISPATCHED]
+        assert len(queued) == 1 and len(dispatched) == 1
+        assert dispatched[0].time - queued[0].time >= 1  # the hold is queueing
+        assert abs(dispatched[0].queue_wait_s - (dispatched[0].time - queued[0].time)) < 1e-9
 
     run(body, FakeEngine(kv_capacity=KV), kv_admission=True, kv_admission_fill=1.0)
 
