@@ -82,10 +82,12 @@ class KvAdmission:
         """True: queue `call` now. False: it is held and will be queued (through
         `release`) once its program is admitted."""
         program = call.program
+        if not self.enabled or program.single_call:
+            return True
         if program in self.admitted:
             self.admitted.move_to_end(program)
             return True
-        if not self.enabled or program.single_call or self.capacity() <= 0:
+        if self.capacity() <= 0:
             return True
         if not self.held and self._has_room(now):
             self._admit(program)

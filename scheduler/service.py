@@ -439,6 +439,11 @@ class Scheduler:
             if tenant is None or p.tenant == tenant
         ]
 
+    def _unqueue(self, call: CallNode) -> None:
+        """Take a queued call out of wherever it waits (a queue, parked, or held)."""
+        self.dispatcher.remove(call)
+        self.admission.discard(call)
+
     def queued(self) -> int:
         """Calls waiting: in the policy's queue, parked for a replica, or held with their
         program for KV admission."""
@@ -815,8 +820,7 @@ class Scheduler:
     ) -> None:
         now = self.loop.time()
         if call.status == CallStatus.QUEUED:
-            self.dispatcher.remove(call)
-            self.admission.discard(call)
+            self._unqueue(call)
         waiter = call.waiter
         if waiter is not None and not waiter.done():
             waiter.cancel()
@@ -1064,8 +1068,7 @@ class Scheduler:
                     self._spawn(self._abort(replica, rid))
                 continue
             if call.status == CallStatus.QUEUED:
-                self.dispatcher.remove(call)
-                self.admission.discard(call)
+                self._unqueue(call)
             waiter = call.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)

@@ -92,10 +92,33 @@ BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
                        keep_finished_programs=0, pass_priority=False)
 RETENTION_KV_CAPACITY = 40_000  # first try; the search moves from there
 RETENTION_LRU_CEILING = 0.8  # the ablation runs where plain LRU hits just below this
-RETENTION_VARIANT_LABELS = (("lru", "plain LRU"),
-                            ("retention", "retention (hint + KV admission)"),
-                            ("ended_first", "ended-program hint alone"))
 RETENTION_REFINE_STEPS = 3  # bisections of the last x0.85 step: within ~2% of capacity
+
+
+@dataclass(frozen=True)
+class RetentionVariant:
+    """One side of the retention ablation: what it turns on, and its plot label."""
+
+    retain_kv: bool  # the ended-program hint (and pins, if budgeted)
+    kv_admission: bool
+    label: str
+
+    @property
+    def eviction(self) -> str:
+        return "priority" if self.retain_kv else "lru"
+
+
+RETENTION_VARIANTS = {
+    "lru": RetentionVariant(False, False, "plain LRU"),
+    "retention": RetentionVariant(True, True, "retention (hint + KV admission)"),
+    "ended_first": RetentionVariant(True, False, "ended-program hint alone"),
+}
+CURVE_KEYS = ("cache_hit_rate", "mean_token_latency")  # per variant, per capacity
+
+
+def curve_fields(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A variant's figures at one capacity, as the curve's `<variant>_<key>` fields."""
+    return {f"{name}_{key}": result[key] for key in CURVE_KEYS}
 
 
 def mix_argument(text: str) -> Mix:
@@ -422,20 +445,21 @@ class Bench:
 
     def _retention(self, pool: futures.Executor, progress: Any, bar: Any, rate: float,
                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """The same policy and load under memory pressure: plain LRU without retention
-        hints vs the priority eviction order with program-aware retention. Unless
+        """The same policy and load under memory pressure, in the `RETENTION_VARIANTS`:
+        plain LRU without hints vs program-aware retention (the ended-program hint and KV
+        admission), and the hint alone. Unless
         `--retention-kv-capacity` is given, at the mildest memory pressure that qualifies:
         the largest capacity where plain LRU hits below 80% (`mildest_pressure`)."""
         a = self.args
         policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
 
         def submit(name: str, capacity: int) -> futures.Future[dict[str, Any]]:
-            retain = name != "lru"
+            variant = RETENTION_VARIANTS[name]
             spec = self.spec(
                 policy, rate,
-                scheduler_overrides=(("retain_kv", retain),
-                                     ("kv_admission", name == "retention")),
-                sim_overrides=(("eviction", "priority" if retain else "lru"),
+                scheduler_overrides=(("retain_kv", variant.retain_kv),
+                                     ("kv_admission", variant.kv_admission)),
+                sim_overrides=(("eviction", variant.eviction),
                                ("kv_capacity_tokens", capacity)),
             )
             return pool.submit(execute, spec)
@@ -459,9 +483,7 @@ class Bench:
             if tried:
                 progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
             result = collect(submit("lru", capacity))
-            tried.append({"kv_capacity_tokens": capacity,
-                          "lru_cache_hit_rate": result["cache_hit_rate"],
-                          "lru_mean_token_latency": result["mean_token_latency"]})
+            tried.append({"kv_capacity_tokens": capacity, **curve_fields("lru", result)})
             return result
 
         lru = try_lru(capacity)
@@ -476,9 +498,8 @@ class Bench:
         runs = {key: collect(job) for key, job in jobs.items()}
         retained, ended_first = runs["retention", capacity], runs["ended_first", capacity]
         curve = [{**lru_at[c],
-                  **{f"{name}_{key}": runs[name, c][key]
-                     for name in ("retention", "ended_first")
-                     for key in ("cache_hit_rate", "mean_token_latency")},
+                  **curve_fields("retention", runs["retention", c]),
+                  **curve_fields("ended_first", runs["ended_first", c]),
                   "gain_points": 100 * (runs["retention", c]["cache_hit_rate"]
                                         - lru_at[c]["lru_cache_hit_rate"])}
                  for c in sorted(lru_at)]
@@ -690,7 +711,7 @@ def plot_retention(axes: Any, retention: dict[str, Any]) -> None:
     curve = retention["curve"]
     tokens = [p["kv_capacity_tokens"] / 1000 for p in curve]
     point = retention["kv_capacity_tokens"] / 1000
-    variants = [(name, label) for name, label in RETENTION_VARIANT_LABELS
+    variants = [(name, variant.label) for name, variant in RETENTION_VARIANTS.items()
                 if f"{name}_cache_hit_rate" in curve[0]]
     ax = axes[0]
     for name, label in variants:
