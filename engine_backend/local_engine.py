@@ -28,6 +28,7 @@ class LocalEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.busy_s = 0.0  # seconds spent running steps (the loop's clock: virtual in the sim)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -94,7 +95,12 @@ class LocalEngine(Engine):
             cache_query_tokens=b.cache_query_tokens,
             preemptions=b.preemptions,
             recomputed_tokens=b.recomputed_tokens,
+            busy_s=self.busy_seconds(),
         )
+
+    def busy_seconds(self) -> float:
+        """Seconds spent running model steps so far."""
+        return self.busy_s
 
     async def flush_cache(self) -> bool:
         if self.cache is None:

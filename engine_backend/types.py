@@ -150,6 +150,7 @@ class EngineStats:
     cache_query_tokens: int  # cumulative prompt tokens looked up
     preemptions: int = 0  # cumulative retractions / preemptions
     recomputed_tokens: int = 0  # cumulative prefill tokens redone after preemption
+    busy_s: float = 0.0  # cumulative seconds spent running model steps (0: not reported)
 
     @property
     def kv_usage(self) -> float:

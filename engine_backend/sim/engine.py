@@ -106,6 +106,7 @@ class SimEngine(LocalEngine):
         self._pinned: set[str] = set()
         self._wakeup: asyncio.Future[bool] | None = None
         self._t = 0.0  # time of the last step boundary
+        self._in_step = False  # a plan is running (from `_t`)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -347,13 +348,23 @@ class SimEngine(LocalEngine):
                 self._t = max(self._t, loop.time())
                 continue
             end = self._t + plan.seconds * scale
+            self._in_step = True
             if plan.steps == 1:  # a step in flight is never cut short
                 await self._wait(end, wakeable=False)
             elif await self._wait(end, wakeable=True):  # woken early by a request
                 end = self._shorten(plan, loop.time(), cost, scale)
                 await self._wait(end, wakeable=False)
+            self.busy_s += end - self._t
+            self._in_step = False
             self._t = end
             batcher.commit(plan)
+
+    def busy_seconds(self) -> float:
+        """`busy_s` plus the part of the steps in flight that has run by now (a plan spans
+        many decode steps, up to seconds)."""
+        if not self._in_step:
+            return self.busy_s
+        return self.busy_s + max(0.0, self._now() - self._t)
 
     def _shorten(self, plan: StepPlan, now: float, cost: StepCostModel, scale: float) -> float:
         """Woken mid-plan: keep the steps done by `now` plus the one in flight."""

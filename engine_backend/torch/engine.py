@@ -363,12 +363,15 @@ class TorchEngine(LocalEngine):
                 if plan is None:
                     await self._work.wait()
                     continue
+                started = loop.time()
                 try:
                     out = await loop.run_in_executor(self._executor, self.runner.run, plan)
                 except Exception as exc:  # a model failure fails its requests, not the engine
                     log.exception("torch engine step failed")
                     self._fail_plan(plan, exc)
                     continue
+                finally:
+                    self.busy_s += loop.time() - started
                 events, finished = batcher.commit(plan, out)
                 self._deliver(events, finished)
         except asyncio.CancelledError:

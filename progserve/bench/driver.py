@@ -72,6 +72,9 @@ class RunResult:
     stopped_early: bool = False  # `stop_when` ended the run (a sweep point already failed)
     engine: dict[str, float] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    # (virtual time, the replicas' mean busy seconds) at each program's arrival, to read
+    # the engines' utilization over the steady-state window.
+    busy_at_arrivals: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -384,6 +387,7 @@ async def _run(
             stop.set()
 
     tasks: list[asyncio.Task[None]] = []
+    busy: list[tuple[float, float]] = []
 
     async def arrive() -> None:
         for program in trace.programs:
@@ -391,6 +395,7 @@ async def _run(
             delay = arrival - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            busy.append((loop.time(), sum(e.busy_seconds() for e in engines) / len(engines)))
             tasks.append(loop.create_task(run_program(program, arrival)))
         await asyncio.gather(*tasks)
 
@@ -428,4 +433,5 @@ async def _run(
             "preemptions": sched_stats.preemptions,
             "dispatched_per_replica": [r.dispatched for r in sched_stats.replicas],
         },
+        busy_at_arrivals=busy,
     )

@@ -50,6 +50,19 @@ def steady_state(
     return [p for p in programs if lo <= p.index < hi]
 
 
+def busy_fraction(run: RunResult, total: int, warmup: float, drain: float) -> float | None:
+    """How busy the engines were (mean over replicas: seconds running steps per second)
+    while the steady-state window's programs arrived. A utilization, not a capacity: a
+    busy engine batching continuously can still take more requests, in bigger and slower
+    steps."""
+    samples = run.busy_at_arrivals
+    lo, hi = int(total * warmup), min(total - int(total * drain), len(samples)) - 1
+    if hi <= lo or samples[hi][0] <= samples[lo][0]:
+        return None
+    (t0, b0), (t1, b1) = samples[lo], samples[hi]
+    return (b1 - b0) / (t1 - t0)
+
+
 def latency_stats(values: Iterable[float]) -> dict[str, float]:
     ordered = sorted(values)
     if not ordered:
@@ -137,7 +150,7 @@ def summarize_run(run: RunResult, total: int, warmup: float, drain: float) -> di
         sum(p.queue_wait for p in measured) / len(measured) if measured else 0.0
     )
     out["cache_hit_rate"] = run.engine.get("cache_hit_rate", 0.0)
-    out["engine"] = dict(run.engine)
+    out["engine"] = {**run.engine, "busy_fraction": busy_fraction(run, total, warmup, drain)}
     out["scheduler"] = dict(run.scheduler)
     out["completed_programs"] = len(run.programs)
     out["virtual_s"] = run.virtual_s

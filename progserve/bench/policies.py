@@ -546,11 +546,12 @@ class Bench:
             if sweep:
                 entry["first_failing_rate"] = sweep.fail
                 entry["sweep"] = [
-                    {k: p.get(k) for k in ("rate", "meets_slo", "stopped_early", "stable",
-                                           "response_growth", "backlog_growth",
-                                           "mean_token_latency",
-                                           "p95_token_latency", "cache_hit_rate",
-                                           "completed_programs")}
+                    {**{k: p.get(k) for k in ("rate", "meets_slo", "stopped_early", "stable",
+                                              "response_growth", "backlog_growth",
+                                              "mean_token_latency",
+                                              "p95_token_latency", "cache_hit_rate",
+                                              "completed_programs")},
+                     "engine_busy_fraction": (p.get("engine") or {}).get("busy_fraction")}
                     for p in sorted(sweep.points, key=lambda p: p["rate"])
                 ]
             policies[policy] = entry

@@ -516,3 +516,30 @@ def test_random_pressure_workloads_keep_the_books_straight(seed: int) -> None:
         assert stats.kv_used_tokens == engine.cache.total_size() <= config.kv_capacity_tokens
 
     run(config, body)
+
+
+def test_busy_seconds_count_steps_not_idle_time() -> None:
+    """A request alone keeps the engine busy from its arrival to its last token; the idle
+    gap before the next one adds nothing, and mid-request the steps so far are counted."""
+
+    async def body(engine: SimEngine) -> tuple[float, float, float, float, float]:
+        loop = asyncio.get_running_loop()
+        engine.responder.expect("a", 40)
+        start = loop.time()
+        await collect(engine, request("a", ids(200, 1), 64))
+        alone = loop.time() - start
+        after_first = (await engine.stats()).busy_s
+        await asyncio.sleep(5.0)
+        after_idle = engine.busy_seconds()
+        engine.responder.expect("b", 400)
+        second = asyncio.ensure_future(collect(engine, request("b", ids(100, 2), 512)))
+        await asyncio.sleep(0.2)
+        midway = engine.busy_seconds() - after_idle
+        await second
+        return alone, after_first, after_idle, midway, engine.busy_seconds()
+
+    alone, after_first, after_idle, midway, total = run(SimConfig(stream_interval=0), body)
+    assert alone > 0 and after_first == pytest.approx(alone)
+    assert after_idle == after_first
+    assert midway == pytest.approx(0.2)  # one multi-step plan, counted as it runs
+    assert total > after_idle + 0.2

@@ -64,8 +64,12 @@ async def _all_at_once(engine: TorchEngine, prompts: list[str], **sampling: Any)
 
 async def test_greedy_identical_with_and_without_prefix_reuse(tiny_gqa: Path) -> None:
     async with _engine(tiny_gqa, prefix_cache=False) as cold:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         expected = await _one_at_a_time(cold, PROMPTS)
-        assert (await cold.stats()).cache_hit_tokens == 0
+        cold_stats = await cold.stats()
+        assert cold_stats.cache_hit_tokens == 0
+        assert 0 < cold_stats.busy_s <= loop.time() - started  # model steps, timed
     async with _engine(tiny_gqa, cascade_min_prefix=4) as warm:
         first = await _one_at_a_time(warm, PROMPTS)
         again = await _all_at_once(warm, PROMPTS)  # everything cached, decoded as a batch

@@ -154,6 +154,16 @@ def test_summary_reports_per_type_figures():
     assert summary["count"] == len(trace.programs)
     assert summary["p50_token_latency"] <= summary["p95_token_latency"]
     assert any(isinstance(p.shape, ChatShape) for p in trace.programs)
+    assert 0 < summary["engine"]["busy_fraction"] <= 1
+
+
+def test_engine_busy_fraction_rises_with_load():
+    """Programs far apart leave the engines idle between them (tools run, nothing else
+    arrives); arriving together they keep them busy."""
+    trace = generate_trace("bfcl", 12, 1)
+    busy = [summarize_run(run_trace(trace, "fcfs", rate, small_setup()), 12, 0.0, 0.0)
+            ["engine"]["busy_fraction"] for rate in (0.02, 20.0)]
+    assert 0 < busy[0] < 0.5 < busy[1] <= 1
 
 
 @pytest.mark.slow
