@@ -7,7 +7,7 @@ Two sources:
   tokens (prompt, cached, completion), preemptions, programs;
 - a snapshot refreshed at scrape time (`Metrics.refresh`): queue depth per MLFQ level,
   in-flight requests and tokens per replica, programs by status, and engine statistics
-  (KV usage, radix cache hit rate, engine-side preemptions).
+  (KV usage, radix cache hit rate, engine-side preemptions, busy seconds).
 
 Event-driven series are tallied in plain dicts and lists as events come, and folded into
 the Prometheus objects when scraped (`render`): a Prometheus update takes a lock and a
@@ -212,10 +212,18 @@ def _engine_families(engines: Sequence[EngineStats | None]) -> Iterator[Metric]:
         "retractions / preemptions inside the engine (KV pressure)",
         labels=["replica"],
     )
+    busy = CounterMetricFamily(
+        "progserve_engine_busy_seconds",
+        "seconds the engine spent running model steps (sim and torch engines); its rate is "
+        "the engine's utilization",
+        labels=["replica"],
+    )
     for replica, stats in enumerate(engines):
         if stats is not None:
             preempt.add_metric([str(replica)], stats.preemptions)
+            busy.add_metric([str(replica)], stats.busy_s)
     yield preempt
+    yield busy
 
 
 class Metrics:

@@ -79,6 +79,8 @@ async def test_metrics_parse_and_include_the_listed_metrics() -> None:
     # preemptions (scheduler and engine side)
     assert "progserve_scheduler_preemptions" in fams
     assert "progserve_engine_preemptions" in fams
+    assert _value(fams["progserve_engine_busy_seconds"], "progserve_engine_busy_seconds_total",
+                  replica="0") > 0  # the sim engine ran the calls above  # fmt: skip
     assert _value(fams["progserve_calls"], "progserve_calls_total", kind="llm",
                   outcome="finished") == llm_calls  # fmt: skip
 
