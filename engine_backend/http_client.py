@@ -16,6 +16,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -385,6 +386,11 @@ class HTTPEngineConfig(BaseModel):
     )
     low_priority_values_first: bool = Field(
         False, description="sglang: the server runs --schedule-low-priority-values-first"
+    )
+    sglang_priority_file: Path | None = Field(
+        None,
+        description="sglang: write KV retention hints (pins, ended programs) to this file "
+                    "for progserve's SGLang plugin (the servers' $PROGSERVE_PRIORITY_FILE)",
     )
     logprobs: bool | None = Field(
         None, description="openai: does the server return logprobs (None: probe at start)"

@@ -13,6 +13,11 @@
   is `-round(priority * priority_scale)` (or `+` for low-values-first servers).
 - `cached_tokens`, `prompt_tokens`, `completion_tokens` and the finish reason come from
   `meta_info`.
+- KV retention hints (with a `priority_writer`, `settings.http_engine.sglang_priority_file`):
+  `retain` and `program_ended` go into the priority file that progserve's SGLang plugin
+  reads (`sglang_plugin/priorities.py`), and the upstream rid names the request's program
+  (`<program>/<rid>/p` unless the rid already does), which is how the plugin attributes
+  the KV it inserts.
 
 One instance per replica URL. Any server speaking this protocol works, progserve's own
 `/generate` included.
@@ -35,6 +40,7 @@ from .errors import (
     UnknownRequestError,
 )
 from .http_client import HTTPPool, error_for_status
+from .sglang_plugin.priorities import ProgramPriorityWriter, program_of_rid
 from .types import (
     Capabilities,
     Chunk,
@@ -140,6 +146,7 @@ class SGLangHTTPEngine(Engine):
         low_priority_values_first: bool = False,
         model_path: str | None = None,
         connect_timeout: float = 5.0,
+        priority_writer: ProgramPriorityWriter | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -150,7 +157,8 @@ class SGLangHTTPEngine(Engine):
         self._pool: HTTPPool | None = None
         self._model_info = ModelInfo(model_path=model_path or self.base_url)
         self._kv_capacity = 0
-        self._active: set[str] = set()
+        self._writer = priority_writer
+        self._active: dict[str, str] = {}  # rid -> the rid SGLang knows it by
         self._background: set[asyncio.Task[None]] = set()
         self._cache_hit_tokens = 0
         self._cache_query_tokens = 0
@@ -171,6 +179,8 @@ class SGLangHTTPEngine(Engine):
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._writer is not None:
+            await self._writer.aclose()
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
@@ -212,9 +222,16 @@ class SGLangHTTPEngine(Engine):
         value = scaled if self._low_first else -scaled
         return max(-_INT32, min(_INT32, value))
 
-    def request_json(self, request: GenerateRequest) -> dict[str, Any]:
+    def upstream_rid(self, request: GenerateRequest) -> str:
+        """The rid sent to SGLang: with retention hints on, it names the program."""
+        rid, program = request.rid, request.program_id
+        if self._writer is None or not program or program_of_rid(rid) == program:
+            return rid
+        return f"{program}/{rid.replace('/', '_')}/p"
+
+    def request_json(self, request: GenerateRequest, rid: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "rid": request.rid,
+            "rid": rid or request.rid,
             "sampling_params": sampling_to_json(request.sampling),
             "stream": request.stream,
         }
@@ -236,21 +253,20 @@ class SGLangHTTPEngine(Engine):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         pool = self._require_pool()
         rid = request.rid
-        self._active.add(rid)
+        upstream = self._active[rid] = self.upstream_rid(request)
+        body = self.request_json(request, upstream)
         opened = finished = False
         final: Chunk | None = None
         try:
             if not request.stream:
                 opened = True  # from here on, leaving early aborts upstream
-                status, body = await pool.fetch("POST", "/generate",
-                                                json=self.request_json(request))
+                status, answer = await pool.fetch("POST", "/generate", json=body)
                 if status != 200:
                     opened = False
-                    raise error_for_status(status, body, self._upstream)
-                final = self._chunk_from_event(rid, self._answer(body), _Progress())
+                    raise error_for_status(status, answer, self._upstream)
+                final = self._chunk_from_event(rid, self._answer(answer), _Progress())
             else:
-                async with pool.stream("POST", "/generate",
-                                       json=self.request_json(request)) as resp:
+                async with pool.stream("POST", "/generate", json=body) as resp:
                     if resp.status != 200:
                         raise error_for_status(resp.status, await resp.aread(), self._upstream)
                     opened = True
@@ -272,9 +288,9 @@ class SGLangHTTPEngine(Engine):
             # Name the replica: "connection lost" alone does not say which one died.
             raise EngineUnavailableError(f"{self._upstream}: {exc}") from exc
         finally:
-            self._active.discard(rid)
+            self._active.pop(rid, None)
             if opened and not finished:
-                self._abort_in_background(rid)
+                self._abort_in_background(upstream)
 
     def _answer(self, body: bytes) -> dict[str, Any]:
         """A non-streamed `/generate` answer (one prompt: one JSON object)."""
@@ -332,10 +348,11 @@ class SGLangHTTPEngine(Engine):
             log.debug("abort of %s on %s failed: %s", rid, self.base_url, exc)
 
     async def abort(self, rid: str) -> None:
-        if rid not in self._active:
+        upstream = self._active.get(rid)
+        if upstream is None:
             raise UnknownRequestError(f"no running request {rid!r} on {self.base_url}")
         status, body = await self._require_pool().request(
-            "POST", "/abort_request", json={"rid": rid}, timeout=self._connect_timeout)
+            "POST", "/abort_request", json={"rid": upstream}, timeout=self._connect_timeout)
         if status >= 400:
             raise error_for_status(status, body, self._upstream)
 
@@ -377,9 +394,19 @@ class SGLangHTTPEngine(Engine):
             logprobs=True,
             constrained_decoding=True,
             token_ids=True,
-            retention=False,
+            retention=self._writer is not None,
             abort=True,
         )
+
+    async def retain(self, program_id: str, keep: bool) -> None:
+        if self._writer is not None:
+            self._writer.pin(program_id, keep, flush=False)
+            self._writer.schedule_flush()
+
+    async def program_ended(self, program_id: str) -> None:
+        if self._writer is not None:
+            self._writer.end(program_id, flush=False)
+            self._writer.schedule_flush()
 
     def model_info(self) -> ModelInfo:
         return self._model_info

@@ -73,8 +73,12 @@ def _require_urls(settings: Settings) -> list[str]:
 
 def _sglang_engines(settings: Settings) -> list[Engine]:
     from engine_backend.sglang_http import SGLangHTTPEngine
+    from engine_backend.sglang_plugin.priorities import ProgramPriorityWriter
 
     cfg = settings.http_engine
+    # One writer for every replica: the servers read the same file.
+    writer = (ProgramPriorityWriter(cfg.sglang_priority_file)
+              if cfg.sglang_priority_file is not None else None)
     return [
         SGLangHTTPEngine(
             url,
@@ -84,6 +88,7 @@ def _sglang_engines(settings: Settings) -> list[Engine]:
             low_priority_values_first=cfg.low_priority_values_first,
             model_path=settings.model,
             connect_timeout=cfg.connect_timeout_s,
+            priority_writer=writer,
         )
         for url in _require_urls(settings)
     ]

@@ -8,9 +8,12 @@ longer. progserve writes that knowledge to a small JSON file (`ProgramPriorityWr
 the plugin, inside SGLang's scheduler process, reads it (`ProgramPriorityFeed`, reloaded
 when the file changes) and raises the priority a request's KV is inserted with.
 
-File format: `{"pinned": ["<program id>", ...], "priorities": {"<program id>": int}}`.
-Priorities are in SGLang's units (the `priority` progserve's SGLang engine sends: larger
-is more urgent). Pinned programs get `PIN_PRIORITY`, above any request priority.
+File format: `{"pinned": ["<program id>", ...], "priorities": {"<program id>": int},
+"ended": ["<program id>", ...]}`. Priorities are in SGLang's units (the `priority`
+progserve's SGLang engine sends: larger is more urgent). Pinned programs get
+`PIN_PRIORITY`, above any request priority. `ended` lists the most recently ended programs
+(a window of `ENDED_WINDOW`, oldest first): what only they cached goes first
+(`retirement.py`).
 
 Programs are named by request id: progserve's scheduler sends
 `rid = "<program id>/<call id>/<nonce>"` (the program id may itself contain `/`).
@@ -18,14 +21,21 @@ Programs are named by request id: progserve's scheduler sends
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 PIN_PRIORITY = 1 << 40
+# Ended programs the file lists (the newest). The plugin reads the file at most every
+# `refresh_s`, so this many programs may end between two reads before one is missed.
+ENDED_WINDOW = 4096
 ENV_FILE = "PROGSERVE_PRIORITY_FILE"
 ENV_REFRESH = "PROGSERVE_PRIORITY_REFRESH_S"
 
@@ -53,6 +63,9 @@ class ProgramPriorityFeed:
         self._mtime: float | None = None
         self.pinned: frozenset[str] = frozenset()
         self.priorities: dict[str, int] = {}
+        self.ended: tuple[str, ...] = ()
+        self._taken: frozenset[str] = frozenset()  # ended programs already handed out
+        self._fresh = False  # `ended` was reloaded since `take_ended` last looked
 
     @classmethod
     def from_env(cls) -> ProgramPriorityFeed:
@@ -74,6 +87,19 @@ class ProgramPriorityFeed:
         self._mtime = mtime
         self.pinned = frozenset(str(p) for p in data.get("pinned", ()))
         self.priorities = {str(k): int(v) for k, v in dict(data.get("priorities", {})).items()}
+        self.ended = tuple(str(p) for p in data.get("ended", ()))
+        self._fresh = True
+
+    def take_ended(self) -> list[str]:
+        """Programs that ended since the last call (each is handed out once). Cheap when
+        the file did not change: it runs on every KV insertion."""
+        self._refresh()
+        if not self._fresh:
+            return []
+        self._fresh = False
+        taken = self._taken
+        self._taken = frozenset(self.ended)  # older ones left the window: forget them
+        return [p for p in self.ended if p not in taken]
 
     def eviction_priority(self, rid: str, request_priority: int | None) -> int:
         """The priority to insert `rid`'s KV with: never below the request's own."""
@@ -88,23 +114,40 @@ class ProgramPriorityFeed:
 
 
 class ProgramPriorityWriter:
-    """progserve's side: keeps the file current (atomic replace, so readers never see half)."""
+    """progserve's side: keeps the file current (atomic replace, so readers never see half).
 
-    def __init__(self, path: Path) -> None:
+    Changes are written at once (`flush`), or, by an engine on the event loop, at most
+    every `interval_s` (`schedule_flush`): a write per program end would be a file write
+    per request at high rates. One writer per file: every replica's engine shares it."""
+
+    def __init__(self, path: Path, *, interval_s: float = 0.1) -> None:
         self.path = path
+        self.interval_s = interval_s
         self.pinned: set[str] = set()
         self.priorities: dict[str, int] = {}
+        self.ended: dict[str, None] = {}  # insertion-ordered, newest last
+        self._flush_task: Any = None
 
-    def pin(self, program_id: str, keep: bool) -> None:
+    def pin(self, program_id: str, keep: bool, *, flush: bool = True) -> None:
         (self.pinned.add if keep else self.pinned.discard)(program_id)
-        self.flush()
+        self._changed(flush)
 
-    def set_priority(self, program_id: str, priority: int | None) -> None:
+    def set_priority(self, program_id: str, priority: int | None, *, flush: bool = True) -> None:
         if priority is None:
             self.priorities.pop(program_id, None)
         else:
             self.priorities[program_id] = int(priority)
-        self.flush()
+        self._changed(flush)
+
+    def end(self, program_id: str, *, flush: bool = True) -> None:
+        """The program will send nothing more: drop its pin and priority, list it ended."""
+        self.pinned.discard(program_id)
+        self.priorities.pop(program_id, None)
+        self.ended.pop(program_id, None)
+        self.ended[program_id] = None
+        while len(self.ended) > ENDED_WINDOW:
+            del self.ended[next(iter(self.ended))]
+        self._changed(flush)
 
     def forget(self, program_ids: Iterable[str]) -> None:
         for program_id in program_ids:
@@ -112,8 +155,42 @@ class ProgramPriorityWriter:
             self.priorities.pop(program_id, None)
         self.flush()
 
-    def flush(self) -> None:
-        data: dict[str, Any] = {"pinned": sorted(self.pinned), "priorities": self.priorities}
+    def _changed(self, flush: bool) -> None:
+        if flush:
+            self.flush()
+
+    def snapshot(self) -> str:
+        return json.dumps({"pinned": sorted(self.pinned), "priorities": self.priorities,
+                           "ended": list(self.ended)})
+
+    def write(self, text: str) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(text)
         os.replace(tmp, self.path)
+
+    def flush(self) -> None:
+        self.write(self.snapshot())
+
+    def schedule_flush(self) -> None:
+        """Write within `interval_s`, off the event loop (call on the loop's thread)."""
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._delayed_flush())
+
+    async def _delayed_flush(self) -> None:
+        await asyncio.sleep(self.interval_s)
+        text = self.snapshot()  # taken on the loop: the sets change only there
+        try:
+            await asyncio.to_thread(self.write, text)
+        except OSError as exc:  # a full or read-only disk must not break serving
+            log.warning("cannot write the priority file %s: %s", self.path, exc)
+
+    async def aclose(self) -> None:
+        """Write what is pending now (the engine is closing)."""
+        task, self._flush_task = self._flush_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await asyncio.to_thread(self.write, self.snapshot())

@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="engine behind progserve (default: sim, embedded)")
     parser.add_argument("--engine-url", action="append", metavar="URL", dest="engine_url",
                         help="engine server URL for sglang/openai; repeat once per replica")
+    parser.add_argument("--sglang-priority-file", type=Path, metavar="FILE",
+                        help="sglang: write KV retention hints (pins, ended programs) here "
+                        "for progserve's SGLang plugin (the servers' PROGSERVE_PRIORITY_FILE)")
     parser.add_argument("--model", help="model served: a name, or the model directory (torch)")
     parser.add_argument("--replicas", type=int, help="embedded engine replicas (sim/torch)")
     parser.add_argument("--policy", choices=POLICIES, help="scheduling policy (default: atlas)")
@@ -64,6 +67,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         overrides["scheduler"] = {"policy": args.policy}
     if getattr(args, "no_prefix_cache", False):
         overrides["torch"] = {"prefix_cache": False}
+    if getattr(args, "sglang_priority_file", None) is not None:
+        overrides["http_engine"] = {"sglang_priority_file": args.sglang_priority_file}
     return load_settings(args.config, **overrides)
 
 

@@ -4,6 +4,7 @@ serving the sim engine), and against recorded answers in SGLang's documented for
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from engine_backend.errors import (
     UnknownRequestError,
 )
 from engine_backend.sglang_http import SGLangHTTPEngine
+from engine_backend.sglang_plugin.priorities import ProgramPriorityWriter, program_of_rid
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
@@ -239,3 +241,45 @@ async def test_connections_are_kept_alive(engine, upstream):
     for i in range(5):
         await collect(engine, request(f"ka-{i}", sampling=SamplingParams(max_new_tokens=2)))
     assert len(engine._pool._idle) == 1
+
+
+async def test_retention_hints_reach_the_priority_file_and_rids_name_the_program(
+        recorded, tmp_path):
+    path = tmp_path / "priorities.json"
+    writer = ProgramPriorityWriter(path, interval_s=0.01)
+    engine = await recorded_engine(recorded, "generate_stream.sse", priority_writer=writer)
+    plain = await recorded_engine(recorded, "generate_stream.sse")
+    assert engine.capabilities().retention and not plain.capabilities().retention
+    await collect(engine, request("chatcmpl-1", program_id="tenant/prog-1"))
+    assert program_of_rid(last_generate(recorded)["rid"]) == "tenant/prog-1"
+    await collect(engine, request("tenant/prog-1/c2/ab12", program_id="tenant/prog-1"))
+    assert last_generate(recorded)["rid"] == "tenant/prog-1/c2/ab12"  # names it already
+    await collect(plain, request("chatcmpl-2", program_id="tenant/prog-1"))
+    assert last_generate(recorded)["rid"] == "chatcmpl-2"  # hints off: passed through
+    await engine.retain("prog-2", True)
+    await engine.program_ended("tenant/prog-1")
+    assert not path.exists()  # written off the hot path, a moment later
+    for _ in range(200):
+        if path.exists():
+            break
+        await asyncio.sleep(0.005)
+    assert json.loads(path.read_text()) == {
+        "pinned": ["prog-2"], "priorities": {}, "ended": ["tenant/prog-1"]}
+    await engine.program_ended("prog-2")  # ending also unpins
+    await engine.close()  # writes what is pending
+    assert json.loads(path.read_text())["ended"] == ["tenant/prog-1", "prog-2"]
+    assert json.loads(path.read_text())["pinned"] == []
+    await plain.close()
+
+
+async def test_abort_reaches_a_request_renamed_for_its_program(upstream, tmp_path):
+    writer = ProgramPriorityWriter(tmp_path / "priorities.json")
+    async with SGLangHTTPEngine(upstream.url, priority_writer=writer) as engine:
+        req = request("renamed", program_id="prog-9",
+                      sampling=SamplingParams(max_new_tokens=4000, ignore_eos=True))
+        stream = engine.generate(req)
+        await anext(stream)
+        await engine.abort("renamed")
+        rest = [c async for c in stream]
+        assert rest[-1].finish_reason.type is FinishType.ABORT
+        assert upstream_running(upstream) == 0

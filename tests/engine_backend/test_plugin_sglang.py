@@ -4,6 +4,7 @@ server stack cannot run here); and against SGLang's real HookRegistry when it im
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import json
 import math
@@ -26,6 +27,7 @@ from engine_backend.sglang_plugin.priorities import (
     ProgramPriorityWriter,
     program_of_rid,
 )
+from engine_backend.sglang_plugin.retirement import ProgramRetirement
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,6 +120,7 @@ def test_priority_hook_raises_priority_only_while_inserting(tmp_path: Path) -> N
     assert json.loads(path.read_text()) == {
         "pinned": [],
         "priorities": {"tenant/prog-a": 500, "prog-c": 42},
+        "ended": [],
     }
 
 
@@ -256,3 +259,152 @@ def test_registration_against_sglangs_real_hook_registry(tmp_path: Path) -> None
     if "HOOK-REGISTRY-UNAVAILABLE" in proc.stdout:
         pytest.skip(f"sglang's hook registry does not import here: {proc.stdout.strip()}")
     assert "HOOKS-OK" in proc.stdout
+
+
+# ------------------------------------------------- ended programs' KV goes first
+
+
+class SGLangNode:
+    """SGLang's radix `TreeNode`, reduced to what eviction and the hooks read."""
+
+    ticks = iter(range(1, 1 << 30))
+
+    def __init__(self, priority: int = 0) -> None:
+        self.children: dict[int, SGLangNode] = {}
+        self.parent: SGLangNode | None = None
+        self.key: tuple[int, ...] = ()
+        self.value: list[int] | None = None  # None: evicted
+        self.lock_ref = 0
+        self.priority = priority
+        self.last_access_time = next(SGLangNode.ticks)
+
+
+class SGLangTree:
+    """SGLang 0.5.2x's `RadixCache` under `--radix-eviction-policy priority`, reduced: the
+    request-level `_insert_cache` calls `insert`, which returns the node it ended at, takes
+    the max priority along the path and splits edges with `_split_node`; `evict` frees
+    leaves by (priority, last access), a parent that becomes a leaf joining the heap."""
+
+    def __init__(self) -> None:
+        self.root_node = SGLangNode(priority=-sys.maxsize)
+        self.root_node.value = []
+
+    def _insert_cache(self, req: Any, token_ids: list[int]) -> int:
+        return self.insert(SimpleNamespace(key=tuple(token_ids), priority=req.priority or 0))
+
+    def insert(self, params: Any) -> Any:
+        node, key, priority, matched = self.root_node, params.key, params.priority, 0
+        while key and (child := node.children.get(key[0])) is not None:
+            shared = next((i for i, (a, b) in enumerate(zip(child.key, key)) if a != b),
+                          min(len(child.key), len(key)))
+            if shared < len(child.key):
+                child = self._split_node(key, child, shared)
+            child.priority = max(child.priority, priority)
+            child.last_access_time = next(SGLangNode.ticks)
+            node, key, matched = child, key[shared:], matched + shared
+        if key:
+            leaf = SGLangNode(priority)
+            leaf.parent, leaf.key, leaf.value = node, key, list(key)
+            node.children[key[0]] = leaf
+            node = leaf
+        return SimpleNamespace(prefix_len=matched, last_device_node=node)
+
+    def _split_node(self, key: tuple[int, ...], child: SGLangNode, split_len: int) -> SGLangNode:
+        upper = SGLangNode(priority=child.priority)  # as SGLang: inherits the priority
+        assert child.parent is not None and child.value is not None
+        upper.parent, upper.key, upper.value = child.parent, child.key[:split_len], child.value[:split_len]
+        upper.children = {child.key[split_len]: child}
+        child.parent.children[child.key[0]] = upper
+        child.parent, child.key, child.value = upper, child.key[split_len:], child.value[split_len:]
+        return upper
+
+    def evict(self, params: Any) -> list[tuple[int, ...]]:
+        """Returns the keys it freed, in order (SGLang returns a count)."""
+        order = lambda n: (n.priority, n.last_access_time)  # noqa: E731 - SGLang's strategy
+        heap = [(order(n), id(n), n) for n in self.nodes() if not n.children and not n.lock_ref]
+        heapq.heapify(heap)
+        freed: list[tuple[int, ...]] = []
+        while sum(map(len, freed)) < params.num_tokens and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key[0]]
+            node.value = None
+            freed.append(node.key)
+            if not parent.children and parent is not self.root_node and not parent.lock_ref:
+                heapq.heappush(heap, (order(parent), id(parent), parent))
+        return freed
+
+    def nodes(self) -> list[SGLangNode]:
+        out, todo = [], list(self.root_node.children.values())
+        while todo:
+            node = todo.pop()
+            out.append(node)
+            todo.extend(node.children.values())
+        return out
+
+
+def hooked_tree(feed: ProgramPriorityFeed) -> tuple[SGLangTree, Any]:
+    """A tree class with the plugin's AROUND hooks applied as SGLang's HookRegistry does."""
+    cls = type("HookedTree", (SGLangTree,), {})
+
+    def register_hook(target: str, hook: Any) -> None:
+        name = target.rpartition(".")[2]
+        original = getattr(cls, name)
+        setattr(cls, name, lambda self, *a, **kw: hook(original, self, *a, **kw))
+
+    retirement = ProgramRetirement()
+    targets = install(register_attention_backend=FakeAttentionRegistry().register_attention_backend,
+                      register_hook=register_hook, radix_cache_cls=cls, feed=feed,
+                      radix_cache_path="x.Tree", retirement=retirement)
+    assert targets == ["x.Tree._insert_cache", "x.Tree.insert", "x.Tree._split_node",
+                       "x.Tree.evict"]
+    return cls(), retirement
+
+
+def req(rid: str) -> Any:
+    return SimpleNamespace(rid=rid, priority=0)
+
+
+SYSTEM = list(range(1, 11))
+
+
+def test_an_ended_programs_own_kv_is_evicted_first_its_shared_prefix_kept(
+        tmp_path: Path) -> None:
+    path = tmp_path / "priorities.json"
+    writer = ProgramPriorityWriter(path)
+    writer.flush()
+    tree, retirement = hooked_tree(ProgramPriorityFeed(path, refresh_s=0))
+    tree._insert_cache(req("B/c1/x"), SYSTEM + [200, 201, 202])
+    tree._insert_cache(req("chatcmpl-1"), SYSTEM + [300, 301])  # names no program
+    tree._insert_cache(req("A/c1/x"), SYSTEM + [100, 101, 102, 103])
+    tree._insert_cache(req("A/c2/x"), SYSTEM + [100, 101, 102, 103, 110, 111])
+    assert retirement.owners(tree.root_node.children[1]) == {"A", "B"}  # the shared prefix
+    writer.end("A")
+    freed = tree.evict(SimpleNamespace(num_tokens=6))
+    # A's turns went first although they are the most recently used; LRU alone would
+    # have freed B's and the untagged request's.
+    assert sorted(freed) == [(100, 101, 102, 103), (110, 111)]
+    assert tree.evict(SimpleNamespace(num_tokens=1)) == [(200, 201, 202)]  # then LRU
+    assert retirement.tracked_programs() == 1 and retirement.retired_nodes == 2
+
+
+def test_split_nodes_keep_their_owners_and_reuse_revives_retired_kv(tmp_path: Path) -> None:
+    path = tmp_path / "priorities.json"
+    writer = ProgramPriorityWriter(path)
+    writer.flush()
+    tree, retirement = hooked_tree(ProgramPriorityFeed(path, refresh_s=0))
+    tree._insert_cache(req("A/c1/x"), SYSTEM + [100, 101, 102, 103])
+    tree._insert_cache(req("D/c1/x"), SYSTEM + [100, 101, 900])  # splits A's edge
+    upper = tree.root_node.children[1]
+    assert upper.key == (*SYSTEM, 100, 101) and retirement.owners(upper) == {"A", "D"}
+    tree._insert_cache(req("E/c1/x"), SYSTEM + [400])  # splits it again
+    assert retirement.owners(tree.root_node.children[1]) == {"A", "D", "E"}
+    assert retirement.owners(upper) == {"A", "D"}
+    writer.end("A")
+    tree.evict(SimpleNamespace(num_tokens=0))  # eviction reads the ended list first
+    assert upper.children[102].priority < 0 and upper.priority == 0  # D still owns it
+    # A new program continues A's context: its insert raises the path back.
+    tree._insert_cache(req("F/c1/x"), SYSTEM + [100, 101, 102, 103, 7])
+    assert upper.children[102].priority == 0
+    assert tree.evict(SimpleNamespace(num_tokens=1)) == [(900,)]  # LRU again, oldest leaf

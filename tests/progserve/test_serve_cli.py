@@ -53,6 +53,22 @@ def test_engine_urls_repeat_one_per_replica():
     assert settings.engine_url == ["http://a:1", "http://b:2"]
 
 
+def test_sglang_replicas_share_one_priority_file_writer(tmp_path):
+    from progserve.engines import build_engines
+
+    path = tmp_path / "priorities.json"
+    settings = settings_from_args(parse("--engine", "sglang", "--engine-url", "http://a:1",
+                                        "--engine-url", "http://b:2",
+                                        "--sglang-priority-file", str(path)))
+    assert settings.http_engine.sglang_priority_file == path
+    engines = build_engines(settings)
+    assert all(e.capabilities().retention for e in engines)
+    assert engines[0]._writer is engines[1]._writer  # one file, one writer
+    plain = build_engines(settings_from_args(parse("--engine", "sglang", "--engine-url",
+                                                   "http://a:1")))
+    assert not plain[0].capabilities().retention
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--engine", "sglang"], "--engine-url"),
     (["--engine", "openai"], "--engine-url"),
