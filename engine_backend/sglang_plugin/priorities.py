@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,8 @@ class ProgramPriorityWriter:
         self.pinned: set[str] = set()
         self.priorities: dict[str, int] = {}
         self.ended: dict[str, None] = {}  # insertion-ordered, newest last
-        self._flush_task: Any = None
+        self._dirty = False
+        self._flush_task: asyncio.Task[None] | None = None
 
     def pin(self, program_id: str, keep: bool, *, flush: bool = True) -> None:
         (self.pinned.add if keep else self.pinned.discard)(program_id)
@@ -173,24 +173,21 @@ class ProgramPriorityWriter:
 
     def schedule_flush(self) -> None:
         """Write within `interval_s`, off the event loop (call on the loop's thread)."""
+        self._dirty = True
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.get_running_loop().create_task(self._delayed_flush())
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_while_dirty())
 
-    async def _delayed_flush(self) -> None:
-        await asyncio.sleep(self.interval_s)
-        text = self.snapshot()  # taken on the loop: the sets change only there
-        try:
-            await asyncio.to_thread(self.write, text)
-        except OSError as exc:  # a full or read-only disk must not break serving
-            log.warning("cannot write the priority file %s: %s", self.path, exc)
+    async def _flush_while_dirty(self) -> None:
+        while self._dirty:  # a change made while the last write ran gets its own
+            await asyncio.sleep(self.interval_s)
+            self._dirty = False
+            text = self.snapshot()  # taken on the loop: the sets change only there
+            try:
+                await asyncio.to_thread(self.write, text)
+            except OSError as exc:  # a full or read-only disk must not break serving
+                log.warning("cannot write the priority file %s: %s", self.path, exc)
 
     async def aclose(self) -> None:
-        """Write what is pending now (the engine is closing)."""
-        task, self._flush_task = self._flush_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            await asyncio.to_thread(self.write, self.snapshot())
+        """Wait for pending changes to be written (the engine is closing)."""
+        if self._flush_task is not None:
+            await self._flush_task

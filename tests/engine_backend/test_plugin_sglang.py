@@ -295,7 +295,7 @@ class SGLangTree:
     def insert(self, params: Any) -> Any:
         node, key, priority, matched = self.root_node, params.key, params.priority, 0
         while key and (child := node.children.get(key[0])) is not None:
-            shared = next((i for i, (a, b) in enumerate(zip(child.key, key)) if a != b),
+            shared = next((i for i, (a, b) in enumerate(zip(child.key, key, strict=False)) if a != b),
                           min(len(child.key), len(key)))
             if shared < len(child.key):
                 child = self._split_node(key, child, shared)
