@@ -4,6 +4,7 @@ server stack cannot run here); and against SGLang's real HookRegistry when it im
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
@@ -408,3 +410,25 @@ def test_split_nodes_keep_their_owners_and_reuse_revives_retired_kv(tmp_path: Pa
     tree._insert_cache(req("F/c1/x"), SYSTEM + [100, 101, 102, 103, 7])
     assert upper.children[102].priority == 0
     assert tree.evict(SimpleNamespace(num_tokens=1)) == [(900,)]  # LRU again, oldest leaf
+
+
+async def test_a_change_during_a_write_is_written_too(tmp_path: Path) -> None:
+    path = tmp_path / "priorities.json"
+    writer = ProgramPriorityWriter(path, interval_s=0.0)
+    written: list[str] = []
+    real_write = writer.write
+
+    def slow_write(text: str) -> None:  # runs in a worker thread
+        time.sleep(0.2)
+        real_write(text)
+        written.append(text)
+
+    writer.write = slow_write  # type: ignore[method-assign]
+    writer.end("first", flush=False)
+    writer.schedule_flush()
+    await asyncio.sleep(0.05)  # the first write is under way
+    writer.end("late", flush=False)
+    writer.schedule_flush()  # the task is still running: it must loop once more
+    await writer.aclose()
+    assert len(written) == 2
+    assert json.loads(path.read_text())["ended"] == ["first", "late"]
