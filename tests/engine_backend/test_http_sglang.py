@@ -283,3 +283,34 @@ async def test_abort_reaches_a_request_renamed_for_its_program(upstream, tmp_pat
         rest = [c async for c in stream]
         assert rest[-1].finish_reason.type is FinishType.ABORT
         assert upstream_running(upstream) == 0
+
+
+async def test_the_scheduler_tells_sglang_when_a_program_ends(upstream, tmp_path):
+    """progserve's scheduler over an SGLang replica with the priority file: a tagged
+    program's calls reach SGLang under rids naming it, and its end lands in the file
+    the plugin reads; an untagged call's program is never listed."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.service import Scheduler
+
+    path = tmp_path / "priorities.json"
+    engine = SGLangHTTPEngine(upstream.url, priority_writer=ProgramPriorityWriter(
+        path, interval_s=0.01))
+    scheduler = Scheduler([engine], SchedulerConfig())
+    await scheduler.start()
+    seen: list[str] = []
+    real_json = engine.request_json
+    engine.request_json = lambda req, rid=None: seen.append(rid) or real_json(req, rid)
+    try:
+        pid = await scheduler.open_program("agent-7")
+        for turn in range(2):
+            async for _ in scheduler.llm_call(pid, request(f"chatcmpl-{turn}")):
+                pass
+        await scheduler.end_program(pid)
+        single = await scheduler.open_program(None)
+        async for _ in scheduler.llm_call(single, request("chatcmpl-solo")):
+            pass
+    finally:
+        await scheduler.close()
+        await engine.close()
+    assert [program_of_rid(rid) for rid in seen[:2]] == ["agent-7", "agent-7"]
+    assert json.loads(path.read_text())["ended"] == ["agent-7"]
