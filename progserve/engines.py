@@ -77,8 +77,15 @@ def _sglang_engines(settings: Settings) -> list[Engine]:
 
     cfg = settings.http_engine
     # One writer for every replica: the servers read the same file.
-    writer = (ProgramPriorityWriter(cfg.sglang_priority_file)
-              if cfg.sglang_priority_file is not None else None)
+    writer = None
+    if cfg.sglang_priority_file is not None:
+        writer = ProgramPriorityWriter(cfg.sglang_priority_file)
+        try:
+            writer.flush()  # starts every server from a clean slate, and fails early
+        except OSError as exc:
+            raise EngineConfigError(
+                f"cannot write the SGLang priority file {cfg.sglang_priority_file}: {exc}"
+            ) from exc
     return [
         SGLangHTTPEngine(
             url,

@@ -62,6 +62,7 @@ def test_sglang_replicas_share_one_priority_file_writer(tmp_path):
                                         "--sglang-priority-file", str(path)))
     assert settings.http_engine.sglang_priority_file == path
     engines = build_engines(settings)
+    assert json.loads(path.read_text()) == {"pinned": [], "priorities": {}, "ended": []}
     assert all(e.capabilities().retention for e in engines)
     assert engines[0]._writer is engines[1]._writer  # one file, one writer
     plain = build_engines(settings_from_args(parse("--engine", "sglang", "--engine-url",
@@ -74,6 +75,8 @@ def test_sglang_replicas_share_one_priority_file_writer(tmp_path):
     (["--engine", "openai"], "--engine-url"),
     (["--engine", "torch", "--model", "/no/such/dir"], "not a directory"),
     (["--api-keys", "/no/such/keys.json"], "API keys"),
+    (["--engine", "sglang", "--engine-url", "http://127.0.0.1:9",
+      "--sglang-priority-file", "/no/such/dir/p.json"], "priority file"),
 ])
 def test_startup_errors_are_clear(argv, message):
     proc = subprocess.run([sys.executable, "-m", "progserve.cli", "serve", *argv],
