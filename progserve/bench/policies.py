@@ -748,6 +748,7 @@ def print_table(report: dict[str, Any]) -> None:
     for col in ("mean", "p50", "p95"):
         table.add_column(f"{col} @load (ms/tok)")
     table.add_column("cache hit")
+    table.add_column("engines busy")
     types = [t for t in PROGRAM_TYPES if any(
         (e.get("at_load") or {}).get("p95_by_type", {}).get(t) is not None
         for e in report["policies"].values())]
@@ -757,13 +758,17 @@ def print_table(report: dict[str, Any]) -> None:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v * 1000:.1f}"
 
+    def share(v: Any) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
     for name, entry in report["policies"].items():
         load = entry.get("at_load") or {}
         rate = entry.get("max_rate_at_slo")
         table.add_row(name, "-" if rate is None else f"{rate:.3g}",
                       ms(load.get("mean_token_latency")), ms(load.get("p50_token_latency")),
                       ms(load.get("p95_token_latency")),
-                      "-" if load.get("cache_hit_rate") is None else f"{load['cache_hit_rate']:.1%}",
+                      share(load.get("cache_hit_rate")),
+                      share((load.get("engine") or {}).get("busy_fraction")),
                       *[ms((load.get("p95_by_type") or {}).get(t)) for t in types])
     console = Console()
     console.print(table)
