@@ -104,6 +104,7 @@ class Client:
         self.mr_map_instruction = _segment("mr-map", 0, p.mr_instruction_tokens)
         self.mr_reduce_instruction = _segment("mr-reduce", 0, p.mr_instruction_tokens)
         self.params = p
+        self.tenants: dict[str, str] = {}  # program id -> tenant, when not the default
         self._template = GenerateRequest(rid="template", input_ids=[0])
         self._sampling: dict[int, SamplingParams] = {}
 
@@ -131,7 +132,8 @@ class Client:
         output: list[int] = []
         tokens = 0
         async for chunk in self.scheduler.llm_call(
-            program_id, request, thread_id=thread, parent_ids=parents, call_id=call_id
+            program_id, request, tenant=self.tenants.get(program_id, DEFAULT_TENANT),
+            thread_id=thread, parent_ids=parents, call_id=call_id
         ):
             if chunk.token_ids:
                 output += chunk.token_ids
@@ -283,13 +285,24 @@ RUNNERS: dict[type, Callable[..., Any]] = {
 }
 
 
+DEFAULT_TENANT = "default"
+TENANCIES = ("one", "by-type")
+
+
 @dataclass(slots=True)
 class BenchSetup:
-    """What every policy shares in a comparison: engines, cache, budget, router."""
+    """What every policy shares in a comparison: engines, cache, budget, router, and who
+    the programs belong to."""
 
     replicas: int
     sim: SimConfig
     scheduler: SchedulerConfig  # `policy` is overridden per run
+    # "one": every program is the default tenant's; "by-type": each program type is a
+    # tenant of its own (what `dlpm`'s per-tenant fairness works on).
+    tenants: str = "one"
+
+    def tenant_of(self, program: ProgramTrace) -> str:
+        return program.kind if self.tenants == "by-type" else DEFAULT_TENANT
 
     def for_policy(self, policy: str, **overrides: Any) -> SchedulerConfig:
         return self.scheduler.model_copy(update={"policy": policy, **overrides})
@@ -361,9 +374,11 @@ async def _run(
     scheduler = Scheduler(engines, config)
     await scheduler.start()
     waits: dict[str, float] = {}
+    calls_by_tenant: dict[str, int] = {}
 
     def on_dispatch(event: SchedulerEvent) -> None:
         waits[event.program_id] = waits.get(event.program_id, 0.0) + (event.queue_wait_s or 0.0)
+        calls_by_tenant[event.tenant] = calls_by_tenant.get(event.tenant, 0) + 1
 
     scheduler.add_listener(on_dispatch, kinds=(EventKind.CALL_DISPATCHED,))
     client = Client(scheduler, responder, trace)
@@ -373,11 +388,15 @@ async def _run(
     stop = asyncio.Event()
 
     async def run_program(program: ProgramTrace, arrival: float) -> None:
-        pid = await scheduler.open_program(program.id)
+        tenant = setup.tenant_of(program)
+        pid = await scheduler.open_program(program.id, tenant=tenant)
+        if tenant != DEFAULT_TENANT:
+            client.tenants[pid] = tenant
         tokens, cp_tokens, calls = await RUNNERS[type(program.shape)](
             client, program, program.shape
         )
-        await scheduler.end_program(pid)
+        await scheduler.end_program(pid, tenant=tenant)
+        client.tenants.pop(pid, None)
         result = ProgramResult(program.index, program.kind, arrival, loop.time(), tokens,
                                cp_tokens, calls, waits.pop(pid, 0.0))
         results.append(result)
@@ -432,6 +451,7 @@ async def _run(
             "promotions": sched_stats.promotions,
             "preemptions": sched_stats.preemptions,
             "dispatched_per_replica": [r.dispatched for r in sched_stats.replicas],
+            "calls_by_tenant": dict(sorted(calls_by_tenant.items())),
         },
         busy_at_arrivals=busy,
     )

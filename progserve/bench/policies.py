@@ -24,7 +24,7 @@ from typing import Any
 from engine_backend.sim import SimConfig
 from scheduler.config import SchedulerConfig
 
-from .driver import BenchSetup, ProgramResult, run_trace
+from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
 from .workloads import DEFAULT_MIX, PROGRAM_TYPES, WORKLOADS, Mix, generate_trace, parse_mix
 
@@ -77,6 +77,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="KV-aware program admission in the sweep and at the fixed load "
                         "(scheduler.kv_admission; default: the scheduler's, off); the "
                         "retention ablation's `retention` variant always has it")
+    g.add_argument("--tenants", choices=TENANCIES, default="one",
+                   help="who the programs belong to: one tenant (default), or a tenant per "
+                        "program type (what dlpm's per-tenant fairness divides between); "
+                        "the same for every policy")
 
 
 # Defaults every policy shares. The budget keeps the engines' own queues short (progserve's
@@ -149,7 +153,8 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
     sim: dict[str, Any] = {"stream_interval": 0, "seed": args.seed}
     if args.kv_capacity:
         sim["kv_capacity_tokens"] = args.kv_capacity
-    return BenchSetup(args.replicas, SimConfig(**sim), SchedulerConfig(**sched))
+    return BenchSetup(args.replicas, SimConfig(**sim), SchedulerConfig(**sched),
+                      tenants=getattr(args, "tenants", "one"))
 
 
 # ------------------------------------------------------------------- worker side
@@ -579,7 +584,8 @@ class Bench:
                 "same_for_every_policy": ["engine (SimEngine, same config)", "radix KV cache",
                                           "in-flight budget", "router",
                                           "KV retention and admission settings",
-                                          "trace and arrivals"],
+                                          "trace and arrivals", "tenants"],
+                "tenants": setup.tenants,
                 "differences": ["the call-ordering policy (and the priority it passes to "
                                 "the engine: fcfs and dlpm pass 0, so the engine orders "
                                 "their calls FCFS)"],

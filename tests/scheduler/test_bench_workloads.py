@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -243,3 +244,15 @@ def test_retention_runs_at_the_mildest_pressure_where_lru_is_under_80(start):
     # x0.85 bracket and three bisections of it
     assert hit_at(int(capacity * 1.02)) >= 0.8
     assert len(tried) <= 1 + 12 + 3
+
+
+def test_tenants_by_type_give_each_program_type_its_own_tenant():
+    trace = generate_trace("mixed", 9, 4)
+    trace.programs = [p for p in trace.programs if not isinstance(p.shape, LatsShape)]
+    kinds = {p.kind for p in trace.programs}
+    one = run_trace(trace, "dlpm", 0.5, small_setup())
+    by_type = run_trace(trace, "dlpm", 0.5, replace(small_setup(), tenants="by-type"))
+    assert set(one.scheduler["calls_by_tenant"]) == {"default"}
+    assert set(by_type.scheduler["calls_by_tenant"]) == kinds and len(kinds) > 1
+    assert sum(by_type.scheduler["calls_by_tenant"].values()) == one.calls == by_type.calls
+    assert [p.tokens for p in by_type.programs] == [p.tokens for p in one.programs]
