@@ -46,7 +46,8 @@ class GenerateRequest(BaseModel):
     `priority`: *lower values are served first* (it is the scheduler's attained-service
     rank; 0 is the most urgent). Backends translate it to their engine's convention.
     `program_id` lets an engine attribute cache entries to a program, so that retention
-    hints (`Engine.retain`) can protect that program's prefix.
+    hints (`Engine.retain`, `Engine.program_ended`) can name them. The scheduler leaves it
+    unset for an untagged request (a one-call program no hint will ever name).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -625,12 +625,15 @@ class Scheduler:
         priority = request.priority
         if self.config.pass_priority and replica.capabilities.priority:
             priority = self.policy.engine_priority(call)
+        # The cache owner for retention hints; an untagged call's one-call program never
+        # gets any, so engines need not track it.
+        owner = None if call.program.single_call else call.program.engine_key
         if not call.preemptions:
             # Set in place: a copy per call costs more than the rest of dispatch.
             request.priority = priority
-            request.program_id = call.program.engine_key
+            request.program_id = owner
             return request
-        update: dict[str, Any] = {"program_id": call.program.engine_key, "priority": priority}
+        update: dict[str, Any] = {"program_id": owner, "priority": priority}
         if call.preemptions:
             # Resume: the prompt plus the output so far, mostly served from the prefix cache.
             update["rid"] = f"{request.rid}~{call.preemptions}"

@@ -313,4 +313,5 @@ async def test_the_scheduler_tells_sglang_when_a_program_ends(upstream, tmp_path
         await scheduler.close()
         await engine.close()
     assert [program_of_rid(rid) for rid in seen[:2]] == ["agent-7", "agent-7"]
+    assert seen[2] == "chatcmpl-solo"  # an untagged call has no program to name
     assert json.loads(path.read_text())["ended"] == ["agent-7"]

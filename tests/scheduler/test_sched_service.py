@@ -72,6 +72,8 @@ def test_single_call_program_ends_by_itself():
         pid = await s.open_program(None)
         await consume(s.llm_call(pid, req("r")))
         assert s.program_state(pid).status == "finished"
+        # no retention hint will ever name it: engines get no cache owner to track
+        assert engines[0].requests[-1].program_id is None
 
     run(body)
 
