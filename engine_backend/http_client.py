@@ -390,7 +390,9 @@ class HTTPEngineConfig(BaseModel):
     sglang_priority_file: Path | None = Field(
         None,
         description="sglang: write KV retention hints (pins, ended programs) to this file "
-                    "for progserve's SGLang plugin (the servers' $PROGSERVE_PRIORITY_FILE)",
+                    "for progserve's SGLang plugin (the servers' $PROGSERVE_PRIORITY_FILE); "
+                    "a directory: this process's own file in it, for several progserve "
+                    "processes in front of the same servers",
     )
     logprobs: bool | None = Field(
         None, description="openai: does the server return logprobs (None: probe at start)"

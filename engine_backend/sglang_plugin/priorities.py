@@ -13,7 +13,8 @@ File format: `{"pinned": ["<program id>", ...], "priorities": {"<program id>": i
 progserve's SGLang engine sends: larger is more urgent). Pinned programs get
 `PIN_PRIORITY`, above any request priority. `ended` lists the most recently ended programs
 (a window of `ENDED_WINDOW`, oldest first): what only they cached goes first
-(`retirement.py`).
+(`retirement.py`). `$PROGSERVE_PRIORITY_FILE` may name a directory instead: each progserve
+process writes its own file there and the plugin merges them.
 
 Programs are named by request id: progserve's scheduler sends
 `rid = "<program id>/<call id>/<nonce>"` (the program id may itself contain `/`).
@@ -25,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,7 +48,11 @@ def program_of_rid(rid: str) -> str | None:
 
 
 class ProgramPriorityFeed:
-    """Reads the priority file, at most once per `refresh_s`, and only when it changed."""
+    """Reads the priority file, at most once per `refresh_s`, and only when it changed.
+
+    `path` may be a directory: then every `*.json` in it is a source (one per progserve
+    process in front of these servers, see `ProgramPriorityWriter`), merged: pins and
+    ended programs are unions, a program's priority the highest any file gives."""
 
     def __init__(
         self,
@@ -59,7 +65,7 @@ class ProgramPriorityFeed:
         self.refresh_s = refresh_s
         self._clock = clock
         self._checked = float("-inf")
-        self._mtime: float | None = None
+        self._stamp: tuple[tuple[str, int], ...] | None = None  # sources and their mtimes
         self.pinned: frozenset[str] = frozenset()
         self.priorities: dict[str, int] = {}
         self.ended: tuple[str, ...] = ()
@@ -71,22 +77,36 @@ class ProgramPriorityFeed:
         path = os.environ.get(ENV_FILE)
         return cls(Path(path) if path else None, refresh_s=float(os.environ.get(ENV_REFRESH, 0.5)))
 
+    def _sources(self, path: Path) -> list[Path]:
+        if path.is_dir():
+            return sorted(p for p in path.glob("*.json") if not p.name.startswith("."))
+        return [path]
+
     def _refresh(self) -> None:
         now = self._clock()
         if self.path is None or now - self._checked < self.refresh_s:
             return
         self._checked = now
         try:
-            mtime = self.path.stat().st_mtime
-            if mtime == self._mtime:
+            sources = self._sources(self.path)
+            stamp = tuple((p.name, p.stat().st_mtime_ns) for p in sources)
+            if stamp == self._stamp:
                 return
-            data = json.loads(self.path.read_text())
+            loaded = [json.loads(p.read_text()) for p in sources]
         except (OSError, ValueError):
             return  # missing or mid-replace: keep what we had
-        self._mtime = mtime
-        self.pinned = frozenset(str(p) for p in data.get("pinned", ()))
-        self.priorities = {str(k): int(v) for k, v in dict(data.get("priorities", {})).items()}
-        self.ended = tuple(str(p) for p in data.get("ended", ()))
+        self._stamp = stamp
+        pinned: set[str] = set()
+        priorities: dict[str, int] = {}
+        ended: dict[str, None] = {}
+        for data in loaded:
+            pinned.update(str(p) for p in data.get("pinned", ()))
+            for program, value in dict(data.get("priorities", {})).items():
+                priorities[str(program)] = max(int(value), priorities.get(str(program), int(value)))
+            ended.update((str(p), None) for p in data.get("ended", ()))
+        self.pinned = frozenset(pinned)
+        self.priorities = priorities
+        self.ended = tuple(ended)
         self._fresh = True
 
     def take_ended(self) -> list[str]:
@@ -117,15 +137,22 @@ class ProgramPriorityWriter:
 
     Changes are written at once (`flush`), or, by an engine on the event loop, at most
     every `interval_s` (`schedule_flush`): a write per program end would be a file write
-    per request at high rates. One writer per file: every replica's engine shares it."""
+    per request at high rates. One writer per file: every replica's engine shares it.
+    Given a directory, it writes its own file there (`progserve-<host>-<pid>.json`), so
+    that several progserve processes can feed the same servers; it removes that file when
+    it closes (its pins end with it)."""
 
     def __init__(self, path: Path, *, interval_s: float = 0.1) -> None:
+        self.in_directory = path.is_dir()
+        if self.in_directory:
+            path = path / f"progserve-{socket.gethostname()}-{os.getpid()}.json"
         self.path = path
         self.interval_s = interval_s
         self.pinned: set[str] = set()
         self.priorities: dict[str, int] = {}
         self.ended: dict[str, None] = {}  # insertion-ordered, newest last
         self._dirty = False
+        self._closed = False
         self._flush_task: asyncio.Task[None] | None = None
 
     def pin(self, program_id: str, keep: bool, *, flush: bool = True) -> None:
@@ -174,6 +201,8 @@ class ProgramPriorityWriter:
     def schedule_flush(self) -> None:
         """Write within `interval_s`, off the event loop (call on the loop's thread)."""
         self._dirty = True
+        if self._closed:
+            return
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_while_dirty())
 
@@ -188,6 +217,12 @@ class ProgramPriorityWriter:
                 log.warning("cannot write the priority file %s: %s", self.path, exc)
 
     async def aclose(self) -> None:
-        """Wait for pending changes to be written (the engine is closing)."""
+        """Wait for pending changes to be written (the engines are closing); in a shared
+        directory, then remove this process's file. Later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._flush_task is not None:
             await self._flush_task
+        if self.in_directory:
+            self.path.unlink(missing_ok=True)

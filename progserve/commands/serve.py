@@ -28,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="engine server URL for sglang/openai; repeat once per replica")
     parser.add_argument("--sglang-priority-file", type=Path, metavar="FILE",
                         help="sglang: write KV retention hints (pins, ended programs) here "
-                        "for progserve's SGLang plugin (the servers' PROGSERVE_PRIORITY_FILE)")
+                        "for progserve's SGLang plugin (the servers' PROGSERVE_PRIORITY_FILE); "
+                        "a directory lets several progserve processes share the servers")
     parser.add_argument("--model", help="model served: a name, or the model directory (torch)")
     parser.add_argument("--replicas", type=int, help="embedded engine replicas (sim/torch)")
     parser.add_argument("--policy", choices=POLICIES, help="scheduling policy (default: atlas)")

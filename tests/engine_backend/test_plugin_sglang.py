@@ -432,3 +432,34 @@ async def test_a_change_during_a_write_is_written_too(tmp_path: Path) -> None:
     await writer.aclose()
     assert len(written) == 2
     assert json.loads(path.read_text())["ended"] == ["first", "late"]
+
+
+async def test_a_directory_feeds_the_servers_from_several_progserve_processes(
+        tmp_path: Path) -> None:
+    one, two = ProgramPriorityWriter(tmp_path / "a.json"), ProgramPriorityWriter(tmp_path / "b.json")
+    one.pin("p1", True)
+    one.set_priority("p3", 5)
+    two.set_priority("p3", 9)
+    two.end("p2")
+    (tmp_path / "notes.txt").write_text("not a source")
+    feed = ProgramPriorityFeed(tmp_path, refresh_s=0)
+    assert feed.eviction_priority("p1/c/1", 0) == PIN_PRIORITY
+    assert feed.eviction_priority("p3/c/1", 0) == 9  # the highest any process gives
+    assert feed.take_ended() == ["p2"]
+    one.end("p4")
+    assert feed.take_ended() == ["p4"]  # a change in any file is seen
+    # A writer given the directory writes its own file there, and removes it on close.
+    own = ProgramPriorityWriter(tmp_path, interval_s=0.0)
+    assert own.path.parent == tmp_path and own.path.name.startswith("progserve-")
+    own.end("p5", flush=False)
+    own.schedule_flush()
+    for _ in range(200):
+        if own.path.exists():
+            break
+        await asyncio.sleep(0.005)
+    assert feed.take_ended() == ["p5"]
+    await own.aclose()
+    assert not own.path.exists()
+    own.schedule_flush()  # closed: nothing more is written
+    await asyncio.sleep(0.01)
+    assert not own.path.exists()
