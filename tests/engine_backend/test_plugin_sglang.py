@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -416,9 +417,11 @@ async def test_a_change_during_a_write_is_written_too(tmp_path: Path) -> None:
     path = tmp_path / "priorities.json"
     writer = ProgramPriorityWriter(path, interval_s=0.0)
     written: list[str] = []
+    started = threading.Event()
     real_write = writer.write
 
     def slow_write(text: str) -> None:  # runs in a worker thread
+        started.set()
         time.sleep(0.2)
         real_write(text)
         written.append(text)
@@ -426,7 +429,8 @@ async def test_a_change_during_a_write_is_written_too(tmp_path: Path) -> None:
     writer.write = slow_write  # type: ignore[method-assign]
     writer.end("first", flush=False)
     writer.schedule_flush()
-    await asyncio.sleep(0.05)  # the first write is under way
+    while not started.is_set():  # the first write is under way, its snapshot taken
+        await asyncio.sleep(0.001)
     writer.end("late", flush=False)
     writer.schedule_flush()  # the task is still running: it must loop once more
     await writer.aclose()
@@ -453,7 +457,7 @@ async def test_a_directory_feeds_the_servers_from_several_progserve_processes(
     assert own.path.parent == tmp_path and own.path.name.startswith("progserve-")
     own.end("p5", flush=False)
     own.schedule_flush()
-    for _ in range(200):
+    for _ in range(2000):  # up to 10 s on a loaded machine
         if own.path.exists():
             break
         await asyncio.sleep(0.005)
