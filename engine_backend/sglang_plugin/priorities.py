@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,16 @@ class ProgramPriorityWriter:
 
     def pin(self, program_id: str, keep: bool, *, flush: bool = True) -> None:
         (self.pinned.add if keep else self.pinned.discard)(program_id)
-        self._changed(flush)
+        if flush:
+            self.flush()
 
     def set_priority(self, program_id: str, priority: int | None, *, flush: bool = True) -> None:
         if priority is None:
             self.priorities.pop(program_id, None)
         else:
             self.priorities[program_id] = int(priority)
-        self._changed(flush)
+        if flush:
+            self.flush()
 
     def end(self, program_id: str, *, flush: bool = True) -> None:
         """The program will send nothing more: drop its pin and priority, list it ended."""
@@ -174,15 +176,6 @@ class ProgramPriorityWriter:
         self.ended[program_id] = None
         while len(self.ended) > ENDED_WINDOW:
             del self.ended[next(iter(self.ended))]
-        self._changed(flush)
-
-    def forget(self, program_ids: Iterable[str]) -> None:
-        for program_id in program_ids:
-            self.pinned.discard(program_id)
-            self.priorities.pop(program_id, None)
-        self.flush()
-
-    def _changed(self, flush: bool) -> None:
         if flush:
             self.flush()
 

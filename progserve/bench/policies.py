@@ -304,6 +304,17 @@ def headline(summary: dict[str, Any] | None) -> dict[str, Any]:
     return {k: (summary or {}).get(k) for k in keys}
 
 
+SWEEP_POINT_KEYS = ("rate", "meets_slo", "stopped_early", "stable", "response_growth",
+                    "backlog_growth", "mean_token_latency", "p95_token_latency",
+                    "cache_hit_rate", "completed_programs")
+
+
+def sweep_point(summary: dict[str, Any]) -> dict[str, Any]:
+    """One sweep rate in the report: its headline figures and the engines' busy share."""
+    busy = (summary.get("engine") or {}).get("busy_fraction")
+    return {k: summary.get(k) for k in SWEEP_POINT_KEYS} | {"engine_busy_fraction": busy}
+
+
 def at_load_view(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("rate", "mean_token_latency", "p50_token_latency", "p95_token_latency",
             "p99_token_latency", "p95_by_type", "mean_by_type", "cache_hit_rate",
@@ -550,15 +561,8 @@ class Bench:
             }
             if sweep:
                 entry["first_failing_rate"] = sweep.fail
-                entry["sweep"] = [
-                    {**{k: p.get(k) for k in ("rate", "meets_slo", "stopped_early", "stable",
-                                              "response_growth", "backlog_growth",
-                                              "mean_token_latency",
-                                              "p95_token_latency", "cache_hit_rate",
-                                              "completed_programs")},
-                     "engine_busy_fraction": (p.get("engine") or {}).get("busy_fraction")}
-                    for p in sorted(sweep.points, key=lambda p: p["rate"])
-                ]
+                entry["sweep"] = [sweep_point(p)
+                                  for p in sorted(sweep.points, key=lambda p: p["rate"])]
             policies[policy] = entry
         report: dict[str, Any] = {
             "workload": a.workload,
