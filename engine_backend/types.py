@@ -40,6 +40,21 @@ class SamplingParams(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
+class ChatPrompt(BaseModel):
+    """The chat a prompt was rendered from (OpenAI message shape).
+
+    An engine that serves chat itself (an OpenAI-compatible upstream) sends these messages
+    to its chat endpoint, so the upstream applies the model's own template; engines that
+    take text use `GenerateRequest.text` (the rendering) and ignore this.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
 class GenerateRequest(BaseModel):
     """One generation request to one engine.
 
@@ -48,6 +63,10 @@ class GenerateRequest(BaseModel):
     `program_id` lets an engine attribute cache entries to a program, so that retention
     hints (`Engine.retain`, `Engine.program_ended`) can name them. The scheduler leaves it
     unset for an untagged request (a one-call program no hint will ever name).
+    `chat`: the messages `text` was rendered from, for engines that serve chat themselves.
+    `cache_salt`: requests share cached prefixes only with requests of the same salt (the
+    scheduler sets it per tenant, so a cache hit never crosses tenants; vLLM's
+    `cache_salt`). `None` shares with every other unsalted request.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -61,6 +80,8 @@ class GenerateRequest(BaseModel):
     return_logprob: bool = False
     logprob_start_len: int = Field(-1, ge=-1, description="-1: output tokens only")
     top_logprobs_num: int = Field(0, ge=0, le=20)
+    chat: ChatPrompt | None = None
+    cache_salt: str | None = Field(None, max_length=256)
     stream: bool = Field(
         True,
         description="False: the caller only needs the whole answer (a non-streamed client "
