@@ -40,7 +40,8 @@ from engine_backend.radix_eviction import (
 
 __all__ = ["KeyedTokens", "PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
 
-TOKEN_BYTES = 8  # an encoded token: little-endian int64 (packs faster than int32 here)
+TOKEN_BYTES = 8  # an encoded token: little-endian int64 (SGLang's and numpy's token width)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 # Priority of nodes whose every owner ended (`retire_owner`): below any request's.
 RETIRED = -math.inf
 
@@ -52,13 +53,98 @@ def _as_token_list(seq: Sequence[int]) -> list[int]:
     return tolist() if tolist is not None else list(seq)
 
 
-def encode_tokens(tokens: Sequence[int]) -> bytes:
-    """Token ids -> 8 bytes each. One C-level pass; every later comparison is a memcmp."""
-    tokens = _as_token_list(tokens)
+# Buffer formats whose items already are the key's layout (int64 in this machine's order).
+_INT64_FORMATS = frozenset({"q", "l", "n", "@q", "@l", "@n", "=q", "<q"} if _LITTLE_ENDIAN else ())
+_INT_CODES = frozenset("bBhHiIlLqQnN?")  # struct codes of integers (bool counts: 0 and 1)
+
+
+def _high_bytes_clear(data: bytes) -> bool:
+    """Whether every encoded token is in [0, 2**63): the top byte of each is below 0x80."""
+    return data[TOKEN_BYTES - 1 :: TOKEN_BYTES].isascii()
+
+
+def _checked_unsigned(data: bytes) -> bytes:
+    if _high_bytes_clear(data):
+        return data
+    raise ValueError("token ids must be 64-bit ints")
+
+
+def _encode_list(tokens: list[int]) -> bytes:
+    if _LITTLE_ENDIAN:
+        try:
+            # One C pass; 'Q' converts much faster than 'q' or struct.pack. It takes every
+            # id in [0, 2**64), so ids at or above 2**63 (not int64) are caught after.
+            data = array("Q", tokens).tobytes()
+        except (OverflowError, TypeError):
+            pass  # a negative id (valid), or not an int: struct decides
+        else:
+            return _checked_unsigned(data)
     try:
         return struct.pack(f"<{len(tokens)}q", *tokens)
     except struct.error as exc:
         raise ValueError(f"token ids must be 64-bit ints: {exc}") from None
+
+
+def _encode_buffer(view: memoryview) -> bytes:
+    """A 1-D buffer of integers (array.array, numpy array, bytes) -> the key's bytes."""
+    if view.ndim != 1:
+        raise ValueError(f"token ids must be one-dimensional, got {view.ndim} dimensions")
+    if view.itemsize == TOKEN_BYTES and view.format in _INT64_FORMATS:
+        return view.tobytes()  # already the layout: one copy
+    code = view.format.lstrip("@=<>!")
+    if code not in _INT_CODES:
+        raise ValueError(f"token ids must be integers, got buffer format {view.format!r}")
+    unsigned64 = view.itemsize == TOKEN_BYTES and code in "QLN"
+    if unsigned64 and _LITTLE_ENDIAN and view.format == code:
+        return _checked_unsigned(view.tobytes())
+    return _widen(view, unsigned64)
+
+
+def _widen(view: memoryview, unsigned64: bool) -> bytes:
+    """Narrower or foreign-order integers -> int64 little-endian, in C where numpy is."""
+    try:
+        import numpy
+    except ImportError:  # a Python pass instead
+        try:
+            tokens = view.tolist()
+        except NotImplementedError:
+            raise ValueError(f"unsupported buffer format {view.format!r}") from None
+        return _encode_list(tokens)
+    if unsigned64:
+        return _checked_unsigned(numpy.asarray(view).astype("<u8", copy=False).tobytes())
+    return numpy.asarray(view).astype("<i8", copy=False).tobytes()
+
+
+def _host_array(tensor: object) -> object:
+    """A torch tensor (any device) -> a numpy array in host memory (a copy off the device)."""
+    try:
+        return tensor.detach().cpu().numpy()  # type: ignore[attr-defined]
+    except (RuntimeError, TypeError) as exc:  # e.g. bfloat16, which numpy lacks
+        raise ValueError(f"token ids must be integers: {exc}") from None
+
+
+def encode_tokens(tokens: Sequence[int] | TokenKey) -> bytes:
+    """Token ids -> 8 bytes each (little-endian int64), at the cost of a copy for the
+    containers engines hold: an `array("q")` or int64 numpy array is copied as is, a torch
+    tensor through its host numpy view, narrower integer arrays are widened in C, and a
+    list is converted in one C pass. Every later comparison is a memcmp."""
+    if type(tokens) is list:
+        return _encode_list(tokens)
+    if type(tokens) is TokenKey:
+        return tokens.data
+    try:
+        view = memoryview(tokens)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        pass  # no buffer protocol (or numpy's object arrays, which refuse it)
+    else:
+        with view:
+            return _encode_buffer(view)
+    if hasattr(tokens, "cpu") and hasattr(tokens, "numpy"):  # a torch tensor
+        with memoryview(_host_array(tokens)) as view:  # type: ignore[arg-type]
+            return _encode_buffer(view)
+    if isinstance(tokens, list):
+        return _encode_list(tokens)
+    return _encode_list(_as_token_list(tokens))
 
 
 def decode_tokens(data: bytes) -> list[int]:
@@ -74,7 +160,9 @@ class TokenKey:
 
     __slots__ = ("data",)
 
-    def __init__(self, tokens: Sequence[int] = ()) -> None:
+    def __init__(self, tokens: Sequence[int] | TokenKey = ()) -> None:
+        """Any 1-D integer container: a list, `array.array`, numpy array, torch tensor (any
+        device), or another `TokenKey`; each costs about what copying it does."""
         self.data = encode_tokens(tokens)
 
     @classmethod
@@ -86,8 +174,11 @@ class TokenKey:
         return key
 
     def extended(self, tokens: Sequence[int] | TokenKey) -> TokenKey:
-        more = tokens.data if type(tokens) is TokenKey else encode_tokens(tokens)
-        return TokenKey.from_bytes(self.data + more)
+        """This key followed by `tokens` (any container `TokenKey()` takes): encodes only
+        the new tokens, then one copy of the whole."""
+        key = TokenKey.__new__(TokenKey)
+        key.data = self.data + encode_tokens(tokens)
+        return key
 
     def tokens(self) -> list[int]:
         return decode_tokens(self.data)
@@ -106,19 +197,13 @@ class TokenKey:
         return f"TokenKey(len={len(self)})"
 
 
-def encode_token_ids(tokens: Sequence[int]) -> bytes:
+def encode_token_ids(tokens: Sequence[int] | TokenKey) -> bytes:
     """Like `encode_tokens`, for token ids, which are never negative: raises ValueError on a
-    negative id. Packing as unsigned 64-bit gives the same bytes for every valid id, in one
-    C pass and faster than `struct.pack`."""
-    if TOKEN_BYTES != 8 or sys.byteorder != "little":  # not the key's layout: check, encode
-        tokens = _as_token_list(tokens)
-        if tokens and min(tokens) < 0:
-            raise ValueError("token ids must be non-negative")
-        return encode_tokens(tokens)
-    try:
-        return array("Q", tokens if isinstance(tokens, list) else _as_token_list(tokens)).tobytes()
-    except (OverflowError, TypeError):
-        raise ValueError("token ids must be non-negative 64-bit ints") from None
+    negative id (its top byte is set, as is that of an id at or above 2**63)."""
+    data = encode_tokens(tokens)
+    if not _high_bytes_clear(data):
+        raise ValueError("token ids must be non-negative 64-bit ints")
+    return data
 
 
 class KeyedTokens(list[int]):
