@@ -138,7 +138,8 @@ def encode_tokens(tokens: Sequence[int] | TokenKey) -> bytes:
         pass  # no buffer protocol (or numpy's object arrays, which refuse it)
     else:
         with view:
-            return _encode_buffer(view)
+            if view.format != "O":  # numpy object arrays: Python ints, as a list below
+                return _encode_buffer(view)
     if hasattr(tokens, "cpu") and hasattr(tokens, "numpy"):  # a torch tensor
         with memoryview(_host_array(tokens)) as view:  # type: ignore[arg-type]
             return _encode_buffer(view)
