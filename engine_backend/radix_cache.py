@@ -272,8 +272,25 @@ class TreeNode:
 @dataclass(slots=True)
 class PrefixMatch:
     length: int  # number of matched tokens
-    value: list[int]  # per-token values along the matched path ([] without stored values)
     node: TreeNode  # last matched node, split so it ends exactly at `length`; root if 0
+
+    @property
+    def value(self) -> list[int]:
+        """Per-token values along the matched path ([] without stored values), gathered
+        when asked for (a caller that needs only the length pays nothing, as with SGLang's
+        separate `path_device_indices`). Read it before the path can be evicted, or lock
+        `node` first; later splits and inserts do not change it."""
+        parts: list[list[int]] = []
+        node = self.node
+        while node.parent is not None:
+            if node.value is None:
+                return []
+            parts.append(node.value)
+            node = node.parent
+        values: list[int] = []
+        for part in reversed(parts):
+            values += part
+        return values
 
 
 def _shared_bytes(edge: bytes, data: bytes, start: int) -> int:
@@ -325,7 +342,6 @@ class RadixCache:
         """Longest cached prefix of `key`. Splits the last edge so the match ends on a node."""
         data = _key_bytes(key)
         now = self.clock() if touch else 0.0
-        values: list[int] = []
         node, pos, end = self.root, 0, len(data)
         while pos < end:
             # Hot loop: the step is spelled out here and in insert() (no call per node).
@@ -336,10 +352,8 @@ class RadixCache:
                 child = self._split(child, _shared_bytes(child.key, data, pos))
             if touch:
                 child.last_access = now
-            if child.value is not None:
-                values += child.value
             node, pos = child, pos + len(child.key)
-        return PrefixMatch(length=pos // TOKEN_BYTES, value=values, node=node)
+        return PrefixMatch(length=pos // TOKEN_BYTES, node=node)
 
     def insert(
         self,
