@@ -5,11 +5,14 @@ indices, `store_values=True`), and the scheduler's per-replica approximate prefi
 (`match_prefix(..., touch=False)`).
 
 Design:
-- Keys are encoded once into bytes, 8 bytes per token (`TokenKey`), so every prefix
-  comparison is a memcmp (`bytes.startswith` at an offset) instead of a per-token loop;
-  a caller that reuses a `TokenKey` (the router across replicas, an engine from
-  admission to finish) pays the encoding once. A node's children are keyed by their
-  first token's bytes.
+- Keys are encoded once into bytes, 8 bytes per token (`TokenKey`, little-endian int64:
+  the layout of SGLang's `array("q")`, numpy's and torch's int64), so every prefix
+  comparison is a memcmp (`bytes.startswith` at an offset) instead of a per-token loop.
+  Encoding costs a copy for a container with the buffer protocol (an int64 one is copied
+  as is, a narrower one widened in C, a torch tensor read through its host numpy view)
+  and one C pass over a list. A caller that reuses a `TokenKey` (the router across
+  replicas, an engine from admission to finish, `extended` by the output) pays it once.
+  A node's children are keyed by their first token's bytes.
 - Only the single edge where two keys diverge is searched, by bisection on memcmp.
 - Evictable leaves sit in a heap keyed by the eviction order (`radix_eviction.py`) with
   lazy invalidation: a touch only stamps the node; a stale entry is re-pushed when popped.
@@ -167,6 +170,19 @@ class TokenKey:
         self.data = encode_tokens(tokens)
 
     @classmethod
+    def of_token_ids(cls, ids: Sequence[int]) -> TokenKey:
+        """The key of the token ids an engine received: the key a `KeyedTokens` carries
+        (free, unless the list was resized since), else encoded (`encode_token_ids`:
+        ValueError on a negative id)."""
+        if type(ids) is KeyedTokens:
+            key = ids.key_if_current()
+            if key is not None:
+                return key
+        key = cls.__new__(cls)
+        key.data = encode_token_ids(ids)
+        return key
+
+    @classmethod
     def from_bytes(cls, data: bytes) -> TokenKey:
         if len(data) % TOKEN_BYTES:
             raise ValueError(f"encoded key length is not a multiple of {TOKEN_BYTES} bytes")
@@ -201,7 +217,13 @@ class TokenKey:
 def encode_token_ids(tokens: Sequence[int] | TokenKey) -> bytes:
     """Like `encode_tokens`, for token ids, which are never negative: raises ValueError on a
     negative id (its top byte is set, as is that of an id at or above 2**63)."""
-    data = encode_tokens(tokens)
+    if type(tokens) is list and _LITTLE_ENDIAN:
+        try:
+            data = array("Q", tokens).tobytes()  # as in _encode_list, one check below
+        except (OverflowError, TypeError):
+            raise ValueError("token ids must be non-negative 64-bit ints") from None
+    else:
+        data = encode_tokens(tokens)
     if not _high_bytes_clear(data):
         raise ValueError("token ids must be non-negative 64-bit ints")
     return data
