@@ -121,6 +121,10 @@ def _widen(view: memoryview, unsigned64: bool) -> bytes:
 def _host_array(tensor: object) -> object:
     """A torch tensor (any device) -> a numpy array in host memory (a copy off the device)."""
     try:
+        return tensor.numpy()  # type: ignore[attr-defined]  # a CPU tensor: a view
+    except (RuntimeError, TypeError):
+        pass  # on a device, or part of an autograd graph
+    try:
         return tensor.detach().cpu().numpy()  # type: ignore[attr-defined]
     except (RuntimeError, TypeError) as exc:  # e.g. bfloat16, which numpy lacks
         raise ValueError(f"token ids must be integers: {exc}") from None
