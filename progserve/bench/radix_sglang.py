@@ -189,8 +189,8 @@ def int64_array(tokens: Any) -> array.array:
         return array.array("q", tokens)
     import numpy
 
-    out = array.array("q")
-    out.frombytes(numpy.asarray(tokens, dtype=numpy.int64))  # numpy arrays, CPU tensors
+    out = array.array("q")  # numpy arrays, CPU tensors: one copy of their bytes
+    out.frombytes(memoryview(numpy.ascontiguousarray(tokens, dtype=numpy.int64)).cast("B"))
     return out
 
 

@@ -95,3 +95,17 @@ def test_sglang_caches_run_side_by_side(tmp_path: Path) -> None:
         assert set(report["ratios"][theirs["name"]]) == {"ops_per_s", "tree_ops_per_s"}
     # Only model and quantisation code was cut short, never SGLang's cache modules.
     assert not [m for m in report["sglang_modules_cut_short"] if ".mem_cache." in m]
+
+
+def test_sglang_side_gets_its_own_key_container_from_every_trace_container() -> None:
+    from progserve.bench.radix_sglang import int64_array
+
+    config = TraceConfig(ops=5, seed=6)
+    expected = [r.prompt for r in AgentTrace(config, "array")]
+    for container in CONTAINERS:
+        if container == "torch" and not importlib.util.find_spec("torch"):
+            continue
+        got = [int64_array(r.prompt) for r in AgentTrace(config, container)]
+        assert all(type(a) is type(b) and a.typecode == "q" for a, b in zip(got, expected,
+                                                                           strict=True))
+        assert got == expected
