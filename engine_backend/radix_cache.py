@@ -5,11 +5,14 @@ indices, `store_values=True`), and the scheduler's per-replica approximate prefi
 (`match_prefix(..., touch=False)`).
 
 Design:
-- Keys are encoded once into bytes, 8 bytes per token (`TokenKey`), so every prefix
-  comparison is a memcmp (`bytes.startswith` at an offset) instead of a per-token loop;
-  a caller that reuses a `TokenKey` (the router across replicas, an engine from
-  admission to finish) pays the encoding once. A node's children are keyed by their
-  first token's bytes.
+- Keys are encoded once into bytes, 8 bytes per token (`TokenKey`, little-endian int64:
+  the layout of SGLang's `array("q")`, numpy's and torch's int64), so every prefix
+  comparison is a memcmp (`bytes.startswith` at an offset) instead of a per-token loop.
+  Encoding costs a copy for a container with the buffer protocol (an int64 one is copied
+  as is, a narrower one widened in C, a torch tensor read through its host numpy view)
+  and one C pass over a list. A caller that reuses a `TokenKey` (the router across
+  replicas, an engine from admission to finish, `extended` by the output) pays it once.
+  A node's children are keyed by their first token's bytes.
 - Only the single edge where two keys diverge is searched, by bisection on memcmp.
 - Evictable leaves sit in a heap keyed by the eviction order (`radix_eviction.py`) with
   lazy invalidation: a touch only stamps the node; a stale entry is re-pushed when popped.
@@ -40,7 +43,8 @@ from engine_backend.radix_eviction import (
 
 __all__ = ["KeyedTokens", "PrefixMatch", "RadixCache", "TokenKey", "TreeNode"]
 
-TOKEN_BYTES = 8  # an encoded token: little-endian int64 (packs faster than int32 here)
+TOKEN_BYTES = 8  # an encoded token: little-endian int64 (SGLang's and numpy's token width)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 # Priority of nodes whose every owner ended (`retire_owner`): below any request's.
 RETIRED = -math.inf
 
@@ -52,13 +56,103 @@ def _as_token_list(seq: Sequence[int]) -> list[int]:
     return tolist() if tolist is not None else list(seq)
 
 
-def encode_tokens(tokens: Sequence[int]) -> bytes:
-    """Token ids -> 8 bytes each. One C-level pass; every later comparison is a memcmp."""
-    tokens = _as_token_list(tokens)
+# Buffer formats whose items already are the key's layout (int64 in this machine's order).
+_INT64_FORMATS = frozenset({"q", "l", "n", "@q", "@l", "@n", "=q", "<q"} if _LITTLE_ENDIAN else ())
+_INT_CODES = frozenset("bBhHiIlLqQnN?")  # struct codes of integers (bool counts: 0 and 1)
+
+
+def _high_bytes_clear(data: bytes) -> bool:
+    """Whether every encoded token is in [0, 2**63): the top byte of each is below 0x80."""
+    return data[TOKEN_BYTES - 1 :: TOKEN_BYTES].isascii()
+
+
+def _checked_unsigned(data: bytes) -> bytes:
+    if _high_bytes_clear(data):
+        return data
+    raise ValueError("token ids must be 64-bit ints")
+
+
+def _encode_list(tokens: list[int]) -> bytes:
+    if _LITTLE_ENDIAN:
+        try:
+            # One C pass; 'Q' converts much faster than 'q' or struct.pack. It takes every
+            # id in [0, 2**64), so ids at or above 2**63 (not int64) are caught after.
+            data = array("Q", tokens).tobytes()
+        except (OverflowError, TypeError):
+            pass  # a negative id (valid), or not an int: struct decides
+        else:
+            return _checked_unsigned(data)
     try:
         return struct.pack(f"<{len(tokens)}q", *tokens)
     except struct.error as exc:
         raise ValueError(f"token ids must be 64-bit ints: {exc}") from None
+
+
+def _encode_buffer(view: memoryview) -> bytes:
+    """A 1-D buffer of integers (array.array, numpy array, bytes) -> the key's bytes."""
+    if view.ndim != 1:
+        raise ValueError(f"token ids must be one-dimensional, got {view.ndim} dimensions")
+    if view.itemsize == TOKEN_BYTES and view.format in _INT64_FORMATS:
+        return view.tobytes()  # already the layout: one copy
+    code = view.format.lstrip("@=<>!")
+    if code not in _INT_CODES:
+        raise ValueError(f"token ids must be integers, got buffer format {view.format!r}")
+    unsigned64 = view.itemsize == TOKEN_BYTES and code in "QLN"
+    if unsigned64 and _LITTLE_ENDIAN and view.format == code:
+        return _checked_unsigned(view.tobytes())
+    return _widen(view, unsigned64)
+
+
+def _widen(view: memoryview, unsigned64: bool) -> bytes:
+    """Narrower or foreign-order integers -> int64 little-endian, in C where numpy is."""
+    try:
+        import numpy
+    except ImportError:  # a Python pass instead
+        try:
+            tokens = view.tolist()
+        except NotImplementedError:
+            raise ValueError(f"unsupported buffer format {view.format!r}") from None
+        return _encode_list(tokens)
+    if unsigned64:
+        return _checked_unsigned(numpy.asarray(view).astype("<u8", copy=False).tobytes())
+    return numpy.asarray(view).astype("<i8", copy=False).tobytes()
+
+
+def _host_array(tensor: object) -> object:
+    """A torch tensor (any device) -> a numpy array in host memory (a copy off the device)."""
+    try:
+        return tensor.numpy()  # type: ignore[attr-defined]  # a CPU tensor: a view
+    except (RuntimeError, TypeError):
+        pass  # on a device, or part of an autograd graph
+    try:
+        return tensor.detach().cpu().numpy()  # type: ignore[attr-defined]
+    except (RuntimeError, TypeError) as exc:  # e.g. bfloat16, which numpy lacks
+        raise ValueError(f"token ids must be integers: {exc}") from None
+
+
+def encode_tokens(tokens: Sequence[int] | TokenKey) -> bytes:
+    """Token ids -> 8 bytes each (little-endian int64), at the cost of a copy for the
+    containers engines hold: an `array("q")` or int64 numpy array is copied as is, a torch
+    tensor through its host numpy view, narrower integer arrays are widened in C, and a
+    list is converted in one C pass. Every later comparison is a memcmp."""
+    if type(tokens) is list:
+        return _encode_list(tokens)
+    if type(tokens) is TokenKey:
+        return tokens.data
+    try:
+        view = memoryview(tokens)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        pass  # no buffer protocol (or numpy's object arrays, which refuse it)
+    else:
+        with view:
+            if view.format != "O":  # numpy object arrays: Python ints, as a list below
+                return _encode_buffer(view)
+    if hasattr(tokens, "cpu") and hasattr(tokens, "numpy"):  # a torch tensor
+        with memoryview(_host_array(tokens)) as view:  # type: ignore[arg-type]
+            return _encode_buffer(view)
+    if isinstance(tokens, list):
+        return _encode_list(tokens)
+    return _encode_list(_as_token_list(tokens))
 
 
 def decode_tokens(data: bytes) -> list[int]:
@@ -74,8 +168,23 @@ class TokenKey:
 
     __slots__ = ("data",)
 
-    def __init__(self, tokens: Sequence[int] = ()) -> None:
+    def __init__(self, tokens: Sequence[int] | TokenKey = ()) -> None:
+        """Any 1-D integer container: a list, `array.array`, numpy array, torch tensor (any
+        device), or another `TokenKey`; each costs about what copying it does."""
         self.data = encode_tokens(tokens)
+
+    @classmethod
+    def of_token_ids(cls, ids: Sequence[int]) -> TokenKey:
+        """The key of the token ids an engine received: the key a `KeyedTokens` carries
+        (free, unless the list was resized since), else encoded (`encode_token_ids`:
+        ValueError on a negative id)."""
+        if type(ids) is KeyedTokens:
+            key = ids.key_if_current()
+            if key is not None:
+                return key
+        key = cls.__new__(cls)
+        key.data = encode_token_ids(ids)
+        return key
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TokenKey:
@@ -86,8 +195,11 @@ class TokenKey:
         return key
 
     def extended(self, tokens: Sequence[int] | TokenKey) -> TokenKey:
-        more = tokens.data if type(tokens) is TokenKey else encode_tokens(tokens)
-        return TokenKey.from_bytes(self.data + more)
+        """This key followed by `tokens` (any container `TokenKey()` takes): encodes only
+        the new tokens, then one copy of the whole."""
+        key = TokenKey.__new__(TokenKey)
+        key.data = self.data + encode_tokens(tokens)
+        return key
 
     def tokens(self) -> list[int]:
         return decode_tokens(self.data)
@@ -106,19 +218,19 @@ class TokenKey:
         return f"TokenKey(len={len(self)})"
 
 
-def encode_token_ids(tokens: Sequence[int]) -> bytes:
+def encode_token_ids(tokens: Sequence[int] | TokenKey) -> bytes:
     """Like `encode_tokens`, for token ids, which are never negative: raises ValueError on a
-    negative id. Packing as unsigned 64-bit gives the same bytes for every valid id, in one
-    C pass and faster than `struct.pack`."""
-    if TOKEN_BYTES != 8 or sys.byteorder != "little":  # not the key's layout: check, encode
-        tokens = _as_token_list(tokens)
-        if tokens and min(tokens) < 0:
-            raise ValueError("token ids must be non-negative")
-        return encode_tokens(tokens)
-    try:
-        return array("Q", tokens if isinstance(tokens, list) else _as_token_list(tokens)).tobytes()
-    except (OverflowError, TypeError):
-        raise ValueError("token ids must be non-negative 64-bit ints") from None
+    negative id (its top byte is set, as is that of an id at or above 2**63)."""
+    if type(tokens) is list and _LITTLE_ENDIAN:
+        try:
+            data = array("Q", tokens).tobytes()  # as in _encode_list, one check below
+        except (OverflowError, TypeError):
+            raise ValueError("token ids must be non-negative 64-bit ints") from None
+    else:
+        data = encode_tokens(tokens)
+    if not _high_bytes_clear(data):
+        raise ValueError("token ids must be non-negative 64-bit ints")
+    return data
 
 
 class KeyedTokens(list[int]):
@@ -186,8 +298,25 @@ class TreeNode:
 @dataclass(slots=True)
 class PrefixMatch:
     length: int  # number of matched tokens
-    value: list[int]  # per-token values along the matched path ([] without stored values)
     node: TreeNode  # last matched node, split so it ends exactly at `length`; root if 0
+
+    @property
+    def value(self) -> list[int]:
+        """Per-token values along the matched path ([] without stored values), gathered
+        when asked for (a caller that needs only the length pays nothing, as with SGLang's
+        separate `path_device_indices`). Read it before the path can be evicted, or lock
+        `node` first; later splits and inserts do not change it."""
+        parts: list[list[int]] = []
+        node = self.node
+        while node.parent is not None:
+            if node.value is None:
+                return []
+            parts.append(node.value)
+            node = node.parent
+        values: list[int] = []
+        for part in reversed(parts):
+            values += part
+        return values
 
 
 def _shared_bytes(edge: bytes, data: bytes, start: int) -> int:
@@ -239,7 +368,6 @@ class RadixCache:
         """Longest cached prefix of `key`. Splits the last edge so the match ends on a node."""
         data = _key_bytes(key)
         now = self.clock() if touch else 0.0
-        values: list[int] = []
         node, pos, end = self.root, 0, len(data)
         while pos < end:
             # Hot loop: the step is spelled out here and in insert() (no call per node).
@@ -250,10 +378,8 @@ class RadixCache:
                 child = self._split(child, _shared_bytes(child.key, data, pos))
             if touch:
                 child.last_access = now
-            if child.value is not None:
-                values += child.value
             node, pos = child, pos + len(child.key)
-        return PrefixMatch(length=pos // TOKEN_BYTES, value=values, node=node)
+        return PrefixMatch(length=pos // TOKEN_BYTES, node=node)
 
     def insert(
         self,

@@ -25,7 +25,7 @@ from engine_backend.errors import (
     UnsupportedError,
 )
 from engine_backend.local_engine import LocalEngine
-from engine_backend.radix_cache import KeyedTokens, RadixCache, TokenKey, encode_token_ids
+from engine_backend.radix_cache import RadixCache, TokenKey
 from engine_backend.sim.batch import DONE, ContinuousBatcher, SimRequest, StepPlan
 from engine_backend.sim.config import SimConfig
 from engine_backend.sim.cost_model import StepCostModel
@@ -58,12 +58,8 @@ def _prompt_key(ids: list[int]) -> TokenKey:
     """Encode token ids for the radix cache (a `KeyedTokens` prompt brings its key),
     rejecting negative ids on the way; ids the vocabulary does not know are accepted and
     decode as pseudo-words."""
-    if type(ids) is KeyedTokens:
-        key = ids.key_if_current()
-        if key is not None:
-            return key
     try:
-        return TokenKey.from_bytes(encode_token_ids(ids))
+        return TokenKey.of_token_ids(ids)
     except ValueError:
         raise InvalidRequestError("input_ids must be non-negative integers") from None
 

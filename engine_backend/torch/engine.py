@@ -290,7 +290,8 @@ class TorchEngine(LocalEngine):
         r = TorchRequest(
             rid=request.rid,
             prompt=ids,
-            key=TokenKey(ids),
+            # A KeyedTokens prompt brings its key; ids were checked non-negative above.
+            key=TokenKey(ids) if request.text is not None else TokenKey.of_token_ids(request.input_ids),
             priority=request.priority,
             program_id=request.program_id,
             # Output that cannot fit the context ends with finish "length".

@@ -1,28 +1,35 @@
 """Radix cache micro-benchmark: match+insert ops/s on a synthetic agent trace.
 
-One op is what an engine does per request: `match_prefix(prompt)` at admission, then
-`insert(prompt + output, slots)` at finish, then evict down to the capacity. The trace is
-deterministic for a seed: a few shared system prompts (1-2k tokens), programs whose
-contexts grow turn by turn (output, then a tool result or user message appended), forks
-of a context into branches, and some fresh unrelated requests.
+One op is what an engine does per request, timed as a whole: build the prompt's key from
+the container the engine holds the tokens in (`--container`: `array("q")`, as SGLang's
+scheduler holds them, a list, a numpy array or a torch tensor), match it, lock the
+matched node, evict the shortfall when the free KV (capacity minus the tree) does not
+cover the new tokens, extend the key with the output, insert the full sequence with its
+KV slots, free the duplicate slots, unlock. Each cache runs twice over the trace: end to
+end (`ops_per_s`, keys converted inside the timed part) and with keys packed beforehand
+(`tree_ops_per_s`, the tree alone).
+
+The trace is deterministic for a seed: a few shared system prompts (1-2k tokens),
+programs whose contexts grow turn by turn (output, then a tool result or user message
+appended), forks of a context into branches, and some fresh unrelated requests.
 
 Every cache gets every request in turn (interleaved, so a busy machine slows all alike),
-and only the CPU time of the cache calls is counted. With `--compare-sglang`, SGLang's own
-RadixCache and its Rust-core UnifiedRadixCache run in the same loop when `sglang` imports.
+and only the thread CPU time of the op counts. With `--compare-sglang`, SGLang's own
+RadixCache and its Rust-core UnifiedRadixCache run in the same loop (`radix_sglang.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import array
-import importlib.util
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine_backend.radix_cache import RadixCache, TokenKey
 
@@ -47,11 +54,37 @@ class TraceConfig:
     max_context_tokens: int = 12_000
 
 
+def _to_array(tokens: array.array) -> array.array:
+    return array.array("q", tokens)
+
+
+def _to_list(tokens: array.array) -> list[int]:
+    return tokens.tolist()
+
+
+def _to_numpy(tokens: array.array) -> Any:
+    import numpy
+
+    return numpy.frombuffer(tokens, dtype=numpy.uint16).astype(numpy.int64)
+
+
+def _to_torch(tokens: array.array) -> Any:
+    import torch
+
+    return torch.from_numpy(_to_numpy(tokens))
+
+
+# --container: how the engine holds a request's token ids (all int64 but the list).
+CONTAINERS: dict[str, Callable[[array.array], Any]] = {
+    "array": _to_array, "list": _to_list, "numpy": _to_numpy, "torch": _to_torch,
+}
+
+
 @dataclass(slots=True)
 class Request:
     program: str
-    prompt: list[int]
-    output: list[int]
+    prompt: Any  # token ids in the trace's container
+    output: Any
 
 
 @dataclass(slots=True)
@@ -64,11 +97,12 @@ class _Program:
 class AgentTrace:
     """Deterministic request stream of interleaved agent programs.
 
-    Every request's token lists are fresh int objects (`array.tolist()`), as a tokenizer
-    would hand them over, so list comparisons cannot short-cut on object identity."""
+    Every request's token ids are a fresh container (`container`, see CONTAINERS), as a
+    tokenizer or an engine would hand them over; the ids do not depend on the container."""
 
-    def __init__(self, config: TraceConfig) -> None:
+    def __init__(self, config: TraceConfig, container: str = "array") -> None:
         self.config = config
+        self.hold = CONTAINERS[container]
         self.rng = random.Random(config.seed)
         self._next_pid = 0
         self.system_prompts = [
@@ -96,14 +130,14 @@ class AgentTrace:
         return _Program(f"p{self._next_pid}", context, self.rng.randint(*self.config.turns))
 
     def _fresh_request(self) -> Request:
-        prompt = self._tokens(self.config.fresh_tokens).tolist()
-        return Request("fresh", prompt, self._tokens(self.config.output_tokens).tolist())
+        prompt = self._tokens(self.config.fresh_tokens)
+        return Request("fresh", self.hold(prompt), self.hold(self._tokens(self.config.output_tokens)))
 
     def _program_turn(self) -> Request:
         index = self.rng.randrange(len(self.programs))
         program = self.programs[index]
         output = self._tokens(self.config.output_tokens)
-        request = Request(program.pid, program.context.tolist(), output.tolist())
+        request = Request(program.pid, self.hold(program.context), self.hold(output))
         tool_result = self._tokens(self.config.tool_result_tokens)
         program.context = program.context + output + tool_result
         program.turns_left -= 1
@@ -126,9 +160,12 @@ class AgentTrace:
 
 @dataclass(slots=True)
 class RunResult:
+    """One cache in one mode over the trace."""
+
     name: str
+    prepacked: bool = False  # keys packed before the timed part (the tree alone)
     ops: int = 0
-    seconds: float = 0.0  # CPU time of the timed calls
+    seconds: float = 0.0  # thread CPU time of the timed ops
     prompt_tokens: int = 0
     matched_tokens: int = 0
     evicted_tokens: int = 0
@@ -142,15 +179,10 @@ class RunResult:
     def hit_rate(self) -> float:
         return self.matched_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
-    def to_json(self) -> dict[str, float | int | str]:
-        return {**asdict(self), "ops_per_s": round(self.ops_per_s, 1),
-                "us_per_op": round(1e6 / self.ops_per_s, 2) if self.ops else 0.0,
-                "hit_rate": round(self.hit_rate, 4)}
-
 
 class Side(Protocol):
-    """One cache under test. `prepare` is untimed (slot values); `op` is timed: what an
-    engine does per request (match the prompt, insert prompt + output, evict to capacity)."""
+    """One cache under test. `prepare` is untimed (KV slots, and the keys when prepacked);
+    `op` is timed: the engine's sequence for one request (see the module docstring)."""
 
     result: RunResult
 
@@ -163,153 +195,67 @@ class Side(Protocol):
     def size(self) -> int: ...
 
 
-class ProgserveSide:
-    """progserve's RadixCache. `encode_once`: the engine's way, one `TokenKey` per request
-    (encoded at admission, extended by the output at finish); else plain token lists."""
+def _free(slots: object) -> None:
+    """Where an engine returns slots to its KV pool; the bench tracks no memory (SGLang's
+    side gets the same no-op allocator)."""
 
-    def __init__(self, *, capacity: int, eviction: str, encode_once: bool,
-                 encode_untimed: bool = False, values: bool = True) -> None:
+
+class ProgserveSide:
+    """progserve's RadixCache, used as the sim and torch engines use it: a `TokenKey` built
+    from the engine's container at admission, extended by the output at finish."""
+
+    def __init__(self, *, capacity: int, eviction: str, prepacked: bool,
+                 values: bool = True) -> None:
         self.capacity = capacity
-        self.encode_once = encode_once
-        self.encode_untimed = encode_untimed and encode_once
+        self.prepacked = prepacked
         self.values = values
         self.pin_waiting = eviction == "priority"
-        self.freed: list[int] = []
-        self.cache = RadixCache(eviction=eviction, store_values=values,
-                                on_evict=self.freed.extend)
+        self.cache = RadixCache(eviction=eviction, store_values=values, on_evict=_free)
         self.next_slot = 0
-        keys = "TokenKey" if encode_once else "lists"
         kind = "" if values else ", no values"
-        self.result = RunResult(name=f"progserve RadixCache ({eviction}, {keys}{kind})")
+        self.result = RunResult(name=f"progserve RadixCache ({eviction}{kind})",
+                                prepacked=prepacked)
 
     def prepare(self, request: Request) -> tuple[list[int] | None, TokenKey | None,
                                                    TokenKey | None]:
         start = self.next_slot
         self.next_slot += len(request.prompt) + len(request.output)
-        self.freed.clear()
-        values = list(range(start, self.next_slot)) if self.values else None
-        if not self.encode_untimed:
-            return values, None, None
+        slots = list(range(start, self.next_slot)) if self.values else None
+        if not self.prepacked:
+            return slots, None, None
         prompt = TokenKey(request.prompt)
-        return values, prompt, prompt.extended(request.output)
+        return slots, prompt, prompt.extended(request.output)
 
-    def op(self, request: Request, prepared: object) -> tuple[int, int]:
+    def op(self, request: Request, prepared: Any) -> tuple[int, int]:
         cache, owner = self.cache, request.program
-        values, prompt, full = prepared  # type: ignore[misc]
+        slots, prompt, full = prepared
+        if prompt is None:
+            prompt = TokenKey(request.prompt)
         if self.pin_waiting:
             cache.unpin(owner)  # the program is back from its tool
-        if prompt is not None:
-            matched = cache.match_prefix(prompt).length
-            cache.insert(full, values, owner=owner)
-        elif self.encode_once:
-            key = TokenKey(request.prompt)
-            matched = cache.match_prefix(key).length
-            cache.insert(key.extended(request.output), values, owner=owner)
-        else:
-            matched = cache.match_prefix(request.prompt).length
-            cache.insert(request.prompt + request.output, values, owner=owner)
+        match = cache.match_prefix(prompt)
+        cache.inc_lock_ref(match.node)
+        shortfall = (len(prompt) - match.length + len(request.output)) - (
+            self.capacity - cache.total_size())
+        evicted = cache.evict(shortfall) if shortfall > 0 else 0
+        if full is None:
+            full = prompt.extended(request.output)
+        inserted = cache.insert(full, slots, owner=owner)
+        if slots is not None:
+            _free(slots[match.length : inserted])  # duplicates
+        cache.dec_lock_ref(match.node)
         if self.pin_waiting:
             cache.pin(owner)  # ... and waits on the next one
-        overflow = cache.total_size() - self.capacity
-        return matched, cache.evict(overflow) if overflow > 0 else 0
+        return match.length, evicted
 
     def size(self) -> int:
         return self.cache.total_size()
 
 
-def sglang_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("sglang") is None:
-        return "sglang is not installed"
-    try:
-        from sglang.srt.mem_cache import base_prefix_cache, radix_cache  # noqa: F401
-    except Exception as exc:  # its server internals need torch and much more
-        return f"sglang's RadixCache does not import here: {type(exc).__name__}: {exc}"
-    return None
-
-
-class _SimAllocator:
-    """What SGLang's caches call on their KV allocator; the bench tracks no memory."""
-
-    page_size = 1
-
-    def __init__(self) -> None:
-        import torch
-
-        self.device = torch.device("cpu")
-
-    def free(self, indices: object) -> None:
-        pass
-
-    def free_segment(self, indices: object, start_pos: int = 0) -> None:
-        pass
-
-
-class SGLangSide:
-    """SGLang's own cache: `RadixCache` (Python) or `UnifiedRadixCache` on its Rust tree
-    core (`unified=True`). Keys are `array("q")`, SGLang's token-id container, built inside
-    the timed region as our keys are. SGLang's match returns only the length (no values)."""
-
-    def __init__(self, *, capacity: int, unified: bool, encode_untimed: bool = False) -> None:
-        import torch
-        from sglang.srt.mem_cache import base_prefix_cache as base
-        from sglang.srt.mem_cache.radix_cache import RadixKey
-
-        self.torch, self.base, self.radix_key = torch, base, RadixKey
-        self.capacity = capacity
-        self.encode_untimed = encode_untimed
-        self.cache = self._unified_cache() if unified else self._python_cache()
-        self.next_slot = 0
-        label = "UnifiedRadixCache, Rust core" if unified else "RadixCache"
-        self.result = RunResult(name=f"SGLang {label} (lru)")
-
-    @staticmethod
-    def _python_cache():  # noqa: ANN205 - SGLang's object
-        from sglang.srt.mem_cache.radix_cache import RadixCache as SGLangRadixCache
-
-        return SGLangRadixCache.create_simulated(mock_allocator=_SimAllocator())
-
-    @staticmethod
-    def _unified_cache():  # noqa: ANN205 - SGLang's object
-        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
-        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
-
-        return UnifiedRadixCache(CacheInitParams(
-            disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=_SimAllocator(),
-            page_size=1, tree_components=(ComponentType.FULL,), tree_core_backend="rust"))
-
-    def prepare(self, request: Request) -> tuple[object, array.array | None, array.array | None]:
-        start = self.next_slot
-        self.next_slot += len(request.prompt) + len(request.output)
-        values = self.torch.arange(start, self.next_slot, dtype=self.torch.int64)
-        if not self.encode_untimed:
-            return values, None, None
-        prompt = array.array("q", request.prompt)
-        return values, prompt, prompt + array.array("q", request.output)
-
-    def op(self, request: Request, prepared: object) -> tuple[int, int]:
-        cache, base, radix_key = self.cache, self.base, self.radix_key
-        values, prompt, full = prepared  # type: ignore[misc]
-        if prompt is None:
-            prompt = array.array("q", request.prompt)
-        found = cache.match_prefix(base.MatchPrefixParams(key=radix_key(prompt)))
-        if full is None:
-            full = prompt + array.array("q", request.output)
-        cache.insert(base.InsertParams(key=radix_key(full), value=values))
-        overflow = self.size() - self.capacity
-        if overflow <= 0:
-            return found.device_prefix_len, 0
-        evicted = cache.evict(base.EvictParams(num_tokens=overflow)).num_tokens_evicted
-        return found.device_prefix_len, evicted
-
-    def size(self) -> int:
-        return self.cache.evictable_size() + self.cache.protected_size()
-
-
 def run_sides(trace: Iterable[Request], sides: list[Side],
               on_step: Callable[[], None] | None = None) -> list[RunResult]:
     """Feeds every request to every side in turn (rotating who goes first), so load
-    changes on a shared machine hit all sides alike. Times CPU time of `op` only."""
+    changes on a shared machine hit all sides alike. Times the thread CPU time of `op`."""
     clock = time.thread_time
     for index, request in enumerate(trace):
         for turn in range(len(sides)):
@@ -331,79 +277,155 @@ def run_sides(trace: Iterable[Request], sides: list[Side],
     return [side.result for side in sides]
 
 
+# --------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class CacheReport:
+    """One cache over every repeat: end to end and tree-only, medians first."""
+
+    name: str
+    end_to_end: list[RunResult]
+    tree_only: list[RunResult]
+
+    def ops_per_s(self) -> float:
+        return statistics.median(r.ops_per_s for r in self.end_to_end)
+
+    def tree_ops_per_s(self) -> float:
+        return statistics.median(r.ops_per_s for r in self.tree_only)
+
+    def to_json(self) -> dict[str, Any]:
+        last, tree = self.end_to_end[-1], self.tree_only[-1]
+        ops_per_s = self.ops_per_s()
+        return {
+            "name": self.name, "ops": last.ops,
+            "ops_per_s": round(ops_per_s, 1),
+            "tree_ops_per_s": round(self.tree_ops_per_s(), 1),
+            "us_per_op": round(1e6 / ops_per_s, 2) if ops_per_s else 0.0,
+            "ops_per_s_runs": [round(r.ops_per_s, 1) for r in self.end_to_end],
+            "tree_ops_per_s_runs": [round(r.ops_per_s, 1) for r in self.tree_only],
+            "hit_rate": round(last.hit_rate, 4), "tree_hit_rate": round(tree.hit_rate, 4),
+            "prompt_tokens": last.prompt_tokens, "matched_tokens": last.matched_tokens,
+            "evicted_tokens": last.evicted_tokens, "tree_tokens": last.tree_tokens,
+        }
+
+
+def ratios(ours: CacheReport, theirs: CacheReport) -> dict[str, float]:
+    """ours / theirs, the median over repeats of each repeat's ratio (a repeat's sides ran
+    interleaved, under the same load)."""
+    def median_ratio(a: list[RunResult], b: list[RunResult]) -> float:
+        return round(statistics.median(x.ops_per_s / y.ops_per_s for x, y in zip(a, b, strict=True)), 3)
+
+    return {"ops_per_s": median_ratio(ours.end_to_end, theirs.end_to_end),
+            "tree_ops_per_s": median_ratio(ours.tree_only, theirs.tree_only)}
+
+
 # -------------------------------------------------------------------------- CLI
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = TraceConfig()
     parser.add_argument("--ops", type=int, default=defaults.ops,
-                        help="requests (match+insert pairs) per side (default %(default)s)")
+                        help="requests (match+insert pairs) per cache (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--capacity", type=int, default=200_000,
-                        help="cache capacity in tokens; evictions keep it below (default %(default)s)")
+                        help="KV capacity in tokens; a request's shortfall is evicted "
+                             "(default %(default)s)")
+    parser.add_argument("--container", choices=sorted(CONTAINERS), default="array",
+                        help="what the engine holds token ids in: array('q') (as SGLang's "
+                             "scheduler), list, numpy or torch int64 (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the whole trace with fresh caches; medians are "
+                             "reported (default %(default)s)")
     parser.add_argument("--eviction", choices=["lru", "priority"], default="lru",
                         help="our eviction order; priority pins each program between its turns")
     parser.add_argument("--compare-sglang", action="store_true",
-                        help="also run SGLang's caches on the same requests, if importable")
+                        help="also run SGLang's RadixCache and UnifiedRadixCache on the same "
+                             "requests, if they import")
     parser.add_argument("--no-values", action="store_true",
-                        help="our caches store no per-token values (the sim engine's mode; "
-                             "SGLang's match returns no values either)")
-    parser.add_argument("--encode-untimed", action="store_true",
-                        help="build encoded keys (TokenKey, SGLang's array) outside the timed "
-                             "region: times the tree alone")
+                        help="our cache stores no per-token values (the sim engine's mode)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ops < 1 or args.repeats < 1 or args.capacity < 1:
+        raise SystemExit("--ops, --repeats and --capacity must be positive")
     config = TraceConfig(ops=args.ops, seed=args.seed)
-    untimed, values = args.encode_untimed, not args.no_values
-    sides: list[Side] = [
-        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=True,
-                      encode_untimed=untimed, values=values),
-        ProgserveSide(capacity=args.capacity, eviction=args.eviction, encode_once=False,
-                      values=values),
-    ]
-    sglang_note = sglang_unavailable_reason() if args.compare_sglang else None
-    if args.compare_sglang and sglang_note is None:
-        sides.append(SGLangSide(capacity=args.capacity, unified=False, encode_untimed=untimed))
-        try:
-            sides.append(SGLangSide(capacity=args.capacity, unified=True,
-                                    encode_untimed=untimed))
-        except Exception as exc:  # a build without the Rust tree core
-            sglang_note = f"UnifiedRadixCache unavailable: {type(exc).__name__}: {exc}"
-    results = _run_with_progress(config, sides)
-    _print_report(config, args.capacity, results, sglang_note, untimed)
+    values = not args.no_values
+    sglang, sglang_note, cut_short = None, None, {}
+    if args.compare_sglang:
+        from progserve.bench.radix_sglang import import_sglang_caches
+
+        imported = import_sglang_caches()
+        if isinstance(imported, str):
+            sglang_note = imported
+        else:
+            sglang, sglang_note, cut_short = imported, imported.note, imported.cut_short
+    reports: dict[str, CacheReport] = {}
+    for repeat in range(args.repeats):
+        sides = _make_sides(args, values, sglang)
+        results = _run_with_progress(AgentTrace(config, args.container), sides,
+                                     f"radix bench {repeat + 1}/{args.repeats}")
+        for result in results:
+            report = reports.setdefault(result.name, CacheReport(result.name, [], []))
+            (report.tree_only if result.prepacked else report.end_to_end).append(result)
+    ordered = list(reports.values())
+    comparisons = {theirs.name: ratios(ordered[0], theirs) for theirs in ordered[1:]}
+    _print_report(args, config, ordered, comparisons, sglang_note)
     if args.json:
-        payload = {"bench": "radix", "trace": asdict(config), "capacity": args.capacity,
-                   "eviction": args.eviction, "timer": "thread CPU time",
-                   "encode_untimed": untimed, "values": values,
-                   "results": [r.to_json() for r in results], "sglang_note": sglang_note}
+        payload = {
+            "bench": "radix", "trace": asdict(config), "capacity": args.capacity,
+            "container": args.container, "eviction": args.eviction, "repeats": args.repeats,
+            "timer": "thread CPU time", "values": values,
+            "ops_per_s": round(ordered[0].ops_per_s(), 1),
+            "tree_ops_per_s": round(ordered[0].tree_ops_per_s(), 1),
+            "results": [r.to_json() for r in ordered],
+            "ratios": comparisons, "sglang_note": sglang_note,
+            "sglang_modules_cut_short": cut_short,
+        }
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(payload, out, indent=2)
     return 0
 
 
-def _run_with_progress(config: TraceConfig, sides: list[Side]) -> list[RunResult]:
+def _make_sides(args: argparse.Namespace, values: bool, sglang: Any) -> list[Side]:
+    sides: list[Side] = []
+    for prepacked in (False, True):
+        sides.append(ProgserveSide(capacity=args.capacity, eviction=args.eviction,
+                                   prepacked=prepacked, values=values))
+        if sglang is None:
+            continue
+        from progserve.bench.radix_sglang import SGLangSide
+
+        sides.append(SGLangSide(sglang, capacity=args.capacity, unified=False,
+                                prepacked=prepacked))
+        if sglang.unified is not None:
+            sides.append(SGLangSide(sglang, capacity=args.capacity, unified=True,
+                                    prepacked=prepacked))
+    return sides
+
+
+def _run_with_progress(trace: AgentTrace, sides: list[Side], label: str) -> list[RunResult]:
     from rich.progress import Progress
 
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("radix bench", total=config.ops)
-        return run_sides(AgentTrace(config), sides, on_step=lambda: progress.advance(task))
+        task = progress.add_task(label, total=trace.config.ops)
+        return run_sides(trace, sides, on_step=lambda: progress.advance(task))
 
 
-def _print_report(config: TraceConfig, capacity: int, results: list[RunResult],
-                  sglang_note: str | None, encode_untimed: bool) -> None:
-    keys = " (keys encoded outside the timed region)" if encode_untimed else ""
-    print(f"radix bench: {config.ops} requests (match+insert ops) per cache, seed "
-          f"{config.seed}, capacity {capacity} tokens; CPU time of the cache calls{keys}")
-    for r in results:
-        print(f"  {r.name:44s} {r.ops_per_s:9,.0f} ops/s ({r.to_json()['us_per_op']} us/op)"
-              f"  hit rate {r.hit_rate:.1%}  tree {r.tree_tokens} tokens"
-              f"  evicted {r.evicted_tokens}")
-    ours = [r for r in results if not r.name.startswith("SGLang")]
-    for theirs in (r for r in results if r.name.startswith("SGLang") and r.ops_per_s):
-        for r in ours:
-            print(f"  {r.name} / {theirs.name}: {r.ops_per_s / theirs.ops_per_s:.2f}x")
+def _print_report(args: argparse.Namespace, config: TraceConfig, reports: list[CacheReport],
+                  comparisons: dict[str, dict[str, float]], sglang_note: str | None) -> None:
+    print(f"radix bench: {config.ops} requests per cache, seed {config.seed}, capacity "
+          f"{args.capacity} tokens, keys from {args.container}; thread CPU time of each "
+          f"op, median of {args.repeats} runs")
+    print(f"  {'cache':40s} {'end to end':>12s} {'tree only':>12s}  hit rate  evicted")
+    for r in reports:
+        row = r.to_json()
+        print(f"  {r.name:40s} {row['ops_per_s']:>8,.0f}/s   {row['tree_ops_per_s']:>8,.0f}/s"
+              f"   {row['hit_rate']:6.1%}  {row['evicted_tokens']}")
+    for name, ratio in comparisons.items():
+        print(f"  {reports[0].name} / {name}: {ratio['ops_per_s']:.2f}x end to end, "
+              f"{ratio['tree_ops_per_s']:.2f}x tree only")
     if sglang_note:
         print(f"  SGLang comparison incomplete: {sglang_note}")
 

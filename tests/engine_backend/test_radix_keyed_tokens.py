@@ -41,3 +41,13 @@ def test_a_keyed_prompt_matches_like_a_plain_one() -> None:
     cache = RadixCache()
     cache.insert(KeyedTokens.of(range(50)).key)
     assert cache.match_prefix(KeyedTokens.concat(KeyedTokens.of(range(40)), [99])).length == 40
+
+
+def test_token_ids_key_is_the_carried_key_or_an_encoding() -> None:
+    prompt = KeyedTokens.of(range(10))
+    assert TokenKey.of_token_ids(prompt) is prompt.key
+    assert TokenKey.of_token_ids(list(prompt)).data == prompt.key.data
+    prompt.append(10)  # resized: the carried key is stale
+    assert TokenKey.of_token_ids(prompt).data == TokenKey(list(range(11))).data
+    with pytest.raises(ValueError):
+        TokenKey.of_token_ids([3, -1])

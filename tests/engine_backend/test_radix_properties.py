@@ -8,6 +8,7 @@ gets fresh, unique slot values, so a freed slot showing up in a later match woul
 from __future__ import annotations
 
 import itertools
+from array import array
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -25,6 +26,10 @@ Prefix = tuple[int, ...]
 
 tokens = st.lists(st.integers(0, 2), max_size=8)
 owners = st.sampled_from(["a", "b", "c"])
+# How a caller may hand a key over: a list, a TokenKey, or an engine's int64 container.
+KEY_FORMS = {"list": lambda key: key, "TokenKey": TokenKey, "array": lambda key: array("q", key),
+             "array+output": lambda key: TokenKey(array("q", key[:2])).extended(array("q", key[2:]))}
+key_forms = st.sampled_from(sorted(KEY_FORMS))
 
 
 def cached_prefixes(cache: RadixCache) -> dict[Prefix, int | None]:
@@ -64,18 +69,18 @@ class RadixMachine(RuleBasedStateMachine):
             length += 1
         return length, [self.model[tuple(key[:i])] for i in range(1, length + 1)]
 
-    @rule(key=tokens, owner=owners, as_token_key=st.booleans())
-    def insert(self, key: list[int], owner: str, as_token_key: bool) -> None:
+    @rule(key=tokens, owner=owners, form=key_forms)
+    def insert(self, key: list[int], owner: str, form: str) -> None:
         values = [next(self.slots) for _ in key]
         expected_present, _ = self._expected_match(key)
-        arg = TokenKey(key) if as_token_key else key
+        arg = KEY_FORMS[form](key)
         assert self.cache.insert(arg, values, owner=owner) == expected_present
         for i in range(expected_present, len(key)):
             self.model[tuple(key[: i + 1])] = values[i]
 
-    @rule(key=tokens, touch=st.booleans())
-    def match(self, key: list[int], touch: bool) -> None:
-        found = self.cache.match_prefix(key, touch=touch)
+    @rule(key=tokens, touch=st.booleans(), form=key_forms)
+    def match(self, key: list[int], touch: bool, form: str) -> None:
+        found = self.cache.match_prefix(KEY_FORMS[form](key), touch=touch)
         assert (found.length, found.value) == self._expected_match(key)
         assert self.freed.isdisjoint(found.value), "match returned evicted slots"
         assert found.node.size > 0 or found.length == 0
