@@ -17,6 +17,7 @@ from scheduler.errors import (
     ProgramValidationError,
 )
 from scheduler.events import EventKind
+from scheduler.program import CallStatus
 from scheduler.service import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 
@@ -99,7 +100,7 @@ def test_graph_program_follows_dataflow_and_fills_variables():
         # the join's prompt was rendered from the produced values
         texts = [r.text for r in engines[0].requests]
         assert "xxx + xxxx" in texts
-        assert s._programs[("default", pid)].graph.has_edge("first", "join")
+        assert s.programs.get(pid, "default").graph.has_edge("first", "join")
 
     run(body)
 
@@ -465,23 +466,38 @@ def test_idle_program_ends_by_itself_and_reopens_with_its_history():
     run(body, program_idle_timeout_s=100)
 
 
-def test_final_chunk_comes_before_the_call_is_booked_and_closing_books_it():
-    """A proxy writes its answer while the call's bookkeeping waits: the final chunk is
-    yielded first; moving on (or closing the stream) ends the call as finished."""
+def test_answer_first_then_the_scheduler_books_the_call_by_itself():
+    """A proxy writes its answer while the call's bookkeeping waits: the final chunk comes
+    first, with the replica slot already free; the scheduler then books the call in the
+    next loop turn, though the consumer neither iterates nor closes the stream."""
     async def body(s: Scheduler, engines):
         pid = await s.open_program("p1")
         stream = s.llm_call(pid, req("r1", n=3))
         async for chunk in stream:
             if chunk.finish_reason is not None:
                 break
-        (c,) = s.program_state(pid).calls
-        assert c.status == "running"  # answered, not yet booked
-        assert s.replicas[0].inflight_requests == 1
-        await stream.aclose()
+        (call,) = s.programs.get(pid, "default").calls.values()
+        assert call.status == CallStatus.RUNNING  # answered, not yet booked
+        assert s.replicas[0].inflight_requests == 0  # its slot is free already
+        await asyncio.sleep(0)
+        assert call.status == CallStatus.FINISHED
         state = s.program_state(pid)
-        assert state.calls[0].status == "finished" and state.calls[0].completion_tokens == 3
-        assert state.history.calls_finished == 1
-        assert s.replicas[0].inflight_requests == 0
+        assert state.calls[0].completion_tokens == 3 and state.history.calls_finished == 1
+        await stream.aclose()
+
+    run(body)
+
+
+def test_a_look_at_the_program_books_its_answered_calls_first():
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p1")
+        stream = s.llm_call(pid, req("r1", n=3))
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break
+        state = s.program_state(pid)
+        assert state.calls[0].status == "finished" and state.history.calls_finished == 1
+        await stream.aclose()
 
     run(body)
 
