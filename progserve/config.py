@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         "while no call was dispatched or ended (a wedged scheduler)"
     )
     shutdown_grace_s: float = Field(
-        5.0, ge=0, description="on SIGTERM, requests in flight get this long to finish, then "
+        4.0, ge=0, description="on SIGTERM, requests in flight get this long to finish, then "
         "they are aborted; the process exits within about twice this"
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
