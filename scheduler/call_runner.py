@@ -150,8 +150,13 @@ class CallRunner:
                     assert call.waiter is not None
                     await call.waiter
                 attempt = Attempt(self.replicas[call.replica], self.loop.time())
-                async for chunk in self._attempt(call, attempt, out):
-                    yield chunk
+                chunks = self._attempt(call, attempt, out)
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                except BaseException:  # closed mid-attempt: abort the engine request now
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                    raise
                 if attempt.outcome is AttemptOutcome.FINISHED:
                     break
                 self._queue_again(call, attempt.outcome)

@@ -383,6 +383,8 @@ class Scheduler:
         """Seconds calls have waited in the queue while no call was dispatched or ended
         (0 while nothing waits): past `stall_timeout_s`, `/health` says the scheduler is
         wedged. A scan of the programs: for health checks, not the hot path."""
+        if not self.dispatcher.queued():
+            return 0.0
         waiting = self.queue.waiting_since(self.programs)
         if waiting is None:
             return 0.0

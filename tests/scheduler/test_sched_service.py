@@ -245,6 +245,22 @@ def test_client_disconnect_aborts_and_frees_the_call():
     run(body)
 
 
+def test_closing_a_stream_mid_call_closes_the_engine_stream_at_once():
+    """No loop turn, no garbage collection: the engine's request is let go inside
+    `aclose()`, as the call's slot."""
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p")
+        stream = s.llm_call(pid, req("r", n=100))
+        for _ in range(3):
+            await stream.__anext__()
+        assert "r" in engines[0]._live
+        await stream.aclose()
+        assert "r" not in engines[0]._live  # the engine generator's `finally` ran
+        assert s.replicas[0].inflight_requests == 0
+
+    run(body)
+
+
 def test_cancel_program_cancels_queued_and_running_calls():
     async def body(s: Scheduler, engines):
         spec = ProgramSpec(calls=[gen("a", "x", "a_out", n=500), gen("b", "{{a_out}}", "b_out"),
