@@ -76,11 +76,6 @@ class CallQueue:
         starts = [p.waiting_since for p in programs if p.queued]
         return min(starts) if starts else None
 
-    def __len__(self) -> int:
-        """Calls waiting: in the policy's queue, parked for a replica, or held with their
-        program for KV admission."""
-        return self.dispatcher.queued() + self.admission.held_calls
-
     def _on_queued(self, call: CallNode) -> None:
         if EventKind.CALL_QUEUED in self.bus.wanted:
             self.bus.call_event(EventKind.CALL_QUEUED, call)

@@ -11,10 +11,11 @@ replica down, a cancelled program) ends the call as failed or cancelled.
 
 Bookkeeping, answer first. The replica slot is freed the moment the engine stream ends.
 Then the final chunk goes to the consumer, and the call is booked (its service into the
-program's history, then its end: router, retention, admission, dependants) when the
-consumer asks for more, or in the next turn of the event loop, whichever comes first:
-so a proxy writes its answer before the bookkeeping runs, and a consumer that stops
-iterating after the answer (a batch waiting for its other calls, say) holds nothing.
+program's history, then its end: router, retention, admission, dependants) at once if
+the consumer asks for more, or in the next turn of the event loop if it lets go of the
+stream (closes it, or drops it): so a proxy writes its answer before the bookkeeping
+runs, and an answered call holds no replica slot whatever its consumer does. Anything
+that reads or changes a program books its answered calls first (`book_answered`).
 Booking then never suspends (the in-process state store). A store outside the process
 (Redis) suspends: there the call is booked before its final chunk goes out, so that no
 client can see an answered call still running.
@@ -23,7 +24,7 @@ client can see an answered call still running.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
@@ -63,9 +64,11 @@ class Attempt:
 
     replica: Replica
     started: float
+    stream: AsyncIterator[Chunk] | None = None  # the engine's, once opened
     tokens: int = 0  # output tokens streamed (a resume after a failure skips them)
     outcome: AttemptOutcome | None = None
-    final: Chunk | None = None
+    final: Chunk | None = None  # when finished: the engine's final chunk
+    status: CallStatus = CallStatus.FINISHED  # when finished: or CANCELLED (engine abort)
 
 
 @dataclass(slots=True)
@@ -131,14 +134,17 @@ class CallRunner:
         self._engine_time_service = config.service_metric == "engine_time"
         self._book_after_answer = store.in_process
         # Answered calls not yet booked -> (the replica that answered, their status).
-        self._answered: dict[CallNode, tuple[Replica, CallStatus]] = {}
+        self.answered: dict[CallNode, tuple[Replica, CallStatus]] = {}
+        self._booking_soon = False  # a loop callback will book them
 
     # ------------------------------------------------------------------ the call
-    async def stream(self, make_call: Callable[[], CallNode]) -> AsyncIterator[Chunk]:
-        """The call's chunks, attempt after attempt; the final one's counters cover every
-        attempt. `make_call` returns the queued call (a proxy call is created by it, at
-        the first iteration: a stream nobody iterates never queues a call). Closing the
-        stream before its final chunk aborts the call."""
+    async def stream(self, make_call: Callable[[], CallNode]) -> AsyncGenerator[Chunk, None]:
+        """The call's chunks, attempt after attempt (the final one's counters cover them
+        all). `make_call` returns the queued call: a proxy call is created at the first
+        iteration, so a stream nobody iterates never queues one. Closing the stream before
+        its final chunk aborts the call. An attempt is the inner `try`, ended as
+        `_attempt_ended` or `_failed_over` say; inline, as is each chunk's accounting:
+        a generator of its own cost 5% of the scheduler's CPU per call."""
         call = make_call()
         out = self._output_of(call)
         status: CallStatus = CallStatus.CANCELLED
@@ -150,32 +156,58 @@ class CallRunner:
                     assert call.waiter is not None
                     await call.waiter
                 attempt = Attempt(self.replicas[call.replica], self.loop.time())
-                chunks = self._attempt(call, attempt, out)
                 try:
-                    async for chunk in chunks:
-                        yield chunk
-                except BaseException:  # closed mid-attempt: abort the engine request now
-                    await chunks.aclose()  # type: ignore[attr-defined]
-                    raise
+                    async for chunk in self._open(call, attempt):
+                        attempt.tokens = max(attempt.tokens + len(chunk.token_ids),
+                                             chunk.completion_tokens)
+                        if not call.prompt_tokens and chunk.prompt_tokens:
+                            call.prompt_tokens = chunk.prompt_tokens
+                        if call.first_token_at < 0:
+                            call.first_token_at = self.loop.time()
+                            if EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
+                                self.bus.call_event(EventKind.CALL_FIRST_TOKEN, call)
+                        if out.ids is not None and chunk.token_ids:
+                            out.ids.extend(chunk.token_ids)
+                        if chunk.text:
+                            if out.parts is not None:
+                                out.parts.append(chunk.text)
+                            if out.stream_to is not None:
+                                out.stream_to.append(chunk.text)
+                        if chunk.finish_reason is None:
+                            yield chunk
+                            continue
+                        attempt.outcome = self._attempt_ended(call, attempt, chunk, out)
+                        break
+                    else:
+                        raise EngineStreamEndedError(f"engine stream of {call.id!r} ended early")
+                except EngineUnavailableError as exc:
+                    attempt.outcome = self._failed_over(call, attempt, exc)
+                finally:  # over, or the consumer left: the engine request and the slot go
+                    if attempt.stream is not None:
+                        await attempt.stream.aclose()  # type: ignore[attr-defined]
+                    self.dispatcher.release(call)
                 if attempt.outcome is AttemptOutcome.FINISHED:
                     break
                 self._queue_again(call, attempt.outcome)
-            final = attempt.final
-            assert final is not None and final.finish_reason is not None
-            status = (CallStatus.CANCELLED if final.finish_reason.type is FinishType.ABORT
-                      else CallStatus.FINISHED)
-            if out.choice_slot is not None and out.choices and out.parts is not None:
-                out.choice_slot.parts = [pick_choice("".join(out.parts), out.choices)]
+            status = attempt.status
             if not self._book_after_answer:
                 await self._book(call, attempt.replica, status)
                 answered = True
-                yield final
+                yield attempt.final  # type: ignore[misc]
                 return
-            self._answered[call] = (attempt.replica, status)
-            self.loop.loop.call_soon(self._book_answered, call)
+            self.answered[call] = (attempt.replica, status)
             answered = True
-            yield final
-            self._book_answered(call)  # the consumer came back first
+            try:
+                yield attempt.final  # type: ignore[misc]
+            except BaseException:  # let go after its answer: booked in the next loop turn
+                if not self._booking_soon:
+                    self._booking_soon = True
+                    self.loop.loop.call_soon(self._book_soon)
+                raise
+            if self.answered.pop(call, None) is not None:  # the consumer asked for more
+                if status == CallStatus.FINISHED:
+                    await self._record_service(call)
+                self._end(call, attempt.replica, status, None)
         except EngineError as exc:
             status, error = CallStatus.FAILED, exc
             raise CallFailedError(call.program.id, call.id, call.output, exc) from exc
@@ -204,32 +236,12 @@ class CallRunner:
         )
 
     # ------------------------------------------------------------------ one attempt
-    async def _attempt(
-        self, call: CallNode, attempt: Attempt, out: OutputSoFar
-    ) -> AsyncIterator[Chunk]:
-        """One try of `call` on `attempt.replica`: yields the engine's chunks up to the
-        final one (kept in `attempt.final`) and sets `attempt.outcome`. Raises what no
-        other attempt can mend. The replica slot is free when it returns."""
+    def _open(self, call: CallNode, attempt: Attempt) -> AsyncIterator[Chunk]:
+        """The attempt's engine stream (errors the engine finds in the request are raised
+        here, before anything streams)."""
         replica = attempt.replica
-        try:
-            stream = replica.engine.generate(self.engine_request(call, replica))
-            try:  # not `aclosing`: its two coroutines per call show in benchmarks
-                async for chunk in stream:
-                    self._take(call, attempt, out, chunk)
-                    if chunk.finish_reason is None:
-                        yield chunk
-                        continue
-                    attempt.outcome = self._attempt_ended(call, attempt, chunk)
-                    return
-                raise EngineStreamEndedError(f"engine stream of call {call.id!r} ended early")
-            finally:
-                await stream.aclose()
-        except EngineUnavailableError as exc:
-            if not self._fail_over(call, replica, exc, attempt.tokens):
-                raise
-            attempt.outcome = AttemptOutcome.FAILED_OVER
-        finally:
-            self.dispatcher.release(call)
+        attempt.stream = replica.engine.generate(self.engine_request(call, replica))
+        return attempt.stream
 
     def engine_request(self, call: CallNode, replica: Replica) -> GenerateRequest:
         """What the engine gets for the call's current attempt: the client's request with
@@ -266,26 +278,11 @@ class CallRunner:
             update["text"] = (request.text or "") + "".join(call.output_parts or ())
         return request.model_copy(update=update)
 
-    def _take(self, call: CallNode, attempt: Attempt, out: OutputSoFar, chunk: Chunk) -> None:
-        """Account for one chunk of the engine's stream."""
-        attempt.tokens = max(attempt.tokens + len(chunk.token_ids), chunk.completion_tokens)
-        if not call.prompt_tokens and chunk.prompt_tokens:
-            call.prompt_tokens = chunk.prompt_tokens
-        if call.first_token_at < 0:
-            call.first_token_at = self.loop.time()
-            if EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
-                self.bus.call_event(EventKind.CALL_FIRST_TOKEN, call)
-        if out.ids is not None and chunk.token_ids:
-            out.ids.extend(chunk.token_ids)
-        if chunk.text:
-            if out.parts is not None:
-                out.parts.append(chunk.text)
-            if out.stream_to is not None:
-                out.stream_to.append(chunk.text)
-
-    def _attempt_ended(self, call: CallNode, attempt: Attempt, chunk: Chunk) -> AttemptOutcome:
-        """The engine's final chunk of this attempt: the call finished (or was aborted),
-        or it was preempted."""
+    def _attempt_ended(
+        self, call: CallNode, attempt: Attempt, chunk: Chunk, out: OutputSoFar
+    ) -> AttemptOutcome:
+        """The engine's final chunk of this attempt: the call finished (or the engine
+        aborted it: `attempt.status` says which), or it was preempted."""
         call.engine_time += self.loop.time() - attempt.started
         reason = chunk.finish_reason
         assert reason is not None
@@ -298,25 +295,30 @@ class CallRunner:
             call.service += self._token_cost[1] * chunk.completion_tokens
             return AttemptOutcome.PREEMPTED
         account_final(call, chunk)
+        if out.choice_slot is not None and out.choices and out.parts is not None:
+            out.choice_slot.parts = [pick_choice("".join(out.parts), out.choices)]
         attempt.final = chunk
+        attempt.status = (CallStatus.CANCELLED if reason.type is FinishType.ABORT
+                          else CallStatus.FINISHED)
         return AttemptOutcome.FINISHED
 
-    def _fail_over(
-        self, call: CallNode, replica: Replica, exc: EngineUnavailableError, tokens: int
-    ) -> bool:
-        """The call's replica failed: take it out of rotation and, while retries remain and
-        another replica is up, resume the call elsewhere with its prompt plus the output
-        so far (the client's stream just continues). False: fail the call."""
+    def _failed_over(
+        self, call: CallNode, attempt: Attempt, exc: EngineUnavailableError
+    ) -> AttemptOutcome:
+        """The attempt's replica failed: take it out of rotation and, while retries remain
+        and another replica is up, resume the call elsewhere with its prompt plus the
+        output so far (the client's stream just continues). Else raise `exc`."""
+        replica = attempt.replica
         self.health.mark_down(replica, exc)
         if call.retries >= self.config.engine_retries or not self.health.any_up():
-            return False
+            raise exc
         call.retries += 1
-        call.completion_tokens += tokens
+        call.completion_tokens += attempt.tokens
         self.health.counters.failovers += 1
         log.warning("call %s of program %s: replica %d failed (%s); resuming on another "
                     "replica (retry %d)", call.id, call.program.id, replica.index,
                     type(exc).__name__, call.retries)
-        return True
+        return AttemptOutcome.FAILED_OVER
 
     def _queue_again(self, call: CallNode, outcome: AttemptOutcome | None) -> None:
         if outcome is AttemptOutcome.PREEMPTED:
@@ -327,19 +329,28 @@ class CallRunner:
         self.queue.enqueue(call)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _book_answered(self, call: CallNode) -> None:
-        """Book an answered call, unless that is done already."""
-        booking = self._answered.pop(call, None)
-        if booking is not None:
-            run_now(self._book(call, *booking))
+    def _book_soon(self) -> None:
+        self._booking_soon = False
+        self.book_answered()
 
     def book_answered(self) -> None:
-        """Book every answered call now: someone is about to read or change their
-        programs, and must find them as their clients do."""
-        while self._answered:
-            self._book_answered(next(iter(self._answered)))
+        """Book every answered call now (callers check `answered` first: it is nearly
+        always empty). Runs in the loop turn after a consumer let go of an answered call
+        (one turn books all of that turn's), and whenever someone is about to read or
+        change programs, who must find them as their clients do."""
+        answered = self.answered
+        while answered:
+            call = next(iter(answered))
+            self._book_now(call, *answered.pop(call))
+
+    def _book_now(self, call: CallNode, replica: Replica, status: CallStatus) -> None:
+        """Book a call with the in-process store, whose updates never suspend."""
+        if status == CallStatus.FINISHED:
+            run_now(self._record_service(call))
+        self._end(call, replica, status, None)
 
     async def _book(self, call: CallNode, replica: Replica, status: CallStatus) -> None:
+        """Book a call with a store outside the process (its updates suspend)."""
         if status == CallStatus.FINISHED:
             await self._record_service(call)
         self._end(call, replica, status, None)
@@ -383,7 +394,8 @@ class CallRunner:
         waiter = call.waiter
         if waiter is not None and not waiter.done():
             waiter.cancel()
-        self.dispatcher.release(call)
+        if replica is None:  # else its attempt ended, and freed the slot
+            self.dispatcher.release(call)
         if replica is not None and status == CallStatus.FINISHED:
             self.router.on_finish(call, replica, call.output_ids)
         call.output_ids = None

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from .program import PROGRAM_STATUS_NAMES, CallNode, Program
 
@@ -63,6 +64,10 @@ class SchedulerEvent:
 Listener = Callable[[SchedulerEvent], None]
 
 
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+
 class EventBus:
     """The scheduler's listeners and the events it sends them.
 
@@ -70,12 +75,12 @@ class EventBus:
     an event (`if EventKind.X in bus.wanted: bus.call_event(...)`), so an event nobody
     wants costs one set lookup."""
 
-    __slots__ = ("wanted", "_listeners", "_time")
+    __slots__ = ("wanted", "_listeners", "_clock")
 
-    def __init__(self, time: Callable[[], float]) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.wanted: frozenset[EventKind] = frozenset()
         self._listeners: list[tuple[Listener, frozenset[EventKind] | None]] = []
-        self._time = time
+        self._clock = clock  # read at each event: the loop may be bound later
 
     def add(self, listener: Listener, kinds: Iterable[EventKind] | None = None) -> None:
         self._listeners.append((listener, None if kinds is None else frozenset(kinds)))
@@ -115,7 +120,7 @@ class EventBus:
         self.emit(
             SchedulerEvent(
                 kind=kind,
-                time=self._time(),
+                time=self._clock.time(),
                 program_id=program.id,
                 tenant=program.tenant,
                 call_id=call.id,
@@ -141,7 +146,7 @@ class EventBus:
         self.emit(
             SchedulerEvent(
                 kind=kind,
-                time=self._time(),
+                time=self._clock.time(),
                 program_id=program.id,
                 tenant=program.tenant,
                 service=program.history.service,

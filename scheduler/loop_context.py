@@ -14,27 +14,27 @@ from typing import Any
 
 
 class LoopContext:
-    __slots__ = ("_loop", "_on_bind", "_tasks")
+    """`loop` and `time()` are plain attributes once bound (the loop's own `time`): the
+    scheduler reads the clock several times per call, and a property per read shows."""
+
+    loop: asyncio.AbstractEventLoop
+    time: Callable[[], float]
 
     def __init__(self, on_bind: Callable[[asyncio.AbstractEventLoop], None]) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._on_bind = on_bind  # tells the parts that keep their own reference
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None:
-            loop = self.bind(asyncio.get_running_loop())
-        return loop
+    def __getattr__(self, name: str) -> Any:
+        # Only reached while `loop` and `time` are unset: bind to the running loop.
+        if name in ("loop", "time"):
+            self.bind(asyncio.get_running_loop())
+            return getattr(self, name)
+        raise AttributeError(name)
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
-        self._loop = loop
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.time = loop.time
         self._on_bind(loop)
-        return loop
-
-    def time(self) -> float:
-        return self.loop.time()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task the scheduler owns: cancelled by `cancel_tasks`."""

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from typing import Protocol
 
 from engine_backend.base import Engine
 from engine_backend.types import Chunk, GenerateRequest
@@ -64,31 +65,19 @@ __all__ = ["CallStream", "Scheduler", "ToolRunner"]
 INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 
-class CallStream:
-    """One proxied LLM call, as `Scheduler.llm_call` hands it out: iterate it for the
-    engine's chunks (the last one has a finish reason and the call's totals); `aclose()`
-    it to abort the call early, or to let go of it once answered. Nothing else is asked of
-    the consumer: the scheduler frees the call's replica slot when the engine stream
-    ends, and books the call itself (`call_runner.py`)."""
+class CallStream(Protocol):
+    """One proxied LLM call, as `Scheduler.llm_call` hands it out (the call runner's
+    async generator, iterated directly: no layer per chunk). Iterate it for the engine's
+    chunks (the last one has a finish reason and the call's totals); `aclose()` it to
+    abort the call early, or to let go of it once answered. Nothing else is asked of the
+    consumer: the scheduler frees the call's replica slot when the engine stream ends,
+    and books the call itself (`call_runner.py`)."""
 
-    __slots__ = ("_chunks",)
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
 
-    def __init__(self, chunks: AsyncIterator[Chunk]) -> None:
-        self._chunks = chunks
+    def __anext__(self) -> Awaitable[Chunk]: ...
 
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._chunks  # iterated directly: no layer per chunk
-
-    def __anext__(self) -> Awaitable[Chunk]:
-        return self._chunks.__anext__()
-
-    async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
-
-    @property
-    def running(self) -> bool:
-        """False once the stream ended or was closed (nothing left to close)."""
-        return self._chunks.ag_frame is not None  # type: ignore[attr-defined]
+    async def aclose(self) -> None: ...
 
 
 class Scheduler:
@@ -107,7 +96,7 @@ class Scheduler:
         self.store: StateStore = store if store is not None else InMemoryStateStore()
         self.tools = tools
         self._loop = LoopContext(on_bind=self._bind)
-        self.bus = EventBus(self._loop.time)
+        self.bus = EventBus(self._loop)
         self.replicas: list[Replica] = make_replicas(self.engines, config)
         self.router = Router(config, self.replicas)
         self.policy = make_policy(config, prefix_hint=self.router.best_match)
@@ -141,6 +130,11 @@ class Scheduler:
     def _start_ready(self, call: CallNode) -> None:
         self.dataflow.start(call)
 
+    def _book_answered(self) -> None:
+        """Whoever reads or changes a program finds its answered calls booked."""
+        if self.runner.answered:
+            self.runner.book_answered()
+
     def _fail_queued(self, error: BaseException) -> int:
         return self.cancellation.fail_queued(self.programs, error)
 
@@ -172,7 +166,7 @@ class Scheduler:
         self._started = True
 
     async def close(self) -> None:
-        self.runner.book_answered()
+        self._book_answered()
         for program in list(self.programs):
             if not program.is_closed:
                 self.cancellation.cancel_in_flight(program)
@@ -244,7 +238,8 @@ class Scheduler:
             programs.register(program)
         else:
             programs.check_usable(program)
-            self.runner.book_answered()  # its last call counts before the next one ranks
+            if self.runner.answered:  # its last call counts before the next one ranks
+                self.runner.book_answered()
             programs.reopen(program)
             # With a shared store another progserve replica may have served the program
             # since: rank its next call by the shared history (one lookup per call).
@@ -254,7 +249,7 @@ class Scheduler:
     async def end_program(self, program_id: str, *, tenant: str = "default") -> None:
         """The program is done: release its retained KV. Calls still in flight finish."""
         program = self.programs.get(program_id, tenant)
-        self.runner.book_answered()  # its answered calls end before it does
+        self._book_answered()  # its answered calls end before it does
         if not program.is_closed:
             self.programs.close(program, ProgramStatus.FINISHED)
 
@@ -263,7 +258,7 @@ class Scheduler:
         program = self.programs.get(program_id, tenant)
         if program.status == ProgramStatus.CANCELLED:
             return
-        self.runner.book_answered()
+        self._book_answered()
         self.cancellation.cancel_in_flight(program)
         self.programs.close(program, ProgramStatus.CANCELLED)
 
@@ -313,7 +308,7 @@ class Scheduler:
             self.queue.enqueue(call)
             return call
 
-        return CallStream(self.runner.stream(create))
+        return self.runner.stream(create)
 
     # ------------------------------------------------------------------ variables
     async def wait_variable(
@@ -366,18 +361,18 @@ class Scheduler:
         self.bus.remove(listener)
 
     def program_state(self, program_id: str, *, tenant: str = "default") -> ProgramState:
-        self.runner.book_answered()
+        self._book_answered()
         return program_state(self.programs.get(program_id, tenant))
 
     def list_programs(self, *, tenant: str | None = None) -> list[ProgramSummary]:
-        self.runner.book_answered()
+        self._book_answered()
         return [program_summary(p) for p in self.programs
                 if tenant is None or p.tenant == tenant]
 
     def queued(self) -> int:
         """Calls waiting: in the policy's queue, parked for a replica, or held with their
         program for KV admission."""
-        return len(self.queue)
+        return self.dispatcher.queued() + self.admission.held_calls
 
     def stalled_for(self) -> float:
         """Seconds calls have waited in the queue while no call was dispatched or ended
@@ -392,7 +387,7 @@ class Scheduler:
         return max(0.0, self._loop.time() - moved)
 
     async def stats(self) -> SchedulerStats:
-        self.runner.book_answered()
+        self._book_answered()
         by_status: dict[str, int] = {}
         for program in self.programs:
             name = PROGRAM_STATUS_NAMES[program.status]

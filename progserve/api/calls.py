@@ -138,15 +138,18 @@ class ScheduledCall:
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Every chunk (the first one included, if `first()` fetched it), up to the one
-        that finishes the call."""
+        that finishes the call; then the stream is let go of (the scheduler books the
+        call in the next loop turn, after what the consumer does with that chunk)."""
         if self._first is not None:
             first, self._first = self._first, None
             yield first
             if first.finished:
+                await close_quietly(self._stream)
                 return
         async for chunk in self._stream:
             yield chunk
             if chunk.finished:
+                await close_quietly(self._stream)
                 return
 
     async def collect(self) -> CallOutput:
@@ -177,8 +180,7 @@ class ScheduledCall:
     async def close(self) -> None:
         """Abort the call if it still runs, let go of its stream, and release the rid;
         safe to call twice."""
-        if self._stream.running:
-            await close_quietly(self._stream)
+        await close_quietly(self._stream)
         if self.inflight is not None:
             self.runtime.requests.remove(self.inflight)
 

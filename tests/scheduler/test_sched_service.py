@@ -484,8 +484,8 @@ def test_idle_program_ends_by_itself_and_reopens_with_its_history():
 
 def test_answer_first_then_the_scheduler_books_the_call_by_itself():
     """A proxy writes its answer while the call's bookkeeping waits: the final chunk comes
-    first, with the replica slot already free; the scheduler then books the call in the
-    next loop turn, though the consumer neither iterates nor closes the stream."""
+    first, with the replica slot already free; once the consumer lets go of the stream,
+    the scheduler books the call in the next loop turn."""
     async def body(s: Scheduler, engines):
         pid = await s.open_program("p1")
         stream = s.llm_call(pid, req("r1", n=3))
@@ -495,11 +495,28 @@ def test_answer_first_then_the_scheduler_books_the_call_by_itself():
         (call,) = s.programs.get(pid, "default").calls.values()
         assert call.status == CallStatus.RUNNING  # answered, not yet booked
         assert s.replicas[0].inflight_requests == 0  # its slot is free already
+        await stream.aclose()
+        assert call.status == CallStatus.RUNNING  # closing does not book it in its place
         await asyncio.sleep(0)
         assert call.status == CallStatus.FINISHED
         state = s.program_state(pid)
         assert state.calls[0].completion_tokens == 3 and state.history.calls_finished == 1
-        await stream.aclose()
+
+    run(body)
+
+
+def test_a_stream_dropped_after_its_answer_is_booked_too():
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p1")
+        stream = s.llm_call(pid, req("r1", n=3))
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break
+        (call,) = s.programs.get(pid, "default").calls.values()
+        del stream, chunk  # the asyncio loop's finalizer closes the generator
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert call.status == CallStatus.FINISHED
 
     run(body)
 
