@@ -127,7 +127,7 @@ class CallRunner:
         self.store = store
         self.endings = endings
         # The output so far is what a resume re-sends: after a preemption, or on another
-        # replica after a failure (`_fail_over`).
+        # replica after a failure (`_failed_over`).
         self._keep_text = config.preempt_without_priority or (
             config.engine_retries > 0 and len(replicas) > 1)
         self._token_cost = (config.prefill_token_cost_s, config.decode_token_cost_s)
