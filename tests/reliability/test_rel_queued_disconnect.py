@@ -44,7 +44,7 @@ def test_a_queued_call_whose_client_leaves_is_dropped_at_once(server, kind):
     wait_until(lambda: scheduler.queued() == 1, 10)
     queued.close()
     elapsed = wait_until(lambda: scheduler.queued() == 0, 2, poll_s=0.002)
-    assert elapsed < 0.2, f"dropped after {elapsed * 1000:.0f} ms"
+    assert elapsed < 0.5, f"dropped after {elapsed * 1000:.0f} ms"
     assert scheduler.replicas[0].inflight_requests == 1  # the holder still runs
     assert scheduler.dispatcher.dispatched == dispatched  # it never reached the engine
     holder.close()
