@@ -38,3 +38,10 @@ class EngineUnavailableError(EngineError):
     """The engine cannot be reached or died mid-request (retryable on another replica)."""
 
     status_code = 502
+
+
+class EngineStreamEndedError(EngineUnavailableError):
+    """An engine stream ended without a final chunk (the engine broke its contract, or
+    the connection to it was cut between chunks)."""
+
+    status_code = 502

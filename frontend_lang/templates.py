@@ -14,20 +14,14 @@ from typing import Any
 from scheduler.spec import VARIABLE_REF, referenced_variables
 
 from .errors import ProgramDefinitionError
+from .variables import JoinedVariables, SemanticVariable, placeholder
 
 __all__ = ["placeholder", "referenced_variables", "render", "to_template"]
-
-
-def placeholder(name: str) -> str:
-    return "{{" + name + "}}"
 
 
 def to_template(prompt: Any, *, what: str = "prompt") -> str:
     """A prompt as a template string. Variables and joins render as placeholders; anything
     else must already be a string (numbers and such are a likely mistake, so refuse)."""
-    # Local import: variables.py imports this module for `placeholder`.
-    from .variables import JoinedVariables, SemanticVariable
-
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, SemanticVariable | JoinedVariables):

@@ -13,10 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .templates import placeholder
-
 if TYPE_CHECKING:
     from .context import ProgramContext
+
+
+def placeholder(name: str) -> str:
+    """How a variable is written into a prompt template: `{{name}}`."""
+    return "{{" + name + "}}"
 
 
 class SemanticVariable:

@@ -6,7 +6,9 @@ a new one built from `Settings`. The runtime starts and stops with the app's lif
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +32,8 @@ from .config import Settings
 from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
 from .observability import install_observability
 from .runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 # Routes whose errors are RFC 9457 problem JSON; every other route answers OpenAI's shape
 # (which SGLang's `{"error": {"message"}}` clients read too).
@@ -67,6 +71,16 @@ HANDLED_ERRORS = (ApiError, RequestValidationError, ValidationError, SchedulerEr
                   EngineError, StarletteHTTPException)
 
 
+async def _bounded(closing: Awaitable[None], timeout_s: float, what: str) -> None:
+    """Shut a part down within `timeout_s` (a stuck engine or store must not keep the
+    process from exiting); past it, the part is abandoned and the shutdown goes on."""
+    try:
+        await asyncio.wait_for(closing, max(timeout_s, 1.0))
+    except TimeoutError:
+        log.error("%s did not shut down within %.1f s; exiting anyway", what,
+                  max(timeout_s, 1.0))
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
@@ -95,7 +109,7 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
         finally:
             if collector is not None:
                 collector.close()
-            await runtime.close()
+            await _bounded(runtime.close(), runtime.settings.shutdown_grace_s, "the runtime")
             await app.state.observability.close()
 
     app = ProgserveApp(

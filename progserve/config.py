@@ -29,6 +29,10 @@ class LimitsConfig(BaseModel):
     )
     max_tokens: int = Field(16384, ge=1, description="cap on max_tokens / max_new_tokens")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="longer prompts get 400")
+    max_batch: int = Field(
+        256, ge=1, description="prompts in one /generate or /v1/completions request; more get "
+        "400 (any batch up to it completes, whatever the scheduler's in-flight budget)"
+    )
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )
@@ -75,6 +79,14 @@ class Settings(BaseSettings):
         300.0, ge=0,
         description="`serve` freezes what survives a full GC pass, so later passes skip it; "
                     "one pass in this many seconds walks it all (0: CPython's collector as is)",
+    )
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="/health answers 503 once calls have waited this long "
+        "while no call was dispatched or ended (a wedged scheduler)"
+    )
+    shutdown_grace_s: float = Field(
+        4.0, ge=0, description="on SIGTERM, requests in flight get this long to finish, then "
+        "they are aborted; the process exits within about twice this"
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     sim: SimConfig = Field(default_factory=SimConfig)

@@ -7,9 +7,15 @@ when at least one listener wants their kind.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
+
+from .program import PROGRAM_STATUS_NAMES, CallNode, Program
+
+log = logging.getLogger(__name__)
 
 
 class EventKind(StrEnum):
@@ -56,3 +62,95 @@ class SchedulerEvent:
 
 
 Listener = Callable[[SchedulerEvent], None]
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+
+class EventBus:
+    """The scheduler's listeners and the events it sends them.
+
+    `wanted` is every kind some listener takes: the scheduler checks it before it builds
+    an event (`if EventKind.X in bus.wanted: bus.call_event(...)`), so an event nobody
+    wants costs one set lookup."""
+
+    __slots__ = ("wanted", "_listeners", "_clock")
+
+    def __init__(self, clock: Clock) -> None:
+        self.wanted: frozenset[EventKind] = frozenset()
+        self._listeners: list[tuple[Listener, frozenset[EventKind] | None]] = []
+        self._clock = clock  # read at each event: the loop may be bound later
+
+    def add(self, listener: Listener, kinds: Iterable[EventKind] | None = None) -> None:
+        self._listeners.append((listener, None if kinds is None else frozenset(kinds)))
+        self._refresh_wanted()
+
+    def remove(self, listener: Listener) -> None:
+        self._listeners = [(f, k) for f, k in self._listeners if f is not listener]
+        self._refresh_wanted()
+
+    def _refresh_wanted(self) -> None:
+        wanted: set[EventKind] = set()
+        for _, kinds in self._listeners:
+            wanted |= set(EventKind) if kinds is None else kinds
+        self.wanted = frozenset(wanted)
+
+    def emit(self, event: SchedulerEvent) -> None:
+        for listener, kinds in self._listeners:
+            if kinds is not None and event.kind not in kinds:
+                continue
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener never breaks scheduling
+                log.exception("scheduler listener failed")
+
+    def call_event(
+        self,
+        kind: EventKind,
+        call: CallNode,
+        *,
+        queue_wait_s: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        program = call.program
+        dispatched = call.dispatched_at
+        ttft = call.first_token_at - dispatched if call.first_token_at >= 0 else None
+        duration = call.finished_at - dispatched if call.finished_at >= 0 <= dispatched else None
+        self.emit(
+            SchedulerEvent(
+                kind=kind,
+                time=self._clock.time(),
+                program_id=program.id,
+                tenant=program.tenant,
+                call_id=call.id,
+                thread_id=call.thread_id,
+                call_kind=call.kind,
+                tool=call.spec.tool if call.spec is not None else None,
+                priority=call.priority,
+                queue_level=call.level,
+                replica=call.replica if call.replica >= 0 else None,
+                queue_wait_s=queue_wait_s if queue_wait_s is not None else call.wait,
+                ttft_s=ttft,
+                duration_s=duration,
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens,
+                cached_tokens=call.cached_tokens,
+                service=call.service,
+                error=error,
+                parents=call.parents,
+            )
+        )
+
+    def program_event(self, kind: EventKind, program: Program) -> None:
+        self.emit(
+            SchedulerEvent(
+                kind=kind,
+                time=self._clock.time(),
+                program_id=program.id,
+                tenant=program.tenant,
+                service=program.history.service,
+                status=PROGRAM_STATUS_NAMES[program.status],
+                error=program.error,
+            )
+        )

@@ -1,21 +1,23 @@
-"""One LLM call through the scheduler, as every entrance makes it.
+"""One LLM call through the scheduler, as every entrance makes it, and the calls of one
+request together.
 
 `ScheduledCall.start` opens (or creates) the caller's program and asks the scheduler for
-the call's stream; `first()` waits for the first chunk, so that a bad request or an
-overloaded server still answers with a proper HTTP error before any SSE starts.
-Closing the stream (`close()`, or the task being cancelled) aborts the engine request.
+the call's stream (`scheduler.service.CallStream`); `first()` waits for the first chunk,
+so that a bad request or an overloaded server still answers with a proper HTTP error
+before any SSE starts. Closing the stream (`close()`, or the task being cancelled) aborts
+the engine request. The scheduler books each call itself once it has answered: the API
+only reads chunks and lets go of its streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from starlette.background import BackgroundTask
 
 from engine_backend.types import Chunk, FinishReason, FinishType, GenerateRequest, LogprobEntry
 
@@ -24,6 +26,8 @@ from .common import ProgramIdentity, close_quietly, new_id, unless_disconnected
 
 if TYPE_CHECKING:
     from fastapi import Request
+
+    from scheduler.service import CallStream
 
     from ..runtime import InflightRequest, Runtime
 
@@ -68,10 +72,10 @@ class CallOutput:
 
 class ScheduledCall:
     __slots__ = ("runtime", "tenant", "program_id", "call_id", "rid", "identity", "_stream",
-                 "_first", "inflight", "_answered")
+                 "_first", "inflight")
 
     def __init__(self, runtime: Runtime, tenant: str, program_id: str, call_id: str,
-                 rid: str, identity: ProgramIdentity, stream: AsyncIterator[Chunk],
+                 rid: str, identity: ProgramIdentity, stream: CallStream,
                  inflight: InflightRequest | None) -> None:
         self.runtime = runtime
         self.tenant = tenant
@@ -82,7 +86,6 @@ class ScheduledCall:
         self._stream = stream
         self._first: Chunk | None = None
         self.inflight = inflight
-        self._answered = False  # the final chunk came; the scheduler's stream still runs
 
     @classmethod
     async def start(cls, runtime: Runtime, tenant: str, identity: ProgramIdentity,
@@ -133,37 +136,26 @@ class ScheduledCall:
             raise
         return self._first
 
-    async def chunks(self, *, drain: bool = True) -> AsyncIterator[Chunk]:
-        """Every chunk (the first one included, if `first()` fetched it). After the final
-        one the scheduler's stream is run to its end, so it finishes on its own (cheaper
-        than closing it) and the call's bookkeeping runs. `drain=False` leaves that to
-        `close()`: a non-streamed answer can be written first."""
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Every chunk (the first one included, if `first()` fetched it), up to the one
+        that finishes the call; then the stream is let go of (the scheduler books the
+        call in the next loop turn, after what the consumer does with that chunk)."""
         if self._first is not None:
             first, self._first = self._first, None
             yield first
             if first.finished:
-                await self._finish(drain)
+                await close_quietly(self._stream)
                 return
         async for chunk in self._stream:
             yield chunk
             if chunk.finished:
-                await self._finish(drain)
+                await close_quietly(self._stream)
                 return
 
-    async def _finish(self, drain: bool) -> None:
-        if drain:
-            await self._drain()
-        else:
-            self._answered = True
-
-    async def _drain(self) -> None:
-        async for _ in self._stream:
-            pass
-
     async def collect(self) -> CallOutput:
-        """The whole answer; the call's bookkeeping is left to `close()` (see `finish_all`)."""
+        """The whole answer."""
         out = CallOutput()
-        async for chunk in self.chunks(drain=False):
+        async for chunk in self.chunks():
             out.add(chunk)
         return out
 
@@ -173,7 +165,7 @@ class ScheduledCall:
         self.bind_to_current_task()
         out = CallOutput()
         try:
-            async for chunk in self.chunks(drain=False):
+            async for chunk in self.chunks():
                 out.add(chunk)
         except asyncio.CancelledError:
             if not self.aborted:
@@ -186,11 +178,8 @@ class ScheduledCall:
         return out
 
     async def close(self) -> None:
-        """Finish an answered call, abort one still running, and release the rid; safe to
-        call twice."""
-        if self._answered:
-            self._answered = False
-            await self._drain()
+        """Abort the call if it still runs, let go of its stream, and release the rid;
+        safe to call twice."""
         await close_quietly(self._stream)
         if self.inflight is not None:
             self.runtime.requests.remove(self.inflight)
@@ -200,12 +189,86 @@ class ScheduledCall:
             await self.runtime.scheduler.end_program(self.program_id, tenant=self.tenant)
 
 
-async def merge_streams(calls: list[ScheduledCall]) -> AsyncIterator[tuple[int, Chunk | None]]:
-    """(index, chunk) from every call as chunks come; (index, None) when a call was
-    aborted through `/abort_request`. One call streams inline; a batch runs a pump task
-    per call, so that each can be aborted (its task cancelled) on its own."""
-    if len(calls) == 1:
-        call = calls[0]
+class CallStreams:
+    """The calls of one streamed request as one stream of (index, chunk), chunks as they
+    come; (index, None) when a call was aborted through `/abort_request`.
+
+    One call streams inline. A batch runs a pump task per call from `started()` on, so
+    every call is read to its end (and frees its replica slot) while its siblings wait for
+    theirs: a batch larger than the scheduler's in-flight budget completes, and each call
+    can be aborted (its task cancelled) on its own."""
+
+    __slots__ = ("calls", "_queue", "_tasks", "_unstarted", "_all_started")
+
+    def __init__(self, calls: list[ScheduledCall]) -> None:
+        self.calls = calls
+        self._tasks: list[asyncio.Task[None]] = []  # a batch's pumps; none for one call
+        self._queue: asyncio.Queue[tuple[int, object]] | None = None
+        self._unstarted: set[int] = set()
+        self._all_started: asyncio.Future[None] | None = None
+
+    async def started(self, request: Request) -> None:
+        """Every call's first chunk (or the first error, raised), before the response's
+        status line; the wait ends early (`ClientGone`) if the client leaves, and then, as
+        on any error, every call is closed."""
+        try:
+            if len(self.calls) == 1:
+                await unless_disconnected(request, self.calls[0].first)
+                return
+            loop = asyncio.get_running_loop()
+            self._queue = asyncio.Queue()
+            self._unstarted = set(range(len(self.calls)))
+            all_started = self._all_started = loop.create_future()
+            self._tasks = [loop.create_task(self._pump(i, c)) for i, c in enumerate(self.calls)]
+            await unless_disconnected(request, lambda: asyncio.shield(all_started))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _pump(self, index: int, call: ScheduledCall) -> None:
+        call.bind_to_current_task()
+        try:
+            async for chunk in call.chunks():
+                self._put(index, chunk)
+        except asyncio.CancelledError:
+            if not call.aborted:
+                raise
+            self._put(index, None)
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+            self._put(index, exc)
+        finally:
+            self._put(index, _DONE)
+
+    def _put(self, index: int, item: object) -> None:
+        assert self._queue is not None
+        self._queue.put_nowait((index, item))
+        waiting = self._all_started
+        if index in self._unstarted and waiting is not None and not waiting.done():
+            self._unstarted.discard(index)
+            if isinstance(item, Exception):
+                waiting.set_exception(item)
+            elif not self._unstarted:
+                waiting.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Chunk | None]]:
+        if not self._tasks:
+            async for item in self._inline():
+                yield item
+            return
+        queue = self._queue
+        assert queue is not None
+        remaining = len(self._tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item  # type: ignore[misc]
+
+    async def _inline(self) -> AsyncIterator[tuple[int, Chunk | None]]:
+        call = self.calls[0]
         call.bind_to_current_task()
         try:
             async for chunk in call.chunks():
@@ -215,41 +278,21 @@ async def merge_streams(calls: list[ScheduledCall]) -> AsyncIterator[tuple[int, 
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             yield 0, None
-        return
-    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
-    done = object()
 
-    async def pump(index: int, call: ScheduledCall) -> None:
-        call.bind_to_current_task()
-        try:
-            async for chunk in call.chunks():
-                queue.put_nowait((index, chunk))
-        except asyncio.CancelledError:
-            if not call.aborted:
-                raise
-            queue.put_nowait((index, None))
-        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait((index, exc))
-        finally:
-            queue.put_nowait((index, done))
-
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(pump(i, c)) for i, c in enumerate(calls)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item  # type: ignore[misc]
-    finally:
-        for task in tasks:
+    async def aclose(self) -> None:
+        """Stop the pumps and close every call (aborting those still running), even when
+        the client is gone and this task is being cancelled."""
+        for task in self._tasks:
             task.cancel()
-        with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._all_started is not None and not self._all_started.done():
+            self._all_started.cancel()
+        with anyio.CancelScope(shield=True):
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await close_all(self.calls)
+
+
+_DONE = object()
 
 
 async def gather_each(awaitables: list[Awaitable[T]]) -> list[T]:
@@ -268,6 +311,14 @@ async def close_all(calls: list[ScheduledCall]) -> None:
 # all the calls (aborting their engine requests) when it fails.
 
 
+def check_batch(runtime: Runtime, size: int, param: str) -> None:
+    """Bound a request's prompts (`limits.max_batch`): each one is a call."""
+    limit = runtime.settings.limits.max_batch
+    if size > limit:
+        raise BadRequestError(f"{size} prompts in one request; the limit is {limit}",
+                              param=param)
+
+
 async def start_all(runtime: Runtime, tenant: str,
                     calls: Iterable[tuple[ProgramIdentity, GenerateRequest]], *,
                     abortable: bool = False) -> list[ScheduledCall]:
@@ -283,56 +334,36 @@ async def start_all(runtime: Runtime, tenant: str,
     return started
 
 
-async def await_first(calls: list[ScheduledCall]) -> None:
-    """Every call's first chunk, before a stream's status line is sent."""
-    try:
-        await gather_each([c.first() for c in calls])
-    except BaseException:
-        await close_all(calls)
-        raise
+async def start_streaming(request: Request, calls: list[ScheduledCall]) -> CallStreams:
+    """The calls' streams once each has its first chunk: see `CallStreams.started`."""
+    streams = CallStreams(calls)
+    await streams.started(request)
+    return streams
 
 
-async def answer_all(request: Request, runtime: Runtime, calls: list[ScheduledCall], *,
-                     abortable: bool = False) -> tuple[list[CallOutput], BackgroundTask | None]:
-    """Every call's whole output (cancelled if the client leaves), and the task that
-    finishes the calls once the answer is written (`finish_after_answer`).
-    `abortable`: an `/abort_request` ends a call early (`collect_abortable`)."""
-    collect = ScheduledCall.collect_abortable if abortable else ScheduledCall.collect
+async def answer_all(request: Request, calls: list[ScheduledCall], *,
+                     abortable: bool = False) -> list[CallOutput]:
+    """Every call's whole output (cancelled if the client leaves), the calls let go, and
+    the program ended if the client asked. `abortable`: an `/abort_request` ends a call
+    early (`collect_abortable`)."""
+    collect: Callable[[ScheduledCall], Awaitable[CallOutput]] = (
+        ScheduledCall.collect_abortable if abortable else ScheduledCall.collect)
     try:
         outs = await unless_disconnected(request,
                                          lambda: gather_each([collect(c) for c in calls]))
     except BaseException:
         await close_all(calls)
         raise
-    return outs, await finish_after_answer(runtime, calls)
-
-
-async def finish_all(calls: list[ScheduledCall]) -> None:
-    """Answered calls: their bookkeeping, then the program's end if the client asked."""
     await close_all(calls)
-    if calls:
-        await calls[0].end_program_if_asked()
+    await _end_program_if_asked(calls)
+    return outs
 
 
-async def finish_after_answer(runtime: Runtime, calls: list[ScheduledCall]
-                              ) -> BackgroundTask | None:
-    """`finish_all` as a task that runs once the answer is written (about a fifth of a
-    proxied call's CPU leaves its latency), or at once, returning None.
-
-    Deferring is safe only while the finishing never suspends: it then completes before
-    the server reads another request, so no client can see a call answered but not yet
-    ended. A remote state store (Redis) makes it suspend, so it runs first there."""
-    if runtime.scheduler.store.in_process:
-        return BackgroundTask(_finish_answered, calls)
-    await finish_all(calls)
-    return None
-
-
-async def _finish_answered(calls: list[ScheduledCall]) -> None:
-    """`finish_all` once the answer is out: a failure can no longer reach the client (a
-    program ended meanwhile, say), so it is logged rather than raised into the server."""
+async def _end_program_if_asked(calls: list[ScheduledCall]) -> None:
+    """The client's answer is ready: a failure to end its program (ended and forgotten
+    meanwhile, say) is logged rather than raised in its place."""
     try:
-        await finish_all(calls)
+        await calls[0].end_program_if_asked()
     except Exception:  # noqa: BLE001
-        log.warning("finishing answered calls %s failed", [c.call_id for c in calls],
+        log.warning("ending the program of calls %s failed", [c.call_id for c in calls],
                     exc_info=True)

@@ -1,7 +1,11 @@
 """Liveness and readiness: `/health` (and SGLang's `/health_generate`). No API key needed,
-so load balancers can probe. 200 while at least one replica is healthy, else 503."""
+so load balancers can probe. 200 while at least one replica is healthy and the scheduler
+moves; 503 when no replica is healthy, or when calls have waited `stall_timeout_s` while
+no call was dispatched or ended (a wedged scheduler: restarting it is the remedy)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -19,10 +23,20 @@ async def health(request: Request) -> Response:
     healthy = await runtime.health()
     replicas = [{"replica": i, "healthy": ok} for i, ok in enumerate(healthy)]
     if not any(healthy):
-        info = ErrorInfo(503, "service_unavailable_error", "no engine replica is healthy",
-                         code="no_healthy_replica")
-        return json_response({**problem_body(info), "replicas": replicas}, status=503,
-                             media_type="application/problem+json")
+        return _unavailable("no engine replica is healthy", "no_healthy_replica",
+                            {"replicas": replicas})
+    stalled_s = runtime.scheduler.stalled_for()
+    limit = runtime.settings.stall_timeout_s
+    if stalled_s >= limit:
+        return _unavailable(f"calls have waited {stalled_s:.0f} s while no call was dispatched "
+                            f"or ended (limit {limit:g} s)", "scheduler_stalled",
+                            {"replicas": replicas, "stalled_s": round(stalled_s, 3)})
     status = "ok" if all(healthy) else "degraded"
     return json_response({"status": status, "engine": runtime.settings.engine,
                           "model": runtime.model_name, "replicas": replicas})
+
+
+def _unavailable(detail: str, code: str, extras: dict[str, Any]) -> Response:
+    info = ErrorInfo(503, "service_unavailable_error", detail, code=code)
+    return json_response({**problem_body(info), **extras}, status=503,
+                         media_type="application/problem+json")

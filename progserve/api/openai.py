@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -33,12 +32,12 @@ from ..errors import BadRequestError
 from ..runtime import Runtime
 from .calls import (
     CallOutput,
+    CallStreams,
     ScheduledCall,
     answer_all,
-    await_first,
-    close_all,
-    merge_streams,
+    check_batch,
     start_all,
+    start_streaming,
 )
 from .common import (
     SSE_DONE,
@@ -185,11 +184,10 @@ async def chat_completions(request: Request) -> Response:
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
     if body.stream:
-        await await_first([call])
+        await start_streaming(request, [call])
         return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)
-    (out,), later = await answer_all(request, runtime, [call])
-    return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers,
-                         background=later)
+    (out,) = await answer_all(request, [call])
+    return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers)
 
 
 def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: CallOutput,
@@ -293,6 +291,7 @@ async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
     limits = runtime.settings.limits
     prompts = body.prompts()
+    check_batch(runtime, len(prompts), "prompt")
     check_limits(limits, body.max_tokens,
                  max(len(p) if isinstance(p, str) else len(p) * 4 for p in prompts))
     want_logprobs = body.logprobs is not None
@@ -308,10 +307,10 @@ async def completions(request: Request) -> Response:
     calls = await _start_completion_calls(runtime, tenant, identity, rid, prompts, body,
                                           sampling)
     if body.stream:
-        await await_first(calls)
-        return sse_response(_completion_events(runtime, rid, calls, prompts, body),
+        streams = await start_streaming(request, calls)
+        return sse_response(_completion_events(runtime, rid, streams, prompts, body),
                             calls[0].headers)
-    outs, later = await answer_all(request, runtime, calls)
+    outs = await answer_all(request, calls)
     choices = [_completion_choice(i, prompts[i], out, body) for i, out in enumerate(outs)]
     return json_response({
         "id": rid,
@@ -322,7 +321,7 @@ async def completions(request: Request) -> Response:
         "usage": usage_json(sum(o.prompt_tokens for o in outs),
                             sum(o.completion_tokens for o in outs),
                             sum(o.cached_tokens for o in outs)),
-    }, headers=calls[0].headers, background=later)
+    }, headers=calls[0].headers)
 
 
 async def _start_completion_calls(runtime: Runtime, tenant: str, identity: ProgramIdentity,
@@ -369,9 +368,10 @@ def _completion_choice(index: int, prompt: str | list[int], out: CallOutput,
             "finish_reason": finish_reason_text(out.finish_reason)}
 
 
-async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCall],
+async def _completion_events(runtime: Runtime, rid: str, streams: CallStreams,
                              prompts: list[str | list[int]], body: CompletionRequest
                              ) -> AsyncIterator[bytes]:
+    calls = streams.calls
     head = {"id": rid, "object": "text_completion", "created": int(time.time()),
             "model": runtime.model_name}
     outs = [CallOutput() for _ in calls]
@@ -385,7 +385,7 @@ async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCa
                     offsets[i] = len(prompt)
                     pending.append(sse({**head, "choices": [{
                         "index": i, "text": prompt, "logprobs": None, "finish_reason": None}]}))
-        async for index, item in merge_streams(calls):
+        async for index, item in streams:
             if item is None:
                 continue  # completions calls are not abortable by rid
             outs[index].add(item)
@@ -409,6 +409,5 @@ async def _completion_events(runtime: Runtime, rid: str, calls: list[ScheduledCa
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
         pending.append(sse_error(exc))
     finally:
-        with anyio.CancelScope(shield=True):  # the client may be gone: still clean up
-            await close_all(calls)
+        await streams.aclose()  # the client may be gone: it still cleans up
     yield b"".join(pending) + SSE_DONE

@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
@@ -31,12 +30,12 @@ from ..runtime import Runtime
 from .calls import (
     ABORTED,
     CallOutput,
+    CallStreams,
     ScheduledCall,
     answer_all,
-    await_first,
-    close_all,
-    merge_streams,
+    check_batch,
     start_all,
+    start_streaming,
 )
 from .common import (
     SSE_DONE,
@@ -173,6 +172,7 @@ async def generate(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await read_model(request, GenerateInput)
     items = body.items()
+    check_batch(runtime, len(items), "text")
     _check(runtime, items)
     requests = [_engine_request(item, body.stream) for item in items]
     identity = program_identity(request.headers)
@@ -180,13 +180,12 @@ async def generate(request: Request) -> Response:
                             abortable=True)
     started = time.perf_counter()
     if body.stream:
-        await await_first(calls)
-        return sse_response(_events(calls, items, body, started), calls[0].headers)
-    outs, later = await answer_all(request, runtime, calls, abortable=True)
+        streams = await start_streaming(request, calls)
+        return sse_response(_events(streams, items, body, started), calls[0].headers)
+    outs = await answer_all(request, calls, abortable=True)
     results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
                for c, item, out in zip(calls, items, outs, strict=True)]
-    return json_response(results if body.is_batch else results[0], headers=calls[0].headers,
-                         background=later)
+    return json_response(results if body.is_batch else results[0], headers=calls[0].headers)
 
 
 def _logprobs_json(entries: list[LogprobEntry] | None, with_text: bool) -> list[list[Any]]:
@@ -223,17 +222,18 @@ def _item_json(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
             "meta_info": _meta(rid, item, out, with_text, started)}
 
 
-async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: GenerateInput,
+async def _events(streams: CallStreams, items: list[GenerateItem], body: GenerateInput,
                   started: float) -> AsyncIterator[bytes]:
     """Cumulative events, one per chunk of any prompt (`index` tells them apart in a
     batch), then `data: [DONE]`."""
+    calls: list[ScheduledCall] = streams.calls
     batch = body.is_batch
     outs = [CallOutput() for _ in calls]
     with_text = body.return_text_in_logprobs
     open_calls = len(calls)
     tail = b""  # the very last event goes out together with [DONE]
     try:
-        async for index, chunk in merge_streams(calls):
+        async for index, chunk in streams:
             out = outs[index]
             if chunk is None:  # aborted through /abort_request
                 out.finish_reason = ABORTED
@@ -247,13 +247,12 @@ async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: G
             if chunk is None or chunk.finished:
                 open_calls -= 1
                 if not open_calls:
-                    tail = sse(event)  # merge_streams ends right after this
+                    tail = sse(event)  # the streams end right after this
                     continue
             yield sse(event)
         await calls[0].end_program_if_asked()
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
         tail += sse_error(exc)
     finally:
-        with anyio.CancelScope(shield=True):
-            await close_all(calls)
+        await streams.aclose()
     yield tail + SSE_DONE

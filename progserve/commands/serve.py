@@ -102,6 +102,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     app = create_app(runtime)
     app.state.tune_collector = True  # a server process: see progserve/collector.py
+    # On SIGTERM, requests in flight get `shutdown_grace_s`, then are cancelled (aborting
+    # their engine requests) and the app shuts down: the process always exits.
     uvicorn.run(app, host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=settings.shutdown_grace_s,
                 **uvicorn_options(settings.log_level, args.access_log))
     return 0

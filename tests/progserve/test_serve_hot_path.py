@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from progserve.api.calls import ScheduledCall, finish_after_answer
+from progserve.api.calls import ScheduledCall
 from progserve.api.common import ProgramIdentity
 from progserve.app import create_app
 from progserve.config import Settings
 from progserve.runtime import Runtime
+from scheduler.program import CallStatus
+from scheduler.store import InMemoryStateStore
 
 # ignore_eos: the sim's reply length is random per rid, and may end before 4 tokens.
 BODY = {"text": "The capital of France is",
@@ -79,32 +81,40 @@ async def _answered_call(runtime: Runtime, program_id: str) -> ScheduledCall:
     return call
 
 
-async def test_an_answer_is_written_before_its_call_is_booked(runtime: Runtime) -> None:
-    """With the in-process store, the bookkeeping (and the program end the client asked
-    for) waits for the answer to be written, then completes."""
+async def test_an_answered_call_frees_its_slot_and_is_booked_without_the_api(
+        runtime: Runtime) -> None:
+    """With the in-process store the answer goes first: the call's replica slot is free
+    when its final chunk arrives, and the scheduler books it in the next loop turn
+    though the API neither reads nor closes its stream any more."""
+    import asyncio
+
     scheduler = runtime.scheduler
     await scheduler.open_program("p-defer")
-    call = await _answered_call(runtime, "p-defer")
-    later = await finish_after_answer(runtime, [call])
-    assert later is not None
-    assert scheduler.program_state("p-defer").calls[0].status == "running"
-    await later()
+    await _answered_call(runtime, "p-defer")
+    (node,) = scheduler.programs.get("p-defer", "default").calls.values()
+    assert node.status == CallStatus.RUNNING  # answered, not yet booked
+    assert all(r.inflight_requests == 0 for r in scheduler.replicas)
+    await asyncio.sleep(0)
     state = scheduler.program_state("p-defer")
-    assert state.calls[0].status == "finished" and state.status == "finished"
-    assert state.history.calls_finished == 1
+    assert state.calls[0].status == "finished" and state.history.calls_finished == 1
 
 
-async def test_a_remote_store_books_the_call_before_the_answer(
-        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+class _RemoteLikeStore(InMemoryStateStore):
+    in_process = False  # as Redis: its methods may suspend
+
+
+async def test_a_remote_store_books_the_call_before_the_answer() -> None:
     """A store that suspends (Redis) could let another request see the call unfinished:
-    there the bookkeeping runs first."""
-    scheduler = runtime.scheduler
-    monkeypatch.setattr(type(scheduler.store), "in_process", False)
-    await scheduler.open_program("p-now")
-    call = await _answered_call(runtime, "p-now")
-    assert await finish_after_answer(runtime, [call]) is None
-    state = scheduler.program_state("p-now")
-    assert state.calls[0].status == "finished" and state.status == "finished"
+    there the bookkeeping runs before the final chunk goes out."""
+    rt = Runtime(Settings(sim={"time_scale": 0.01}), store=_RemoteLikeStore())
+    await rt.start()
+    try:
+        await rt.scheduler.open_program("p-now")
+        await _answered_call(rt, "p-now")
+        (node,) = rt.scheduler.programs.get("p-now", "default").calls.values()
+        assert node.status == CallStatus.FINISHED
+    finally:
+        await rt.close()
 
 
 async def test_a_sequential_client_sees_its_ended_program(runtime: Runtime) -> None:
@@ -140,19 +150,22 @@ async def test_only_a_server_process_tunes_its_collector_and_times_its_pauses() 
             gc.unfreeze()
 
 
-async def test_a_failure_after_the_answer_is_logged_not_raised(
+async def test_a_failure_to_end_the_program_is_logged_not_raised(
         runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
+    """The client's answer is ready when its program is ended as it asked: a failure
+    there (the program ended and forgotten meanwhile, say) is logged, the answer given."""
     from scheduler.errors import ProgramNotFoundError
 
     async def gone(self: ScheduledCall) -> None:
         raise ProgramNotFoundError(self.program_id)
 
-    await runtime.scheduler.open_program("p-gone")
-    call = await _answered_call(runtime, "p-gone")
     monkeypatch.setattr(ScheduledCall, "end_program_if_asked", gone)
-    later = await finish_after_answer(runtime, [call])
-    assert later is not None
-    await later()  # the client already has its answer: nothing to raise into
-    assert "finishing answered calls" in caplog.text
+    app = create_app(runtime)
+    async with client(app) as c:
+        answer = await c.post("/generate", json=BODY, headers={
+            "X-Program-Id": "p-gone", "X-Program-End": "true"})
+    assert answer.status_code == 200
+    assert answer.json()["meta_info"]["completion_tokens"] == 4
+    assert "ending the program" in caplog.text
     assert runtime.scheduler.program_state("p-gone").calls[0].status == "finished"

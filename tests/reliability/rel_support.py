@@ -3,6 +3,7 @@ and restarted on the same port, and polling with a deadline."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def raw_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send a JSON POST on a raw socket and return it unread: closing it is a client that
+    leaves (mid-request, or before the answer starts)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, poll_s: float = 0.01) -> float:

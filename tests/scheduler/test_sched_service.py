@@ -17,6 +17,7 @@ from scheduler.errors import (
     ProgramValidationError,
 )
 from scheduler.events import EventKind
+from scheduler.program import CallStatus
 from scheduler.service import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 
@@ -99,7 +100,7 @@ def test_graph_program_follows_dataflow_and_fills_variables():
         # the join's prompt was rendered from the produced values
         texts = [r.text for r in engines[0].requests]
         assert "xxx + xxxx" in texts
-        assert s._programs[("default", pid)].graph.has_edge("first", "join")
+        assert s.programs.get(pid, "default").graph.has_edge("first", "join")
 
     run(body)
 
@@ -240,6 +241,22 @@ def test_client_disconnect_aborts_and_frees_the_call():
         assert len(engines[0].started) == 1
         # the engine's generator was closed: its slot is free again
         await consume(s.llm_call(pid, req("r2", n=2)))
+
+    run(body)
+
+
+def test_closing_a_stream_mid_call_closes_the_engine_stream_at_once():
+    """No loop turn, no garbage collection: the engine's request is let go inside
+    `aclose()`, as the call's slot."""
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p")
+        stream = s.llm_call(pid, req("r", n=100))
+        for _ in range(3):
+            await stream.__anext__()
+        assert "r" in engines[0]._live
+        await stream.aclose()
+        assert "r" not in engines[0]._live  # the engine generator's `finally` ran
+        assert s.replicas[0].inflight_requests == 0
 
     run(body)
 
@@ -465,23 +482,55 @@ def test_idle_program_ends_by_itself_and_reopens_with_its_history():
     run(body, program_idle_timeout_s=100)
 
 
-def test_final_chunk_comes_before_the_call_is_booked_and_closing_books_it():
-    """A proxy writes its answer while the call's bookkeeping waits: the final chunk is
-    yielded first; moving on (or closing the stream) ends the call as finished."""
+def test_answer_first_then_the_scheduler_books_the_call_by_itself():
+    """A proxy writes its answer while the call's bookkeeping waits: the final chunk comes
+    first, with the replica slot already free; once the consumer lets go of the stream,
+    the scheduler books the call in the next loop turn."""
     async def body(s: Scheduler, engines):
         pid = await s.open_program("p1")
         stream = s.llm_call(pid, req("r1", n=3))
         async for chunk in stream:
             if chunk.finish_reason is not None:
                 break
-        (c,) = s.program_state(pid).calls
-        assert c.status == "running"  # answered, not yet booked
-        assert s.replicas[0].inflight_requests == 1
+        (call,) = s.programs.get(pid, "default").calls.values()
+        assert call.status == CallStatus.RUNNING  # answered, not yet booked
+        assert s.replicas[0].inflight_requests == 0  # its slot is free already
         await stream.aclose()
+        assert call.status == CallStatus.RUNNING  # closing does not book it in its place
+        await asyncio.sleep(0)
+        assert call.status == CallStatus.FINISHED
         state = s.program_state(pid)
-        assert state.calls[0].status == "finished" and state.calls[0].completion_tokens == 3
-        assert state.history.calls_finished == 1
-        assert s.replicas[0].inflight_requests == 0
+        assert state.calls[0].completion_tokens == 3 and state.history.calls_finished == 1
+
+    run(body)
+
+
+def test_a_stream_dropped_after_its_answer_is_booked_too():
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p1")
+        stream = s.llm_call(pid, req("r1", n=3))
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break
+        (call,) = s.programs.get(pid, "default").calls.values()
+        del stream, chunk  # the asyncio loop's finalizer closes the generator
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert call.status == CallStatus.FINISHED
+
+    run(body)
+
+
+def test_a_look_at_the_program_books_its_answered_calls_first():
+    async def body(s: Scheduler, engines):
+        pid = await s.open_program("p1")
+        stream = s.llm_call(pid, req("r1", n=3))
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break
+        state = s.program_state(pid)
+        assert state.calls[0].status == "finished" and state.history.calls_finished == 1
+        await stream.aclose()
 
     run(body)
 

@@ -1,0 +1,221 @@
+"""The program table: every program the scheduler knows, per tenant, from its start to
+the moment it is forgotten.
+
+A program is new (registered, with any history the state store has for it), open
+(running or idle), reopened when a call arrives after its end, ended when its client
+says so, when it idles past `program_idle_timeout_s`, or when its single call finishes
+(an untagged request), and forgotten once more than `keep_finished_programs` ended after
+it. Ids are namespaced per tenant: another tenant's id is a plain "not found".
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import uuid
+from collections import deque
+from collections.abc import Iterator
+
+from .config import SchedulerConfig
+from .errors import ProgramCancelledError, ProgramNotFoundError, SchedulerOverloadedError
+from .events import EventBus, EventKind
+from .kv_admission import KvAdmission
+from .loop_context import LoopContext
+from .program import PROGRAM_STATUS_NAMES, CallNode, Program, ProgramStatus
+from .retention import RetentionManager
+from .store import StateStore
+
+PROGRAM_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+
+class ProgramTable:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        loop: LoopContext,
+        bus: EventBus,
+        store: StateStore,
+        retention: RetentionManager,
+        admission: KvAdmission,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.bus = bus
+        self.store = store
+        self.retention = retention
+        self.admission = admission
+        self._programs: dict[tuple[str, str], Program] = {}
+        self._ended: deque[Program] = deque()
+        self.open_count = 0
+        self._program_seq = itertools.count()
+        self._call_seq = itertools.count()
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, program_id: str, tenant: str) -> Program:
+        program = self._programs.get((tenant, program_id))
+        if program is None:
+            raise ProgramNotFoundError(program_id)
+        return program
+
+    def find(self, program_id: str, tenant: str) -> Program | None:
+        return self._programs.get((tenant, program_id))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._programs
+
+    def __iter__(self) -> Iterator[Program]:
+        return iter(self._programs.values())
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    @staticmethod
+    def check_usable(program: Program) -> None:
+        if program.status == ProgramStatus.CANCELLED:
+            raise ProgramCancelledError(program.id)
+
+    # ------------------------------------------------------------------ new programs
+    @staticmethod
+    def new_id() -> str:
+        return f"prog-{uuid.uuid4().hex[:16]}"
+
+    def new_program(
+        self,
+        program_id: str,
+        tenant: str,
+        *,
+        single_call: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> Program:
+        if self.open_count >= self.config.max_programs:
+            raise SchedulerOverloadedError(
+                f"{self.open_count} programs are open (limit {self.config.max_programs})",
+                retry_after=1.0,
+            )
+        now = self.loop.time()
+        return Program(
+            id=program_id,
+            tenant=tenant,
+            arrival=now,
+            seq=next(self._program_seq),
+            engine_key=program_id if tenant == "default" else f"{tenant}/{program_id}",
+            single_call=single_call,
+            metadata=dict(metadata or {}),
+            idle_since=now,
+        )
+
+    def register(self, program: Program) -> None:
+        self._programs[(program.tenant, program.id)] = program
+        self.open_count += 1
+        if EventKind.PROGRAM_STARTED in self.bus.wanted:
+            self.bus.program_event(EventKind.PROGRAM_STARTED, program)
+
+    async def seed_history(self, program: Program) -> None:
+        """A program another progserve process has served keeps its history."""
+        totals = await self.store.load(program.tenant, program.id)
+        if totals is not None:
+            history = program.history
+            history.service = totals.service
+            history.engine_time_s = totals.engine_time_s
+            history.weighted_tokens = totals.weighted_tokens
+            history.wait_s = totals.wait_s
+            history.calls_finished = totals.calls_finished
+            history.engines_used = set(totals.engines_used)
+
+    def reopen(self, program: Program) -> None:
+        """A call arrives for an ended (not cancelled) program: it is open again."""
+        if program.status in (ProgramStatus.FINISHED, ProgramStatus.FAILED):
+            program.status = ProgramStatus.IDLE
+            program.ended_at = None
+            self.open_count += 1
+            if program in self._ended:
+                self._ended.remove(program)
+
+    # ------------------------------------------------------------------ calls
+    def new_call(
+        self,
+        program: Program,
+        call_id: str,
+        kind: str,
+        thread: str,
+        parents: tuple[str, ...],
+        *,
+        thread_parent: bool = True,
+    ) -> CallNode:
+        """Add a call to the program; without parents (and `thread_parent`) it follows the
+        previous call of its thread."""
+        now = self.loop.time()
+        if not parents and thread_parent:
+            previous = program.last_call_by_thread.get(thread)
+            if previous is not None:
+                parents = (previous.id,)  # a thread is sequential
+        call = CallNode(
+            id=call_id,
+            program=program,
+            kind=kind,
+            seq=next(self._call_seq),
+            created_at=now,
+            thread_id=thread,
+            parents=parents,
+        )
+        program.calls[call_id] = call
+        program.last_call_by_thread[thread] = call
+        program.open_calls += 1
+        program.history.thread_opened(thread)
+        program.status = ProgramStatus.RUNNING
+        return call
+
+    # ------------------------------------------------------------------ endings
+    def went_idle(self, program: Program, now: float) -> None:
+        """Nothing of the program is queued or running any more."""
+        program.status = ProgramStatus.IDLE
+        program.idle_since = now
+        if program.single_call:
+            self.close(program, ProgramStatus.FINISHED)
+        else:
+            self.retention.on_idle(program, now)
+            self._arm_idle_end(program, now + self.config.program_idle_timeout_s)
+
+    def _arm_idle_end(self, program: Program, due: float) -> None:
+        """Proxy clients rarely end their programs: one idle past the timeout ends by
+        itself (a later call reopens it, with its history)."""
+        if program.idle_timer is None:
+            program.idle_timer = self.loop.loop.call_at(due, self._idle_end, program)
+
+    def _idle_end(self, program: Program) -> None:
+        program.idle_timer = None
+        if program.is_closed or program.open_calls:
+            return  # its next idle moment re-arms the timer
+        due = program.idle_since + self.config.program_idle_timeout_s
+        if self.loop.time() >= due:
+            self.close(program, ProgramStatus.FINISHED)
+        else:
+            self._arm_idle_end(program, due)
+
+    def close(self, program: Program, status: ProgramStatus) -> None:
+        now = self.loop.time()
+        if not program.is_closed:
+            self.open_count -= 1
+        program.status = status
+        program.ended_at = now
+        if program.idle_timer is not None:
+            program.idle_timer.cancel()
+            program.idle_timer = None
+        self.retention.on_program_end(program)
+        self.admission.on_program_end(program, now)
+        self.loop.spawn(
+            self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
+        if EventKind.PROGRAM_ENDED in self.bus.wanted:
+            self.bus.program_event(EventKind.PROGRAM_ENDED, program)
+        self._ended.append(program)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Past `keep_finished_programs` ended ones, the oldest are forgotten (and their
+        call graphs taken apart, so no cycle waits for the collector)."""
+        keep = self.config.keep_finished_programs
+        while len(self._ended) > keep:
+            old = self._ended.popleft()
+            if old.is_closed and old.open_calls == 0:
+                self._programs.pop((old.tenant, old.id), None)
+                old.drop_calls()
