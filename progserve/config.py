@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from engine_backend.http_client import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from engine_backend.torch.config import TorchConfig
-from scheduler.config import SchedulerConfig
+from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.tools.config import ToolsConfig
 
 EngineKind = Literal["sim", "torch", "sglang", "openai"]
@@ -77,6 +77,7 @@ class Settings(BaseSettings):
                     "one pass in this many seconds walks it all (0: CPython's collector as is)",
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     torch: TorchConfig = Field(default_factory=TorchConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

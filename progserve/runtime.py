@@ -121,7 +121,7 @@ class Runtime:
         self._owns_tools = tools is None
         self.tools = tools if tools is not None else build_tools(settings)
         self.scheduler = Scheduler(self.engines, settings.scheduler, store=self.store,
-                                   tools=self.tools)
+                                   tools=self.tools, cache=settings.cache)
         self.requests = RequestRegistry()
         self.chat_template = ChatTemplate(None)
         self.capabilities = merged_capabilities(self.engines)

@@ -30,7 +30,8 @@ from engine_backend.base import Engine
 from engine_backend.errors import EngineError, EngineUnavailableError
 from engine_backend.types import Chunk, FinishType, GenerateRequest
 
-from .config import SchedulerConfig
+from .cache_salt import tenant_cache_salt
+from .config import CacheConfig, SchedulerConfig
 from .dispatcher import Dispatcher, Replica, make_replicas
 from .errors import (
     CallFailedError,
@@ -93,10 +94,12 @@ class Scheduler:
         *,
         store: StateStore | None = None,
         tools: ToolRunner | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         if not engines:
             raise ValueError("the scheduler needs at least one engine replica")
         self.config = config
+        self.cache_config = cache if cache is not None else CacheConfig()
         self.engines = list(engines)
         self.replicas: list[Replica] = make_replicas(self.engines, config)
         self.router = Router(config, self.replicas)
@@ -508,6 +511,7 @@ class Scheduler:
             arrival=now,
             seq=next(self._program_seq),
             engine_key=program_id if tenant == "default" else f"{tenant}/{program_id}",
+            cache_salt=tenant_cache_salt(self.cache_config, tenant),
             single_call=single_call,
             metadata=dict(metadata or {}),
             idle_since=now,
@@ -632,8 +636,10 @@ class Scheduler:
             # Set in place: a copy per call costs more than the rest of dispatch.
             request.priority = priority
             request.program_id = owner
+            request.cache_salt = call.program.cache_salt
             return request
-        update: dict[str, Any] = {"program_id": owner, "priority": priority}
+        update: dict[str, Any] = {"program_id": owner, "priority": priority,
+                                  "cache_salt": call.program.cache_salt}
         if call.preemptions:
             # Resume: the prompt plus the output so far, mostly served from the prefix cache.
             update["rid"] = f"{request.rid}~{call.preemptions}"
