@@ -27,7 +27,7 @@ import progserve
 from engine_backend.types import GenerateRequest, LogprobEntry
 
 from ..errors import BadRequestError
-from ..runtime import Runtime
+from ..runtime import Runtime, tenant_rid
 from .calls import (
     ABORTED,
     CallOutput,
@@ -152,10 +152,11 @@ def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
                                   param="input_ids", code="token_ids_unsupported")
 
 
-def _engine_request(item: GenerateItem, stream: bool) -> GenerateRequest:
+def _engine_request(item: GenerateItem, rid: str, tenant: str, stream: bool
+                    ) -> GenerateRequest:
     prompt = item.prompt
     return GenerateRequest(
-        rid=item.rid or random_hex(16),
+        rid=tenant_rid(tenant, rid),
         text=prompt if isinstance(prompt, str) else None,
         input_ids=prompt if not isinstance(prompt, str) else None,
         sampling=item.sampling.to_engine(),
@@ -174,17 +175,20 @@ async def generate(request: Request) -> Response:
     body = await read_model(request, GenerateInput)
     items = body.items()
     _check(runtime, items)
-    requests = [_engine_request(item, body.stream) for item in items]
+    # The client's rids (or new ones) name the answers; the engine sees them per tenant.
+    rids = [item.rid or random_hex(16) for item in items]
+    requests = [_engine_request(item, rid, tenant, body.stream)
+                for item, rid in zip(items, rids, strict=True)]
     identity = program_identity(request.headers)
     calls = await start_all(runtime, tenant, [(identity, gen) for gen in requests],
                             abortable=True)
     started = time.perf_counter()
     if body.stream:
         await await_first(calls)
-        return sse_response(_events(calls, items, body, started), calls[0].headers)
+        return sse_response(_events(calls, rids, items, body, started), calls[0].headers)
     outs, later = await answer_all(request, runtime, calls, abortable=True)
-    results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
-               for c, item, out in zip(calls, items, outs, strict=True)]
+    results = [_item_json(rid, item, out, body.return_text_in_logprobs, started)
+               for rid, item, out in zip(rids, items, outs, strict=True)]
     return json_response(results if body.is_batch else results[0], headers=calls[0].headers,
                          background=later)
 
@@ -223,8 +227,8 @@ def _item_json(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
             "meta_info": _meta(rid, item, out, with_text, started)}
 
 
-async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: GenerateInput,
-                  started: float) -> AsyncIterator[bytes]:
+async def _events(calls: list[ScheduledCall], rids: list[str], items: list[GenerateItem],
+                  body: GenerateInput, started: float) -> AsyncIterator[bytes]:
     """Cumulative events, one per chunk of any prompt (`index` tells them apart in a
     batch), then `data: [DONE]`."""
     batch = body.is_batch
@@ -241,7 +245,7 @@ async def _events(calls: list[ScheduledCall], items: list[GenerateItem], body: G
                 out.add(chunk)
                 if not (chunk.text or chunk.token_ids or chunk.finished):
                     continue
-            event = _item_json(calls[index].rid, items[index], out, with_text, started)
+            event = _item_json(rids[index], items[index], out, with_text, started)
             if batch:
                 event["index"] = index
             if chunk is None or chunk.finished:
