@@ -32,12 +32,16 @@ class LimitsConfig(BaseModel):
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )
-    # Admission control (progserve/admission.py): past these, new work gets 429 + Retry-After.
+    # Admission control (progserve/admission.py): each limit is shared fairly between the
+    # tenants using it; past its share a tenant's new work gets 429 + Retry-After.
     max_inflight_requests: int = Field(
-        8192, ge=1, description="requests doing new work at once (streams included)"
+        8192, ge=1, description="requests doing new work at once (streams included), shared "
+        "between tenants"
     )
     max_queued_calls: int = Field(
-        50_000, ge=1, description="LLM calls waiting for an engine before new work is refused"
+        50_000, ge=1, description="open LLM calls (queued, running, or pending in a submitted "
+        "graph, counted when a request's calls are created), shared between tenants; a "
+        "request bringing more is a 400"
     )
     retry_after_min_s: float = Field(1.0, gt=0, description="smallest Retry-After sent")
     retry_after_max_s: float = Field(30.0, gt=0, description="largest Retry-After sent")
@@ -52,7 +56,9 @@ class ObservabilityConfig(BaseModel):
     trace_ttl_s: int = Field(86_400, ge=60, description="lifetime of spans shared in Redis")
     admin_tenants: list[str] = Field(
         default_factory=lambda: ["admin"],
-        description="with API keys on, these tenants see every tenant in /metrics and /ui",
+        description="with API keys on, every key of these tenants is an admin (as a key with "
+        "the admin role in the keys file): every tenant in /metrics and /ui, the server's "
+        "load, the operator routes",
     )
 
 

@@ -126,7 +126,8 @@ class Runtime:
         tools: Any = None,
     ) -> None:
         self.settings = settings
-        self.auth = Authenticator.from_file(settings.api_keys)
+        self.auth = Authenticator.from_file(settings.api_keys,
+                                            settings.observability.admin_tenants)
         self.engines = engines if engines is not None else build_engines(settings)
         if not self.engines:
             raise ValueError("the runtime needs at least one engine replica")

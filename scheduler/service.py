@@ -60,6 +60,7 @@ from .retention import RetentionManager
 from .router import Router
 from .spec import VARIABLE_REF, CallSpec, ProgramSpec
 from .store import CallRecord, InMemoryStateStore, StateStore
+from .tenant_calls import TenantCalls
 from .views import (
     CallState,
     ProgramHistoryState,
@@ -121,6 +122,7 @@ class Scheduler:
         self.store: StateStore = store if store is not None else InMemoryStateStore()
         self.tools = tools
         self._programs: dict[tuple[str, str], Program] = {}
+        self.tenant_calls = TenantCalls()  # open LLM calls per tenant; admission's hook
         self._ended: deque[Program] = deque()
         self._listeners: list[tuple[Listener, frozenset[EventKind] | None]] = []
         self._wanted: frozenset[EventKind] = frozenset()
@@ -201,6 +203,7 @@ class Scheduler:
             tools_available=self.tools is not None,
         )
         await self._seed_history(program)
+        self.tenant_calls.admit(tenant, _llm_calls(spec.calls))
         self._register(program)
         self._add_graph_calls(program, spec.calls)
         return program_id
@@ -217,6 +220,7 @@ class Scheduler:
             max_calls=self.config.max_calls_per_program,
             tools_available=self.tools is not None,
         )
+        self.tenant_calls.admit(tenant, _llm_calls(calls))
         self._reopen(program)
         self._add_graph_calls(program, calls)
 
@@ -305,6 +309,12 @@ class Scheduler:
             self._reopen(program)
             if call_id is not None and call_id in program.calls:
                 raise ProgramValidationError(f"duplicate call id {call_id!r}")
+            try:
+                self.tenant_calls.admit(program.tenant, 1)
+            except Exception:
+                if program.single_call and not program.calls:  # it will never have a call
+                    self._close_program(program, ProgramStatus.FAILED)
+                raise
             call = self._new_call(
                 program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
             )
@@ -582,6 +592,8 @@ class Scheduler:
         program.calls[call_id] = call
         program.last_call_by_thread[thread] = call
         program.open_calls += 1
+        if kind == "llm":
+            self.tenant_calls.opened(program.tenant)
         program.history.thread_opened(thread)
         program.status = ProgramStatus.RUNNING
         return call
@@ -865,6 +877,8 @@ class Scheduler:
             program.running.discard(call)
             program.queued.discard(call)
             program.open_calls -= 1
+            if call.kind == "llm":
+                self.tenant_calls.closed(program.tenant)
             program.history.thread_closed(call.thread_id)
             if status == CallStatus.FINISHED:
                 self.calls_finished += 1
@@ -1203,6 +1217,10 @@ class Scheduler:
                 error=program.error,
             )
         )
+
+
+def _llm_calls(specs: Sequence[CallSpec]) -> int:
+    return sum(1 for spec in specs if spec.kind == "llm")
 
 
 def _known(t: float) -> float | None:

@@ -1,6 +1,8 @@
 """SGLang-compatible native API: `/generate`, `/get_model_info`, `/get_server_info`,
 `/flush_cache`, `/abort_request` (and SGLang's newer aliases `/model_info`,
 `/server_info`). SGLang's own frontend (`sgl.RuntimeEndpoint`) runs against it unchanged.
+Operator routes need an admin key (`progserve/auth.py`): `POST /flush_cache`, and the
+server's load in `/get_server_info` (a tenant sees its own). Request ids are per tenant.
 
 Wire format (SGLang 0.5.x): a streamed `/generate` sends `data: {...}` events whose `text`
 and `output_ids` are *cumulative*, then `data: [DONE]`; `meta_info` has `id`,
@@ -26,6 +28,7 @@ from fastapi.responses import PlainTextResponse, Response
 import progserve
 from engine_backend.types import GenerateRequest, LogprobEntry
 
+from ..auth import Caller
 from ..errors import BadRequestError
 from ..runtime import Runtime, tenant_rid
 from .calls import (
@@ -79,10 +82,10 @@ async def model_info(request: Request) -> Response:
 @router.get("/get_server_info")
 @router.get("/server_info")
 async def server_info(request: Request) -> Response:
-    tenant_of(request)  # authenticates
+    """The server's load (`internal_states`) goes to admins only; a tenant sees its own."""
     runtime = runtime_of(request)
+    caller = runtime.auth.caller_for(request.headers)
     settings = runtime.settings
-    stats = await runtime.scheduler.stats()
     caps = runtime.capabilities
     return json_response({
         "version": progserve.__version__ if hasattr(progserve, "__version__") else "0.1.0",
@@ -99,18 +102,24 @@ async def server_info(request: Request) -> Response:
             "constrained_decoding": caps.constrained_decoding, "token_ids": caps.token_ids,
             "retention": caps.retention,
         },
-        "internal_states": [{
-            "queued": stats.queued,
-            "running": stats.running,
-            "programs_open": stats.programs_open,
-        }],
+        "internal_states": [await _load(request, caller)],
     })
 
 
-@router.get("/flush_cache")
+async def _load(request: Request, caller: Caller) -> dict[str, Any]:
+    admission = request.app.state.admission
+    if not caller.admin:
+        return admission.load(caller.tenant)
+    stats = await runtime_of(request).scheduler.stats()
+    return {"queued": stats.queued, "running": stats.running,
+            "programs_open": stats.programs_open, **admission.load(None)}
+
+
 @router.post("/flush_cache")
 async def flush_cache(request: Request) -> Response:
-    tenant_of(request)  # authenticates
+    """Operator route: it drops every tenant's cache, so it takes an admin key (and a POST:
+    a GET, which crawlers and prefetchers send freely, is a 405)."""
+    runtime_of(request).auth.admin_for(request.headers)
     if await runtime_of(request).flush_cache():
         return PlainTextResponse("Cache flushed.\n")
     raise BadRequestError("cache not flushed: an engine refused (requests still running, or "
