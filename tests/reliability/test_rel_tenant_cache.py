@@ -21,10 +21,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_backend.radix_cache import RadixCache
+from engine_backend.sim.engine import SimEngine
+from engine_backend.types import GenerateRequest
 from progserve.app import create_app
 from progserve.auth import hash_key
 from progserve.config import Settings
 from progserve.runtime import Runtime
+from scheduler.cache_salt import tenant_cache_salt
+from scheduler.config import CacheConfig, SchedulerConfig
+from scheduler.dispatcher import make_replicas
+from scheduler.program import CallNode, Program
+from scheduler.router import Router
 
 pytest.importorskip("torch")
 from engine_backend.torch.tiny import build_tiny_llama  # noqa: E402
@@ -133,3 +140,34 @@ def test_radix_namespaces_never_share_and_cost_no_size(ops, probe):
     assert cache.total_size() == 0 and len(freed) == len(set(freed)) == sum(
         _distinct_prefixes(k) for k in inserted.values())
     assert cache.match_prefix(probe, namespace="alice").length == 0
+
+
+def _routed_call(cache: CacheConfig, n: int, tenant: str, tokens: list[int]) -> CallNode:
+    program = Program(id=f"p{n}", tenant=tenant, arrival=0, seq=n,
+                      cache_salt=tenant_cache_salt(cache, tenant))
+    node = CallNode(id=f"c{n}", program=program, kind="llm", seq=n, created_at=0)
+    node.request = GenerateRequest(rid=node.id, input_ids=tokens)
+    node.prompt_len, node.budget_tokens = len(tokens), len(tokens) + 16
+    return node
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_routers_trees_are_namespaced_like_the_engines(share):
+    """The router must not send Bob's call towards Alice's cached prefix (its choice is
+    observable: the replica a call ran on, and its latency)."""
+    cache = CacheConfig(share_across_tenants=share)
+    config = SchedulerConfig()
+    replicas = make_replicas([SimEngine() for _ in range(3)], config)
+    router = Router(config, replicas)
+    secret = list(range(1000, 1400))
+    first = _routed_call(cache, 0, "alice", secret)
+    router.on_dispatch(first, replicas[2])
+    router.on_finish(first, replicas[2], [])
+    alice_again = router.choose(_routed_call(cache, 1, "alice", secret + [7]))
+    assert alice_again.replica is replicas[2] and alice_again.estimated_hit == 400
+    bob = router.choose(_routed_call(cache, 2, "bob", secret + [7]))
+    if share:
+        assert bob.replica is replicas[2] and bob.estimated_hit == 400
+    else:
+        assert bob.replica is replicas[0] and bob.estimated_hit == 0
+        assert router.best_match(_routed_call(cache, 3, "bob", secret)) == 0
