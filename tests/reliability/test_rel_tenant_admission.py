@@ -95,3 +95,35 @@ def test_fair_share_rule():
     assert not within_share(100, 150, 2, 1, 100) and within_share(40, 90, 2, 10, 100)
     # Never past twice the limit.
     assert not within_share(0, 195, 3, 10, 100)
+
+
+@pytest.fixture(scope="module")
+def small_server(serve_in_thread, tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys_file.write_text(json.dumps({hash_key(k): t for k, t in KEYS.items()}))
+    settings = Settings(api_keys=keys_file, sim={"time_scale": 1.0},
+                        limits={"max_inflight_requests": 4})
+    return serve_in_thread(create_app(Runtime(settings)))
+
+
+async def test_requests_in_progress_are_shared_too(small_server):
+    admission = small_server.app.state.admission
+    long = {"text": "Write a long story", "stream": True,
+            "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    async with httpx.AsyncClient(base_url=small_server.url, timeout=60) as client:
+        streams = [asyncio.create_task(client.post("/generate", headers=BOB, json=long))
+                   for _ in range(4)]
+        for _ in range(500):
+            if admission.inflight_by_tenant.get("bob") == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert admission.inflight_by_tenant == {"bob": 4}
+        refused = await client.post("/generate", headers=BOB, json={"text": "x"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["message"].startswith("your tenant has 4 requests")
+        served = await client.post("/generate", headers=ALICE, json={
+            "text": "x", "sampling_params": {"max_new_tokens": 2}})
+        assert served.status_code == 200  # within her share (2 of 4), though the server is full
+        await client.post("/abort_request", headers=BOB, json={"abort_all": True})
+        await asyncio.gather(*streams)
+    assert admission.inflight == 0 and admission.inflight_by_tenant == {}
