@@ -306,15 +306,14 @@ class Scheduler:
     ) -> AsyncIterator[Chunk]:
         def create() -> CallNode:
             # Runs at the first iteration: a stream nobody iterates never queues a call.
-            self._reopen(program)
-            if call_id is not None and call_id in program.calls:
-                raise ProgramValidationError(f"duplicate call id {call_id!r}")
             try:
                 self.tenant_calls.admit(program.tenant, 1)
             except Exception:
-                if program.single_call and not program.calls:  # it will never have a call
-                    self._close_program(program, ProgramStatus.FAILED)
+                self._refused_call(program)
                 raise
+            self._reopen(program)
+            if call_id is not None and call_id in program.calls:
+                raise ProgramValidationError(f"duplicate call id {call_id!r}")
             call = self._new_call(
                 program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
             )
@@ -919,6 +918,16 @@ class Scheduler:
                 else:
                     self.retention.on_idle(program, now)
                     self._arm_idle_end(program, now + self.config.program_idle_timeout_s)
+
+    def _refused_call(self, program: Program) -> None:
+        """Admission refused the call a program was opened (or reopened) for: a one-call
+        program will never have a call, and an idle one must still end by itself."""
+        if program.open_calls or program.is_closed:
+            return
+        if program.single_call:
+            self._close_program(program, ProgramStatus.FAILED)
+        else:
+            self._arm_idle_end(program, program.idle_since + self.config.program_idle_timeout_s)
 
     def _arm_idle_end(self, program: Program, due: float) -> None:
         """Proxy clients rarely end their programs: one idle past the timeout ends by

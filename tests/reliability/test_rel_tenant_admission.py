@@ -60,6 +60,9 @@ async def test_one_tenants_load_never_refuses_another(server):
         more = await client.post("/generate", headers=BOB, json={"text": "x"})
         assert more.status_code == 429 and int(more.headers["retry-after"]) >= 1
         assert "your tenant has 100 LLM calls" in more.json()["error"]["message"]
+        # The one-call program opened for the refused call is not left open.
+        scheduler = server.app.state.runtime.scheduler
+        assert (await scheduler.stats()).programs_open == 2
         # Alice is within her share: served, though the server as a whole is full.
         answers = await asyncio.gather(*(client.post(
             "/v1/chat/completions", headers=ALICE, json={
