@@ -44,7 +44,7 @@ async def wait_in_flight(server, tenant: str, rid: str) -> None:
 
 async def test_the_same_rid_in_two_tenants_is_two_requests(server):
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        alice = asyncio.create_task(client.post("/generate", headers=ALICE, json=job(150)))
+        alice = asyncio.create_task(client.post("/generate", headers=ALICE, json=job(1000)))
         await wait_in_flight(server, "alice", "alice-job-7")
         bob = await client.post("/generate", headers=BOB, json=job(3))
         assert bob.status_code == 200, bob.text  # not "already in flight"
@@ -59,13 +59,13 @@ async def test_the_same_rid_in_two_tenants_is_two_requests(server):
         assert again.status_code == 400 and "already in flight" in again.text
         done = (await alice).json()["meta_info"]
         assert done["id"] == "alice-job-7" and done["finish_reason"]["type"] == "length"
-        assert done["completion_tokens"] == 150
+        assert done["completion_tokens"] == 1000
 
 
 async def test_each_tenant_aborts_only_its_own_rid(server):
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         runs = {who: asyncio.create_task(client.post("/generate", headers=headers,
-                                                     json=job(400, "shared-rid", stream=True)))
+                                                     json=job(3000, "shared-rid", stream=True)))
                 for who, headers in (("alice", ALICE), ("bob", BOB))}
         for who in runs:
             await wait_in_flight(server, who, "shared-rid")
