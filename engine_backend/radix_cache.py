@@ -18,6 +18,10 @@ Design:
   lazy invalidation: a touch only stamps the node; a stale entry is re-pushed when popped.
 - Locks (`inc_lock_ref`) protect a node and its path to the root; the evictable and
   protected sizes move between each other as lock counts cross zero.
+- Namespaces (`namespace=` on match and insert; the engines pass the request's
+  `cache_salt`): each has its own root, an empty, permanently locked node under the real
+  root, so keys of different namespaces never share a node. It costs one dict lookup per
+  call, nothing per token, and no size: eviction and capacity stay global.
 
 Not thread-safe: an engine owns its cache and calls it from one thread.
 """
@@ -363,12 +367,17 @@ class RadixCache:
         # Insertion-ordered (dicts as sets): re-pushing an owner's leaves in a fixed order
         # keeps eviction ties, hence runs, independent of memory addresses.
         self._owner_nodes: dict[str, dict[TreeNode, None]] = {}
+        self._namespace_roots: dict[str, TreeNode] = {}
 
-    def match_prefix(self, key: Sequence[int] | TokenKey, *, touch: bool = True) -> PrefixMatch:
-        """Longest cached prefix of `key`. Splits the last edge so the match ends on a node."""
+    def match_prefix(
+        self, key: Sequence[int] | TokenKey, *, touch: bool = True, namespace: str | None = None
+    ) -> PrefixMatch:
+        """Longest cached prefix of `key` (within `namespace`). Splits the last edge so the
+        match ends on a node."""
         data = _key_bytes(key)
         now = self.clock() if touch else 0.0
-        node, pos, end = self.root, 0, len(data)
+        node = self.root if namespace is None else self._namespace_root(namespace)
+        pos, end = 0, len(data)
         while pos < end:
             # Hot loop: the step is spelled out here and in insert() (no call per node).
             child = node.children.get(data[pos : pos + TOKEN_BYTES])
@@ -388,12 +397,15 @@ class RadixCache:
         *,
         owner: str | None = None,
         priority: float = 0.0,
+        namespace: str | None = None,
     ) -> int:
-        """Cache `key`; returns how many leading tokens were already cached.
+        """Cache `key` (within `namespace`); returns how many leading tokens were already
+        cached.
 
         Values of the already-cached part are not replaced: the caller frees its duplicates.
         """
-        return self.insert_path(key, value, owner=owner, priority=priority)[0]
+        return self.insert_path(key, value, owner=owner, priority=priority,
+                                namespace=namespace)[0]
 
     def insert_path(
         self,
@@ -402,6 +414,7 @@ class RadixCache:
         *,
         owner: str | None = None,
         priority: float = 0.0,
+        namespace: str | None = None,
     ) -> tuple[int, TreeNode]:
         """`insert`, also returning the node where `key` now ends (to lock it without
         another walk): (tokens already cached, node)."""
@@ -410,7 +423,8 @@ class RadixCache:
         now = self.clock()
         if not self.policy.uses_owners:
             owner = None  # nothing reads owners: skip the bookkeeping
-        node, pos, end = self.root, 0, len(data)
+        node = self.root if namespace is None else self._namespace_root(namespace)
+        pos, end = 0, len(data)
         while pos < end:
             child = node.children.get(data[pos : pos + TOKEN_BYTES])
             if child is None:
@@ -540,6 +554,19 @@ class RadixCache:
         return self._num_nodes
 
     # ------------------------------------------------------------------ internals
+
+    def _namespace_root(self, namespace: str) -> TreeNode:
+        """The root of `namespace`'s keys: an empty node under the real root, not among its
+        children (no key of another namespace can reach it) and locked for good (never
+        evicted; its size is 0, so it counts nowhere). One per namespace seen since the
+        last `reset` (the engines' namespaces are tenants: a few)."""
+        node = self._namespace_roots.get(namespace)
+        if node is None:
+            root = self.root
+            node = TreeNode(key=b"", value=[] if self.store_values else None, parent=root,
+                            last_access=root.last_access, lock_ref=1)
+            self._namespace_roots[namespace] = node
+        return node
 
     def _checked_values(self, num_tokens: int, value: Sequence[int] | None) -> list[int] | None:
         if not self.store_values:

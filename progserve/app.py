@@ -125,7 +125,8 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
     _serve_hot_routes_lean(app)
     install_observability(app, runtime)  # traces, /metrics, /ui (progserve/observability.py)
     # 429 + Retry-After past the limits, before a body is read (progserve/admission.py).
-    install_admission(app, runtime.scheduler, runtime.settings.limits, error_response)
+    install_admission(app, runtime.scheduler, runtime.settings.limits, runtime.auth,
+                      error_response)
     for exc_type in (*HANDLED_ERRORS, Exception):
         app.add_exception_handler(exc_type, _on_error)
     app.add_exception_handler(ClientGone, _on_client_gone)

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from engine_backend.http_client import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from engine_backend.torch.config import TorchConfig
-from scheduler.config import SchedulerConfig
+from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.tools.config import ToolsConfig
 
 EngineKind = Literal["sim", "torch", "sglang", "openai"]
@@ -36,12 +36,16 @@ class LimitsConfig(BaseModel):
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )
-    # Admission control (progserve/admission.py): past these, new work gets 429 + Retry-After.
+    # Admission control (progserve/admission.py): each limit is shared fairly between the
+    # tenants using it; past its share a tenant's new work gets 429 + Retry-After.
     max_inflight_requests: int = Field(
-        8192, ge=1, description="requests doing new work at once (streams included)"
+        8192, ge=1, description="requests doing new work at once (streams included), shared "
+        "between tenants"
     )
     max_queued_calls: int = Field(
-        50_000, ge=1, description="LLM calls waiting for an engine before new work is refused"
+        50_000, ge=1, description="open LLM calls (queued, running, or pending in a submitted "
+        "graph, counted when a request's calls are created), shared between tenants; a "
+        "request bringing more is a 400"
     )
     retry_after_min_s: float = Field(1.0, gt=0, description="smallest Retry-After sent")
     retry_after_max_s: float = Field(30.0, gt=0, description="largest Retry-After sent")
@@ -56,7 +60,9 @@ class ObservabilityConfig(BaseModel):
     trace_ttl_s: int = Field(86_400, ge=60, description="lifetime of spans shared in Redis")
     admin_tenants: list[str] = Field(
         default_factory=lambda: ["admin"],
-        description="with API keys on, these tenants see every tenant in /metrics and /ui",
+        description="with API keys on, every key of these tenants is an admin (as a key with "
+        "the admin role in the keys file): every tenant in /metrics and /ui, the server's "
+        "load, the operator routes",
     )
 
 
@@ -89,6 +95,7 @@ class Settings(BaseSettings):
         "they are aborted; the process exits within about twice this"
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     torch: TorchConfig = Field(default_factory=TorchConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -57,6 +57,13 @@ class AuthenticationError(ApiError):
     error_type = "authentication_error"
 
 
+class PermissionDeniedError(ApiError):
+    """A valid key without the role the route needs."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
 class NotFoundError(ApiError):
     status_code = 404
     error_type = "not_found_error"
@@ -91,12 +98,14 @@ class ErrorInfo:
     param: str | None = None
     code: str | None = None
     retry_after: float | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()  # e.g. a 405's `Allow`
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        headers = dict(self.extra_headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        return headers
 
 
 _TYPE_BY_STATUS = {
@@ -166,7 +175,8 @@ def classify(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(500, "server_error", str(exc) or "engine error", code="engine_error")
     if isinstance(exc, StarletteHTTPException):
         status = exc.status_code
-        return ErrorInfo(status, _type_for(status), str(exc.detail))
+        return ErrorInfo(status, _type_for(status), str(exc.detail),
+                         extra_headers=tuple((exc.headers or {}).items()))
     log.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "server_error", "internal server error", code="internal_error")
 

@@ -447,7 +447,9 @@ class Metrics:
 
 
 class _TenantView:
-    """A registry view for one tenant: tenant-labelled series of other tenants removed."""
+    """A registry view for one tenant: its own tenant-labelled series only. The rest
+    (queue depths, engine load, latencies of every tenant's calls) is the server's load,
+    which only admins see."""
 
     def __init__(self, registry: CollectorRegistry, tenant: str):
         self._registry = registry
@@ -455,11 +457,9 @@ class _TenantView:
 
     def collect(self) -> Iterable[Metric]:
         for family in self._registry.collect():
-            samples = [
-                s
-                for s in family.samples
-                if s.labels.get(TENANT_LABEL, self._tenant) == self._tenant
-            ]
+            samples = [s for s in family.samples if s.labels.get(TENANT_LABEL) == self._tenant]
+            if not samples:
+                continue
             view = Metric(family.name, family.documentation, family.type, family.unit)
             view.samples = samples
             yield view

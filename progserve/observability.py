@@ -6,9 +6,10 @@ the Prometheus metrics, subscribes both to the scheduler's events (through an
 `EventBatch`, which applies them off the request path), adds the `traceparent` middleware, and mounts `/metrics` and `/ui`. `start()`/`close()` run with the app's
 lifespan (the trace store also starts itself lazily on first use).
 
-Who sees what: with API keys off, everyone sees everything. With keys on, a caller of an
-admin tenant (`observability.admin_tenants`) sees every tenant; any other tenant sees only
-its own programs, traces and tenant-labelled metric series.
+Who sees what: with API keys off, everyone sees everything. With keys on, an admin (a key
+with the admin role, or of a tenant in `observability.admin_tenants`) sees every tenant
+and the server's load; any other tenant sees only its own programs, traces and
+tenant-labelled metric series (no global load figures).
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ class Observability:
     def visible_tenant(self, headers: Mapping[str, str]) -> str | None:
         """None when the caller may see every tenant; else the one tenant it may see.
         Raises `AuthenticationError` (401) for a missing or unknown key."""
-        if not self.auth.enabled:
-            return None
-        tenant = self.auth.tenant_for(headers)
-        return None if tenant in self.config.admin_tenants else tenant
+        caller = self.auth.caller_for(headers)
+        return None if caller.admin else caller.tenant
 
     async def start(self) -> None:
         await self.tracing.start()

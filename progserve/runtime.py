@@ -29,11 +29,18 @@ from .engines import build_engines
 log = logging.getLogger(__name__)
 
 
+def tenant_rid(tenant: str, rid: str) -> str:
+    """The engine rid of a client's request id: rids are per tenant (two tenants may both
+    run `job-7`, and one cannot learn or abort the other's). Collision-free, as a tenant
+    name has no `/`."""
+    return f"{tenant}/{rid}"
+
+
 @dataclass(slots=True)
 class InflightRequest:
     """A `/generate` (or proxied) request that `/abort_request` may end by its rid."""
 
-    rid: str
+    rid: str  # the engine rid, `tenant_rid(tenant, the client's rid)`
     tenant: str
     task: asyncio.Task[Any] | None = None
     aborted: bool = False
@@ -41,13 +48,15 @@ class InflightRequest:
 
 @dataclass(slots=True)
 class RequestRegistry:
-    """rid -> in-flight request, so an abort can reach the task that consumes its stream.
-    Cancelling that task closes the scheduler's stream, which aborts the engine request."""
+    """Engine rid -> in-flight request, so an abort can reach the task that consumes its
+    stream. Cancelling that task closes the scheduler's stream, which aborts the engine
+    request. A client names its request by its own rid; `tenant_rid` makes that the key,
+    so each tenant has a rid space of its own."""
 
     by_rid: dict[str, InflightRequest] = field(default_factory=dict)
 
     def add(self, rid: str, tenant: str) -> InflightRequest | None:
-        """None when the rid is already in flight."""
+        """Register engine rid `rid`; None when it is already in flight."""
         if rid in self.by_rid:
             return None
         entry = self.by_rid[rid] = InflightRequest(rid, tenant)
@@ -57,10 +66,14 @@ class RequestRegistry:
         if self.by_rid.get(entry.rid) is entry:
             del self.by_rid[entry.rid]
 
+    def in_flight(self, tenant: str, rid: str) -> bool:
+        return tenant_rid(tenant, rid) in self.by_rid
+
     def abort(self, rid: str, tenant: str) -> bool:
-        entry = self.by_rid.get(rid)
+        """Abort the tenant's request `rid` (its own rid, as the client sent it)."""
+        entry = self.by_rid.get(tenant_rid(tenant, rid))
         if entry is None or entry.tenant != tenant:
-            return False  # another tenant's rid is as good as unknown
+            return False
         return self._cancel(entry)
 
     def abort_all(self, tenant: str) -> int:
@@ -113,7 +126,8 @@ class Runtime:
         tools: Any = None,
     ) -> None:
         self.settings = settings
-        self.auth = Authenticator.from_file(settings.api_keys)
+        self.auth = Authenticator.from_file(settings.api_keys,
+                                            settings.observability.admin_tenants)
         self.engines = engines if engines is not None else build_engines(settings)
         if not self.engines:
             raise ValueError("the runtime needs at least one engine replica")
@@ -121,7 +135,7 @@ class Runtime:
         self._owns_tools = tools is None
         self.tools = tools if tools is not None else build_tools(settings)
         self.scheduler = Scheduler(self.engines, settings.scheduler, store=self.store,
-                                   tools=self.tools)
+                                   tools=self.tools, cache=settings.cache)
         self.requests = RequestRegistry()
         self.chat_template = ChatTemplate(None)
         self.capabilities = merged_capabilities(self.engines)

@@ -70,6 +70,8 @@ class CallEndings:
         program.running.discard(call)
         program.queued.discard(call)
         program.open_calls -= 1
+        if call.kind == "llm":
+            self.programs.tenant_calls.closed(program.tenant)
         program.history.thread_closed(call.thread_id)
         if status == CallStatus.FINISHED:
             self.calls_finished += 1

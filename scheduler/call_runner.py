@@ -259,6 +259,7 @@ class CallRunner:
             # Set in place: a copy per call costs more than the rest of dispatch.
             request.priority = priority
             request.program_id = owner
+            request.cache_salt = call.program.cache_salt
             return request
         # Resume: the prompt plus the output so far, mostly served from the prefix cache.
         sampling = request.sampling
@@ -266,6 +267,7 @@ class CallRunner:
         update: dict[str, Any] = {
             "program_id": owner,
             "priority": priority,
+            "cache_salt": call.program.cache_salt,
             "rid": engine_rid(call, request),
             "sampling": sampling.model_copy(update={
                 "max_new_tokens": max(sampling.max_new_tokens - done, 1),

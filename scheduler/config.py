@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 PolicyName = Literal["fcfs", "mlfq", "plas", "atlas", "dlpm"]
 BalanceName = Literal["round_robin", "least_loaded", "affinity"]
@@ -136,4 +136,22 @@ class SchedulerConfig(BaseModel):
     max_queued_calls: int = Field(1_000_000, ge=1, description="queued calls before 429")
     keep_finished_programs: int = Field(
         10_000, ge=0, description="ended programs kept in memory for state queries"
+    )
+
+
+class CacheConfig(BaseModel):
+    """Who shares cached prefixes (`settings.cache`; `scheduler/cache_salt.py`)."""
+
+    share_across_tenants: bool = Field(
+        False,
+        description="let every tenant's requests hit every other tenant's cached prefixes "
+        "(single-owner deployments only: a cache hit tells one tenant what another sent); "
+        "false: each tenant has its own cache namespace, so a prompt shared by several "
+        "tenants (a common system prompt) is prefilled once per tenant",
+    )
+    salt_secret: SecretStr = Field(
+        SecretStr(""),
+        description="mixed into each tenant's cache salt; set it (the same on every progserve "
+        "in front of the same engines) when others can reach those engines directly and "
+        "could otherwise compute a tenant's salt",
     )

@@ -216,6 +216,7 @@ class Program:
     arrival: float
     seq: int  # global program arrival order
     engine_key: str = ""  # program id as engines see it (cache owner for retention)
+    cache_salt: str | None = None  # its tenant's: engines share prefixes within a salt
     calls: dict[str, CallNode] = field(default_factory=dict)
     variables: dict[str, VariableSlot] = field(default_factory=dict)
     history: ProgramHistory = field(default_factory=ProgramHistory)

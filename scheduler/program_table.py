@@ -16,7 +16,8 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 
-from .config import SchedulerConfig
+from .cache_salt import tenant_cache_salt
+from .config import CacheConfig, SchedulerConfig
 from .errors import ProgramCancelledError, ProgramNotFoundError, SchedulerOverloadedError
 from .events import EventBus, EventKind
 from .kv_admission import KvAdmission
@@ -24,6 +25,7 @@ from .loop_context import LoopContext
 from .program import PROGRAM_STATUS_NAMES, CallNode, Program, ProgramStatus
 from .retention import RetentionManager
 from .store import StateStore
+from .tenant_calls import TenantCalls
 
 PROGRAM_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
@@ -37,8 +39,12 @@ class ProgramTable:
         store: StateStore,
         retention: RetentionManager,
         admission: KvAdmission,
+        cache: CacheConfig,
+        tenant_calls: TenantCalls,
     ) -> None:
         self.config = config
+        self.cache = cache
+        self.tenant_calls = tenant_calls
         self.loop = loop
         self.bus = bus
         self.store = store
@@ -99,6 +105,7 @@ class ProgramTable:
             arrival=now,
             seq=next(self._program_seq),
             engine_key=program_id if tenant == "default" else f"{tenant}/{program_id}",
+            cache_salt=tenant_cache_salt(self.cache, tenant),
             single_call=single_call,
             metadata=dict(metadata or {}),
             idle_since=now,
@@ -161,6 +168,8 @@ class ProgramTable:
         program.calls[call_id] = call
         program.last_call_by_thread[thread] = call
         program.open_calls += 1
+        if kind == "llm":
+            self.tenant_calls.opened(program.tenant)
         program.history.thread_opened(thread)
         program.status = ProgramStatus.RUNNING
         return call
@@ -175,6 +184,16 @@ class ProgramTable:
         else:
             self.retention.on_idle(program, now)
             self._arm_idle_end(program, now + self.config.program_idle_timeout_s)
+
+    def refused_call(self, program: Program) -> None:
+        """Admission refused the call a program was opened (or reopened) for: a one-call
+        program will never have a call, and an idle one must still end by itself."""
+        if program.open_calls or program.is_closed:
+            return
+        if program.single_call:
+            self.close(program, ProgramStatus.FAILED)
+        else:
+            self._arm_idle_end(program, program.idle_since + self.config.program_idle_timeout_s)
 
     def _arm_idle_end(self, program: Program, due: float) -> None:
         """Proxy clients rarely end their programs: one idle past the timeout ends by

@@ -2,7 +2,8 @@
 
 Each replica has an approximate prefix tree (a `RadixCache` without values) of the prompts
 routed to it, bounded to about the engine's KV size, which estimates the cache hit a call
-would get there. Approximate twice over, to stay cheap on the hot path: token prompts are
+would get there. The trees are namespaced by the program's cache salt, as the engines'
+caches are, so a call is never routed towards another tenant's prefix. Approximate twice over, to stay cheap on the hot path: token prompts are
 keyed by every `router_token_stride`-th token (a C-speed slice; a prefix shared token by
 token is shared on the sampled grid too), text prompts by 16-character blocks. The `affinity` balance (Autellix, and the SGLang router's cache-aware
 mode):
@@ -67,12 +68,12 @@ class PrefixTree:
         self.tree = RadixCache(eviction="lru", store_values=False, clock=lambda: next(ticks))
         self.capacity = capacity
 
-    def match(self, key: TokenKey) -> int:
-        return self.tree.match_prefix(key, touch=False).length
+    def match(self, key: TokenKey, namespace: str | None) -> int:
+        return self.tree.match_prefix(key, touch=False, namespace=namespace).length
 
-    def insert(self, key: TokenKey) -> None:
+    def insert(self, key: TokenKey, namespace: str | None) -> None:
         tree = self.tree
-        tree.insert(key)
+        tree.insert(key, namespace=namespace)
         excess = tree.total_size() - self.capacity
         if excess > 0:
             tree.evict(excess)
@@ -122,7 +123,8 @@ class Router:
         key, scale = self.route_key(call)
         if not key:
             return 0
-        return int(max(r.tree.match(key) for r in self.replicas) * scale)
+        salt = call.program.cache_salt
+        return int(max(r.tree.match(key, salt) for r in self.replicas) * scale)
 
     # ------------------------------------------------------------------------- choice
     def choose(self, call: CallNode) -> RouteDecision:
@@ -179,7 +181,7 @@ class Router:
         floor = least.inflight_requests
         # The program's home usually holds its prefix: try it before searching every tree.
         if home is not None:
-            hit = int(home.tree.match(key) * scale)
+            hit = int(home.tree.match(key, program.cache_salt) * scale)
             if hit >= threshold and hit > 0:
                 if home.has_room(call):
                     if home.inflight_requests - floor <= max_imbalance:
@@ -195,7 +197,7 @@ class Router:
                 continue
             if replica.inflight_requests - floor > max_imbalance:
                 continue
-            hit = replica.tree.match(key)
+            hit = replica.tree.match(key, program.cache_salt)
             if hit > best_hit:
                 best, best_hit = replica, hit
         hit_tokens = int(best_hit * scale)
@@ -223,4 +225,4 @@ class Router:
             stride = self.config.router_token_stride
             first = -len(request.input_ids) % stride
             key = key.extended(output_ids[first::stride])
-        replica.tree.insert(key)
+        replica.tree.insert(key, call.program.cache_salt)

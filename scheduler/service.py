@@ -34,7 +34,7 @@ from .call_endings import CallEndings
 from .call_queue import CallQueue
 from .call_runner import CallRunner
 from .cancellation import Cancellation
-from .config import SchedulerConfig
+from .config import CacheConfig, SchedulerConfig
 from .dataflow import DataflowGraph, ToolRunner
 from .dispatcher import Replica, make_replicas
 from .errors import ProgramValidationError, SchedulerOverloadedError
@@ -49,6 +49,7 @@ from .retention import RetentionManager
 from .router import Router
 from .spec import CallSpec, ProgramSpec
 from .store import InMemoryStateStore, StateStore
+from .tenant_calls import TenantCalls
 from .views import (
     ProgramState,
     ProgramSummary,
@@ -88,10 +89,13 @@ class Scheduler:
         *,
         store: StateStore | None = None,
         tools: ToolRunner | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         if not engines:
             raise ValueError("the scheduler needs at least one engine replica")
         self.config = config
+        self.cache_config = cache if cache is not None else CacheConfig()
+        self.tenant_calls = TenantCalls()  # open LLM calls per tenant; admission's hook
         self.engines = list(engines)
         self.store: StateStore = store if store is not None else InMemoryStateStore()
         self.tools = tools
@@ -106,7 +110,8 @@ class Scheduler:
         self.admission = self.queue.admission
         self.retention = RetentionManager(config, self.replicas)
         self.programs = ProgramTable(config, self._loop, self.bus, self.store,
-                                     self.retention, self.admission)
+                                     self.retention, self.admission, self.cache_config,
+                                     self.tenant_calls)
         self.endings = CallEndings(self.bus, self.programs, self._start_ready)
         self.cancellation = Cancellation(self._loop, self.replicas, self.queue, self.endings)
         if config.preempt_without_priority:
@@ -201,6 +206,7 @@ class Scheduler:
             slot.finish(value)
         self._validate(program, spec.calls)
         await programs.seed_history(program)
+        self.tenant_calls.admit(tenant, _llm_calls(spec.calls))
         programs.register(program)
         self.dataflow.add_calls(program, spec.calls)
         return program_id
@@ -212,6 +218,7 @@ class Scheduler:
         program = self.programs.get(program_id, tenant)
         self.programs.check_usable(program)
         self._validate(program, calls)
+        self.tenant_calls.admit(tenant, _llm_calls(calls))
         self.programs.reopen(program)
         self.dataflow.add_calls(program, calls)
 
@@ -297,6 +304,11 @@ class Scheduler:
 
         def create() -> CallNode:
             # Runs at the first iteration: a stream nobody iterates never queues a call.
+            try:
+                self.tenant_calls.admit(program.tenant, 1)
+            except Exception:
+                self.programs.refused_call(program)
+                raise
             self.programs.reopen(program)
             if call_id is not None and call_id in program.calls:
                 raise ProgramValidationError(f"duplicate call id {call_id!r}")
@@ -411,3 +423,7 @@ class Scheduler:
             admission_held_programs=len(self.admission.held),
             admission_kv_demand_tokens=round(self.admission.demand),
         )
+
+
+def _llm_calls(specs: Sequence[CallSpec]) -> int:
+    return sum(1 for spec in specs if spec.kind == "llm")

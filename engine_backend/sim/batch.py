@@ -298,7 +298,8 @@ class ContinuousBatcher:
     def _insert(self, key: TokenKey, r: SimRequest) -> TreeNode:
         """Cache `key` for `r`; returns the node where it ends."""
         owner = r.program_id if self.tag_owners else None
-        return self.cache.insert_path(key, owner=owner, priority=-r.priority)[1]
+        return self.cache.insert_path(key, owner=owner, priority=-r.priority,
+                                      namespace=r.request.cache_salt)[1]
 
     def _unlock(self, r: SimRequest) -> None:
         if r.lock_node is not None:
@@ -403,7 +404,7 @@ class ContinuousBatcher:
             self._publish_program(r.program_id)
         fill = r.key if not r.gen else r.key.extended(r.reply.token_ids[: r.gen])
         fill_len = len(r.prompt) + r.gen
-        match = cache.match_prefix(fill)
+        match = cache.match_prefix(fill, namespace=r.request.cache_salt)
         cached = min(match.length, fill_len - 1)  # the last token is always computed
         extend = fill_len - cached
         cache.inc_lock_ref(match.node)

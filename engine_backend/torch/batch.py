@@ -64,6 +64,7 @@ class TorchRequest:
     sampling: RowSampling
     input_logprob_start: int  # -1: no prompt logprobs
     grammar: GrammarMask | None = None
+    cache_salt: str | None = None  # its radix namespace: prefixes are shared within a salt
     seq: int = 0
     state: int = NEW
     output: list[int] = field(default_factory=list)
@@ -195,10 +196,12 @@ class TorchBatcher:
         if cache is None or length <= r.tree_len:
             return
         key = r.token_key(length)
-        present = cache.insert(key, r.slots[:length], owner=r.program_id, priority=-r.priority)
+        salt = r.cache_salt
+        present = cache.insert(key, r.slots[:length], owner=r.program_id, priority=-r.priority,
+                               namespace=salt)
         if present > r.tree_len:
             self.pool.free(r.slots[r.tree_len : present])
-        match = cache.match_prefix(key, touch=False)
+        match = cache.match_prefix(key, touch=False, namespace=salt)
         r.slots[:length] = match.value
         cache.inc_lock_ref(match.node)
         if r.lock_node is not None:
@@ -282,7 +285,8 @@ class TorchBatcher:
         if r.input_logprob_start >= 0 and not r.admitted:
             # A cached token has no logits: prompt logprobs need the tokens before them.
             limit = min(limit, max(r.input_logprob_start - 1, 0))
-        match = cache.match_prefix(r.token_key(fill_len)) if cache is not None else None
+        match = (cache.match_prefix(r.token_key(fill_len), namespace=r.cache_salt)
+                 if cache is not None else None)
         matched = match.length if match is not None else 0
         swapped = r.swapped
         cached = min(matched, limit)

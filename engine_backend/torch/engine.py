@@ -300,6 +300,7 @@ class TorchEngine(LocalEngine):
             stop_ids=frozenset(stop_ids),
             sampling=row,
             input_logprob_start=min(start, n - 1) if start >= 0 else -1,
+            cache_salt=request.cache_salt,
         )
         return _Stream(
             r, request, IncrementalDetokenizer(self.tokenizer), StopStrings(sampling.stop)

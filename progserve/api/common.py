@@ -202,14 +202,14 @@ def _split_ids(value: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
-def program_identity(headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
-                     user: str | None = None) -> ProgramIdentity:
+def program_identity(headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+                     ) -> ProgramIdentity:
     """Headers win; then the body's `metadata` (`program_id`, `thread_id`,
-    `parent_call_ids`, `call_id`, `program_end`); then `user` as the program id."""
+    `parent_call_ids`, `call_id`, `program_end`)."""
     if isinstance(headers, Headers):
         headers = _x_headers(headers)
     meta = metadata or {}
-    program_id = headers.get("x-program-id") or meta.get("program_id") or user or None
+    program_id = headers.get("x-program-id") or meta.get("program_id") or None
     thread_id = headers.get("x-thread-id") or meta.get("thread_id") or None
     parents_raw = (headers.get("x-parent-call-ids") or headers.get("x-parent-calls")
                    or meta.get("parent_call_ids") or meta.get("parent_calls"))

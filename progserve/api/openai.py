@@ -1,8 +1,10 @@
 """OpenAI-compatible proxy: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 Every call goes through the scheduler as a call of its program. The program comes from
-`X-Program-Id` (or the body's `metadata.program_id`, or `user`); untagged calls are
-single-call programs. `X-Thread-Id`, `X-Parent-Call-Ids` (or `X-Parent-Calls`) place the
+`X-Program-Id` (or the body's `metadata.program_id`); untagged calls are single-call
+programs. OpenAI's `user` (an end-user id for abuse monitoring, any string) is accepted
+and names no program: one end user may run many conversations at once, and a program
+cancelled under a user's name would otherwise refuse every later call from that user. `X-Thread-Id`, `X-Parent-Call-Ids` (or `X-Parent-Calls`) place the
 call in the program's graph, `X-Call-Id` names it, and `X-Program-End: true` ends the
 program once the call is done. Answers carry `X-Program-Id` and `X-Call-Id` headers.
 """
@@ -180,7 +182,7 @@ async def chat_completions(request: Request) -> Response:
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
-    identity = program_identity(request.headers, body.metadata, body.user)
+    identity = program_identity(request.headers, body.metadata)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
     if body.stream:
@@ -303,7 +305,7 @@ async def completions(request: Request) -> Response:
     sampling = sampling_for(body, limits.default_max_tokens if body.max_tokens is None
                             else body.max_tokens, [])
     rid = new_id("cmpl")
-    identity = program_identity(request.headers, body.metadata, body.user)
+    identity = program_identity(request.headers, body.metadata)
     calls = await _start_completion_calls(runtime, tenant, identity, rid, prompts, body,
                                           sampling)
     if body.stream:

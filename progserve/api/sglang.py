@@ -1,6 +1,8 @@
 """SGLang-compatible native API: `/generate`, `/get_model_info`, `/get_server_info`,
 `/flush_cache`, `/abort_request` (and SGLang's newer aliases `/model_info`,
 `/server_info`). SGLang's own frontend (`sgl.RuntimeEndpoint`) runs against it unchanged.
+Operator routes need an admin key (`progserve/auth.py`): `POST /flush_cache`, and the
+server's load in `/get_server_info` (a tenant sees its own). Request ids are per tenant.
 
 Wire format (SGLang 0.5.x): a streamed `/generate` sends `data: {...}` events whose `text`
 and `output_ids` are *cumulative*, then `data: [DONE]`; `meta_info` has `id`,
@@ -25,8 +27,9 @@ from fastapi.responses import PlainTextResponse, Response
 import progserve
 from engine_backend.types import GenerateRequest, LogprobEntry
 
+from ..auth import Caller
 from ..errors import BadRequestError
-from ..runtime import Runtime
+from ..runtime import Runtime, tenant_rid
 from .calls import (
     ABORTED,
     CallOutput,
@@ -78,10 +81,10 @@ async def model_info(request: Request) -> Response:
 @router.get("/get_server_info")
 @router.get("/server_info")
 async def server_info(request: Request) -> Response:
-    tenant_of(request)  # authenticates
+    """The server's load (`internal_states`) goes to admins only; a tenant sees its own."""
     runtime = runtime_of(request)
+    caller = runtime.auth.caller_for(request.headers)
     settings = runtime.settings
-    stats = await runtime.scheduler.stats()
     caps = runtime.capabilities
     return json_response({
         "version": progserve.__version__ if hasattr(progserve, "__version__") else "0.1.0",
@@ -98,18 +101,24 @@ async def server_info(request: Request) -> Response:
             "constrained_decoding": caps.constrained_decoding, "token_ids": caps.token_ids,
             "retention": caps.retention,
         },
-        "internal_states": [{
-            "queued": stats.queued,
-            "running": stats.running,
-            "programs_open": stats.programs_open,
-        }],
+        "internal_states": [await _load(request, caller)],
     })
 
 
-@router.get("/flush_cache")
+async def _load(request: Request, caller: Caller) -> dict[str, Any]:
+    admission = request.app.state.admission
+    if not caller.admin:
+        return admission.load(caller.tenant)
+    stats = await runtime_of(request).scheduler.stats()
+    return {"queued": stats.queued, "running": stats.running,
+            "programs_open": stats.programs_open, **admission.load(None)}
+
+
 @router.post("/flush_cache")
 async def flush_cache(request: Request) -> Response:
-    tenant_of(request)  # authenticates
+    """Operator route: it drops every tenant's cache, so it takes an admin key (and a POST:
+    a GET, which crawlers and prefetchers send freely, is a 405)."""
+    runtime_of(request).auth.admin_for(request.headers)
     if await runtime_of(request).flush_cache():
         return PlainTextResponse("Cache flushed.\n")
     raise BadRequestError("cache not flushed: an engine refused (requests still running, or "
@@ -151,10 +160,11 @@ def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
                                   param="input_ids", code="token_ids_unsupported")
 
 
-def _engine_request(item: GenerateItem, stream: bool) -> GenerateRequest:
+def _engine_request(item: GenerateItem, rid: str, tenant: str, stream: bool
+                    ) -> GenerateRequest:
     prompt = item.prompt
     return GenerateRequest(
-        rid=item.rid or random_hex(16),
+        rid=tenant_rid(tenant, rid),
         text=prompt if isinstance(prompt, str) else None,
         input_ids=prompt if not isinstance(prompt, str) else None,
         sampling=item.sampling.to_engine(),
@@ -174,17 +184,20 @@ async def generate(request: Request) -> Response:
     items = body.items()
     check_batch(runtime, len(items), "text")
     _check(runtime, items)
-    requests = [_engine_request(item, body.stream) for item in items]
+    # The client's rids (or new ones) name the answers; the engine sees them per tenant.
+    rids = [item.rid or random_hex(16) for item in items]
+    requests = [_engine_request(item, rid, tenant, body.stream)
+                for item, rid in zip(items, rids, strict=True)]
     identity = program_identity(request.headers)
     calls = await start_all(runtime, tenant, [(identity, gen) for gen in requests],
                             abortable=True)
     started = time.perf_counter()
     if body.stream:
         streams = await start_streaming(request, calls)
-        return sse_response(_events(streams, items, body, started), calls[0].headers)
+        return sse_response(_events(streams, rids, items, body, started), calls[0].headers)
     outs = await answer_all(request, calls, abortable=True)
-    results = [_item_json(c.rid, item, out, body.return_text_in_logprobs, started)
-               for c, item, out in zip(calls, items, outs, strict=True)]
+    results = [_item_json(rid, item, out, body.return_text_in_logprobs, started)
+               for rid, item, out in zip(rids, items, outs, strict=True)]
     return json_response(results if body.is_batch else results[0], headers=calls[0].headers)
 
 
@@ -222,8 +235,8 @@ def _item_json(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
             "meta_info": _meta(rid, item, out, with_text, started)}
 
 
-async def _events(streams: CallStreams, items: list[GenerateItem], body: GenerateInput,
-                  started: float) -> AsyncIterator[bytes]:
+async def _events(streams: CallStreams, rids: list[str], items: list[GenerateItem],
+                  body: GenerateInput, started: float) -> AsyncIterator[bytes]:
     """Cumulative events, one per chunk of any prompt (`index` tells them apart in a
     batch), then `data: [DONE]`."""
     calls: list[ScheduledCall] = streams.calls
@@ -241,7 +254,7 @@ async def _events(streams: CallStreams, items: list[GenerateItem], body: Generat
                 out.add(chunk)
                 if not (chunk.text or chunk.token_ids or chunk.finished):
                     continue
-            event = _item_json(calls[index].rid, items[index], out, with_text, started)
+            event = _item_json(rids[index], items[index], out, with_text, started)
             if batch:
                 event["index"] = index
             if chunk is None or chunk.finished:

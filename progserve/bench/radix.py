@@ -29,9 +29,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from engine_backend.radix_cache import RadixCache, TokenKey
+
+from .radix_ops import Request, RunResult, Side
 
 TOKEN_TYPE = "H"  # 16-bit token ids, generated in bulk from random bytes
 
@@ -78,13 +80,6 @@ def _to_torch(tokens: array.array) -> Any:
 CONTAINERS: dict[str, Callable[[array.array], Any]] = {
     "array": _to_array, "list": _to_list, "numpy": _to_numpy, "torch": _to_torch,
 }
-
-
-@dataclass(slots=True)
-class Request:
-    program: str
-    prompt: Any  # token ids in the trace's container
-    output: Any
 
 
 @dataclass(slots=True)
@@ -156,43 +151,6 @@ class AgentTrace:
 
 
 # ----------------------------------------------------------------------- sides
-
-
-@dataclass(slots=True)
-class RunResult:
-    """One cache in one mode over the trace."""
-
-    name: str
-    prepacked: bool = False  # keys packed before the timed part (the tree alone)
-    ops: int = 0
-    seconds: float = 0.0  # thread CPU time of the timed ops
-    prompt_tokens: int = 0
-    matched_tokens: int = 0
-    evicted_tokens: int = 0
-    tree_tokens: int = 0
-
-    @property
-    def ops_per_s(self) -> float:
-        return self.ops / self.seconds if self.seconds else 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.matched_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-class Side(Protocol):
-    """One cache under test. `prepare` is untimed (KV slots, and the keys when prepacked);
-    `op` is timed: the engine's sequence for one request (see the module docstring)."""
-
-    result: RunResult
-
-    def prepare(self, request: Request) -> object: ...
-
-    def op(self, request: Request, prepared: object) -> tuple[int, int]:
-        """Returns (matched tokens, evicted tokens)."""
-        ...
-
-    def size(self) -> int: ...
 
 
 def _free(slots: object) -> None:

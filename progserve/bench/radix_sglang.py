@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from progserve.bench.radix import Request, RunResult
+from progserve.bench.radix_ops import Request, RunResult
 
 CACHE_PACKAGE = "sglang.srt.mem_cache."
 

@@ -126,8 +126,10 @@ async def test_tenants_see_only_their_own_labels_and_programs(tmp_path: Path) ->
     assert tenants(as_admin) == {"acme", "globex"}
     assert tenants(as_acme) == {"acme"}
     assert "globex" not in as_acme
-    # aggregate metrics stay visible to a tenant (they name nobody)
-    assert "progserve_ttft_seconds_count" in as_acme
+    # aggregates are the server's load (every tenant's calls): for admins only (issue 18.7)
+    assert "progserve_ttft_seconds_count" in as_admin
+    assert "progserve_ttft_seconds" not in as_acme and "progserve_scheduler" not in as_acme
+    assert "progserve_tenant_calls_total" in as_acme
     assert [p["id"] for p in acme_list["programs"]] == [acme_program]
     assert {p["id"] for p in admin_list["programs"]} == {acme_program, globex_program}
     assert peek.status_code == 404 and "globex" not in peek.text  # as if it did not exist

@@ -137,7 +137,7 @@ def test_a_tenant_cannot_abort_another_tenants_rid(server):
     thread = threading.Thread(target=run)
     thread.start()
     requests = server.app.state.runtime.requests
-    wait_until(lambda: "acme-long-rid" in requests.by_rid, 10)
+    wait_until(lambda: requests.in_flight("acme", "acme-long-rid"), 10)
     for body in ({"rid": "acme-long-rid"}, {"abort_all": True}):
         assert httpx.post(server.url + "/abort_request", headers=GLOBEX,
                           json=body).json()["aborted"] == 0
