@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from engine_backend.http_client import HTTPEngineConfig
+from engine_backend.http.config import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from engine_backend.torch.config import TorchConfig
 from scheduler.config import SchedulerConfig

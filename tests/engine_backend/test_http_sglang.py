@@ -17,7 +17,8 @@ from engine_backend.errors import (
     UnknownRequestError,
 )
 from engine_backend.sglang_http import SGLangHTTPEngine
-from engine_backend.sglang_plugin.priorities import ProgramPriorityWriter, program_of_rid
+from engine_backend.priority_file import program_of_rid
+from engine_backend.sglang_priority_writer import ProgramPriorityWriter
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
@@ -240,7 +241,7 @@ async def test_connections_are_kept_alive(engine, upstream):
     calls (a new TCP connection per call would cost more than the proxy itself)."""
     for i in range(5):
         await collect(engine, request(f"ka-{i}", sampling=SamplingParams(max_new_tokens=2)))
-    assert len(engine._pool._idle) == 1
+    assert len(engine.client.transport._idle) == 1
 
 
 async def test_retention_hints_reach_the_priority_file_and_rids_name_the_program(
