@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     engine_url: list[str] = Field(default_factory=list, description="one per replica")
     replicas: int = Field(1, ge=1, description="embedded engine replicas (sim/torch)")
     model: str | None = Field(None, description="model path or name served")
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="other model names the OpenAI routes accept for the served model (an "
+                    "unknown name gets 404 model_not_found, as OpenAI answers); \"*\" accepts "
+                    "any name",
+    )
     redis_url: str | None = Field(None, description="share program history and traces")
     api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
     log_level: str = Field("info", description="debug, info, warning or error")
