@@ -100,7 +100,7 @@ class _Output:
     reason: str | None = None
     stop_reason: Any = None
     resumes: int = 0
-    tools: ToolCallText = field(default_factory=ToolCallText)
+    tools: ToolCallText | None = None  # a chat stream's tool calls, as they come
 
     @property
     def text(self) -> str:
@@ -164,6 +164,7 @@ class OpenAIHTTPEngine(HTTPEngine):
         self._aborted: set[str] = set()
         self._wire = WireOptions(model=model or "default")
         self.counter = TokenCounter()
+        self._model_info = self._describe_model()
 
     async def on_start(self) -> None:
         features = self.features
@@ -180,6 +181,7 @@ class OpenAIHTTPEngine(HTTPEngine):
         local = LocalTokenizer.load(self._tokenizer_path) if self._tokenizer_path else None
         remote = (lambda text: remote_count(self, features, text)) if features.tokenize else None
         self.counter = TokenCounter(local, remote)
+        self._model_info = self._describe_model()
         log.info("openai replica %s: model %s, %s; usage per chunk %s, cache salt %s, chat "
                  "continuation %s, token counts by %s", self.base_url, features.model,
                  "vLLM" if features.vllm else "not vLLM", features.continuous_usage, salt,
@@ -288,6 +290,7 @@ class OpenAIHTTPEngine(HTTPEngine):
             delta = choice.get("delta") or {}
             text = delta.get("content") or ""
             if delta.get("tool_calls"):
+                output.tools = output.tools or ToolCallText()
                 text += output.tools.feed(delta["tool_calls"])
             entries, tops = chat_logprobs(choice.get("logprobs"))
         else:
@@ -296,7 +299,8 @@ class OpenAIHTTPEngine(HTTPEngine):
         if choice.get("finish_reason"):
             output.reason = choice["finish_reason"]
             output.stop_reason = choice.get("stop_reason")
-            text += output.tools.close()
+            if output.tools is not None:
+                text += output.tools.close()
         output.add(text, len(entries))
         if not (text or entries):
             return None
@@ -413,12 +417,15 @@ class OpenAIHTTPEngine(HTTPEngine):
         rid = request.rid
         route, body = self.request_json(request, stream=False)
         try:
-            async with client.stream("POST", route, json=body) as resp:
+            resp = await client.send("POST", route, body)
+            try:
                 if resp.status != 200:
                     raise error_for_status(resp.status, await resp.aread(), self.upstream,
                                            route=route)
                 self.running[rid] = resp
                 data = await resp.aread()
+            finally:
+                resp.release()
         except EngineUnavailableError as exc:
             if rid in self._aborted:
                 return None
@@ -458,8 +465,9 @@ class OpenAIHTTPEngine(HTTPEngine):
             return await self._prefill_only(request, output)
         chunk = await self._final(request, output)
         chunk.text = text
-        for name, value in self._logprob_fields(request, entries, tops).items():
-            setattr(chunk, name, value)
+        if request.return_logprob:
+            for name, value in self._logprob_fields(request, entries, tops).items():
+                setattr(chunk, name, value)
         return chunk
 
     async def _prefill_only(self, request: GenerateRequest, output: _Output) -> Chunk:
@@ -510,8 +518,11 @@ class OpenAIHTTPEngine(HTTPEngine):
     def capabilities(self) -> Capabilities:
         return Capabilities(priority=False, logprobs=self.features.logprobs,
                             constrained_decoding=False, token_ids=False, retention=False,
-                            abort=True)
+                            abort=True, chat=True)
 
-    def model_info(self) -> ModelInfo:
+    def _describe_model(self) -> ModelInfo:
         return ModelInfo(model_path=self.features.model or self.base_url,
                          max_context_len=self.features.max_context_len or self._max_context_len)
+
+    def model_info(self) -> ModelInfo:
+        return self._model_info

@@ -129,7 +129,9 @@ def completion_logprobs(logprobs: dict[str, Any] | None, start: int = 0,
 def chat_logprobs(logprobs: dict[str, Any] | None
                   ) -> tuple[list[LogprobEntry], list[list[LogprobEntry]] | None]:
     """Chat's `{content: [{token, logprob, top_logprobs: [{token, logprob}]}]}`."""
-    content = (logprobs or {}).get("content") or []
+    if not logprobs:
+        return [], None
+    content = logprobs.get("content") or []
     entries = [(item.get("logprob"), -1, item.get("token")) for item in content]
     if not any(item.get("top_logprobs") for item in content):
         return entries, None
@@ -172,6 +174,8 @@ class ToolCallText:
 
 def message_text(message: dict[str, Any]) -> str:
     """A whole chat answer's text: its content, then its tool calls as blocks."""
+    if not message.get("tool_calls"):
+        return message.get("content") or ""
     calls = ToolCallText()
     tools = calls.feed([{**c, "index": i} for i, c in enumerate(message.get("tool_calls") or ())])
     return (message.get("content") or "") + tools + calls.close()

@@ -165,6 +165,7 @@ class Capabilities:
     token_ids: bool = False  # accepts input_ids, returns token ids
     retention: bool = False  # honours Engine.retain hints
     abort: bool = True
+    chat: bool = False  # serves `GenerateRequest.chat` itself (the upstream renders it)
 
 
 @dataclass(slots=True, frozen=True)

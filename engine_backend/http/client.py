@@ -31,6 +31,10 @@ class HTTPResponse:
         """Drop the exchange mid-answer (how a client aborts over HTTP)."""
         self._raw.close()
 
+    def release(self) -> None:
+        """Done with the answer: a fully read one leaves its connection for reuse."""
+        self._raw.release()
+
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         raw = self._raw
         while (chunk := await raw.next_chunk()) is not None:
@@ -77,16 +81,20 @@ class HTTPClient:
         try:
             yield response
         finally:
-            response._raw.release()
+            response.release()
 
     async def fetch(self, method: str, path: str, *, json: Any = None) -> tuple[int, bytes]:
         """A whole exchange, (status, body), with no timeout. Cancelling it drops the
         exchange, which tells the server to stop."""
-        response = await self.send(method, path, json)
-        try:
-            return response.status, await response.aread()
+        body = None if json is None else orjson.dumps(json)
+        raw = await self.transport.send(Request(method, self._prefix + path, body, self._headers))
+        try:  # read here, not through an HTTPResponse: the hot path of whole answers
+            parts: list[bytes] = []
+            while (part := await raw.next_chunk()) is not None:
+                parts.append(part)
+            return raw.status, b"".join(parts)
         finally:
-            response._raw.release()
+            raw.release()
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       timeout: float | None = None) -> tuple[int, bytes]:

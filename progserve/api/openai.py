@@ -112,12 +112,11 @@ def require_logprobs(runtime: Runtime, param: str) -> None:
 
 
 def check_model(runtime: Runtime, name: str) -> None:
-    """404 `model_not_found` for a model this server does not serve, as OpenAI answers.
-    Accepted: the served model's name and path, and `settings.model_aliases` (`*`: any).
-    An empty name (a client that sends none) is the served model."""
-    aliases = runtime.settings.model_aliases
-    if not name or name in aliases or "*" in aliases or \
-            name in (runtime.model_name, runtime.model_info.model_path):
+    """404 `model_not_found` for a model this server does not serve, as OpenAI answers
+    (accepted: `Runtime.served_model_names`). An empty name (a client that sends none)
+    is the served model."""
+    names = runtime.model_names
+    if not name or names is None or name in names:
         return
     raise NotFoundError(f"The model `{name}` does not exist. This server serves "
                         f"`{runtime.model_name}`.", param="model", code="model_not_found")
@@ -181,11 +180,23 @@ def _chat_logprobs(entries: list[LogprobEntry],
     ]}
 
 
+def _chat_prompt(messages: list[ChatMessage], rendered: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None,
+                 tool_choice: str | dict[str, Any] | None) -> ChatPrompt:
+    upstream = _upstream_messages(messages, rendered)
+    if tools or tool_choice is not None:
+        return ChatPrompt(messages=upstream, tools=tools, tool_choice=tool_choice)
+    return ChatPrompt(messages=upstream)
+
+
 def _upstream_messages(messages: list[ChatMessage],
                        rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages as an OpenAI-compatible upstream takes them: tool-call arguments as
     JSON text (the template takes objects too)."""
-    if not any(m.tool_calls for m in messages):
+    for m in messages:
+        if m.tool_calls:
+            break
+    else:
         return rendered
     out = []
     for message in rendered:
@@ -214,10 +225,10 @@ async def chat_completions(request: Request) -> Response:
         else body.tool_choice
     messages = [m.to_template() for m in body.messages]
     # `text` is progserve's rendering (routing estimates, engines that take text); `chat`
-    # lets an upstream that serves chat apply the model's own template.
+    # lets an engine that serves chat (an upstream) apply the model's own template.
     prompt = runtime.chat_template.render(messages, tools, tool_choice)
-    chat = ChatPrompt.model_construct(messages=_upstream_messages(body.messages, messages),
-                                      tools=tools, tool_choice=tool_choice, assistant_prefix="")
+    chat = _chat_prompt(body.messages, messages, tools, tool_choice) \
+        if runtime.capabilities.chat else None
     check_limits(limits, max_tokens, len(prompt))
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
@@ -225,7 +236,9 @@ async def chat_completions(request: Request) -> Response:
                             runtime.chat_template.stop, _json_schema_for(body.response_format))
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
-                          top_logprobs_num=body.top_logprobs or 0, chat=chat, stream=body.stream)
+                          top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
+    if chat is not None:  # set after: validating an explicit None costs more than this
+        gen.chat = chat
     identity = program_identity(request.headers, body.metadata, body.user)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
