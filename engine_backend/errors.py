@@ -34,8 +34,32 @@ class EngineOverloadedError(EngineError):
     status_code = 503
 
 
+class StreamInterruptedError(EngineOverloadedError):
+    """The upstream cut a stream short to serve another request (llama-cpp-python's
+    `interrupt_requests`) and the call could not be resumed there. The replica is up."""
+
+
 class EngineUnavailableError(EngineError):
-    """The engine cannot be reached or died mid-request (retryable on another replica)."""
+    """The engine cannot be reached or died mid-request (retryable on another replica).
+
+    When the broken stream's chunks did not carry token counts, the engine may say what it
+    had delivered: `delivered_tokens` output tokens (a resume asks only for the rest of
+    `max_new_tokens`) for a prompt of `prompt_tokens`. `resumable` False: the call must
+    not be resumed elsewhere (what it delivered cannot be counted or continued)."""
+
+    status_code = 502
+
+    def __init__(self, message: str = "", *, delivered_tokens: int = 0, prompt_tokens: int = 0,
+                 resumable: bool = True) -> None:
+        super().__init__(message)
+        self.delivered_tokens = delivered_tokens
+        self.prompt_tokens = prompt_tokens
+        self.resumable = resumable
+
+
+class UpstreamProtocolError(EngineError):
+    """The upstream answered, but not in the protocol the engine speaks (a server of
+    another kind, a route it lacks). Not a dead replica: nothing is retried (HTTP 502)."""
 
     status_code = 502
 

@@ -4,6 +4,7 @@
   by default, cumulative `output_ids`); they are turned into delta `Chunk`s here. A request
   whose caller only needs the whole answer (`GenerateRequest.stream` False) is one
   non-streamed `/generate`, yielded as a single final chunk (no SSE on either side).
+  A prefill-only call (`max_new_tokens` 0) is sent as it is: SGLang supports it.
 - `rid` is passed through, so `abort(rid)` can `POST /abort_request`. Closing the stream
   early (the consumer stopped) also aborts upstream: SGLang aborts on disconnect and an
   explicit abort is sent as well.
@@ -11,13 +12,18 @@
   SGLang's `--enable-priority-scheduling` takes integers and, unless the server runs with
   `--schedule-low-priority-values-first`, serves *larger* values first. The translation
   is `-round(priority * priority_scale)` (or `+` for low-values-first servers).
-- `cached_tokens`, `prompt_tokens`, `completion_tokens` and the finish reason come from
-  `meta_info`.
+- `cached_tokens`, `prompt_tokens`, `completion_tokens`, the finish reason and the
+  (top) logprobs come from `meta_info`.
+- A tenant's cache salt (`GenerateRequest.cache_salt`) goes in the request field SGLang
+  keys its radix cache with: `cache_salt` (current SGLang), `extra_key` (older servers),
+  or none (`http_engine.sglang_cache_salt_field`).
+- Start-up asks `/get_model_info`; a server that answers 404 there does not speak SGLang's
+  protocol (a vLLM or llama.cpp server, say) and start-up fails naming it. A 404 from
+  `/generate` later is a 502 naming the upstream, never an unknown request.
 - KV retention hints (with a `priority_writer`, `settings.http_engine.sglang_priority_file`):
   `retain` and `program_ended` go into the priority file that progserve's SGLang plugin
-  reads (`sglang_plugin/priorities.py`), and the upstream rid names the request's program
-  (`<program>/<rid>/p` unless the rid already does), which is how the plugin attributes
-  the KV it inserts.
+  reads (`priority_file.py`), and the upstream rid names the request's program
+  (`priority_file.program_rid`), which is how the plugin attributes the KV it inserts.
 
 One instance per replica URL. Any server speaking this protocol works, progserve's own
 `/generate` included.
@@ -28,23 +34,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
-from .base import Engine
 from .errors import (
     EngineError,
     EngineUnavailableError,
     InvalidRequestError,
-    UnknownRequestError,
+    UpstreamProtocolError,
 )
-from .http_client import HTTPPool, error_for_status
-from .sglang_plugin.priorities import ProgramPriorityWriter, program_of_rid
+from .http.engine import HTTPEngine
+from .http.errors import error_for_status
+from .http.transport import Transport
+from .priority_file import program_rid
+from .sglang_priority_writer import ProgramPriorityWriter
 from .types import (
     Capabilities,
     Chunk,
-    EngineStats,
     FinishReason,
     FinishType,
     GenerateRequest,
@@ -54,6 +61,7 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
 
 _INT32 = 2**31 - 1
 
@@ -83,6 +91,11 @@ def logprobs_from_json(entries: Any) -> list[LogprobEntry]:
     return out
 
 
+def top_logprobs_from_json(positions: Any) -> list[list[LogprobEntry]]:
+    """`[[[logprob, token_id, text], ...] or None, ...]`, one list per position."""
+    return [logprobs_from_json(entries) for entries in positions or ()]
+
+
 def sampling_to_json(sampling: SamplingParams) -> dict[str, Any]:
     params: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens,
@@ -110,12 +123,13 @@ def sampling_to_json(sampling: SamplingParams) -> dict[str, Any]:
 class _Progress:
     """Turns SGLang's cumulative stream fields into deltas."""
 
-    __slots__ = ("text_len", "ids_len", "logprobs_len")
+    __slots__ = ("text_len", "ids_len", "logprobs_len", "top_len")
 
     def __init__(self) -> None:
         self.text_len = 0
         self.ids_len = 0
         self.logprobs_len = 0
+        self.top_len = 0
 
     def delta_text(self, text: str) -> str:
         delta = text[self.text_len:]
@@ -133,7 +147,7 @@ class _Progress:
         return items
 
 
-class SGLangHTTPEngine(Engine):
+class SGLangHTTPEngine(HTTPEngine):
     name = "sglang"
 
     def __init__(
@@ -147,56 +161,47 @@ class SGLangHTTPEngine(Engine):
         model_path: str | None = None,
         connect_timeout: float = 5.0,
         priority_writer: ProgramPriorityWriter | None = None,
+        cache_salt_field: Literal["cache_salt", "extra_key", "off"] = "cache_salt",
+        transport: Transport | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        super().__init__(base_url, api_key=api_key, connect_timeout=connect_timeout,
+                         transport=transport)
         self._send_priority = send_priority
         self._priority_scale = priority_scale
         self._low_first = low_priority_values_first
-        self._connect_timeout = connect_timeout
-        self._pool: HTTPPool | None = None
         self._model_info = ModelInfo(model_path=model_path or self.base_url)
-        self._kv_capacity = 0
         self._writer = priority_writer
-        self._active: dict[str, str] = {}  # rid -> the rid SGLang knows it by
+        self._salt_field = None if cache_salt_field == "off" else cache_salt_field
         self._background: set[asyncio.Task[None]] = set()
-        self._cache_hit_tokens = 0
-        self._cache_query_tokens = 0
-        self._upstream = f"sglang {self.base_url}"
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        if self._pool is not None:
-            return
-        self._pool = HTTPPool(self.base_url, headers=self._headers,
-                              connect_timeout=self._connect_timeout)
+    async def on_start(self) -> None:
         try:
             await self._load_model_info()
+        except UpstreamProtocolError:
+            raise
         except (EngineError, ValueError, TypeError, AttributeError) as exc:
             log.warning("sglang replica %s: no model info yet (%s)", self.base_url, exc)
 
-    async def close(self) -> None:
+    async def on_close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._writer is not None:
             await self._writer.aclose()
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool = None
-
-    async def _get_json(self, path: str) -> Any:
-        status, body = await self._require_pool().request(
-            "GET", path, timeout=self._connect_timeout)
-        if status != 200:
-            raise error_for_status(status, body, self._upstream)
-        return orjson.loads(body)
 
     async def _load_model_info(self) -> None:
-        info = await self._get_json("/get_model_info")
+        status, body = await self.call("GET", "/get_model_info")
+        if status == 404:
+            raise UpstreamProtocolError(
+                f"{self.upstream} does not speak SGLang's native protocol: GET /get_model_info "
+                "answered 404 (an OpenAI-compatible server needs --engine openai)")
+        if status != 200:
+            raise error_for_status(status, body, self.upstream)
+        info = orjson.loads(body)
         max_len = self._model_info.max_context_len
         try:
-            server = await self._get_json("/get_server_info")
+            server = await self.call_json("GET", "/get_server_info")
             max_len = int(server.get("context_length") or server.get("max_context_len")
                           or max_len)
             self._kv_capacity = int(server.get("max_total_num_tokens") or 0)
@@ -210,11 +215,6 @@ class SGLangHTTPEngine(Engine):
             chat_template=info.get("chat_template"),
         )
 
-    def _require_pool(self) -> HTTPPool:
-        if self._pool is None:
-            raise EngineUnavailableError(f"sglang replica {self.base_url} is not started")
-        return self._pool
-
     # ---------------------------------------------------------------- generate
 
     def sglang_priority(self, priority: float) -> int:
@@ -224,10 +224,9 @@ class SGLangHTTPEngine(Engine):
 
     def upstream_rid(self, request: GenerateRequest) -> str:
         """The rid sent to SGLang: with retention hints on, it names the program."""
-        rid, program = request.rid, request.program_id
-        if self._writer is None or not program or program_of_rid(rid) == program:
-            return rid
-        return f"{program}/{rid.replace('/', '_')}/p"
+        if self._writer is None or not request.program_id:
+            return request.rid
+        return program_rid(request.program_id, request.rid)
 
     def request_json(self, request: GenerateRequest, rid: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -248,27 +247,30 @@ class SGLangHTTPEngine(Engine):
             )
         if self._send_priority:
             body["priority"] = self.sglang_priority(request.priority)
+        if request.cache_salt is not None and self._salt_field is not None:
+            body[self._salt_field] = request.cache_salt
         return body
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        pool = self._require_pool()
+        client = self.require_client()
         rid = request.rid
-        upstream = self._active[rid] = self.upstream_rid(request)
+        upstream = self.running[rid] = self.upstream_rid(request)
         body = self.request_json(request, upstream)
         opened = finished = False
         final: Chunk | None = None
         try:
             if not request.stream:
                 opened = True  # from here on, leaving early aborts upstream
-                status, answer = await pool.fetch("POST", "/generate", json=body)
+                status, answer = await client.fetch("POST", "/generate", json=body)
                 if status != 200:
                     opened = False
-                    raise error_for_status(status, answer, self._upstream)
+                    raise error_for_status(status, answer, self.upstream, route="/generate")
                 final = self._chunk_from_event(rid, self._answer(answer), _Progress())
             else:
-                async with pool.stream("POST", "/generate", json=body) as resp:
+                async with client.stream("POST", "/generate", json=body) as resp:
                     if resp.status != 200:
-                        raise error_for_status(resp.status, await resp.aread(), self._upstream)
+                        raise error_for_status(resp.status, await resp.aread(), self.upstream,
+                                               route="/generate")
                     opened = True
                     progress = _Progress()
                     async for event in resp.aiter_sse():
@@ -279,16 +281,16 @@ class SGLangHTTPEngine(Engine):
                             yield chunk
             if final is None or not final.finished:
                 raise EngineUnavailableError(
-                    f"{self._upstream}: stream for {rid} ended without a finish reason")
+                    f"{self.upstream}: stream for {rid} ended without a finish reason")
             finished = True
             yield final
         except EngineUnavailableError as exc:
-            if str(exc).startswith(self._upstream):
+            if str(exc).startswith(self.upstream):
                 raise
             # Name the replica: "connection lost" alone does not say which one died.
-            raise EngineUnavailableError(f"{self._upstream}: {exc}") from exc
+            raise EngineUnavailableError(f"{self.upstream}: {exc}") from exc
         finally:
-            self._active.pop(rid, None)
+            self.running.pop(rid, None)
             if opened and not finished:
                 self._abort_in_background(upstream)
 
@@ -297,16 +299,16 @@ class SGLangHTTPEngine(Engine):
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise EngineUnavailableError(f"{self._upstream}: malformed answer: {exc}") from exc
+            raise EngineUnavailableError(f"{self.upstream}: malformed answer: {exc}") from exc
         if not isinstance(answer, dict):
-            raise EngineUnavailableError(f"{self._upstream}: unexpected answer {answer!r:.200}")
+            raise EngineUnavailableError(f"{self.upstream}: unexpected answer {answer!r:.200}")
         return answer
 
     def _chunk_from_event(self, rid: str, event: dict[str, Any], progress: _Progress) -> Chunk:
         if "error" in event:
             err = event["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise InvalidRequestError(f"{self._upstream}: {message}")
+            raise InvalidRequestError(f"{self.upstream}: {message}")
         meta = event.get("meta_info") or {}
         completion_tokens = int(meta.get("completion_tokens") or 0)
         ids = event.get("output_ids") or []
@@ -322,11 +324,15 @@ class SGLangHTTPEngine(Engine):
         if "output_token_logprobs" in meta:
             chunk.output_logprobs = logprobs_from_json(progress.delta_list(
                 meta["output_token_logprobs"] or [], "logprobs_len", completion_tokens))
+        if meta.get("output_top_logprobs"):
+            chunk.output_top_logprobs = top_logprobs_from_json(progress.delta_list(
+                meta["output_top_logprobs"], "top_len", completion_tokens))
         if chunk.finished:
             if "input_token_logprobs" in meta:
                 chunk.input_logprobs = logprobs_from_json(meta["input_token_logprobs"])
-            self._cache_hit_tokens += chunk.cached_tokens
-            self._cache_query_tokens += chunk.prompt_tokens
+            if meta.get("input_top_logprobs"):
+                chunk.input_top_logprobs = top_logprobs_from_json(meta["input_top_logprobs"])
+            self.count_prompt(chunk.prompt_tokens, chunk.cached_tokens)
         return chunk
 
     # ---------------------------------------------------------------- control
@@ -334,7 +340,7 @@ class SGLangHTTPEngine(Engine):
     def _abort_in_background(self, rid: str) -> None:
         """The consumer went away mid-stream. Closing the connection already makes SGLang
         abort; the explicit abort makes sure, without delaying the consumer."""
-        if self._pool is None:
+        if self.client is None:
             return
         task = asyncio.get_running_loop().create_task(self._post_abort(rid))
         self._background.add(task)
@@ -342,34 +348,29 @@ class SGLangHTTPEngine(Engine):
 
     async def _post_abort(self, rid: str) -> None:
         try:
-            await self._require_pool().request("POST", "/abort_request", json={"rid": rid},
-                                               timeout=self._connect_timeout)
+            await self.call("POST", "/abort_request", {"rid": rid})
         except EngineError as exc:
             log.debug("abort of %s on %s failed: %s", rid, self.base_url, exc)
 
     async def abort(self, rid: str) -> None:
-        upstream = self._active.get(rid)
-        if upstream is None:
-            raise UnknownRequestError(f"no running request {rid!r} on {self.base_url}")
-        status, body = await self._require_pool().request(
-            "POST", "/abort_request", json={"rid": upstream}, timeout=self._connect_timeout)
+        upstream = self.running_request(rid)
+        status, body = await self.call("POST", "/abort_request", {"rid": upstream})
         if status >= 400:
-            raise error_for_status(status, body, self._upstream)
+            raise error_for_status(status, body, self.upstream)
 
     async def flush_cache(self) -> bool:
         try:
-            status, _ = await self._require_pool().request(
-                "POST", "/flush_cache", timeout=self._connect_timeout)
+            status, _ = await self.call("POST", "/flush_cache")
         except EngineError:
             return False
         return status == 200
 
     async def health(self) -> bool:
-        if self._pool is None:
+        if self.client is None:
             return False
         for path in ("/health", "/get_model_info"):
             try:
-                status, _ = await self._pool.request("GET", path, timeout=self._connect_timeout)
+                status, _ = await self.call("GET", path)
             except EngineError:
                 return False
             if status == 200:
@@ -377,16 +378,6 @@ class SGLangHTTPEngine(Engine):
             if status != 404:
                 return False
         return False
-
-    async def stats(self) -> EngineStats:
-        return EngineStats(
-            queue_len=0,
-            running=len(self._active),
-            kv_used_tokens=0,
-            kv_capacity_tokens=self._kv_capacity,
-            cache_hit_tokens=self._cache_hit_tokens,
-            cache_query_tokens=self._cache_query_tokens,
-        )
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

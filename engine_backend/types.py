@@ -53,6 +53,8 @@ class ChatPrompt(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    assistant_prefix: str = Field(
+        "", description="the answer so far (a resumed call): the upstream continues it")
 
 
 class GenerateRequest(BaseModel):
@@ -142,6 +144,9 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[LogprobEntry] | None = None
     input_logprobs: list[LogprobEntry] | None = None  # final chunk only
+    # The `top_logprobs_num` most likely tokens at each output (input) position, when asked.
+    output_top_logprobs: list[list[LogprobEntry]] | None = None
+    input_top_logprobs: list[list[LogprobEntry]] | None = None  # final chunk only
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -160,6 +165,7 @@ class Capabilities:
     token_ids: bool = False  # accepts input_ids, returns token ids
     retention: bool = False  # honours Engine.retain hints
     abort: bool = True
+    chat: bool = False  # serves `GenerateRequest.chat` itself (the upstream renders it)
 
 
 @dataclass(slots=True, frozen=True)

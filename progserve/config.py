@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from engine_backend.http_client import HTTPEngineConfig
+from engine_backend.http.config import HTTPEngineConfig
 from engine_backend.sim.config import SimConfig
 from engine_backend.torch.config import TorchConfig
 from scheduler.config import CacheConfig, SchedulerConfig
@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     engine_url: list[str] = Field(default_factory=list, description="one per replica")
     replicas: int = Field(1, ge=1, description="embedded engine replicas (sim/torch)")
     model: str | None = Field(None, description="model path or name served")
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="other model names the OpenAI routes accept for the served model (an "
+                    "unknown name gets 404 model_not_found, as OpenAI answers); \"*\" accepts "
+                    "any name",
+    )
     redis_url: str | None = Field(None, description="share program history and traces")
     api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
     log_level: str = Field("info", description="debug, info, warning or error")

@@ -73,7 +73,7 @@ def _require_urls(settings: Settings) -> list[str]:
 
 def _sglang_engines(settings: Settings) -> list[Engine]:
     from engine_backend.sglang_http import SGLangHTTPEngine
-    from engine_backend.sglang_plugin.priorities import ProgramPriorityWriter
+    from engine_backend.sglang_priority_writer import ProgramPriorityWriter
 
     cfg = settings.http_engine
     # One writer for every replica: the servers read the same file.
@@ -96,6 +96,7 @@ def _sglang_engines(settings: Settings) -> list[Engine]:
             model_path=settings.model,
             connect_timeout=cfg.connect_timeout_s,
             priority_writer=writer,
+            cache_salt_field=cfg.sglang_cache_salt_field,
         )
         for url in _require_urls(settings)
     ]
@@ -105,8 +106,12 @@ def _openai_engines(settings: Settings) -> list[Engine]:
     from engine_backend.openai_http import OpenAIHTTPEngine
 
     cfg = settings.http_engine
+    tokenizer = cfg.tokenizer
+    if tokenizer is None and settings.model and Path(settings.model).is_dir():
+        tokenizer = Path(settings.model)
     return [
         OpenAIHTTPEngine(url, model=settings.model, api_key=cfg.api_key, logprobs=cfg.logprobs,
-                         connect_timeout=cfg.connect_timeout_s)
+                         connect_timeout=cfg.connect_timeout_s, cache_salt=cfg.cache_salt,
+                         tokenizer=tokenizer)
         for url in _require_urls(settings)
     ]

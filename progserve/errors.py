@@ -28,6 +28,7 @@ from engine_backend.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     UnknownRequestError,
+    UpstreamProtocolError,
 )
 from scheduler.errors import SchedulerError, SchedulerOverloadedError
 
@@ -171,6 +172,8 @@ def classify(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, EngineUnavailableError):
         return ErrorInfo(502, "server_error", str(exc) or "engine unavailable",
                          code="engine_unavailable")
+    if isinstance(exc, UpstreamProtocolError):
+        return ErrorInfo(502, "server_error", str(exc), code="upstream_protocol")
     if isinstance(exc, EngineError):
         return ErrorInfo(500, "server_error", str(exc) or "engine error", code="engine_error")
     if isinstance(exc, StarletteHTTPException):

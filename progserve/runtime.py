@@ -94,7 +94,7 @@ def merged_capabilities(engines: Sequence[Engine]) -> Capabilities:
     return Capabilities(**{
         name: all(getattr(c, name) for c in caps)
         for name in ("priority", "logprobs", "constrained_decoding", "token_ids", "retention",
-                     "abort")
+                     "abort", "chat")
     })
 
 
@@ -139,6 +139,7 @@ class Runtime:
         self.requests = RequestRegistry()
         self.chat_template = ChatTemplate(None)
         self.capabilities = merged_capabilities(self.engines)
+        self.model_names = self.served_model_names()
         self._started = False
 
     @property
@@ -149,12 +150,21 @@ class Runtime:
     def model_name(self) -> str:
         return self.settings.model or self.model_info.model_path
 
+    def served_model_names(self) -> frozenset[str] | None:
+        """The `model` names the OpenAI routes accept (None: any): the served model's name
+        and path, and `settings.model_aliases` (`*`: any name)."""
+        aliases = self.settings.model_aliases
+        if "*" in aliases:
+            return None
+        return frozenset((self.model_name, self.model_info.model_path, *aliases))
+
     async def start(self) -> None:
         if self._started:
             return
         await asyncio.gather(*(engine.start() for engine in self.engines))
         # HTTP engines learn their model (and its chat template) at start.
         self.capabilities = merged_capabilities(self.engines)
+        self.model_names = self.served_model_names()
         self.chat_template = ChatTemplate(self.model_info.chat_template)
         await self.scheduler.start()
         self._started = True

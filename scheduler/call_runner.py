@@ -278,6 +278,9 @@ class CallRunner:
             update["input_ids"] = request.input_ids + (call.output_ids or [])
         else:
             update["text"] = (request.text or "") + "".join(call.output_parts or ())
+        if request.chat is not None:  # a chat upstream continues the answer so far
+            update["chat"] = request.chat.model_copy(update={
+                "assistant_prefix": "".join(call.output_parts or ())})
         return request.model_copy(update=update)
 
     def _attempt_ended(
@@ -312,10 +315,14 @@ class CallRunner:
         output so far (the client's stream just continues). Else raise `exc`."""
         replica = attempt.replica
         self.health.mark_down(replica, exc)
-        if call.retries >= self.config.engine_retries or not self.health.any_up():
+        if not exc.resumable or call.retries >= self.config.engine_retries \
+                or not self.health.any_up():
             raise exc
         call.retries += 1
-        call.completion_tokens += attempt.tokens
+        # The engine may count what it delivered when its chunks did not.
+        call.completion_tokens += max(attempt.tokens, exc.delivered_tokens)
+        if not call.prompt_tokens:
+            call.prompt_tokens = exc.prompt_tokens
         self.health.counters.failovers += 1
         log.warning("call %s of program %s: replica %d failed (%s); resuming on another "
                     "replica (retry %d)", call.id, call.program.id, replica.index,

@@ -46,6 +46,8 @@ class CallOutput:
     token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[LogprobEntry] = field(default_factory=list)
     input_logprobs: list[LogprobEntry] | None = None
+    output_top_logprobs: list[list[LogprobEntry]] | None = None
+    input_top_logprobs: list[list[LogprobEntry]] | None = None
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -60,6 +62,12 @@ class CallOutput:
             self.output_logprobs.extend(chunk.output_logprobs)
         if chunk.input_logprobs is not None:
             self.input_logprobs = chunk.input_logprobs
+        if chunk.output_top_logprobs:
+            if self.output_top_logprobs is None:
+                self.output_top_logprobs = []
+            self.output_top_logprobs.extend(chunk.output_top_logprobs)
+        if chunk.input_top_logprobs is not None:
+            self.input_top_logprobs = chunk.input_top_logprobs
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         if chunk.prompt_tokens:

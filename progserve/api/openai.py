@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine_backend.types import (
+    ChatPrompt,
     FinishReason,
     FinishType,
     GenerateRequest,
@@ -30,7 +31,7 @@ from engine_backend.types import (
 
 from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
 from ..config import LimitsConfig
-from ..errors import BadRequestError
+from ..errors import BadRequestError, NotFoundError
 from ..runtime import Runtime
 from .calls import (
     CallOutput,
@@ -55,7 +56,7 @@ from .common import (
     sse_response,
     tenant_of,
 )
-from .openai_wire import ChatCompletionRequest, CompletionRequest, ToolChoiceNamed
+from .openai_wire import ChatCompletionRequest, ChatMessage, CompletionRequest, ToolChoiceNamed
 
 router = APIRouter(tags=["openai"])
 
@@ -111,6 +112,17 @@ def require_logprobs(runtime: Runtime, param: str) -> None:
                               param=param, code="logprobs_unsupported")
 
 
+def check_model(runtime: Runtime, name: str) -> None:
+    """404 `model_not_found` for a model this server does not serve, as OpenAI answers
+    (accepted: `Runtime.served_model_names`). An empty name (a client that sends none)
+    is the served model."""
+    names = runtime.model_names
+    if not name or names is None or name in names:
+        return
+    raise NotFoundError(f"The model `{name}` does not exist. This server serves "
+                        f"`{runtime.model_name}`.", param="model", code="model_not_found")
+
+
 def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
     if not response_format:
         return None
@@ -153,12 +165,51 @@ async def list_models(request: Request) -> Response:
 # --------------------------------------------------------------------------- chat
 
 
-def _chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+def _chat_logprob(entry: LogprobEntry) -> dict[str, Any]:
+    lp, _tid, text = entry
+    return {"token": text or "", "logprob": lp if lp is not None else 0.0,
+            "bytes": list((text or "").encode())}
+
+
+def _chat_logprobs(entries: list[LogprobEntry],
+                   tops: list[list[LogprobEntry]] | None = None) -> dict[str, Any]:
     return {"content": [
-        {"token": text or "", "logprob": lp if lp is not None else 0.0,
-         "bytes": list((text or "").encode()), "top_logprobs": []}
-        for lp, _tid, text in entries
+        {**_chat_logprob(entry),
+         "top_logprobs": [_chat_logprob(top) for top in tops[i]] if tops and i < len(tops)
+         else []}
+        for i, entry in enumerate(entries)
     ]}
+
+
+def _chat_prompt(messages: list[ChatMessage], rendered: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None,
+                 tool_choice: str | dict[str, Any] | None) -> ChatPrompt:
+    upstream = _upstream_messages(messages, rendered)
+    if tools or tool_choice is not None:
+        return ChatPrompt(messages=upstream, tools=tools, tool_choice=tool_choice)
+    return ChatPrompt(messages=upstream)
+
+
+def _upstream_messages(messages: list[ChatMessage],
+                       rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as an OpenAI-compatible upstream takes them: tool-call arguments as
+    JSON text (the template takes objects too)."""
+    for m in messages:
+        if m.tool_calls:
+            break
+    else:
+        return rendered
+    out = []
+    for message in rendered:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [
+                {**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
+                                   if isinstance(c["function"]["arguments"], str)
+                                   else json.dumps(c["function"]["arguments"])}}
+                for c in calls]}
+        out.append(message)
+    return out
 
 
 @router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
@@ -166,14 +217,19 @@ async def chat_completions(request: Request) -> Response:
     tenant = tenant_of(request)
     runtime = runtime_of(request)
     body = await read_model(request, ChatCompletionRequest)
+    check_model(runtime, body.model)
     limits = runtime.settings.limits
     max_tokens = body.requested_max_tokens
     tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.uses_tools \
         else None
     tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceNamed) \
         else body.tool_choice
-    prompt = runtime.chat_template.render([m.to_template() for m in body.messages], tools,
-                                          tool_choice)
+    messages = [m.to_template() for m in body.messages]
+    # `text` is progserve's rendering (routing estimates, engines that take text); `chat`
+    # lets an engine that serves chat (an upstream) apply the model's own template.
+    prompt = runtime.chat_template.render(messages, tools, tool_choice)
+    chat = _chat_prompt(body.messages, messages, tools, tool_choice) \
+        if runtime.capabilities.chat else None
     check_limits(limits, max_tokens, len(prompt))
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
@@ -182,6 +238,8 @@ async def chat_completions(request: Request) -> Response:
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
+    if chat is not None:  # set after: validating an explicit None costs more than this
+        gen.chat = chat
     identity = program_identity(request.headers, body.metadata)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
     tool_names = {t["function"]["name"] for t in tools} if tools else None
@@ -213,7 +271,8 @@ def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: Cal
         "choices": [{
             "index": 0,
             "message": message,
-            "logprobs": _chat_logprobs(out.output_logprobs) if body.logprobs else None,
+            "logprobs": _chat_logprobs(out.output_logprobs, out.output_top_logprobs)
+            if body.logprobs else None,
             "finish_reason": finish,
         }],
         "usage": usage_json(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
@@ -227,9 +286,10 @@ async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompleti
             "model": runtime.model_name}
 
     def event(delta: dict[str, Any], finish: str | None = None,
-              logprobs: list[LogprobEntry] | None = None) -> bytes:
+              logprobs: list[LogprobEntry] | None = None,
+              tops: list[list[LogprobEntry]] | None = None) -> bytes:
         choice = {"index": 0, "delta": delta,
-                  "logprobs": _chat_logprobs(logprobs) if logprobs else None,
+                  "logprobs": _chat_logprobs(logprobs, tops) if logprobs else None,
                   "finish_reason": finish}
         return sse({**head, "choices": [choice]})
 
@@ -247,15 +307,16 @@ async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompleti
             if chunk.finished and parser:
                 pieces += parser.finish()
             logprobs = chunk.output_logprobs if body.logprobs else None
+            tops = chunk.output_top_logprobs
             for piece in pieces:
                 if isinstance(piece, str):
-                    pending.append(event({"content": piece}, logprobs=logprobs))
+                    pending.append(event({"content": piece}, logprobs=logprobs, tops=tops))
                     logprobs = None
                 elif n_calls == 0 or body.parallel_tool_calls:
                     pending.append(event({"tool_calls": [piece.to_openai(index=n_calls)]}))
                     n_calls += 1
             if logprobs:
-                pending.append(event({}, logprobs=logprobs))
+                pending.append(event({}, logprobs=logprobs, tops=tops))
             if not chunk.finished and pending:
                 yield b"".join(pending)
                 pending = []
@@ -275,14 +336,17 @@ async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompleti
 # --------------------------------------------------------------------------- completions
 
 
-def _completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:
+def _completion_logprobs(entries: list[LogprobEntry], offset: int = 0,
+                         tops: list[list[LogprobEntry]] | None = None) -> dict[str, Any]:
     tokens, values, offsets = [], [], []
     for lp, _tid, text in entries:
         tokens.append(text or "")
         values.append(lp)
         offsets.append(offset)
         offset += len(text or "")
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": None,
+    top_logprobs = [{text or "": lp for lp, _tid, text in top} for top in tops] if tops \
+        else None
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top_logprobs,
             "text_offset": offsets}
 
 
@@ -291,6 +355,7 @@ async def completions(request: Request) -> Response:
     tenant = tenant_of(request)
     runtime = runtime_of(request)
     body = await read_model(request, CompletionRequest)
+    check_model(runtime, body.model)
     limits = runtime.settings.limits
     prompts = body.prompts()
     check_batch(runtime, len(prompts), "prompt")
@@ -365,7 +430,11 @@ def _completion_choice(index: int, prompt: str | list[int], out: CallOutput,
     logprobs = None
     if body.logprobs is not None:
         entries = (list(out.input_logprobs or ()) if body.echo else []) + out.output_logprobs
-        logprobs = _completion_logprobs(entries)
+        tops = None
+        if out.output_top_logprobs and (not body.echo or out.input_top_logprobs):
+            tops = (list(out.input_top_logprobs or ()) if body.echo else []) + \
+                out.output_top_logprobs
+        logprobs = _completion_logprobs(entries, tops=tops)
     return {"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": finish_reason_text(out.finish_reason)}
 
@@ -393,7 +462,8 @@ async def _completion_events(runtime: Runtime, rid: str, streams: CallStreams,
             outs[index].add(item)
             logprobs = None
             if body.logprobs is not None and item.output_logprobs:
-                logprobs = _completion_logprobs(item.output_logprobs, offsets[index])
+                logprobs = _completion_logprobs(item.output_logprobs, offsets[index],
+                                                item.output_top_logprobs)
             offsets[index] += len(item.text)
             if item.text or logprobs or item.finished:
                 pending.append(sse({**head, "choices": [{

@@ -224,9 +224,21 @@ def _meta(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,
         outputs = _logprobs_json(out.output_logprobs, with_text)
         meta["input_token_logprobs"] = inputs
         meta["output_token_logprobs"] = outputs
-        meta["input_top_logprobs"] = [None] * len(inputs)
-        meta["output_top_logprobs"] = [None] * len(outputs)
+        meta["input_top_logprobs"] = _top_logprobs_json(out.input_top_logprobs, len(inputs),
+                                                        with_text)
+        meta["output_top_logprobs"] = _top_logprobs_json(out.output_top_logprobs,
+                                                         len(outputs), with_text)
     return meta
+
+
+def _top_logprobs_json(tops: list[list[LogprobEntry]] | None, positions: int,
+                       with_text: bool) -> list[list[list[Any]] | None]:
+    """SGLang's shape: one list of `[logprob, token_id, text]` per position (None where
+    the engine gave none, as SGLang does when top logprobs were not asked for)."""
+    if not tops:
+        return [None] * positions
+    return [_logprobs_json(top, with_text) for top in tops] + \
+        [None] * (positions - len(tops))
 
 
 def _item_json(rid: str, item: GenerateItem, out: CallOutput, with_text: bool,

@@ -331,7 +331,8 @@ class ServerUnderTest:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PROGSERVE_SIM__TIME_SCALE": str(cfg.time_scale),
-               "PROGSERVE_SIM__STREAM_INTERVAL": str(cfg.stream_interval)}
+               "PROGSERVE_SIM__STREAM_INTERVAL": str(cfg.stream_interval),
+               "PROGSERVE_MODEL_ALIASES": '["sim"]'}  # the model its chats name
         if cfg.keep_finished is not None:  # finished programs and traces kept in memory
             env["PROGSERVE_SCHEDULER__KEEP_FINISHED_PROGRAMS"] = str(cfg.keep_finished)
             env["PROGSERVE_OBSERVABILITY__TRACE_MAX_PROGRAMS"] = str(max(10, cfg.keep_finished))

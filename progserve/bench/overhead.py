@@ -132,7 +132,9 @@ def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) 
     port = _free_port()
     argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", *flags]
-    return _start(name, argv, port, workdir, env)
+    # The chat scenario names its model "bench" on every target (LiteLLM maps the name).
+    return _start(name, argv, port, workdir,
+                  {"PROGSERVE_MODEL_ALIASES": '["bench"]', **env})
 
 
 def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:

@@ -16,8 +16,9 @@ from engine_backend.errors import (
     InvalidRequestError,
     UnknownRequestError,
 )
+from engine_backend.priority_file import program_of_rid
 from engine_backend.sglang_http import SGLangHTTPEngine
-from engine_backend.sglang_plugin.priorities import ProgramPriorityWriter, program_of_rid
+from engine_backend.sglang_priority_writer import ProgramPriorityWriter
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
@@ -240,7 +241,7 @@ async def test_connections_are_kept_alive(engine, upstream):
     calls (a new TCP connection per call would cost more than the proxy itself)."""
     for i in range(5):
         await collect(engine, request(f"ka-{i}", sampling=SamplingParams(max_new_tokens=2)))
-    assert len(engine._pool._idle) == 1
+    assert len(engine.client.transport._idle) == 1
 
 
 async def test_retention_hints_reach_the_priority_file_and_rids_name_the_program(
@@ -315,3 +316,96 @@ async def test_the_scheduler_tells_sglang_when_a_program_ends(upstream, tmp_path
     assert [program_of_rid(rid) for rid in seen[:2]] == ["agent-7", "agent-7"]
     assert seen[2] == "chatcmpl-solo"  # an untagged call has no program to name
     assert json.loads(path.read_text())["ended"] == ["agent-7"]
+
+
+# ------------------------------------------------------------------ injected transports
+
+
+def sglang_transport(generate_events=None, **answers):
+    """An SGLang upstream in-process: model info, and `/generate` answered with
+    `generate_events` (cumulative events) or a one-token answer."""
+    from engine_backend.http.transport import MockResponse, MockTransport
+
+    def handler(req):
+        if req.target == "/get_model_info":
+            return MockResponse.json({"model_path": "m", "is_generation": True})
+        if req.target in answers:
+            return answers[req.target](req)
+        if req.target == "/generate":
+            events = generate_events or [{"text": " a", "output_ids": [1], "meta_info": {
+                "id": "x", "finish_reason": {"type": "length", "length": 1},
+                "prompt_tokens": 3, "completion_tokens": 1, "cached_tokens": 0}}]
+            if req.json().get("stream"):
+                return MockResponse.sse(events)
+            return MockResponse.json(events[-1])
+        return MockResponse.json({"detail": "Not Found"}, status=404)
+
+    return MockTransport(handler)
+
+
+async def test_a_server_that_is_not_sglang_fails_at_start():
+    """`--engine sglang` in front of an OpenAI-only server (vLLM) must not turn every call
+    into a 404 `unknown_request`: start-up fails, naming the upstream."""
+    from fake_openai import FakeOpenAI
+
+    from engine_backend.errors import UpstreamProtocolError
+    from progserve.runtime import Runtime
+
+    engine = SGLangHTTPEngine("http://vllm:8000", transport=FakeOpenAI().transport())
+    with pytest.raises(UpstreamProtocolError, match="sglang http://vllm:8000.*get_model_info"):
+        await engine.start()
+    runtime = Runtime(Settings(engine="sglang"), engines=[SGLangHTTPEngine(
+        "http://vllm:8000", transport=FakeOpenAI().transport())])
+    with pytest.raises(UpstreamProtocolError, match="--engine openai"):
+        await runtime.start()
+
+
+async def test_a_generate_route_that_answers_404_is_a_502_naming_the_upstream():
+    from engine_backend.errors import UpstreamProtocolError
+    from engine_backend.http.transport import MockResponse
+    from progserve.errors import classify
+
+    gone = sglang_transport(**{"/generate": lambda req: MockResponse.json(
+        {"detail": "Not Found"}, status=404)})
+    async with SGLangHTTPEngine("http://proxy:1", transport=gone) as engine:
+        for stream in (True, False):
+            with pytest.raises(UpstreamProtocolError) as info:
+                await collect(engine, request("x", stream=stream))
+            assert classify(info.value).status == 502
+            assert "sglang http://proxy:1: /generate answered 404" in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["cache_salt", "extra_key", "off"])
+async def test_the_tenant_salt_reaches_sglang(field):
+    transport = sglang_transport()
+    async with SGLangHTTPEngine("http://sglang:30000", transport=transport,
+                                cache_salt_field=field) as engine:
+        await collect(engine, request("salted", cache_salt="tenant-alice"))
+        await collect(engine, request("plain"))
+    salted, plain = transport.sent("/generate")
+    if field == "off":
+        assert "cache_salt" not in salted and "extra_key" not in salted
+    else:
+        assert salted[field] == "tenant-alice"
+    assert "cache_salt" not in plain and "extra_key" not in plain
+
+
+async def test_top_logprobs_come_through_from_sglang():
+    def event(n, finish=None):
+        return {"text": "".join(f" t{i}" for i in range(n)), "output_ids": list(range(n)),
+                "meta_info": {"id": "x", "finish_reason": finish, "prompt_tokens": 2,
+                              "completion_tokens": n, "cached_tokens": 0,
+                              "output_token_logprobs": [[-0.1, i, f" t{i}"] for i in range(n)],
+                              "output_top_logprobs": [[[-0.1, i, f" t{i}"], [-2.0, 99, " z"]]
+                                                      for i in range(n)],
+                              **({"input_token_logprobs": [[None, 5, "a"], [-1.0, 6, "b"]],
+                                  "input_top_logprobs": [None, [[-1.0, 6, "b"]]]}
+                                 if finish else {})}}
+
+    transport = sglang_transport([event(1), event(2, {"type": "length", "length": 2})])
+    async with SGLangHTTPEngine("http://sglang:30000", transport=transport) as engine:
+        chunks = await collect(engine, request("top", return_logprob=True, top_logprobs_num=2,
+                                               logprob_start_len=0))
+    tops = [t for c in chunks for t in (c.output_top_logprobs or ())]
+    assert tops == [[(-0.1, 0, " t0"), (-2.0, 99, " z")], [(-0.1, 1, " t1"), (-2.0, 99, " z")]]
+    assert chunks[-1].input_top_logprobs == [[], [(-1.0, 6, "b")]]

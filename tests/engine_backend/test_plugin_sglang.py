@@ -22,15 +22,12 @@ from typing import Any
 import pytest
 import torch
 
+from engine_backend.priority_file import program_of_rid
 from engine_backend.sglang_plugin.backend import BACKEND_NAME, backend_class, create_backend
 from engine_backend.sglang_plugin.install import install, priority_hook
-from engine_backend.sglang_plugin.priorities import (
-    PIN_PRIORITY,
-    ProgramPriorityFeed,
-    ProgramPriorityWriter,
-    program_of_rid,
-)
+from engine_backend.sglang_plugin.priorities import PIN_PRIORITY, ProgramPriorityFeed
 from engine_backend.sglang_plugin.retirement import ProgramRetirement
+from engine_backend.sglang_priority_writer import ProgramPriorityWriter
 
 REPO = Path(__file__).resolve().parents[2]
 
