@@ -39,6 +39,15 @@ class SamplingParams(BaseModel):
             return []
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SamplingParams:
+        # SGLang's rule too. It is also what bounds `min_new_tokens` wherever
+        # `max_new_tokens` is capped (`limits.max_tokens` at every entrance).
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        return self
+
 
 class ChatPrompt(BaseModel):
     """The chat a prompt was rendered from (OpenAI message shape).

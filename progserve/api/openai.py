@@ -54,7 +54,12 @@ from .common import (
     sse_response,
     tenant_of,
 )
-from .openai_wire import ChatCompletionRequest, CompletionRequest, ToolChoiceNamed
+from .openai_wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseFormat,
+    ToolChoiceNamed,
+)
 
 router = APIRouter(tags=["openai"])
 
@@ -94,6 +99,7 @@ def sampling_for(body: ChatCompletionRequest | CompletionRequest, max_tokens: in
                  extra_stops: list[str], json_schema: str | None = None) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_tokens,
+        min_new_tokens=body.min_tokens or 0,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=-1 if body.top_k in (None, 0) else body.top_k,
@@ -110,22 +116,13 @@ def require_logprobs(runtime: Runtime, param: str) -> None:
                               param=param, code="logprobs_unsupported")
 
 
-def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
-    if not response_format:
+def _json_schema_for(response_format: ResponseFormat | None) -> str | None:
+    """The engine's `json_schema` for a (validated) `response_format`."""
+    if response_format is None or response_format.type == "text":
         return None
-    kind = response_format.get("type")
-    if kind == "json_object":
+    if response_format.type == "json_object" or response_format.json_schema is None:
         return '{"type": "object"}'
-    if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequestError("response_format.json_schema.schema must be an object",
-                                  param="response_format")
-        return json.dumps(schema)
-    if kind in (None, "text"):
-        return None
-    raise BadRequestError(f"response_format type {kind!r} is not supported",
-                          param="response_format")
+    return json.dumps(response_format.json_schema.json_schema)
 
 
 # --------------------------------------------------------------------------- models

@@ -81,6 +81,26 @@ class ChatMessage(_Lenient):
         return out
 
 
+class JsonSchemaFormat(_Lenient):
+    """`response_format.json_schema`: the schema the answer must follow."""
+
+    name: str | None = Field(None, max_length=256)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs `json_schema` with a `schema` object")
+        return self
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -100,6 +120,9 @@ class _SamplingFields(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = False  # vLLM / SGLang extension
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM / SGLang extension: generate at least this many tokens "
+        "(at most max_tokens)")
 
     @field_validator("n")
     @classmethod
@@ -119,6 +142,13 @@ class _SamplingFields(_Lenient):
         return stops
 
 
+def check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
+    """`min_tokens` never exceeds `max_tokens` (when the request leaves `max_tokens` to
+    the server's default, the engine request's own check applies)."""
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
@@ -128,7 +158,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
@@ -139,6 +169,11 @@ class ChatCompletionRequest(_SamplingFields):
                                  "which is not in `tools`")
         if self.tool_choice in ("required",) and not self.tools:
             raise ValueError("tool_choice 'required' needs `tools`")
+        return self
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ChatCompletionRequest:
+        check_min_tokens(self.min_tokens, self.requested_max_tokens)
         return self
 
     @property
@@ -170,6 +205,11 @@ class CompletionRequest(_SamplingFields):
             if any(isinstance(x, list) and not x for x in v):
                 raise ValueError("a token-id prompt must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> CompletionRequest:
+        check_min_tokens(self.min_tokens, self.max_tokens)
+        return self
 
     @field_validator("best_of")
     @classmethod

@@ -34,6 +34,14 @@ class SGLangSamplingParams(BaseModel):
     sampling_seed: int | None = None
     seed: int | None = None
 
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SGLangSamplingParams:
+        max_new = 128 if self.max_new_tokens is None else self.max_new_tokens
+        if (self.min_new_tokens or 0) > max_new:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                             f"max_new_tokens ({max_new})")
+        return self
+
     def to_engine(self) -> SamplingParams:
         """SGLang sends explicit nulls for unset fields: they mean the defaults."""
         max_new = 128 if self.max_new_tokens is None else self.max_new_tokens
