@@ -160,6 +160,7 @@ class TraceStore:
         self._refusals: dict[tuple[str, str], int] = {}
         self._redis_down = False
         self._marker = marker_key(key_prefix, f"{instance_id}-{new_instance_id()}")
+        self._marker_set = False  # written on the first flush
         self._marker_checked = 0.0  # loop time of the last idle check
         self.dropped_spans = 0  # pending spans dropped during a long Redis outage
         self.dropped_writes = 0  # writes Redis kept refusing, given up
@@ -397,6 +398,9 @@ class TraceStore:
         spans, self._pending_spans = self._pending_spans, []
         dirty, self._dirty = self._dirty, set()
         try:
+            if not self._marker_set:  # the first write: this instance's marker first
+                await self._call(self._redis.set(self._marker, "1", ex=MARKER_TTL_S))
+                self._marker_set = True
             synced = await self._call(self._write(spans, dirty))
             if not synced:
                 await self._resync()
@@ -410,8 +414,8 @@ class TraceStore:
     async def _check_marker_when_idle(self) -> None:
         """Notice an empty restart even when nothing is queued."""
         now = asyncio.get_running_loop().time()
-        if now - self._marker_checked < self._watch_interval_s:
-            return
+        if not self._marker_set or now - self._marker_checked < self._watch_interval_s:
+            return  # nothing written yet, or checked a moment ago
         self._marker_checked = now
         assert self._redis is not None
         try:

@@ -1,5 +1,6 @@
 """Liveness and readiness: `/health` (and SGLang's `/health_generate`). No API key needed,
-so load balancers can probe. 200 while at least one replica is healthy, else 503."""
+so load balancers can probe. 200 while at least one replica is healthy, else 503; the body
+says "degraded" while a replica is down or a store serves on local state (`stores`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ async def health(request: Request) -> Response:
                          code="no_healthy_replica")
         return json_response({**problem_body(info), "replicas": replicas}, status=503,
                              media_type="application/problem+json")
-    status = "ok" if all(healthy) else "degraded"
-    return json_response({"status": status, "engine": runtime.settings.engine,
-                          "model": runtime.model_name, "replicas": replicas})
+    # A store serving on local state (Redis away) degrades the service; it is not down.
+    stores = {"history": runtime.store.health(),
+              "traces": request.app.state.observability.store.health()}
+    ok = all(healthy) and all(store.status == "ok" for store in stores.values())
+    return json_response({"status": "ok" if ok else "degraded", "engine": runtime.settings.engine,
+                          "model": runtime.model_name, "replicas": replicas,
+                          "stores": {name: s.to_json() for name, s in stores.items()}})
