@@ -83,6 +83,18 @@ class OverloadedError(ApiError):
         self.retry_after = retry_after
 
 
+# Rules of a request body that no JSON Schema can state: they relate two fields of the
+# body. Each is a 400 whose `code` names the rule; docs/reliability.md lists them (they are
+# the by-design findings of a schema-driven fuzzer such as schemathesis).
+BODY_RULES = {
+    "min_tokens_over_max": "min_new_tokens (min_tokens) must not exceed max_new_tokens "
+                           "(max_tokens)",
+    "batch_length_mismatch": "a per-prompt list of a batched /generate has one entry per "
+                             "prompt",
+    "tool_choice_unknown_tool": "a named tool_choice names one of `tools`",
+}
+
+
 @dataclass(slots=True, frozen=True)
 class ErrorInfo:
     status: int
@@ -91,12 +103,14 @@ class ErrorInfo:
     param: str | None = None
     code: str | None = None
     retry_after: float | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()  # e.g. a 405's `Allow`
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        out = dict(self.extra_headers)
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, round(self.retry_after)))
+        return out
 
 
 _TYPE_BY_STATUS = {
@@ -143,8 +157,11 @@ def classify(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, ApiError):
         return ErrorInfo(exc.status_code, exc.error_type, exc.message, exc.param, exc.code)
     if isinstance(exc, RequestValidationError | ValidationError):
-        message, param = describe_validation_error(list(exc.errors()))
-        return ErrorInfo(400, "invalid_request_error", message, param, "invalid_value")
+        errors = list(exc.errors())
+        message, param = describe_validation_error(errors)
+        rule = errors[0].get("type") if errors else None
+        return ErrorInfo(400, "invalid_request_error", message, param,
+                         rule if rule in BODY_RULES else "invalid_value")
     if isinstance(exc, SchedulerOverloadedError):
         return ErrorInfo(429, "rate_limit_error", str(exc) or "server overloaded",
                          code="overloaded", retry_after=getattr(exc, "retry_after", 1.0))
@@ -166,7 +183,9 @@ def classify(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(500, "server_error", str(exc) or "engine error", code="engine_error")
     if isinstance(exc, StarletteHTTPException):
         status = exc.status_code
-        return ErrorInfo(status, _type_for(status), str(exc.detail))
+        # The router's own headers stay: a 405 lists the methods the route allows.
+        return ErrorInfo(status, _type_for(status), str(exc.detail),
+                         extra_headers=tuple((exc.headers or {}).items()))
     log.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "server_error", "internal server error", code="internal_error")
 

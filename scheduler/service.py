@@ -35,6 +35,7 @@ from .dispatcher import Dispatcher, Replica, make_replicas
 from .errors import (
     CallFailedError,
     ProgramCancelledError,
+    ProgramExistsError,
     ProgramNotFoundError,
     ProgramValidationError,
     SchedulerOverloadedError,
@@ -184,7 +185,7 @@ class Scheduler:
         """Validate a whole graph, register it and start its ready calls."""
         program_id = spec.program_id or self._new_program_id()
         if (tenant, program_id) in self._programs:
-            raise ProgramValidationError(f"program {program_id!r} already exists")
+            raise ProgramExistsError(f"program {program_id!r} already exists")
         program = self._new_program(program_id, tenant, metadata=spec.metadata)
         for name, value in spec.inputs.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):

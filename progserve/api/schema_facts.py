@@ -1,0 +1,55 @@
+"""What the server's configuration adds to its OpenAPI schema, and the 405's `Allow`.
+
+The wire models are static; a server's limits are not. So that the schema a client reads
+describes exactly what this server accepts (and a schema-driven fuzzer never meets a
+"valid" body the server refuses), the schema is completed from the settings:
+
+- every token count a request asks for (`max_tokens`, `max_new_tokens`,
+  `max_completion_tokens`, `min_tokens`, `min_new_tokens`) gets `limits.max_tokens` as
+  its maximum;
+- a graph call's `tool` lists the tools this server registered (an allowlist).
+
+What no JSON Schema can say stays a documented 400 with its own `code`
+(`errors.BODY_RULES`, listed in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+TOKEN_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "min_tokens",
+                "min_new_tokens")
+
+
+def add_server_facts(components: dict[str, Any], *, max_tokens: int,
+                     tool_names: Iterable[str] | None) -> None:
+    """Complete the schema's component schemas in place (see the module docstring)."""
+    for model in components.values():
+        properties = model.get("properties", {})
+        for name in TOKEN_FIELDS:
+            if name in properties:
+                for branch in _integer_branches(properties[name]):
+                    branch["maximum"] = min(branch.get("maximum", max_tokens), max_tokens)
+    call = components.get("CallSpec")
+    tool = call.get("then", {}).get("properties", {}).get("tool") if call else None
+    if tool is not None and tool_names is not None:  # only a tool call names a tool
+        tool["enum"] = sorted(tool_names)
+
+
+def allowed_methods(schema: dict[str, Any], path: str) -> str | None:
+    """The methods the schema documents at a request path (Starlette's 405 names only
+    those of the first route that matched it, and FastAPI mounts one route per method);
+    None for a path the schema does not document."""
+    for template, operations in schema.get("paths", {}).items():
+        pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods = sorted(m.upper() for m in operations if m.upper() in HTTP_METHODS)
+            return ", ".join(methods) or None
+    return None
+
+
+def _integer_branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in schema.get("anyOf", [schema]) if s.get("type") == "integer"]
