@@ -209,8 +209,10 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
             _document_other_bodies(path, operation)
     runtime: Runtime = app.state.runtime
     registry = getattr(runtime.tools, "registry", None)
-    add_server_facts(components, max_tokens=runtime.settings.limits.max_tokens,
-                     tool_names=registry.names() if registry is not None else None)
+    limits = runtime.settings.limits
+    add_server_facts(components, max_tokens=limits.max_tokens,
+                     tool_names=registry.names() if registry is not None else None,
+                     max_batch=getattr(limits, "max_batch", None))
     app.openapi_schema = schema
     return schema
 

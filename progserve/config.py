@@ -47,7 +47,8 @@ class ObservabilityConfig(BaseModel):
     """Traces, metrics and the /ui tracing page (progserve/tracing.py, metrics.py, ui/)."""
 
     console_spans: bool = Field(False, description="also print every finished span to stdout")
-    trace_max_spans: int = Field(50_000, ge=100, description="spans kept in memory for /ui")
+    trace_max_spans: int = Field(
+        10_000, ge=100, description="spans kept in memory for /ui (about 1.2 KB each)")
     trace_max_programs: int = Field(5_000, ge=10, description="program summaries kept for /ui")
     trace_ttl_s: int = Field(86_400, ge=60, description="lifetime of spans shared in Redis")
     admin_tenants: list[str] = Field(

@@ -120,6 +120,7 @@ class Scheduler:
         self.tools = tools
         self._programs: dict[tuple[str, str], Program] = {}
         self._ended: deque[Program] = deque()
+        self._ended_calls = 0  # calls of the programs in `_ended`
         self._listeners: list[tuple[Listener, frozenset[EventKind] | None]] = []
         self._wanted: frozenset[EventKind] = frozenset()
         self._program_seq = itertools.count()
@@ -551,6 +552,7 @@ class Scheduler:
             self._open_programs += 1
             if program in self._ended:
                 self._ended.remove(program)
+                self._ended_calls -= len(program.calls)
 
     def _new_call(
         self,
@@ -987,7 +989,7 @@ class Scheduler:
         spec = call.spec
         assert spec is not None
         if spec.kind == "tool":
-            call.task = self._spawn(self._run_tool(call))
+            self._spawn_call(call, self._run_tool(call))
             return
         sampling = spec.sampling
         if spec.choices:
@@ -1008,7 +1010,18 @@ class Scheduler:
         )
         self._size_llm_call(call)
         self._enqueue(call)
-        call.task = self._spawn(self._run_graph_llm(call))
+        self._spawn_call(call, self._run_graph_llm(call))
+
+    def _spawn_call(self, call: CallNode, coro: Any) -> None:
+        """A graph call's task. The call forgets it once done: a kept finished program
+        would otherwise hold every call's task, coroutine and context."""
+        task = call.task = self._spawn(coro)
+
+        def forget(done: asyncio.Task[Any]) -> None:
+            if call.task is done:
+                call.task = None
+
+        task.add_done_callback(forget)
 
     async def _run_graph_llm(self, call: CallNode) -> None:
         try:
@@ -1126,9 +1139,13 @@ class Scheduler:
         if EventKind.PROGRAM_ENDED in self._wanted:
             self._emit_program(EventKind.PROGRAM_ENDED, program)
         self._ended.append(program)
-        keep = self.config.keep_finished_programs
-        while len(self._ended) > keep:
+        self._ended_calls += len(program.calls)
+        keep, keep_calls = self.config.keep_finished_programs, self.config.keep_finished_calls
+        # The newest stays whatever its size: its client may read it right after the end.
+        while len(self._ended) > keep or (self._ended_calls > keep_calls
+                                          and len(self._ended) > 1):
             old = self._ended.popleft()
+            self._ended_calls -= len(old.calls)
             if old.is_closed and old.open_calls == 0:
                 self._programs.pop((old.tenant, old.id), None)
                 old.drop_calls()

@@ -105,6 +105,12 @@ class JsonSchemaFormat(_Lenient):
 
 
 class ResponseFormat(_Lenient):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+        "then": {"required": ["json_schema"],
+                 "properties": {"json_schema": {"not": {"type": "null"}}}},
+    })
+
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
 

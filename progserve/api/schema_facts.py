@@ -7,7 +7,9 @@ describes exactly what this server accepts (and a schema-driven fuzzer never mee
 - every token count a request asks for (`max_tokens`, `max_new_tokens`,
   `max_completion_tokens`, `min_tokens`, `min_new_tokens`) gets `limits.max_tokens` as
   its maximum;
-- a graph call's `tool` lists the tools this server registered (an allowlist).
+- a graph call's `tool` lists the tools this server registered (an allowlist);
+- a batch's lists (several prompts in one request) hold at most `limits.max_batch`
+  entries, where the settings have that limit.
 
 What no JSON Schema can say stays a documented 400 with its own `code`
 (`errors.BODY_RULES`, listed in docs/reliability.md).
@@ -20,12 +22,18 @@ from collections.abc import Iterable
 from typing import Any
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+# Fields whose list form is a batch (one entry per prompt), by model.
+BATCH_FIELDS = {
+    "CompletionRequest": ("prompt",),
+    "GenerateInput": ("text", "input_ids", "sampling_params", "rid", "return_logprob",
+                      "logprob_start_len", "top_logprobs_num"),
+}
 TOKEN_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "min_tokens",
                 "min_new_tokens")
 
 
 def add_server_facts(components: dict[str, Any], *, max_tokens: int,
-                     tool_names: Iterable[str] | None) -> None:
+                     tool_names: Iterable[str] | None, max_batch: int | None = None) -> None:
     """Complete the schema's component schemas in place (see the module docstring)."""
     for model in components.values():
         properties = model.get("properties", {})
@@ -33,6 +41,12 @@ def add_server_facts(components: dict[str, Any], *, max_tokens: int,
             if name in properties:
                 for branch in _integer_branches(properties[name]):
                     branch["maximum"] = min(branch.get("maximum", max_tokens), max_tokens)
+    for model, fields in BATCH_FIELDS.items():
+        properties = components.get(model, {}).get("properties", {})
+        for name in fields:
+            for branch in properties.get(name, {}).get("anyOf", []):
+                if max_batch is not None and "maxItems" in branch:  # a batch's list form
+                    branch["maxItems"] = min(branch["maxItems"], max_batch)
     call = components.get("CallSpec")
     tool = call.get("then", {}).get("properties", {}).get("tool") if call else None
     if tool is not None and tool_names is not None:  # only a tool call names a tool
