@@ -93,6 +93,14 @@ BODY_RULES = {
                              "prompt",
     "tool_choice_unknown_tool": "a named tool_choice names one of `tools`",
 }
+# What the configured engine cannot do is a 400 with one of these codes: the API and its
+# schema are the same whichever engine serves them (the sim engine has no json_schema and
+# only literal-choice regexes; an HTTP upstream may lack logprobs or token ids).
+ENGINE_LIMIT_CODES = {
+    "unsupported": "the engine cannot do what the request asks (json_schema, regex, ...)",
+    "logprobs_unsupported": "the engine returns no logprobs",
+    "token_ids_unsupported": "the engine takes text only",
+}
 
 
 @dataclass(slots=True, frozen=True)
