@@ -210,11 +210,19 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
     runtime: Runtime = app.state.runtime
     registry = getattr(runtime.tools, "registry", None)
     limits = runtime.settings.limits
-    add_server_facts(components, max_tokens=limits.max_tokens,
+    bodies = {body["title"]: body for operations in schema.get("paths", {}).values()
+              for operation in operations.values()
+              for body in _json_body_schemas(operation) if "title" in body}
+    add_server_facts({**bodies, **components}, max_tokens=limits.max_tokens,
                      tool_names=registry.names() if registry is not None else None,
                      max_batch=getattr(limits, "max_batch", None))
     app.openapi_schema = schema
     return schema
+
+
+def _json_body_schemas(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    content = operation.get("requestBody", {}).get("content", {})
+    return [media["schema"] for media in content.values() if "schema" in media]
 
 
 # Answers that are not JSON: SSE streams (`stream: true`, `?stream=true`) and plain text.

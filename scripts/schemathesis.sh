@@ -10,7 +10,8 @@
 # Usage: bash scripts/schemathesis.sh [MAX_EXAMPLES] [extra schemathesis args...]
 #   MAX_EXAMPLES defaults to 100 per operation and phase (docs/reliability.md has the result).
 #   PROGSERVE_* variables in the environment reach the server (the test raises the
-#   in-flight budget with one).
+#   in-flight budget with one). One worker: Hypothesis 6.170's lambda-source cache is not
+#   thread-safe (two workers ended a run with a KeyError inside Hypothesis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -38,7 +39,7 @@ set +e
 (cd "$work" && schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --checks all --max-response-time 30 \
   --phases examples,coverage,fuzzing \
-  --max-examples "$max_examples" --seed 1 --workers 2 --request-timeout 30 \
+  --max-examples "$max_examples" --seed 1 --workers 1 --request-timeout 30 \
   --suppress-health-check all --report junit --report-junit-path "$work/junit.xml" "$@")
 python scripts/schemathesis_verdict.py "$work/junit.xml"
 rc=$?

@@ -34,7 +34,8 @@ TOKEN_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "min_to
 
 def add_server_facts(components: dict[str, Any], *, max_tokens: int,
                      tool_names: Iterable[str] | None, max_batch: int | None = None) -> None:
-    """Complete the schema's component schemas in place (see the module docstring)."""
+    """Complete the schema's model schemas (by model name: the components and the request
+    bodies) in place (see the module docstring)."""
     for model in components.values():
         properties = model.get("properties", {})
         for name in TOKEN_FIELDS:
