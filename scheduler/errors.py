@@ -23,6 +23,13 @@ class ProgramExistsError(ProgramValidationError):
     status_code = 409
 
 
+class CallExistsError(ProgramValidationError):
+    """The program already has a call with this id (an earlier request added it): a
+    conflict with the program's state, not a malformed request (HTTP 409)."""
+
+    status_code = 409
+
+
 class ProgramNotFoundError(SchedulerError, KeyError):
     """No such program *for this tenant* (HTTP 404). Also raised when a tenant names
     another tenant's program, so that existence is never leaked."""

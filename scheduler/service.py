@@ -33,6 +33,7 @@ from engine_backend.types import Chunk, FinishType, GenerateRequest
 from .config import SchedulerConfig
 from .dispatcher import Dispatcher, Replica, make_replicas
 from .errors import (
+    CallExistsError,
     CallFailedError,
     ProgramCancelledError,
     ProgramExistsError,
@@ -282,7 +283,7 @@ class Scheduler:
             if parent not in program.calls:
                 raise ProgramValidationError(f"unknown parent call {parent!r}")
         if call_id is not None and call_id in program.calls:
-            raise ProgramValidationError(f"duplicate call id {call_id!r}")
+            raise CallExistsError(f"program {program.id!r} already has a call {call_id!r}")
         if len(program.calls) >= self.config.max_calls_per_program:
             raise ProgramValidationError(
                 f"program {program.id!r} reached {self.config.max_calls_per_program} calls"
@@ -303,7 +304,7 @@ class Scheduler:
             # Runs at the first iteration: a stream nobody iterates never queues a call.
             self._reopen(program)
             if call_id is not None and call_id in program.calls:
-                raise ProgramValidationError(f"duplicate call id {call_id!r}")
+                raise CallExistsError(f"program {program.id!r} already has a call {call_id!r}")
             call = self._new_call(
                 program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
             )

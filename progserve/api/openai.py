@@ -170,7 +170,8 @@ async def chat_completions(request: Request) -> Response:
         else body.tool_choice
     prompt = runtime.chat_template.render([m.to_template() for m in body.messages], tools,
                                           tool_choice)
-    check_limits(limits, max_tokens, len(prompt))
+    # Both fields are capped, the one that counts and the one it overrides.
+    check_limits(limits, max(body.max_tokens or 0, body.max_completion_tokens or 0), len(prompt))
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
     sampling = sampling_for(body, limits.default_max_tokens if max_tokens is None else max_tokens,
