@@ -480,10 +480,9 @@ def _run_against(url: str, cfg: LoadConfig, server: ServerUnderTest | None,
     stuck = server_unfinished(url, completed_ids)
     report = _report(cfg, results, latencies, wall, before, peak,
                      after_rounds[-1] if after_rounds else None, stuck)
-    report.rss_after_rounds_mb = [round(v, 1) for v in after_rounds]
-    if len(after_rounds) > 1 and after_rounds[0]:
-        report.rss_growth_after_first_round_pct = round(
-            100 * (after_rounds[-1] / after_rounds[0] - 1), 1)
+    rounds = report.rss_after_rounds_mb = [round(v, 1) for v in after_rounds]
+    if len(rounds) > 1 and rounds[0]:  # from the figures reported, so it can be checked
+        report.rss_growth_after_first_round_pct = round(100 * (rounds[-1] / rounds[0] - 1), 1)
     return report
 
 
