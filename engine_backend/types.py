@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class SamplingParams(BaseModel):
@@ -24,7 +25,10 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 disables top-k")
-    stop: list[str] = Field(default_factory=list)
+    # One string, a list, or null (no stop): normalised to a list by `_stop_as_list`.
+    stop: Annotated[list[str], WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]})
+    ] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
@@ -38,6 +42,17 @@ class SamplingParams(BaseModel):
         if v is None:
             return []
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SamplingParams:
+        # SGLang's rule too. It is also what bounds `min_new_tokens` wherever
+        # `max_new_tokens` is capped (`limits.max_tokens` at every entrance).
+        if self.min_new_tokens > self.max_new_tokens:
+            raise PydanticCustomError(
+                "min_tokens_over_max",
+                "min_new_tokens ({min}) must not exceed max_new_tokens ({max})",
+                {"min": self.min_new_tokens, "max": self.max_new_tokens})
+        return self
 
 
 class ChatPrompt(BaseModel):

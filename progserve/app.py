@@ -27,6 +27,7 @@ from scheduler.errors import CallFailedError, SchedulerError
 from .admission import install_admission
 from .api import health, openai, programs, sglang
 from .api.common import BODY_DEFS_KEY, ClientGone, json_response
+from .api.schema_facts import add_server_facts, allowed_methods
 from .collector import ServerCollector
 from .config import Settings
 from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
@@ -41,6 +42,10 @@ PROBLEM_PREFIXES = ("/v1/programs", "/health")
 
 
 def error_response(request: Request, exc: BaseException) -> Response:
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+        allow = allowed_methods(request.app.openapi(), request.url.path)  # RFC 9110: all
+        if allow:
+            exc.headers = {**(exc.headers or {}), "Allow": allow}
     if request.url.path.startswith(PROBLEM_PREFIXES):
         info = classify(exc)
         return json_response(problem_body(info, _problem_extras(exc)), status=info.status,
@@ -217,8 +222,22 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
             operation["responses"]["4XX"] = _error_response_doc(problem)
             operation["responses"]["5XX"] = _error_response_doc(problem, server=True)
             _document_other_bodies(path, operation)
+    runtime: Runtime = app.state.runtime
+    registry = getattr(runtime.tools, "registry", None)
+    limits = runtime.settings.limits
+    bodies = {body["title"]: body for operations in schema.get("paths", {}).values()
+              for operation in operations.values()
+              for body in _json_body_schemas(operation) if "title" in body}
+    add_server_facts({**bodies, **components}, max_tokens=limits.max_tokens,
+                     tool_names=registry.names() if registry is not None else None,
+                     max_batch=getattr(limits, "max_batch", None))
     app.openapi_schema = schema
     return schema
+
+
+def _json_body_schemas(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    content = operation.get("requestBody", {}).get("content", {})
+    return [media["schema"] for media in content.values() if "schema" in media]
 
 
 # Answers that are not JSON: SSE streams (`stream: true`, `?stream=true`) and plain text.

@@ -30,7 +30,7 @@ class LimitsConfig(BaseModel):
     max_tokens: int = Field(16384, ge=1, description="cap on max_tokens / max_new_tokens")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="longer prompts get 400")
     max_batch: int = Field(
-        256, ge=1, description="prompts in one /generate or /v1/completions request; more get "
+        256, ge=1, le=4096, description="prompts in one /generate or /v1/completions request; more get "
         "400 (any batch up to it completes, whatever the scheduler's in-flight budget)"
     )
     default_max_tokens: int = Field(
@@ -55,7 +55,8 @@ class ObservabilityConfig(BaseModel):
     """Traces, metrics and the /ui tracing page (progserve/tracing.py, metrics.py, ui/)."""
 
     console_spans: bool = Field(False, description="also print every finished span to stdout")
-    trace_max_spans: int = Field(50_000, ge=100, description="spans kept in memory for /ui")
+    trace_max_spans: int = Field(
+        10_000, ge=100, description="spans kept in memory for /ui (about 1.2 KB each)")
     trace_max_programs: int = Field(5_000, ge=10, description="program summaries kept for /ui")
     trace_ttl_s: int = Field(86_400, ge=60, description="lifetime of spans shared in Redis")
     admin_tenants: list[str] = Field(

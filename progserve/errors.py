@@ -91,6 +91,26 @@ class OverloadedError(ApiError):
         self.retry_after = retry_after
 
 
+# Rules of a request body that no JSON Schema can state: they relate two fields of the
+# body. Each is a 400 whose `code` names the rule; docs/reliability.md lists them (they are
+# the by-design findings of a schema-driven fuzzer such as schemathesis).
+BODY_RULES = {
+    "min_tokens_over_max": "min_new_tokens (min_tokens) must not exceed max_new_tokens "
+                           "(max_tokens)",
+    "batch_length_mismatch": "a per-prompt list of a batched /generate has one entry per "
+                             "prompt",
+    "tool_choice_unknown_tool": "a named tool_choice names one of `tools`",
+}
+# What the configured engine cannot do is a 400 with one of these codes: the API and its
+# schema are the same whichever engine serves them (the sim engine has no json_schema and
+# only literal-choice regexes; an HTTP upstream may lack logprobs or token ids).
+ENGINE_LIMIT_CODES = {
+    "unsupported": "the engine cannot do what the request asks (json_schema, regex, ...)",
+    "logprobs_unsupported": "the engine returns no logprobs",
+    "token_ids_unsupported": "the engine takes text only",
+}
+
+
 @dataclass(slots=True, frozen=True)
 class ErrorInfo:
     status: int
@@ -153,8 +173,11 @@ def classify(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, ApiError):
         return ErrorInfo(exc.status_code, exc.error_type, exc.message, exc.param, exc.code)
     if isinstance(exc, RequestValidationError | ValidationError):
-        message, param = describe_validation_error(list(exc.errors()))
-        return ErrorInfo(400, "invalid_request_error", message, param, "invalid_value")
+        errors = list(exc.errors())
+        message, param = describe_validation_error(errors)
+        rule = errors[0].get("type") if errors else None
+        return ErrorInfo(400, "invalid_request_error", message, param,
+                         rule if rule in BODY_RULES else "invalid_value")
     if isinstance(exc, SchedulerOverloadedError):
         return ErrorInfo(429, "rate_limit_error", str(exc) or "server overloaded",
                          code="overloaded", retry_after=getattr(exc, "retry_after", 1.0))
@@ -178,6 +201,7 @@ def classify(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(500, "server_error", str(exc) or "engine error", code="engine_error")
     if isinstance(exc, StarletteHTTPException):
         status = exc.status_code
+        # The router's own headers stay: a 405 lists the methods the route allows.
         return ErrorInfo(status, _type_for(status), str(exc.detail),
                          extra_headers=tuple((exc.headers or {}).items()))
     log.exception("unhandled error", exc_info=exc)

@@ -6,8 +6,10 @@ Two sources:
   TTFT, time per output token, program token latency and tool latency; counters of calls,
   tokens (prompt, cached, completion), preemptions, programs;
 - a snapshot refreshed at scrape time (`Metrics.refresh`): queue depth per MLFQ level,
-  in-flight requests and tokens per replica, programs by status, and engine statistics
-  (KV usage, radix cache hit rate, engine-side preemptions, busy seconds).
+  in-flight requests and tokens per replica, programs by status, engine statistics
+  (KV usage, radix cache hit rate, engine-side preemptions, busy seconds), and the state
+  of the stores behind the program history and the traces (`progserve_store_*`: up or
+  degraded, writes pending and dropped, outages, re-syncs after Redis lost data).
 
 Event-driven series are tallied in plain dicts and lists as events come, and folded into
 the Prometheus objects when scraped (`render`): a Prometheus update takes a lock and a
@@ -24,7 +26,7 @@ import bisect
 import inspect
 import itertools
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ from prometheus_client.utils import floatToGoString
 
 from engine_backend.types import EngineStats
 from scheduler.events import EventKind, SchedulerEvent
+from scheduler.store import StoreHealth
 from scheduler.views import SchedulerStats
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 StatsSource = Callable[[], "SchedulerStats | Awaitable[SchedulerStats]"]
 EngineStatsSource = Callable[[], Awaitable[Sequence[EngineStats | None]]]
+StoreHealthSource = Callable[[], Mapping[str, StoreHealth]]  # by store: history, traces
 
 
 class _Bounded(OrderedDict[Any, Any]):
@@ -88,6 +92,7 @@ class _SnapshotCollector(Collector):
         self.engines: Sequence[EngineStats | None] = ()
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.stores: Mapping[str, StoreHealth] = {}
 
     def collect(self) -> Iterator[Metric]:
         hit_rate = GaugeMetricFamily(
@@ -102,6 +107,8 @@ class _SnapshotCollector(Collector):
             yield from _scheduler_families(self.scheduler, self.queue_levels)
         if self.engines:
             yield from _engine_families(self.engines)
+        if self.stores:
+            yield from _store_families(self.stores)
 
 
 class _PauseHistogram(Collector):
@@ -226,6 +233,30 @@ def _engine_families(engines: Sequence[EngineStats | None]) -> Iterator[Metric]:
     yield busy
 
 
+def _store_families(stores: Mapping[str, StoreHealth]) -> Iterator[Metric]:
+    specs = (
+        ("progserve_store_up", GaugeMetricFamily,
+         "1 while the store's backend takes its writes, 0 while serving on local state "
+         "(degraded, not down)", lambda h: float(h.status == "ok")),
+        ("progserve_store_pending_writes", GaugeMetricFamily,
+         "programs whose latest history or trace waits to reach the backend",
+         lambda h: h.pending_writes),
+        ("progserve_store_dropped_writes", CounterMetricFamily,
+         "writes the backend kept refusing (or that overflowed during an outage), given up",
+         lambda h: h.dropped_writes),
+        ("progserve_store_outages", CounterMetricFamily,
+         "times the store's backend became unreachable", lambda h: h.outages),
+        ("progserve_store_resyncs", CounterMetricFamily,
+         "times the backend had lost this instance's writes and got everything held back",
+         lambda h: h.resyncs),
+    )
+    for name, kind, doc, read in specs:
+        family = kind(name, doc, labels=["store", "backend"])
+        for store, health in sorted(stores.items()):
+            family.add_metric([store, health.backend], read(health))
+        yield family
+
+
 class Metrics:
     """The metrics of one runtime. Subscribe `on_event` to the scheduler; call `refresh`
     then `render` to serve a scrape."""
@@ -236,9 +267,11 @@ class Metrics:
         engine_stats: EngineStatsSource | None = None,
         *,
         queue_levels: int = 1,
+        store_health: StoreHealthSource | None = None,
     ):
         self._scheduler_stats = scheduler_stats
         self._engine_stats = engine_stats
+        self._store_health = store_health
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.calls = Counter(
@@ -436,6 +469,8 @@ class Metrics:
             self._snapshot.scheduler = await stats if inspect.isawaitable(stats) else stats
         if self._engine_stats is not None:
             self._snapshot.engines = list(await self._engine_stats())
+        if self._store_health is not None:
+            self._snapshot.stores = dict(self._store_health())
 
     def render(self, tenant: str | None = None) -> bytes:
         """The Prometheus text exposition: everything, or as `tenant` may see it."""

@@ -96,6 +96,7 @@ def build_observability(runtime: Runtime) -> Observability:
         scheduler_stats=scheduler.stats,
         engine_stats=runtime_engine_stats(runtime),
         queue_levels=levels,
+        store_health=lambda: {"history": runtime.store.health(), "traces": store.health()},
     )
     events = EventBatch([tracing.on_event, metrics.on_event])
     store.catch_up = metrics.catch_up = events.flush

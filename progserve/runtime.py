@@ -15,7 +15,8 @@ from typing import Any
 from engine_backend.base import Engine
 from engine_backend.types import Capabilities, ModelInfo
 from scheduler.service import Scheduler
-from scheduler.store import InMemoryStateStore, RedisStateStore, StateStore
+from scheduler.store import InMemoryStateStore, StateStore
+from scheduler.store_redis import RedisStateStore
 from scheduler.store_resilient import ResilientStateStore
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor

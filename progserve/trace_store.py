@@ -4,14 +4,22 @@ A bounded in-memory store, always on. With Redis (`--redis-url`) every progserve
 also mirrors what it observed into Redis, so any replica's UI shows a program whose calls
 ran on several replicas. The mirror is conflict-free by construction:
 
-- spans are appended to one list per program (`RPUSH`); readers dedupe by span id, so a
-  retried write never shows twice;
+- a program's spans are one hash, span id -> span (`HSET`): a write repeated after an
+  outage or a re-sync never shows twice;
 - a program's summary is a hash with one field per progserve instance (`HSET prog:{id}
   {instance} {json}`): each replica writes only its own part, and readers merge the parts.
 
+Key names escape the tenant and program id (`scheduler.redis_keys`): no id names another
+program's key or a key of another type.
+
 Redis being down never blocks serving: writes are queued locally (bounded) and flushed in
-the background; the first flush that succeeds after an outage re-syncs everything queued.
-Reads fall back to local data.
+the background; the first flush that succeeds after an outage writes everything queued.
+A Redis that restarted empty is noticed by this instance's marker (checked in the same
+transaction as each flush, and every `watch_interval_s` when idle): the instance then
+writes back every span and summary it still holds, so a trace is never left with only
+the spans that happened to be queued. A write Redis refuses (a key of the wrong type, out
+of memory) is retried `max_write_attempts` times, then dropped and counted; it never
+blocks the others. Reads fall back to local data.
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+
+from scheduler.redis_keys import MARKER_TTL_S, marker_key, new_instance_id, redis_key
+from scheduler.store import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +136,8 @@ class TraceStore:
         ttl_s: int = 86_400,
         flush_interval_s: float = 0.2,
         redis_timeout_s: float = 1.0,
+        watch_interval_s: float = 1.0,
+        max_write_attempts: int = 3,
     ):
         self.instance_id = instance_id
         self._max_spans = max_spans
@@ -134,16 +147,26 @@ class TraceStore:
         self._ttl_s = ttl_s
         self._flush_interval_s = flush_interval_s
         self._redis_timeout_s = redis_timeout_s
+        self._watch_interval_s = watch_interval_s
+        self._max_write_attempts = max_write_attempts
         # Spans are kept as JSON (a third of a dict's memory; Redis gets the same bytes).
         self._spans: OrderedDict[str, list[bytes]] = OrderedDict()
         self._span_count = 0
         self._records: OrderedDict[str, ProgramRecord] = OrderedDict()
-        # Not yet written to Redis: (program id, span json) and programs whose record changed.
-        self._pending_spans: list[tuple[str, bytes]] = []
+        # Not yet written to Redis: (program key, span id, span json) and programs whose
+        # record changed; writes Redis refused, by (kind, program key), with their count.
+        self._pending_spans: list[tuple[str, str, bytes]] = []
         self._dirty: set[str] = set()
+        self._refusals: dict[tuple[str, str], int] = {}
         self._redis_down = False
+        self._marker = marker_key(key_prefix, f"{instance_id}-{new_instance_id()}")
+        self._marker_set = False  # written on the first flush
+        self._marker_checked = 0.0  # loop time of the last idle check
         self.dropped_spans = 0  # pending spans dropped during a long Redis outage
+        self.dropped_writes = 0  # writes Redis kept refusing, given up
         self.flushes_failed = 0
+        self.outages = 0
+        self.resyncs = 0  # times Redis had lost this instance's writes
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         # Applies observability events not yet applied (`EventBatch.flush`): every read and
@@ -159,6 +182,15 @@ class TraceStore:
     @property
     def redis_ok(self) -> bool:
         return self._redis is not None and not self._redis_down
+
+    def health(self) -> StoreHealth:
+        if self._redis is None:
+            return StoreHealth("memory")
+        queued = len(self._pending_spans) + len(self._dirty) if self._redis_down else 0
+        return StoreHealth("redis", reachable=not self._redis_down,
+                           pending_writes=queued + len(self._refusals),
+                           dropped_writes=self.dropped_writes + self.dropped_spans,
+                           outages=self.outages, resyncs=self.resyncs)
 
     async def start(self) -> None:
         self._ensure_flusher()
@@ -195,13 +227,15 @@ class TraceStore:
         spans = self._spans.get(key)
         if spans is None:
             spans = self._spans[key] = []
-        blob = orjson.dumps(span)
+        # A copy of exactly its size: orjson hands back its whole output buffer (about 8 KB
+        # of memory behind a 1 KB span), which made the span ring about 8x its bound.
+        blob = bytes(memoryview(orjson.dumps(span)))
         spans.append(blob)
         self._span_count += 1
         self._evict_spans(keep=key)
         if self._redis is not None:
             self._ensure_flusher()
-            self._pending_spans.append((key, blob))
+            self._pending_spans.append((key, span["span_id"], blob))
             if len(self._pending_spans) > self._max_spans:
                 overflow = len(self._pending_spans) - self._max_spans
                 del self._pending_spans[:overflow]
@@ -253,7 +287,7 @@ class TraceStore:
             spans[span["span_id"]] = span
         if self._redis is not None:
             try:
-                raw = await self._call(self._redis.lrange(self._key("spans", key), 0, -1))
+                raw = await self._call(self._redis.hvals(self._key("trace", key)))
             except REDIS_DOWN_ERRORS:
                 raw = []
             for item in raw:
@@ -277,7 +311,7 @@ class TraceStore:
             if tenant is None or rec.tenant == tenant
         ][:limit]
         if self._redis is not None:
-            index = self._key("progs") if tenant is None else self._key("progs:t", tenant)
+            index = self._key("progs") if tenant is None else self._key("tenant_progs", tenant)
             try:
                 remote = await self._call(self._redis.zrevrange(index, 0, limit - 1))
                 keys = list(dict.fromkeys(keys + [r.decode() for r in remote]))
@@ -337,8 +371,8 @@ class TraceStore:
 
     # -- the Redis mirror ----------------------------------------------------------------
 
-    def _key(self, *parts: str) -> str:
-        return ":".join((self._prefix, *parts))
+    def _key(self, kind: str, *parts: str) -> str:
+        return redis_key(self._prefix, kind, *parts)
 
     async def _call(self, awaitable: Any) -> Any:
         return await asyncio.wait_for(awaitable, self._redis_timeout_s)
@@ -355,35 +389,87 @@ class TraceStore:
 
     async def flush(self) -> None:
         """Write queued spans and changed program records to Redis. On failure they stay
-        queued (the next flush retries them), so an outage loses nothing but memory."""
+        queued (the next flush retries them), so an outage loses nothing but memory. When
+        Redis lost this instance's writes, everything held locally is written back."""
         self.catch_up()
-        if self._redis is None or not (self._pending_spans or self._dirty):
+        if self._redis is None:
+            return
+        if not (self._pending_spans or self._dirty):
+            await self._check_marker_when_idle()
             return
         spans, self._pending_spans = self._pending_spans, []
         dirty, self._dirty = self._dirty, set()
         try:
-            await self._call(self._write(spans, dirty))
+            if not self._marker_set:  # the first write: this instance's marker first
+                await self._call(self._redis.set(self._marker, "1", ex=MARKER_TTL_S))
+                self._marker_set = True
+            synced = await self._call(self._write(spans, dirty))
+            if not synced:
+                await self._resync()
         except REDIS_DOWN_ERRORS as exc:
             self._pending_spans[:0] = spans
             self._dirty |= dirty
-            self.flushes_failed += 1
-            if not self._redis_down:
-                log.warning("redis unreachable (%s): traces stay local until it returns", exc)
-            self._redis_down = True
+            self._went_down(exc)
             raise
+        self._came_back(len(spans), len(dirty))
+
+    async def _check_marker_when_idle(self) -> None:
+        """Notice an empty restart even when nothing is queued."""
+        now = asyncio.get_running_loop().time()
+        if not self._marker_set or now - self._marker_checked < self._watch_interval_s:
+            return  # nothing written yet, or checked a moment ago
+        self._marker_checked = now
+        assert self._redis is not None
+        try:
+            if not await self._call(self._redis.exists(self._marker)):
+                await self._resync()
+        except REDIS_DOWN_ERRORS as exc:
+            self._went_down(exc)
+            raise
+        self._came_back(0, 0)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.flushes_failed += 1
+        if not self._redis_down:
+            self.outages += 1
+            log.warning("redis unreachable (%s): traces stay local until it returns", exc)
+        self._redis_down = True
+
+    def _came_back(self, spans: int, records: int) -> None:
         if self._redis_down:
-            log.warning("redis is back: re-synced %d spans, %d programs", len(spans), len(dirty))
+            log.warning("redis is back: wrote %d spans, %d programs", spans, records)
             self._redis_down = False
 
-    async def _write(self, spans: list[tuple[str, bytes]], dirty: set[str]) -> None:
+    async def _resync(self) -> None:
+        """Redis lost this instance's writes (restarted empty): write back every span and
+        summary held here, then the marker, so the next flush knows Redis has them."""
         assert self._redis is not None
-        pipe = self._redis.pipeline(transaction=False)
+        spans = [(key, orjson.loads(blob)["span_id"], blob)
+                 for key, blobs in self._spans.items() for blob in blobs]
+        log.warning("redis lost this instance's traces: writing back %d spans of %d programs",
+                    len(spans), len(self._records))
+        await self._call(self._write(spans, set(self._records), check_marker=False))
+        await self._call(self._redis.set(self._marker, "1", ex=MARKER_TTL_S))
+        self.resyncs += 1
+
+    async def _write(self, spans: list[tuple[str, str, bytes]], dirty: set[str], *,
+                     check_marker: bool = True) -> bool:
+        """One transaction. Returns whether Redis still held this instance's marker when
+        it ran (else the caller writes everything back). A write Redis refuses goes back
+        to the queue until it has been refused `max_write_attempts` times."""
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=True)
+        if check_marker:
+            pipe.exists(self._marker)
+        ops: list[tuple[str, str, tuple[str, bytes] | None]] = []  # what each command wrote
         touched: set[str] = set()
-        for key, blob in spans:
-            pipe.rpush(self._key("spans", key), blob)
+        for key, span_id, blob in spans:
+            pipe.hset(self._key("trace", key), span_id, blob)
+            ops.append(("trace", key, (span_id, blob)))
             touched.add(key)
         for key in touched:
-            pipe.expire(self._key("spans", key), self._ttl_s)
+            pipe.expire(self._key("trace", key), self._ttl_s)
+            ops.append(("trace", key, None))
         for key in dirty:
             rec = self._records.get(key)
             if rec is None:
@@ -392,7 +478,39 @@ class TraceStore:
             pipe.hset(self._key("prog", key), self.instance_id, orjson.dumps(asdict(rec)))
             pipe.expire(self._key("prog", key), self._ttl_s)
             pipe.zadd(self._key("progs"), {key: score})
-            pipe.zadd(self._key("progs:t", rec.tenant), {key: score})
+            pipe.zadd(self._key("tenant_progs", rec.tenant), {key: score})
+            ops += [("prog", key, None)] * 4
         if dirty:
             pipe.zremrangebyrank(self._key("progs"), 0, -self._max_programs - 1)
-        await pipe.execute()
+            ops.append(("index", "", None))
+        results = await pipe.execute(raise_on_error=False)
+        synced = bool(results[0]) if check_marker else True
+        self._requeue_refused(ops, results[1:] if check_marker else results)
+        return synced
+
+    def _requeue_refused(self, ops: list[tuple[str, str, tuple[str, bytes] | None]],
+                         results: list[Any]) -> None:
+        refused: dict[tuple[str, str], ResponseError] = {}
+        for (kind, key, span), result in zip(ops, results, strict=True):
+            if isinstance(result, ResponseError):
+                refused[kind, key] = result
+                if span is not None:
+                    self._pending_spans.append((key, *span))
+            elif isinstance(result, Exception):
+                raise result
+        for (kind, key), error in refused.items():
+            attempts = self._refusals.get((kind, key), 0) + 1
+            if attempts < self._max_write_attempts:
+                self._refusals[kind, key] = attempts
+                if kind == "prog":
+                    self._dirty.add(key)
+                continue
+            self._refusals.pop((kind, key), None)
+            self.dropped_writes += 1
+            log.warning("redis refused the %s of program %r %d times (%s): dropped",
+                        kind, key, attempts, error)
+            if kind == "trace":  # its spans were queued again above: drop them
+                self._pending_spans = [p for p in self._pending_spans if p[0] != key]
+        for kind, key, _ in ops:
+            if (kind, key) not in refused:
+                self._refusals.pop((kind, key), None)

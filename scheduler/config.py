@@ -137,6 +137,11 @@ class SchedulerConfig(BaseModel):
     keep_finished_programs: int = Field(
         10_000, ge=0, description="ended programs kept in memory for state queries"
     )
+    keep_finished_calls: int = Field(
+        5_000, ge=0,
+        description="and at most this many calls in them (a kept call costs about 4 KB: "
+                    "the bound on their memory, whatever the programs' sizes)",
+    )
 
 
 class CacheConfig(BaseModel):

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -126,12 +126,23 @@ class DataflowGraph:
         spec = call.spec
         assert spec is not None
         if spec.kind == "tool":
-            call.task = self.loop.spawn(self._run_tool(call))
+            self._spawn_call(call, self._run_tool(call))
             return
         call.request = self._request(call, spec)
         self.queue.size(call)
         self.queue.enqueue(call)
-        call.task = self.loop.spawn(self._run_llm(call))
+        self._spawn_call(call, self._run_llm(call))
+
+    def _spawn_call(self, call: CallNode, coro: Coroutine[Any, Any, None]) -> None:
+        """A graph call's task. The call forgets it once done: a kept finished program
+        would otherwise hold every call's task, coroutine and context."""
+        task = call.task = self.loop.spawn(coro)
+
+        def forget(done: asyncio.Task[Any]) -> None:
+            if call.task is done:
+                call.task = None
+
+        task.add_done_callback(forget)
 
     def _request(self, call: CallNode, spec: CallSpec) -> GenerateRequest:
         """The engine request of a graph LLM call: its prompt rendered from the variables."""

@@ -16,6 +16,20 @@ class ProgramValidationError(SchedulerError, ValueError):
     status_code = 400
 
 
+class ProgramExistsError(ProgramValidationError):
+    """A program with this id is already open for this tenant: the request conflicts with
+    the server's state, not with the schema (HTTP 409)."""
+
+    status_code = 409
+
+
+class CallExistsError(ProgramValidationError):
+    """The program already has a call with this id (an earlier request added it): a
+    conflict with the program's state, not a malformed request (HTTP 409)."""
+
+    status_code = 409
+
+
 class ProgramNotFoundError(SchedulerError, KeyError):
     """No such program *for this tenant* (HTTP 404). Also raised when a tenant names
     another tenant's program, so that existence is never leaked."""

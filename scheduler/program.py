@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .errors import ProgramValidationError
+from .errors import CallExistsError, ProgramValidationError
 from .spec import CallSpec
 
 if TYPE_CHECKING:
@@ -302,7 +302,9 @@ def validate_new_calls(
         name: slot.producer or "<input>" for name, slot in program.variables.items()
     }
     for call in calls:
-        if call.id in program.calls or call.id in new_ids:
+        if call.id in program.calls:
+            raise CallExistsError(f"program {program.id!r} already has a call {call.id!r}")
+        if call.id in new_ids:
             raise ProgramValidationError(f"duplicate call id {call.id!r}")
         new_ids.add(call.id)
         if call.kind == "tool" and not tools_available:

@@ -52,6 +52,7 @@ class ProgramTable:
         self.admission = admission
         self._programs: dict[tuple[str, str], Program] = {}
         self._ended: deque[Program] = deque()
+        self._ended_calls = 0  # calls of the programs in `_ended`
         self.open_count = 0
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
@@ -137,6 +138,7 @@ class ProgramTable:
             self.open_count += 1
             if program in self._ended:
                 self._ended.remove(program)
+                self._ended_calls -= len(program.calls)
 
     # ------------------------------------------------------------------ calls
     def new_call(
@@ -227,14 +229,19 @@ class ProgramTable:
         if EventKind.PROGRAM_ENDED in self.bus.wanted:
             self.bus.program_event(EventKind.PROGRAM_ENDED, program)
         self._ended.append(program)
+        self._ended_calls += len(program.calls)
         self._forget_old()
 
     def _forget_old(self) -> None:
-        """Past `keep_finished_programs` ended ones, the oldest are forgotten (and their
-        call graphs taken apart, so no cycle waits for the collector)."""
-        keep = self.config.keep_finished_programs
-        while len(self._ended) > keep:
+        """Past `keep_finished_programs` ended ones (or `keep_finished_calls` calls of
+        them), the oldest are forgotten (and their call graphs taken apart, so no cycle
+        waits for the collector). The newest stays whatever its size: its client may read
+        it right after the end."""
+        keep, keep_calls = self.config.keep_finished_programs, self.config.keep_finished_calls
+        while len(self._ended) > keep or (self._ended_calls > keep_calls
+                                          and len(self._ended) > 1):
             old = self._ended.popleft()
+            self._ended_calls -= len(old.calls)
             if old.is_closed and old.open_calls == 0:
                 self._programs.pop((old.tenant, old.id), None)
                 old.drop_calls()

@@ -37,7 +37,12 @@ from .cancellation import Cancellation
 from .config import CacheConfig, SchedulerConfig
 from .dataflow import DataflowGraph, ToolRunner
 from .dispatcher import Replica, make_replicas
-from .errors import ProgramValidationError, SchedulerOverloadedError
+from .errors import (
+    CallExistsError,
+    ProgramExistsError,
+    ProgramValidationError,
+    SchedulerOverloadedError,
+)
 from .events import EventBus, EventKind, Listener
 from .loop_context import LoopContext
 from .policies import make_policy
@@ -197,7 +202,7 @@ class Scheduler:
         programs = self.programs
         program_id = spec.program_id or programs.new_id()
         if (tenant, program_id) in programs:
-            raise ProgramValidationError(f"program {program_id!r} already exists")
+            raise ProgramExistsError(f"program {program_id!r} already exists")
         program = programs.new_program(program_id, tenant, metadata=spec.metadata)
         for name, value in spec.inputs.items():
             if not INPUT_NAME.fullmatch(name):
@@ -294,7 +299,7 @@ class Scheduler:
             if parent not in program.calls:
                 raise ProgramValidationError(f"unknown parent call {parent!r}")
         if call_id is not None and call_id in program.calls:
-            raise ProgramValidationError(f"duplicate call id {call_id!r}")
+            raise CallExistsError(f"program {program.id!r} already has a call {call_id!r}")
         if len(program.calls) >= self.config.max_calls_per_program:
             raise ProgramValidationError(
                 f"program {program.id!r} reached {self.config.max_calls_per_program} calls"
@@ -311,7 +316,7 @@ class Scheduler:
                 raise
             self.programs.reopen(program)
             if call_id is not None and call_id in program.calls:
-                raise ProgramValidationError(f"duplicate call id {call_id!r}")
+                raise CallExistsError(f"program {program.id!r} already has a call {call_id!r}")
             call = self.programs.new_call(
                 program, call_id or program.next_call_id(), "llm", thread_id or "main", parents
             )

@@ -10,7 +10,7 @@ is the DAG; `parents` adds explicit edges (OpenAI-proxy style, where no variable
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,8 +26,17 @@ def referenced_variables(template: str) -> list[str]:
     return list(dict.fromkeys(VARIABLE_REF.findall(template)))
 
 
+# What `CallSpec._kind_fields` requires, in the JSON schema too: a tool call names its
+# tool, any other call (kind absent means llm) has a prompt.
+_KIND_FIELDS_SCHEMA = {
+    "if": {"properties": {"kind": {"const": "tool"}}, "required": ["kind"]},
+    "then": {"required": ["tool"], "properties": {"tool": {"type": "string", "minLength": 1}}},
+    "else": {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+}
+
+
 class CallSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_KIND_FIELDS_SCHEMA)
 
     id: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     kind: Literal["llm", "tool"] = "llm"
@@ -35,7 +44,8 @@ class CallSpec(BaseModel):
     # LLM calls
     prompt: str | None = Field(None, description="template; {{var}} references a variable")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    choices: list[str] | None = Field(None, description="constrained choice (select)")
+    choices: list[str] | None = Field(None, min_length=1,
+                                      description="constrained choice (select)")
     # tool calls
     tool: str | None = Field(None, max_length=128)
     args: dict[str, Any] = Field(default_factory=dict)
@@ -70,6 +80,8 @@ class ProgramSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     program_id: str | None = Field(None, max_length=128, pattern=NAME_PATTERN)
-    inputs: dict[str, str] = Field(default_factory=dict, description="initial variable values")
+    inputs: dict[Annotated[str, Field(pattern=NAME_PATTERN)], str] = Field(
+        default_factory=dict, description="initial variable values",
+        json_schema_extra={"additionalProperties": False})  # names match the pattern
     calls: list[CallSpec] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)

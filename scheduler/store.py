@@ -1,14 +1,14 @@
 """Program history behind a small interface: in memory (the default) or in Redis.
 
-The store is the source of truth for the history the policies rank by. With Redis,
-several progserve replicas in front of the same engines share it, so a program whose calls
-land on different progserve processes is still ranked by all the service it received.
-Each finished call is one atomic increment (`record_call`), which returns the new totals.
+The store is the source of truth for the history the policies rank by. With Redis
+(`store_redis.py`, behind `store_resilient.py`), several progserve replicas in front of
+the same engines share it, so a program whose calls land on different progserve processes
+is still ranked by all the service it received. Each finished call is one atomic update
+(`record_call`), which returns the new totals.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +51,50 @@ class StateStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def health(self) -> StoreHealth:
+        """Whether the store's backend takes its writes (for /health and /metrics)."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class StoreHealth:
+    """A store's state for /health and /metrics. `degraded`: serving on local state (the
+    backend is unreachable, or some writes wait for a retry); never "down": serving goes
+    on either way."""
+
+    backend: str  # memory | redis
+    reachable: bool = True
+    pending_writes: int = 0  # programs whose latest history is not yet in the backend
+    dropped_writes: int = 0  # writes the backend kept refusing, given up and counted
+    outages: int = 0  # times the backend became unreachable
+    resyncs: int = 0  # times the backend had lost this instance's writes and got them back
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.reachable and not self.pending_writes else "degraded"
+
+    def to_json(self) -> dict[str, object]:
+        return {"status": self.status, "backend": self.backend, "reachable": self.reachable,
+                "pending_writes": self.pending_writes, "dropped_writes": self.dropped_writes,
+                "outages": self.outages, "resyncs": self.resyncs}
+
+
+class StoreError(Exception):
+    """A shared backend's failure, as the resilient wrapper needs to tell them apart."""
+
+
+class StoreUnavailableError(StoreError):
+    """The backend cannot be reached (or did not answer in time)."""
+
+
+class StoreWriteRejectedError(StoreError):
+    """The backend answered, and refused this one operation (a key of the wrong type, out
+    of memory, read-only): retrying it at once would fail again, other keys may work."""
+
+
+class StoreDataLostError(StoreError):
+    """The backend no longer holds what this instance wrote (it restarted empty)."""
 
 
 # An ended program's history, packed: (service, engine_time_s, weighted_tokens, wait_s,
@@ -124,6 +168,9 @@ class InMemoryStateStore:
         self._totals.clear()
         self._ended.clear()
 
+    def health(self) -> StoreHealth:
+        return StoreHealth("memory")
+
 
 def add_record(totals: HistoryTotals, record: CallRecord) -> None:
     """One finished call into a program's totals."""
@@ -134,109 +181,3 @@ def add_record(totals: HistoryTotals, record: CallRecord) -> None:
     totals.calls_finished += 1
     if record.replica >= 0:
         totals.engines_used.add(record.replica)
-
-
-class RedisStateStore:
-    """Program history in Redis hashes, shared by several progserve processes.
-
-    Keys: `{prefix}:{tenant}:{program_id}` (a hash of float counters) and `...:engines` (a
-    set of replica indices). Every write refreshes a TTL (`ttl_s`), so abandoned programs
-    expire; an ended program keeps its history for `ended_ttl_s`.
-    """
-
-    in_process = False
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = "progserve:prog",
-        ttl_s: int = 24 * 3600,
-        ended_ttl_s: int = 3600,
-    ) -> None:
-        import redis.asyncio as redis  # imported here: the in-memory store needs no redis
-
-        self._redis = redis.from_url(url, decode_responses=True)
-        self.prefix = prefix
-        self.ttl_s = ttl_s
-        self.ended_ttl_s = ended_ttl_s
-
-    def _key(self, tenant: str, program_id: str) -> str:
-        return f"{self.prefix}:{tenant}:{program_id}"
-
-    async def load(self, tenant: str, program_id: str) -> HistoryTotals | None:
-        key = self._key(tenant, program_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.smembers(f"{key}:engines")
-            fields, engines = await pipe.execute()
-        if not fields:
-            return None
-        return _totals(fields, engines)
-
-    async def record_call(self, tenant: str, program_id: str, record: CallRecord) -> HistoryTotals:
-        key = self._key(tenant, program_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrbyfloat(key, "service", record.service)
-            pipe.hincrbyfloat(key, "engine_time_s", record.engine_time_s)
-            pipe.hincrbyfloat(key, "weighted_tokens", record.weighted_tokens)
-            pipe.hincrbyfloat(key, "wait_s", record.wait_s)
-            pipe.hincrby(key, "calls_finished", 1)
-            pipe.hsetnx(key, "created", time.time())
-            if record.replica >= 0:
-                pipe.sadd(f"{key}:engines", record.replica)
-            pipe.expire(key, self.ttl_s)
-            pipe.expire(f"{key}:engines", self.ttl_s)
-            pipe.hgetall(key)
-            pipe.smembers(f"{key}:engines")
-            results = await pipe.execute()
-        return _totals(results[-2], results[-1])
-
-    async def end_program(self, tenant: str, program_id: str, status: str) -> None:
-        key = self._key(tenant, program_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, "status", status)
-            pipe.expire(key, self.ended_ttl_s)
-            pipe.expire(f"{key}:engines", self.ended_ttl_s)
-            await pipe.execute()
-
-    async def restore(self, tenant: str, program_id: str, totals: HistoryTotals) -> bool:
-        """Write a program's whole history *only if Redis has none* (it restarted empty);
-        atomic, so of several replicas giving back what they knew, the first wins. Used
-        by `store_resilient.ResilientStateStore` on re-sync. True if written."""
-        key = self._key(tenant, program_id)
-        args = [
-            totals.service, totals.engine_time_s, totals.weighted_tokens, totals.wait_s,
-            totals.calls_finished, time.time(), self.ttl_s, *sorted(totals.engines_used),
-        ]  # fmt: skip
-        return bool(await self._redis.eval(_RESTORE_LUA, 2, key, f"{key}:engines", *args))
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-
-_RESTORE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'service', ARGV[1], 'engine_time_s', ARGV[2],
-           'weighted_tokens', ARGV[3], 'wait_s', ARGV[4], 'calls_finished', ARGV[5],
-           'created', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-for i = 8, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
-if #ARGV >= 8 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
-return 1
-"""
-
-
-def _totals(fields: dict[str, str], engines: set[str]) -> HistoryTotals:
-    return HistoryTotals(
-        service=float(fields.get("service", 0.0)),
-        engine_time_s=float(fields.get("engine_time_s", 0.0)),
-        weighted_tokens=float(fields.get("weighted_tokens", 0.0)),
-        wait_s=float(fields.get("wait_s", 0.0)),
-        calls_finished=int(fields.get("calls_finished", 0)),
-        engines_used={int(e) for e in engines},
-    )
-
-
-def make_store(redis_url: str | None) -> StateStore:
-    return RedisStateStore(redis_url) if redis_url else InMemoryStateStore()

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Schemathesis against progserve's own OpenAPI schema, every endpoint: property-based and
-# negative inputs, checked for 5xx and for answers outside the documented shapes.
-# Starts `progserve serve --engine sim` (fast timings) on a free loopback port, runs
-# schemathesis, stops the server. Exit status: schemathesis's (0 = no failure found).
+# Schemathesis against progserve's own OpenAPI schema, every endpoint, every check
+# (`--checks all`): property-based, boundary and negative inputs, undeclared methods;
+# answers checked for 5xx, for documented shapes, and for accepting exactly what the
+# schema says. Starts `progserve serve --engine sim` (fast timings) on a free loopback
+# port, runs schemathesis, stops the server, then `scripts/schemathesis_verdict.py`
+# reads the report: the only failures allowed are the by-design ones (a 400 for a rule
+# relating two fields, which JSON Schema cannot state; listed in docs/reliability.md).
+# Exit status: 0 when nothing else was found.
 # Usage: bash scripts/schemathesis.sh [MAX_EXAMPLES] [extra schemathesis args...]
 #   MAX_EXAMPLES defaults to 100 per operation and phase (docs/reliability.md has the result).
+#   PROGSERVE_* variables in the environment reach the server (the test raises the
+#   in-flight budget with one). One worker: Hypothesis 6.170's lambda-source cache is not
+#   thread-safe (two workers ended a run with a KeyError inside Hypothesis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -30,10 +37,11 @@ done
 work="$(mktemp -d)"  # schemathesis keeps its example database in the current directory
 set +e
 (cd "$work" && schemathesis run "http://127.0.0.1:$port/openapi.json" \
-  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
+  --checks all --max-response-time 30 \
   --phases examples,coverage,fuzzing \
-  --max-examples "$max_examples" --seed 1 --workers 2 --request-timeout 30 \
-  --suppress-health-check all "$@")
+  --max-examples "$max_examples" --seed 1 --workers 1 --request-timeout 30 \
+  --suppress-health-check all --report junit --report-junit-path "$work/junit.xml" "$@")
+python scripts/schemathesis_verdict.py "$work/junit.xml"
 rc=$?
 rm -rf "$work"
 set -e

@@ -158,7 +158,10 @@ class ReplyBuilder:
     def _natural_length(n_tokens: int, sampling: SamplingParams) -> int:
         if sampling.ignore_eos:
             return sampling.max_new_tokens
-        return max(n_tokens, sampling.min_new_tokens)
+        # `min_new_tokens` lengthens a reply only up to `max_new_tokens`: the engine may
+        # have lowered that (context, KV) below the minimum, and a reply is never built
+        # longer than what can be sent.
+        return max(n_tokens, min(sampling.min_new_tokens, sampling.max_new_tokens))
 
     @staticmethod
     def _apply_stops(reply: Reply, sampling: SamplingParams) -> Reply:
@@ -188,7 +191,9 @@ def _cut_at_stop_string(reply: Reply, sampling: SamplingParams) -> None:
     # Stop strings match in the generated text after `min_new_tokens` tokens; the token
     # that completes the match is the last one, and the text ends before the match.
     text_start = reply.base
-    first_allowed = reply.ends[sampling.min_new_tokens - 1] if sampling.min_new_tokens else text_start
+    # A reply shorter than `min_new_tokens` (cut at `max_new_tokens`) allows no stop.
+    at_least = min(sampling.min_new_tokens, len(reply.ends))
+    first_allowed = reply.ends[at_least - 1] if at_least else text_start
     best: tuple[int, str] | None = None
     for stop in sampling.stop:
         if not stop:

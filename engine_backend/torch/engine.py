@@ -287,6 +287,8 @@ class TorchEngine(LocalEngine):
             banned=sorted(stop_ids) if sampling.min_new_tokens > 0 else [],
         )
         start = request.logprob_start_len if request.return_logprob else -1
+        # Output that cannot fit the context ends with finish "length".
+        max_new = min(sampling.max_new_tokens, limit - n)
         r = TorchRequest(
             rid=request.rid,
             prompt=ids,
@@ -294,9 +296,8 @@ class TorchEngine(LocalEngine):
             key=TokenKey(ids) if request.text is not None else TokenKey.of_token_ids(request.input_ids),
             priority=request.priority,
             program_id=request.program_id,
-            # Output that cannot fit the context ends with finish "length".
-            max_new=min(sampling.max_new_tokens, limit - n),
-            min_new=sampling.min_new_tokens,
+            max_new=max_new,
+            min_new=min(sampling.min_new_tokens, max_new),  # never past max_new
             stop_ids=frozenset(stop_ids),
             sampling=row,
             input_logprob_start=min(start, n - 1) if start >= 0 else -1,

@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 
 from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_body
+from .strict_json import validate_body
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -86,7 +87,7 @@ async def read_model(request: Request, model: type[M]) -> M:
     data = await read_json(request)
     if not isinstance(data, dict):
         raise BadRequestError("the JSON body must be an object")
-    return model.model_validate(data)
+    return validate_body(model, data)  # JSON types, strictly (strict_json.py)
 
 
 # ------------------------------------------------------------------------ responses

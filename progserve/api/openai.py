@@ -56,7 +56,13 @@ from .common import (
     sse_response,
     tenant_of,
 )
-from .openai_wire import ChatCompletionRequest, ChatMessage, CompletionRequest, ToolChoiceNamed
+from .openai_wire import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+    ToolChoiceNamed,
+)
 
 router = APIRouter(tags=["openai"])
 
@@ -96,6 +102,7 @@ def sampling_for(body: ChatCompletionRequest | CompletionRequest, max_tokens: in
                  extra_stops: list[str], json_schema: str | None = None) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_tokens,
+        min_new_tokens=body.min_tokens or 0,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=-1 if body.top_k in (None, 0) else body.top_k,
@@ -123,22 +130,13 @@ def check_model(runtime: Runtime, name: str) -> None:
                         f"`{runtime.model_name}`.", param="model", code="model_not_found")
 
 
-def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
-    if not response_format:
+def _json_schema_for(response_format: ResponseFormat | None) -> str | None:
+    """The engine's `json_schema` for a (validated) `response_format`."""
+    if response_format is None or response_format.type == "text":
         return None
-    kind = response_format.get("type")
-    if kind == "json_object":
+    if response_format.type == "json_object" or response_format.json_schema is None:
         return '{"type": "object"}'
-    if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequestError("response_format.json_schema.schema must be an object",
-                                  param="response_format")
-        return json.dumps(schema)
-    if kind in (None, "text"):
-        return None
-    raise BadRequestError(f"response_format type {kind!r} is not supported",
-                          param="response_format")
+    return json.dumps(response_format.json_schema.json_schema)
 
 
 # --------------------------------------------------------------------------- models
@@ -230,7 +228,8 @@ async def chat_completions(request: Request) -> Response:
     prompt = runtime.chat_template.render(messages, tools, tool_choice)
     chat = _chat_prompt(body.messages, messages, tools, tool_choice) \
         if runtime.capabilities.chat else None
-    check_limits(limits, max_tokens, len(prompt))
+    # Both fields are capped, the one that counts and the one it overrides.
+    check_limits(limits, max(body.max_tokens or 0, body.max_completion_tokens or 0), len(prompt))
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
     sampling = sampling_for(body, limits.default_max_tokens if max_tokens is None else max_tokens,

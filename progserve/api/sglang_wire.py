@@ -10,9 +10,10 @@ ignored, so SGLang's own frontend can send what it always sends.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine_backend.types import SamplingParams
 
@@ -22,7 +23,7 @@ class SGLangSamplingParams(BaseModel):
 
     max_new_tokens: int | None = Field(128, ge=0)
     min_new_tokens: int | None = Field(0, ge=0)
-    temperature: float | None = Field(1.0, ge=0.0)
+    temperature: float | None = Field(1.0, ge=0.0, le=100.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(-1, ge=-1)
     stop: str | list[str] | None = None
@@ -33,6 +34,15 @@ class SGLangSamplingParams(BaseModel):
     n: int | None = Field(1, ge=1, le=1)
     sampling_seed: int | None = None
     seed: int | None = None
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SGLangSamplingParams:
+        max_new = 128 if self.max_new_tokens is None else self.max_new_tokens
+        if (self.min_new_tokens or 0) > max_new:
+            raise PydanticCustomError(
+                "min_tokens_over_max", "min_new_tokens ({min}) must not exceed "
+                "max_new_tokens ({max})", {"min": self.min_new_tokens, "max": max_new})
+        return self
 
     def to_engine(self) -> SamplingParams:
         """SGLang sends explicit nulls for unset fields: they mean the defaults."""
@@ -62,16 +72,36 @@ def _per_item(value: Any, n: int, name: str) -> list[Any]:
     return [value] * n
 
 
-class GenerateInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _batch(item: Any) -> Any:
+    """A batch field's list form: one entry per prompt, so never empty."""
+    return Annotated[list[item], Field(min_length=1, max_length=4096)]
 
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: SGLangSamplingParams | list[SGLangSamplingParams] | None = None
-    rid: str | list[str] | None = None
-    return_logprob: bool | list[bool] | None = False
-    logprob_start_len: int | list[int] | None = -1
-    top_logprobs_num: int | list[int] | None = 0
+
+Prompt = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Rid = Annotated[str, Field(max_length=200)]
+StartLen = Annotated[int, Field(ge=-1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+
+# Exactly one of `text` and `input_ids` (a null counts as absent), in the schema too.
+_ONE_PROMPT_KIND = {"oneOf": [
+    {"required": ["text"], "properties": {"text": {"not": {"type": "null"}},
+                                          "input_ids": {"type": "null"}}},
+    {"required": ["input_ids"], "properties": {"input_ids": {"not": {"type": "null"}},
+                                               "text": {"type": "null"}}},
+]}
+
+
+class GenerateInput(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_ONE_PROMPT_KIND)
+
+    text: Prompt | _batch(Prompt) | None = None
+    input_ids: TokenIds | _batch(TokenIds) | None = None
+    sampling_params: SGLangSamplingParams | _batch(SGLangSamplingParams) | None = None
+    rid: Rid | _batch(Rid) | None = None
+    return_logprob: bool | _batch(bool) | None = False
+    logprob_start_len: StartLen | _batch(StartLen) | None = -1
+    top_logprobs_num: TopLogprobs | _batch(TopLogprobs) | None = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
     priority: int | None = None
@@ -101,7 +131,9 @@ class GenerateInput(BaseModel):
                      "top_logprobs_num"):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != n:
-                raise ValueError(f"`{name}` has {len(value)} entries for a batch of {n}")
+                raise PydanticCustomError(
+                    "batch_length_mismatch", "`{name}` has {got} entries for a batch of {n}",
+                    {"name": name, "got": len(value), "n": n})
         if isinstance(self.rid, list) and len(set(self.rid)) != len(self.rid):
             raise ValueError("`rid` values must be unique")
         return self

@@ -109,6 +109,9 @@ class LoadReport:
     rss_after_mb: float | None
     server_unfinished: int
     rss_after_rounds_mb: list[float] = field(default_factory=list)
+    # RSS after the last round over RSS after the first, minus 1, in % (memory that keeps
+    # growing round after round is a leak; bounded caches filling show as a shrinking step)
+    rss_growth_after_first_round_pct: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -335,6 +338,7 @@ class ServerUnderTest:
                "PROGSERVE_MODEL_ALIASES": '["sim"]'}  # the model its chats name
         if cfg.keep_finished is not None:  # finished programs and traces kept in memory
             env["PROGSERVE_SCHEDULER__KEEP_FINISHED_PROGRAMS"] = str(cfg.keep_finished)
+            env["PROGSERVE_SCHEDULER__KEEP_FINISHED_CALLS"] = str(cfg.keep_finished * cfg.calls)
             env["PROGSERVE_OBSERVABILITY__TRACE_MAX_PROGRAMS"] = str(max(10, cfg.keep_finished))
             env["PROGSERVE_OBSERVABILITY__TRACE_MAX_SPANS"] = str(max(100, 10 * cfg.keep_finished))
         flags = ["--engine", "sim", "--replicas", str(cfg.replicas), "--log-level", "warning"]
@@ -477,7 +481,9 @@ def _run_against(url: str, cfg: LoadConfig, server: ServerUnderTest | None,
     stuck = server_unfinished(url, completed_ids)
     report = _report(cfg, results, latencies, wall, before, peak,
                      after_rounds[-1] if after_rounds else None, stuck)
-    report.rss_after_rounds_mb = [round(v, 1) for v in after_rounds]
+    rounds = report.rss_after_rounds_mb = [round(v, 1) for v in after_rounds]
+    if len(rounds) > 1 and rounds[0]:  # from the figures reported, so it can be checked
+        report.rss_growth_after_first_round_pct = round(100 * (rounds[-1] / rounds[0] - 1), 1)
     return report
 
 
@@ -604,7 +610,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="sim tokens per streamed chunk (default 4)")
     parser.add_argument("--keep-finished", type=int, default=None, metavar="N",
                         help="finished programs (and traces) the server keeps for queries; "
-                        "default: the server's own (10,000 programs, 5,000 traces)")
+                        "default: the server's own (10,000 programs holding at most 5,000 calls; "
+                        "5,000 program summaries and 10,000 spans)")
     parser.add_argument("--replicas", type=int, default=defaults.replicas)
     parser.add_argument("--policy", default=None, help="scheduling policy of the server")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s,
@@ -656,6 +663,8 @@ def main(args: argparse.Namespace) -> int:
     if cfg.rounds > 1:
         rows.append(("server RSS MB after each round",
                      " / ".join(str(v) for v in report.rss_after_rounds_mb)))
+        rows.append(("RSS growth after the first round %",
+                     report.rss_growth_after_first_round_pct))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)

@@ -161,7 +161,7 @@ def test_errors_are_problem_json(server, method, path, body, status):
 def test_duplicate_program_id_is_rejected(server):
     spec = {"program_id": "dup-prog", "calls": []}
     assert httpx.post(server.url + "/v1/programs", json=spec).status_code == 201
-    assert httpx.post(server.url + "/v1/programs", json=spec).status_code == 400
+    assert httpx.post(server.url + "/v1/programs", json=spec).status_code == 409  # conflict
 
 
 def test_openapi_documents_bodies_and_error_shapes(server):

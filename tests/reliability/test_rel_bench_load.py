@@ -30,4 +30,7 @@ def test_bench_load_runs_every_program_and_loses_none(tmp_path):
     for key in ("rss_before_mb", "rss_during_mb", "rss_after_mb"):
         assert report[key] > 0
     assert len(report["rss_after_rounds_mb"]) == 2
+    first, last = report["rss_after_rounds_mb"]
+    assert report["rss_growth_after_first_round_pct"] == round(100 * (last / first - 1), 1)
+    assert "RSS growth after the first round" in proc.stdout
     assert "lost" in proc.stdout and "p50" in proc.stdout

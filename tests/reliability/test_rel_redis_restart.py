@@ -12,7 +12,7 @@ import pytest
 from progserve.app import create_app
 from progserve.config import Settings
 from progserve.runtime import Runtime
-from scheduler.store import RedisStateStore
+from scheduler.store_redis import RedisStateStore
 
 pytestmark = pytest.mark.slow
 

@@ -1,62 +1,40 @@
-"""Schemathesis against progserve's OpenAPI schema, every operation: generated and
-deliberately invalid requests never get a 5xx, and every answer (errors included) has a
-documented status, content type and body shape. Bounded to a few examples per operation
-so that it stays fast in CI; `scripts/schemathesis.sh` runs the fuller version."""
+"""Schemathesis with every check (`--checks all`) against a real `progserve serve`, every
+operation: generated, boundary and invalid requests and undeclared methods never get a
+5xx, every answer has a documented status, content type, shape and headers (a 405 lists
+the allowed methods), a schema-valid body is accepted and a schema-invalid one refused.
+The only findings allowed are the by-design ones (`scripts/schemathesis_verdict.py`: a
+400 for a rule between two fields that JSON Schema cannot state, each with its own error
+code, listed in docs/reliability.md).
+
+It runs `scripts/schemathesis.sh` itself with a few examples per operation and phase,
+so that it stays within about a minute; the script's default (100) is the fuller run."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
-from progserve.app import create_app
-from progserve.config import Settings
-from progserve.runtime import Runtime
-
-EXAMPLES = 6  # per operation and mode; scripts/schemathesis.sh runs 100
 pytestmark = pytest.mark.slow
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance, response_headers_conformance]
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = 5
 
 
-@pytest.fixture(scope="module")
-def api_server(serve_in_thread):
-    # A fast sim: fuzzed generations of thousands of tokens end in milliseconds.
-    settings_ = Settings(sim={"time_scale": 0.0001}, limits={"max_tokens": 4096})
-    return serve_in_thread(create_app(Runtime(settings_)))
-
-
-def operations(app) -> list:
-    schema = schemathesis.openapi.from_dict(app.openapi())
-    return [result.ok() for result in schema.get_all_operations()]
-
-
-# Schemathesis's pytest plugin needs a pytest internal that this pytest lacks, so each
-# operation runs as a plain Hypothesis test over the operation's strategy.
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-                         ids=["valid", "invalid"])
-def test_every_operation_answers_in_a_documented_shape_and_never_5xx(api_server, mode):
-    tested = []
-    for operation in operations(api_server.app):
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def run(case) -> None:
-            case.call_and_validate(base_url=api_server.url, checks=CHECKS, timeout=30)
-
-        try:
-            run()
-        except Unsatisfiable:  # nothing to break: e.g. no parameter can be made invalid
-            continue
-        tested.append(operation.label)
-    assert len(tested) >= (20 if mode is GenerationMode.POSITIVE else 8), tested
+def test_schemathesis_all_checks_find_nothing_but_the_by_design_rules():
+    env = {
+        **os.environ,
+        "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or str(Path(sys.executable).parents[1]),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Above the largest batch: this test probes input handling; batches larger than
+        # the in-flight budget have their own test (issue 18.1).
+        "PROGSERVE_SCHEDULER__MAX_INFLIGHT_REQUESTS": "1100",
+    }
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "schemathesis.sh"), str(EXAMPLES)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-20_000:]
+    assert "0 failures outside the by-design list" in output, output[-5_000:]

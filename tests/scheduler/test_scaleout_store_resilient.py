@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from scheduler.store import CallRecord, RedisStateStore
+from scheduler.store import CallRecord
+from scheduler.store_redis import RedisStateStore
 from scheduler.store_resilient import ResilientStateStore
 
 
@@ -68,7 +69,7 @@ async def test_outage_serves_locally_then_replays(make_redis_server) -> None:  #
         assert (await b.load("t", "new")).service == 4.0  # type: ignore[union-attr]
         after = await b.record_call("t", "p", record(1.0, replica=1))
         assert after.service == 15.0 and after.calls_finished == 5
-        assert a.outages == 1 and a.replayed_calls == 2 and b.replayed_calls == 1
+        assert a.outages == 1 and a.written_back == 2 and b.written_back == 1
     finally:
         await a.close()
         await b.close()
@@ -90,7 +91,7 @@ async def test_a_redis_that_restarts_empty_gets_the_history_back(redis_server) -
         assert p is not None and p.service == 9.0 and p.calls_finished == 3
         assert p.engines_used == {0, 1}
         assert idle is not None and idle.service == 1.5 and idle.calls_finished == 1
-        assert store.restored_programs == 2
+        assert store.resyncs == 1 and store.written_back == 2
         await fresh.close()
     finally:
         await store.close()

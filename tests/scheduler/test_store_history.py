@@ -11,7 +11,8 @@ from sched_fake_engine import FakeEngine
 from engine_backend.types import GenerateRequest, SamplingParams
 from scheduler.config import SchedulerConfig
 from scheduler.service import Scheduler
-from scheduler.store import CallRecord, InMemoryStateStore, RedisStateStore
+from scheduler.store import CallRecord, InMemoryStateStore
+from scheduler.store_redis import RedisStateStore
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -85,8 +86,8 @@ async def test_redis_history_expires_after_the_program_ends(redis_server):
     import redis.asyncio as redis
 
     client = redis.from_url(redis_server.url, decode_responses=True)
-    assert await client.hget("ttl:t:p", "status") == "finished"
-    assert 0 < await client.ttl("ttl:t:p") <= 1
+    assert await client.hget(store.key("t", "p"), "status") == "finished"
+    assert 0 < await client.ttl(store.key("t", "p")) <= 1
     await client.aclose()
     await store.close()
 
