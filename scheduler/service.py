@@ -31,7 +31,7 @@ from engine_backend.errors import EngineError, EngineUnavailableError
 from engine_backend.types import Chunk, FinishType, GenerateRequest
 
 from .config import SchedulerConfig
-from .dispatcher import Dispatcher, Replica, make_replicas
+from .dispatcher import Dispatcher
 from .errors import (
     CallFailedError,
     ProgramCancelledError,
@@ -54,6 +54,7 @@ from .program import (
     mark_urgent,
     validate_new_calls,
 )
+from .replica import Replica, make_replicas
 from .replica_health import ReplicaHealth
 from .retention import RetentionManager
 from .router import Router
@@ -100,7 +101,7 @@ class Scheduler:
         self.engines = list(engines)
         self.replicas: list[Replica] = make_replicas(self.engines, config)
         self.router = Router(config, self.replicas)
-        self.policy = make_policy(config, prefix_hint=self.router.best_match)
+        self.policy = make_policy(config, self.router)
         self.dispatcher = Dispatcher(
             config, self.replicas, self.policy, self.router, self._on_dispatch, self._on_queued
         )
@@ -624,7 +625,7 @@ class Scheduler:
         assert request is not None
         priority = request.priority
         if self.config.pass_priority and replica.capabilities.priority:
-            priority = self.policy.engine_priority(call)
+            priority = self.policy.engine_rank(call)
         # The cache owner for retention hints; an untagged call's one-call program never
         # gets any, so engines need not track it.
         owner = None if call.program.single_call else call.program.engine_key
@@ -973,10 +974,9 @@ class Scheduler:
 
     def _mark_urgent(self, call: CallNode) -> None:
         now = self.loop.time()
-        queue = getattr(self.policy, "heap", None)
         for node in mark_urgent(call):
-            if queue is not None and node.heap is queue:  # re-key it in its queue
-                self.policy.push(node, now)
+            if node.status == CallStatus.QUEUED:
+                self.policy.rekey(node, now)
 
     def _render(self, program: Program, template: str) -> str:
         variables = program.variables

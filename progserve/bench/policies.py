@@ -23,13 +23,11 @@ from typing import Any
 
 from engine_backend.sim import SimConfig
 from scheduler.config import SchedulerConfig
+from scheduler.policies import POLICY_NAMES, PROGRAM_AWARE_POLICIES
 
 from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
 from .workloads import DEFAULT_MIX, PROGRAM_TYPES, WORKLOADS, Mix, generate_trace, parse_mix
-
-ALL_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "dlpm")
-PROGRAM_AWARE = ("plas", "atlas")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -43,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--programs", type=int, default=2000, help="programs per run (>= 2000 "
                    "for steady state; fewer for a smoke run)")
     g.add_argument("--replicas", type=int, default=4)
-    g.add_argument("--policies", default=",".join(ALL_POLICIES),
-                   help="comma-separated: " + ",".join(ALL_POLICIES))
+    g.add_argument("--policies", default=",".join(POLICY_NAMES),
+                   help="comma-separated: " + ",".join(POLICY_NAMES))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", type=Path, default=None, help="write the results here")
     g.add_argument("--plot", type=Path, default=None, help="latency vs rate plot (PNG)")
@@ -328,7 +326,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-        unknown = set(self.policies) - set(ALL_POLICIES)
+        unknown = set(self.policies) - set(POLICY_NAMES)
         if unknown:
             raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
         self.setup = build_setup(args)
@@ -613,7 +611,7 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
     base = fcfs["at_load"]
     out: dict[str, Any] = {}
     best_name, best_mean = None, math.inf
-    for name in PROGRAM_AWARE:
+    for name in PROGRAM_AWARE_POLICIES:
         entry = pol.get(name)
         if not entry or not entry.get("at_load"):
             continue

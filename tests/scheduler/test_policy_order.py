@@ -39,6 +39,17 @@ def cfg(policy: str, **kw) -> SchedulerConfig:
     return SchedulerConfig(policy=policy, **kw)
 
 
+class Hints:
+    """A stand-in for the router's prefix hints."""
+
+    def __init__(self, best_match) -> None:
+        self.best_match = best_match
+        self.tracking = False
+
+    def track_prefixes(self) -> None:
+        self.tracking = True
+
+
 def push(policy, c: CallNode, now: float = 0.0) -> None:
     c.queued_at = now
     c.program.queued.add(c)
@@ -189,7 +200,7 @@ def test_promotion_of_fresh_program_is_immediate_and_harmless():
 
 def test_dlpm_prefers_longest_prefix_within_a_tenant():
     hints = {}
-    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=10_000), prefix_hint=lambda c: hints[c.id])
+    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=10_000), Hints(lambda c: hints[c.id]))
     p = program("p", tenant="a")
     for cid, hint in (("short", 5), ("long", 500), ("mid", 50)):
         hints[cid] = hint
@@ -199,7 +210,7 @@ def test_dlpm_prefers_longest_prefix_within_a_tenant():
 
 def test_dlpm_deficit_round_robin_is_fair_across_tenants():
     pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=100, decode_reserve_tokens=0),
-                      prefix_hint=lambda c: 0)
+                      Hints(lambda c: 0))
     flood, quiet = program("f", tenant="flood"), program("q", tenant="quiet")
     for i in range(30):
         push(pol, call(flood, f"f{i}", prompt_len=50))
