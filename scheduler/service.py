@@ -926,23 +926,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ graph calls
     def _add_graph_calls(self, program: Program, specs: Sequence[CallSpec]) -> None:
-        producers: dict[str, str | None] = {
-            name: slot.producer for name, slot in program.variables.items()
-        }
-        for spec in specs:
+        for spec in specs:  # first, so a call may read a variable written later in the batch
             if spec.output is not None:
-                producers[spec.output] = spec.id
+                program.variables[spec.output] = VariableSlot(spec.output, producer=spec.id)
         new_calls: list[CallNode] = []
         for spec in specs:
-            deps = tuple(dependency_ids(spec, producers))
+            deps = tuple(dependency_ids(spec, program.variables))
             # Graph calls depend on their data flow only, never on a thread predecessor.
             call = self._new_call(
                 program, spec.id, spec.kind, spec.thread_id or "main", deps, thread_parent=False
             )
             call.spec = spec
             call.output = spec.output
-            if spec.output is not None:
-                program.variables[spec.output] = VariableSlot(spec.output, producer=spec.id)
             call.status = CallStatus.PENDING
             new_calls.append(call)
         for call in new_calls:
