@@ -2,7 +2,11 @@
 progserve) through `POST /v1/completions` with `stream: true`.
 
 Capabilities are what the protocol can honestly give:
-- no priority (the protocol has none), no retention hints, no token ids;
+- priority only with `send_priority` (the server is vLLM run with `--scheduling-policy
+  priority`; other servers reject or ignore the field): the request's engine rank
+  (`engine_rank.py`: an int, lower first) is vLLM's `priority`, lower first, as is
+  (`vllm_priority`);
+- no retention hints, no token ids;
 - logprobs only when the server returns them: `start()` probes once with a one-token
   `echo` + `logprobs` request; prompt logprobs (`logprob_start_len >= 0`) are then read
   from a non-streamed `echo` answer, split at `usage.prompt_tokens`;
@@ -21,6 +25,7 @@ from typing import Any
 import orjson
 
 from .base import Engine
+from .engine_rank import clamp_rank
 from .errors import EngineError, EngineUnavailableError, UnknownRequestError, UnsupportedError
 from .http_client import HTTPPool, HTTPResponse, error_for_status
 from .types import (
@@ -56,6 +61,11 @@ def _logprob_entries(logprobs: dict[str, Any] | None, start: int = 0,
     return [(values[i], -1, tokens[i]) for i in range(start, min(len(tokens), end or len(tokens)))]
 
 
+def vllm_priority(rank: float) -> int:
+    """vLLM's `priority` (lower first, any int) for an engine rank: the rank itself."""
+    return clamp_rank(rank)
+
+
 def _cached_tokens(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details") or {}
     return int(details.get("cached_tokens") or 0)
@@ -73,9 +83,11 @@ class OpenAIHTTPEngine(Engine):
         logprobs: bool | None = None,
         connect_timeout: float = 5.0,
         max_context_len: int = 8192,
+        send_priority: bool = False,
     ):
         """`base_url` is the server root (`http://host:port`) or its `/v1` root.
-        `logprobs=None` probes the server at start."""
+        `logprobs=None` probes the server at start. `send_priority`: the server schedules
+        by `priority` (vLLM's `--scheduling-policy priority`)."""
         root = base_url.rstrip("/")
         self.base_url = root.removesuffix("/v1")
         self._model = model
@@ -83,6 +95,7 @@ class OpenAIHTTPEngine(Engine):
         self._logprobs = logprobs
         self._connect_timeout = connect_timeout
         self._max_context_len = max_context_len
+        self._send_priority = send_priority
         self._pool: HTTPPool | None = None
         self._active: dict[str, HTTPResponse | None] = {}
         self._upstream = f"openai {self.base_url}"
@@ -149,6 +162,8 @@ class OpenAIHTTPEngine(Engine):
         if request.return_logprob:
             body["logprobs"] = max(1, request.top_logprobs_num)
             body["echo"] = request.logprob_start_len >= 0
+        if self._send_priority:
+            body["priority"] = vllm_priority(request.priority)
         return body
 
     def _check(self, request: GenerateRequest) -> None:
@@ -328,7 +343,7 @@ class OpenAIHTTPEngine(Engine):
         )
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(priority=False, logprobs=bool(self._logprobs),
+        return Capabilities(priority=self._send_priority, logprobs=bool(self._logprobs),
                             constrained_decoding=False, token_ids=False, retention=False,
                             abort=True)
 
