@@ -23,7 +23,7 @@ from typing import Any
 
 from engine_backend.sim import SimConfig
 from scheduler.config import SchedulerConfig
-from scheduler.policies import POLICY_NAMES, PROGRAM_AWARE_POLICIES
+from scheduler.policies import DEFAULT_POLICY, POLICY_NAMES, PROGRAM_AWARE_POLICIES
 
 from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
@@ -465,7 +465,8 @@ class Bench:
         `--retention-kv-capacity` is given, at the mildest memory pressure that qualifies:
         the largest capacity where plain LRU hits below 80% (`mildest_pressure`)."""
         a = self.args
-        policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
+        preferred = (DEFAULT_POLICY, *PROGRAM_AWARE_POLICIES)
+        policy = next((p for p in preferred if p in self.policies), self.policies[0])
 
         def submit(name: str, capacity: int) -> futures.Future[dict[str, Any]]:
             variant = RETENTION_VARIANTS[name]
@@ -633,7 +634,8 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
             best_name, best_mean = name, load["mean_token_latency"]
     out["best_program_aware"] = best_name
     out["floor"] = ratio_floor(report["slo"]["unloaded"], base)
-    for name in ("mlfq", "dlpm"):
+    others = [n for n in POLICY_NAMES if n != "fcfs" and n not in PROGRAM_AWARE_POLICIES]
+    for name in others:
         entry = pol.get(name)
         if entry and entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo"):
             out.setdefault(name, {})["throughput_ratio"] = (
