@@ -9,17 +9,19 @@ waiting time and T_prog its attained service (not a sum over its parallel calls,
 would promote a program five times as fast for waiting on five branches). Without program
 history (plain MLFQ) only the call's own terms count.
 
-A composable piece: a policy calls `admit` when a call enters a lower queue, `starving`
-before it picks the next call (the calls it returns are promoted: the policy re-keys them
-into its top queue), and `leave` when a call leaves its queue. The leveled policies use it
-by default; fcfs and dlpm can (`scheduler.anti_starvation`).
+A composable piece: a policy calls `admit` when a call enters a lower queue and
+`starving` before it picks the next call (the calls it returns are promoted: the policy
+re-keys them into its top queue). `waiting(call)` tells whether a call is still in the
+policy's queue: one that left (dispatched, parked for a replica, cancelled) is dropped
+when its deadline comes up, and one that came back in the meantime is watched again.
+The leveled policies use it by default; fcfs and dlpm can (`scheduler.anti_starvation`).
 
 Cost. A call's deadline is `queued_at - wait + beta * T_call + (beta * T_prog - W_prog)`:
 its own constant plus a program term that every queued call of the program shares (W_prog
 only moves while none of its calls is queued). So a program's watched calls stay in one
 order however its history changes, and one deadline per program sits in the heap: a
-finished call costs nothing here, a program's deadline is re-checked only when it
-passes, and each call is watched and released once.
+finished call costs nothing here, taking a call from the queue costs nothing here, and a
+program's deadline is re-checked only when it passes.
 """
 
 from __future__ import annotations
@@ -27,48 +29,55 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import SchedulerConfig
     from ..program import CallNode
 
-# `CallNode.promote_at`: not watched; promoted (in the top queue until it leaves); any
-# finite value: watched, ordered within its program by that offset.
+# `CallNode.promote_at`: not watched; promoted (in the top queue until it is pushed again);
+# any finite value: watched, ordered within its program by that offset.
 NOT_WATCHED = math.inf
 PROMOTED = -math.inf
 
 
 def anti_starvation_for(
-    config: SchedulerConfig, *, default: bool, program_history: bool = True
+    config: SchedulerConfig, waiting: Callable[[CallNode], bool], *, default: bool,
+    program_history: bool = True,
 ) -> AntiStarvation | None:
     """The policy's anti-starvation piece, or None when it is off (`anti_starvation`
     unset: the policy's `default`)."""
     enabled = config.anti_starvation if config.anti_starvation is not None else default
     if not enabled:
         return None
-    return AntiStarvation(config.starvation_beta, program_history=program_history)
+    return AntiStarvation(config.starvation_beta, waiting, program_history=program_history)
 
 
 class _Watch:
     """A program's watched calls (one call's, without program history), by offset."""
 
-    __slots__ = ("key", "calls", "live", "due")
+    __slots__ = ("key", "calls", "due")
 
     def __init__(self, key: object) -> None:
         self.key = key
-        self.calls: list[tuple[float, int, CallNode]] = []  # lazy: left calls stay till popped
-        self.live = 0
+        self.calls: list[tuple[float, int, CallNode]] = []  # lazy: stale entries stay
         self.due = math.nan  # the deadline its entry in the heap stands for; nan: none
 
 
 class AntiStarvation:
-    __slots__ = ("beta", "program_history", "promotions", "_watches", "_deadlines", "_tick")
+    __slots__ = ("beta", "program_history", "promotions", "next_due", "_waiting", "_watches",
+                 "_deadlines", "_tick")
 
-    def __init__(self, beta: float, *, program_history: bool = True) -> None:
+    def __init__(self, beta: float, waiting: Callable[[CallNode], bool], *,
+                 program_history: bool = True) -> None:
         self.beta = beta
         self.program_history = program_history
         self.promotions = 0
+        # The earliest deadline in the heap (a lower bound): `starving` has work only from
+        # then on, so a policy skips the call before (a cheap test on every pop).
+        self.next_due = math.inf
+        self._waiting = waiting
         self._watches: dict[object, _Watch] = {}
         self._deadlines: list[tuple[float, int, _Watch]] = []
         self._tick = itertools.count()
@@ -100,28 +109,13 @@ class AntiStarvation:
         offset = call.queued_at - call.wait + self.beta * call.service
         call.promote_at = offset
         heapq.heappush(watch.calls, (offset, call.seq, call))
-        watch.live += 1
         if not due >= watch.due:  # earlier than the program's deadline in the heap, or none
             self._schedule(watch, due)
         return False
 
-    def leave(self, call: CallNode) -> None:
-        """The call left its queue (dispatched or removed); a promoted call stays marked
-        until it is pushed again."""
-        offset = call.promote_at
-        if offset == NOT_WATCHED or offset == PROMOTED:
-            return
-        call.promote_at = NOT_WATCHED
-        watch = self._watches[call.program if self.program_history else call]
-        watch.live -= 1
-        if not watch.live:
-            self._drop(watch)
-
     def starving(self, now: float) -> list[CallNode]:
         """Watched calls whose deadline has passed: now promoted and no longer watched."""
         deadlines = self._deadlines
-        if not deadlines or deadlines[0][0] > now:
-            return []
         promoted: list[CallNode] = []
         while deadlines and deadlines[0][0] <= now:
             due, _, watch = heapq.heappop(deadlines)
@@ -129,6 +123,7 @@ class AntiStarvation:
                 continue  # superseded by an earlier deadline, or the watch is gone
             watch.due = math.nan
             self._promote_due(watch, now, promoted)
+        self.next_due = deadlines[0][0] if deadlines else math.inf
         return promoted
 
     def _promote_due(self, watch: _Watch, now: float, promoted: list[CallNode]) -> None:
@@ -136,7 +131,11 @@ class AntiStarvation:
         while calls:
             offset, _, call = calls[0]
             if call.promote_at != offset:
-                heapq.heappop(calls)  # it left the queue (or was watched again since)
+                heapq.heappop(calls)  # pushed again (a new entry), or promoted
+                continue
+            if not self._waiting(call):
+                heapq.heappop(calls)  # it left the queue: no longer watched
+                call.promote_at = NOT_WATCHED
                 continue
             due = self.deadline(call, now)
             if due > now:  # the program's service grew since: its deadline moved on
@@ -146,15 +145,16 @@ class AntiStarvation:
             call.promote_at = PROMOTED
             self.promotions += 1
             promoted.append(call)
-            watch.live -= 1
         self._drop(watch)
 
     def _schedule(self, watch: _Watch, due: float) -> None:
         watch.due = due
         heapq.heappush(self._deadlines, (due, next(self._tick), watch))
+        if due < self.next_due:
+            self.next_due = due
 
     def _drop(self, watch: _Watch) -> None:
-        """Nothing of it is watched any more: forget it (its heap entry goes stale)."""
+        """Nothing of it is watched any more: forget it."""
         if self._watches.get(watch.key) is watch:
             del self._watches[watch.key]
         watch.calls = []

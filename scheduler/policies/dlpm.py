@@ -36,7 +36,7 @@ class DLPMPolicy:
         self.deficit: dict[str, float] = {}
         self.rotation: list[str] = []
         self.cursor = 0
-        self._starvation = anti_starvation_for(config, default=False)
+        self._starvation = anti_starvation_for(config, self._in_queue, default=False)
 
     def __len__(self) -> int:
         return sum(len(heap) for heap in self.tenant_heaps.values())
@@ -69,10 +69,7 @@ class DLPMPolicy:
 
     def pop(self, now: float) -> CallNode | None:
         self._promote_starving(now)
-        call = self._next_by_deficit(take=True)
-        if call is not None and self._starvation is not None:
-            self._starvation.leave(call)
-        return call
+        return self._next_by_deficit(take=True)
 
     def peek(self, now: float) -> CallNode | None:
         """The call `pop` would take (the rotation moves on as `pop` would move it; only
@@ -81,11 +78,8 @@ class DLPMPolicy:
         return self._next_by_deficit(take=False)
 
     def remove(self, call: CallNode) -> None:
-        heap = call.heap
-        if heap is not None:
-            heap.remove(call)
-            if self._starvation is not None and heap is self.tenant_heaps.get(call.program.tenant):
-                self._starvation.leave(call)
+        if call.heap is not None:
+            call.heap.remove(call)
 
     def rekey(self, call: CallNode, now: float) -> None:
         """Urgency does not change the order."""
@@ -151,5 +145,8 @@ class DLPMPolicy:
     def _promote_starving(self, now: float) -> None:
         if self._starvation is not None:
             for call in self._starvation.starving(now):
-                if call.heap is self.tenant_heaps.get(call.program.tenant):
-                    call.heap.push(call, self.key(call))  # type: ignore[union-attr]
+                call.heap.push(call, self.key(call))  # type: ignore[union-attr]
+
+    def _in_queue(self, call: CallNode) -> bool:
+        heap = call.heap
+        return heap is not None and heap is self.tenant_heaps.get(call.program.tenant)

@@ -24,7 +24,8 @@ class FCFSPolicy:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self._heap = ReadyHeap(self.name)
-        self._starvation = anti_starvation_for(config, default=False)
+        self._starvation = anti_starvation_for(
+            config, lambda call: call.heap is self._heap, default=False)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -47,11 +48,10 @@ class FCFSPolicy:
         self._heap.push(call, self.key(call))
 
     def pop(self, now: float) -> CallNode | None:
-        self._promote_starving(now)
-        call = self._heap.pop()
-        if call is not None and self._starvation is not None:
-            self._starvation.leave(call)
-        return call
+        starvation = self._starvation
+        if starvation is not None and starvation.next_due <= now:
+            self._promote_starving(now)
+        return self._heap.pop()
 
     def peek(self, now: float) -> CallNode | None:
         self._promote_starving(now)
@@ -64,11 +64,8 @@ class FCFSPolicy:
                 self._heap.push(call, self.key(call))
 
     def remove(self, call: CallNode) -> None:
-        heap = call.heap
-        if heap is not None:
-            heap.remove(call)
-            if heap is self._heap and self._starvation is not None:
-                self._starvation.leave(call)
+        if call.heap is not None:
+            call.heap.remove(call)
 
     def rekey(self, call: CallNode, now: float) -> None:
         """Urgency does not change the order."""
@@ -89,5 +86,4 @@ class FCFSPolicy:
     def _promote_starving(self, now: float) -> None:
         if self._starvation is not None:
             for call in self._starvation.starving(now):
-                if call.heap is self._heap:
-                    self._heap.push(call, self.key(call))
+                self._heap.push(call, self.key(call))

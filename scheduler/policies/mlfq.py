@@ -48,7 +48,7 @@ class LeveledPolicy:
         self.log_growth = math.log(config.mlfq_growth)
         self._heap = ReadyHeap(self.name)
         self._starvation = anti_starvation_for(
-            config, default=True, program_history=self.program_history
+            config, self._in_queue, default=True, program_history=self.program_history
         )
         self._ranks = LeveledRanks(self.levels)
 
@@ -94,14 +94,18 @@ class LeveledPolicy:
         self._heap.push(call, self.key(call, level))
 
     def pop(self, now: float) -> CallNode | None:
-        self._settle_head(now)
-        call = self._heap.pop()
-        if call is not None and self._starvation is not None:
-            self._starvation.leave(call)
-        return call
+        starvation = self._starvation
+        if starvation is not None and starvation.next_due <= now:
+            self._promote_starving(now)
+        if self.ranks_grow_while_queued:
+            self._rerank_head(now)
+        return self._heap.pop()
 
     def peek(self, now: float) -> CallNode | None:
-        self._settle_head(now)
+        if self._starvation is not None:
+            self._promote_starving(now)
+        if self.ranks_grow_while_queued:
+            self._rerank_head(now)
         return self._heap.peek()
 
     def requeue(self, call: CallNode, now: float) -> None:
@@ -112,11 +116,8 @@ class LeveledPolicy:
                 self._promote(call)
 
     def remove(self, call: CallNode) -> None:
-        heap = call.heap
-        if heap is not None:
-            heap.remove(call)
-            if heap is self._heap and self._starvation is not None:
-                self._starvation.leave(call)
+        if call.heap is not None:
+            call.heap.remove(call)
 
     def rekey(self, call: CallNode, now: float) -> None:
         if call.heap is self._heap:
@@ -124,7 +125,7 @@ class LeveledPolicy:
 
     def on_call_finished(self, call: CallNode, now: float) -> None:
         """The program's history changed: its queued calls follow when they reach the
-        head (`_settle_head`), their deadlines when those pass (`AntiStarvation`)."""
+        head (`_rerank_head`), their deadlines when those pass (`AntiStarvation`)."""
 
     def level_after_running(self, call: CallNode, ran: float) -> int:
         level = call.level
@@ -143,14 +144,13 @@ class LeveledPolicy:
         return depth
 
     # --- internals ---------------------------------------------------------------------
-    def _settle_head(self, now: float) -> None:
-        """Promote the calls whose deadline passed, then bring the head's key up to date."""
-        if self._starvation is not None:
-            for call in self._starvation.starving(now):
-                if call.heap is self._heap:
-                    self._promote(call)
-        if not self.ranks_grow_while_queued:
-            return
+    def _promote_starving(self, now: float) -> None:
+        assert self._starvation is not None
+        for call in self._starvation.starving(now):
+            self._promote(call)
+
+    def _rerank_head(self, now: float) -> None:
+        """Bring the head's key up to date (its rank may have grown since it was keyed)."""
         heap = self._heap
         while (call := heap.peek()) is not None and call.promote_at != PROMOTED:
             rank = self.rank(call)
@@ -165,6 +165,9 @@ class LeveledPolicy:
                     level = 0
             call.level = level
             heap.push(call, self.key(call, level))
+
+    def _in_queue(self, call: CallNode) -> bool:
+        return call.heap is self._heap
 
     def _promote(self, call: CallNode) -> None:
         call.level = 0
