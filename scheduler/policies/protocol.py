@@ -7,12 +7,13 @@ mechanism decides when to ask (a call is ready, a replica has room, a call finis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..program import CallNode
 
 
+@runtime_checkable
 class Policy(Protocol):
     """A call-ordering policy (`scheduler/policies/registry.py` lists them)."""
 

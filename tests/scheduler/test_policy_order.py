@@ -327,3 +327,24 @@ def test_plas_reranks_a_queued_call_when_it_reaches_the_head():
     assert order[:16] == [f"p{i}" for i in range(16)]
     assert order[16] == "q0"
     assert order[17:] == [f"p{i}" for i in range(16, 50)]
+
+
+def test_every_registered_policy_keeps_the_contract_and_names_come_from_the_registry():
+    import argparse
+    import typing
+
+    from progserve.bench import policies as bench
+    from progserve.commands import serve
+    from scheduler.policies import POLICY_NAMES, Policy, policy_levels
+
+    for name in POLICY_NAMES:
+        pol = make_policy(cfg(name), Hints(lambda c: 0))
+        assert isinstance(pol, Policy), name
+        assert pol.name == name and pol.levels == policy_levels(cfg(name))
+    assert typing.get_args(SchedulerConfig.model_fields["policy"].annotation) == POLICY_NAMES
+    parser = argparse.ArgumentParser()
+    serve.configure(parser)
+    assert tuple(next(a for a in parser._actions if a.dest == "policy").choices) == POLICY_NAMES
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    assert parser.parse_args([]).policies == ",".join(POLICY_NAMES)
