@@ -173,6 +173,7 @@ class CallNode:
     # to the calls it waits on).
     urgent: bool = False
     priority: float = 0.0  # attained-service rank; lower runs first
+    rank_settled: bool = False  # the rank cannot change while it waits (policies/atlas.py)
     level: int = 0  # MLFQ queue
     key: tuple[Any, ...] = ()
     heap: ReadyHeap | None = None

@@ -152,7 +152,9 @@ class LeveledPolicy:
     def _rerank_head(self, now: float) -> None:
         """Bring the head's key up to date (its rank may have grown since it was keyed)."""
         heap = self._heap
-        while (call := heap.peek()) is not None and call.promote_at != PROMOTED:
+        while (call := heap.peek()) is not None:
+            if call.rank_settled or call.promote_at == PROMOTED:
+                return
             rank = self.rank(call)
             if rank == call.priority:
                 return
