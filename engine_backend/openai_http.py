@@ -27,9 +27,13 @@ progserve).
   (`openai_upstream.py`).
 - Logprobs and their top alternatives when the server returns them; prompt logprobs
   (`logprob_start_len >= 0`) from a non-streamed `echo` answer, split at
-  `usage.prompt_tokens`. No priority, no retention hints, no token ids. Abort closes the
+  `usage.prompt_tokens`. No retention hints, no token ids. Abort closes the
   stream (the protocol has no abort call; servers stop on disconnect). A request whose
   caller only needs the whole answer (`stream` False) is one non-streamed call.
+- Priority only with `send_priority` (the server is vLLM run with `--scheduling-policy
+  priority`; other servers reject or ignore the field): the request's engine rank
+  (`engine_rank.py`: an int, lower first) is vLLM's `priority`, lower first, as is
+  (`vllm_priority`).
 """
 
 from __future__ import annotations
@@ -150,6 +154,7 @@ class OpenAIHTTPEngine(HTTPEngine):
         cache_salt: Literal["auto", "on", "off"] = "auto",
         tokenizer: Path | None = None,
         transport: Transport | None = None,
+        send_priority: bool = False,
     ):
         """`base_url` is the server root (`http://host:port`) or its `/v1` root.
         `logprobs=None` probes the server at start. `tokenizer`: a directory with the
@@ -161,8 +166,9 @@ class OpenAIHTTPEngine(HTTPEngine):
         self._cache_salt_setting = cache_salt
         self._tokenizer_path = tokenizer
         self._max_context_len = max_context_len
+        self._send_priority = send_priority
         self._aborted: set[str] = set()
-        self._wire = WireOptions(model=model or "default")
+        self._wire = WireOptions(model=model or "default", priority=send_priority)
         self.counter = TokenCounter()
         self._model_info = self._describe_model()
 
@@ -177,7 +183,8 @@ class OpenAIHTTPEngine(HTTPEngine):
             (self._cache_salt_setting == "auto" and features.vllm)
         self._wire = WireOptions(model=features.model or "default",
                                  continuous_usage=features.continuous_usage,
-                                 cache_salt=salt, continue_chat=features.vllm)
+                                 cache_salt=salt, continue_chat=features.vllm,
+                                 priority=self._send_priority)
         local = LocalTokenizer.load(self._tokenizer_path) if self._tokenizer_path else None
         remote = (lambda text: remote_count(self, features, text)) if features.tokenize else None
         self.counter = TokenCounter(local, remote)
@@ -516,7 +523,7 @@ class OpenAIHTTPEngine(HTTPEngine):
         return await self.answers("GET", "/v1/models")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(priority=False, logprobs=self.features.logprobs,
+        return Capabilities(priority=self._send_priority, logprobs=self.features.logprobs,
                             constrained_decoding=False, token_ids=False, retention=False,
                             abort=True, chat=True)
 

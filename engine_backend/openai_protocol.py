@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .engine_rank import clamp_rank
 from .types import FinishReason, FinishType, GenerateRequest, LogprobEntry
 
 TOOL_OPEN = '<tool_call>\n{"name": '
@@ -29,6 +30,12 @@ class WireOptions:
     continuous_usage: bool = False  # usage on every streamed chunk (vLLM, SGLang)
     cache_salt: bool = False  # `cache_salt` isolates prefix caching (vLLM)
     continue_chat: bool = False  # `continue_final_message` continues an answer (vLLM)
+    priority: bool = False  # `priority` orders requests (vLLM --scheduling-policy priority)
+
+
+def vllm_priority(rank: float) -> int:
+    """vLLM's `priority` (lower first, any int) for an engine rank: the rank itself."""
+    return clamp_rank(rank)
 
 
 def finish_reason(reason: str | None, completion_tokens: int,
@@ -69,6 +76,8 @@ def _common(request: GenerateRequest, opts: WireOptions, max_tokens: int,
         body["ignore_eos"] = True  # vLLM's extension; only sent when asked for
     if request.cache_salt is not None and opts.cache_salt:
         body["cache_salt"] = request.cache_salt
+    if opts.priority:
+        body["priority"] = vllm_priority(request.priority)
     return body
 
 

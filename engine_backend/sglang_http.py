@@ -8,10 +8,11 @@
 - `rid` is passed through, so `abort(rid)` can `POST /abort_request`. Closing the stream
   early (the consumer stopped) also aborts upstream: SGLang aborts on disconnect and an
   explicit abort is sent as well.
-- `priority`: progserve's priority is *lower is more urgent* (attained service, seconds).
-  SGLang's `--enable-priority-scheduling` takes integers and, unless the server runs with
-  `--schedule-low-priority-values-first`, serves *larger* values first. The translation
-  is `-round(priority * priority_scale)` (or `+` for low-values-first servers).
+- `priority`: the request's engine rank (`engine_rank.py`: an int, lower first) as SGLang's
+  int32 `priority` (`sglang_priority`). Under `--enable-priority-scheduling` SGLang serves
+  *larger* values first unless the server runs `--schedule-low-priority-values-first`
+  (`SchedulePolicy.priority_sign` in `srt/managers/schedule_policy.py`), so the rank is
+  sent negated, or as is for low-values-first servers: order-preserving, never clamped.
 - `cached_tokens`, `prompt_tokens`, `completion_tokens`, the finish reason and the
   (top) logprobs come from `meta_info`.
 - A tenant's cache salt (`GenerateRequest.cache_salt`) goes in the request field SGLang
@@ -38,6 +39,7 @@ from typing import Any, Literal
 
 import orjson
 
+from .engine_rank import clamp_rank
 from .errors import (
     EngineError,
     EngineUnavailableError,
@@ -62,8 +64,6 @@ from .types import (
 
 log = logging.getLogger(__name__)
 
-
-_INT32 = 2**31 - 1
 
 
 def finish_reason_from_json(value: Any) -> FinishReason | None:
@@ -156,7 +156,6 @@ class SGLangHTTPEngine(HTTPEngine):
         *,
         api_key: str | None = None,
         send_priority: bool = True,
-        priority_scale: float = 1000.0,
         low_priority_values_first: bool = False,
         model_path: str | None = None,
         connect_timeout: float = 5.0,
@@ -167,7 +166,6 @@ class SGLangHTTPEngine(HTTPEngine):
         super().__init__(base_url, api_key=api_key, connect_timeout=connect_timeout,
                          transport=transport)
         self._send_priority = send_priority
-        self._priority_scale = priority_scale
         self._low_first = low_priority_values_first
         self._model_info = ModelInfo(model_path=model_path or self.base_url)
         self._writer = priority_writer
@@ -217,10 +215,11 @@ class SGLangHTTPEngine(HTTPEngine):
 
     # ---------------------------------------------------------------- generate
 
-    def sglang_priority(self, priority: float) -> int:
-        scaled = round(priority * self._priority_scale)
-        value = scaled if self._low_first else -scaled
-        return max(-_INT32, min(_INT32, value))
+    def sglang_priority(self, rank: float) -> int:
+        """SGLang's `priority` for an engine rank: `-rank`, or `rank` on a server that runs
+        `--schedule-low-priority-values-first`; both within int32."""
+        rank = clamp_rank(rank)
+        return rank if self._low_first else -rank
 
     def upstream_rid(self, request: GenerateRequest) -> str:
         """The rid sent to SGLang: with retention hints on, it names the program."""

@@ -91,7 +91,6 @@ def _sglang_engines(settings: Settings) -> list[Engine]:
             url,
             api_key=cfg.api_key,
             send_priority=cfg.send_priority and settings.scheduler.pass_priority,
-            priority_scale=cfg.priority_scale,
             low_priority_values_first=cfg.low_priority_values_first,
             model_path=settings.model,
             connect_timeout=cfg.connect_timeout_s,
@@ -112,6 +111,7 @@ def _openai_engines(settings: Settings) -> list[Engine]:
     return [
         OpenAIHTTPEngine(url, model=settings.model, api_key=cfg.api_key, logprobs=cfg.logprobs,
                          connect_timeout=cfg.connect_timeout_s, cache_salt=cfg.cache_salt,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer,
+                         send_priority=cfg.openai_priority and settings.scheduler.pass_priority)
         for url in _require_urls(settings)
     ]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 
 from engine_backend.types import EngineStats
+from scheduler.policies import policy_levels
 
 from .auth import Authenticator
 from .config import ObservabilityConfig
@@ -35,9 +36,6 @@ from .ui.routes import install_ui
 
 if TYPE_CHECKING:
     from .runtime import Runtime
-
-
-LEVELED = ("mlfq", "plas", "atlas")  # policies with MLFQ queue levels
 
 
 @dataclass(slots=True)
@@ -91,7 +89,7 @@ def build_observability(runtime: Runtime) -> Observability:
         otlp_endpoint=settings.otlp_endpoint,
     )
     scheduler = runtime.scheduler
-    levels = settings.scheduler.mlfq_queues if settings.scheduler.policy in LEVELED else 1
+    levels = policy_levels(settings.scheduler)
     metrics = Metrics(
         scheduler_stats=scheduler.stats,
         engine_stats=runtime_engine_stats(runtime),

@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .config import SchedulerConfig
-from .dispatcher import Dispatcher, Replica
+from .dispatcher import Dispatcher
 from .events import EventBus, EventKind
 from .kv_admission import KvAdmission
 from .loop_context import LoopContext
 from .policies import Policy
 from .program import CallNode, CallStatus, Program
+from .replica import Replica
 from .router import Router
 
 

@@ -36,12 +36,12 @@ from .call_endings import CallEndings
 from .call_queue import CallQueue
 from .choices import pick_choice
 from .config import SchedulerConfig
-from .dispatcher import Replica
 from .errors import CallFailedError, ProgramCancelledError
 from .events import EventBus, EventKind
 from .loop_context import LoopContext
 from .policies import Policy
 from .program import CallNode, CallStatus, VariableSlot
+from .replica import Replica
 from .replica_health import ReplicaHealth
 from .retention import RetentionManager
 from .router import Router
@@ -251,7 +251,7 @@ class CallRunner:
         assert request is not None
         priority = request.priority
         if self.config.pass_priority and replica.capabilities.priority:
-            priority = self.policy.engine_priority(call)
+            priority = self.policy.engine_rank(call)
         # The cache owner for retention hints; an untagged call's one-call program never
         # gets any, so engines need not track it.
         owner = None if call.program.single_call else call.program.engine_key

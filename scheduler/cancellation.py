@@ -12,10 +12,10 @@ from engine_backend.errors import EngineError
 from .call_endings import CallEndings
 from .call_queue import CallQueue
 from .call_runner import engine_rid
-from .dispatcher import Replica
 from .errors import ProgramCancelledError
 from .loop_context import LoopContext
 from .program import CallNode, CallStatus, Program
+from .replica import Replica
 
 
 class Cancellation:

@@ -17,13 +17,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
-PolicyName = Literal["fcfs", "mlfq", "plas", "atlas", "dlpm"]
+from .policies.registry import DEFAULT_POLICY, POLICY_NAMES
+
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
 BalanceName = Literal["round_robin", "least_loaded", "affinity"]
 ServiceMetric = Literal["weighted_tokens", "engine_time"]
 
 
 class SchedulerConfig(BaseModel):
-    policy: PolicyName = Field("atlas", description="call ordering policy")
+    policy: PolicyName = Field(DEFAULT_POLICY, description="call ordering policy")
     # Attained service (see the module docstring).
     service_metric: ServiceMetric = Field(
         "weighted_tokens",
@@ -50,6 +52,10 @@ class SchedulerConfig(BaseModel):
     )
     starvation_beta: float = Field(
         16.0, gt=0, description="promote to the top queue when wait/service >= beta"
+    )
+    anti_starvation: bool | None = Field(
+        None, description="promote starving calls (starvation_beta); default: on for "
+        "mlfq, plas and atlas, off for fcfs and dlpm"
     )
     # DLPM
     dlpm_quantum_tokens: int = Field(4096, gt=0, description="deficit added per tenant per round")

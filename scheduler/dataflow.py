@@ -22,13 +22,13 @@ from .call_endings import CallEndings, failure
 from .call_queue import CallQueue
 from .call_runner import CallRunner
 from .choices import choices_regex
-from .dispatcher import Replica
 from .errors import CallFailedError, ProgramCancelledError
 from .events import EventBus, EventKind
 from .loop_context import LoopContext
 from .policies import Policy
 from .program import CallNode, CallStatus, Program, VariableSlot, dependency_ids, mark_urgent
 from .program_table import ProgramTable
+from .replica import Replica
 from .spec import VARIABLE_REF, CallSpec
 
 
@@ -92,33 +92,27 @@ class DataflowGraph:
                 self.start(call)
 
     def _new_calls(self, program: Program, specs: Sequence[CallSpec]) -> list[CallNode]:
-        producers: dict[str, str | None] = {
-            name: slot.producer for name, slot in program.variables.items()
-        }
-        for spec in specs:
+        for spec in specs:  # first, so a call may read a variable written later in the batch
             if spec.output is not None:
-                producers[spec.output] = spec.id
+                program.variables[spec.output] = VariableSlot(spec.output, producer=spec.id)
         new_calls: list[CallNode] = []
         for spec in specs:
-            deps = tuple(dependency_ids(spec, producers))
+            deps = tuple(dependency_ids(spec, program.variables))
             # Graph calls depend on their data flow only, never on a thread predecessor.
             call = self.programs.new_call(
                 program, spec.id, spec.kind, spec.thread_id or "main", deps, thread_parent=False
             )
             call.spec = spec
             call.output = spec.output
-            if spec.output is not None:
-                program.variables[spec.output] = VariableSlot(spec.output, producer=spec.id)
             call.status = CallStatus.PENDING
             new_calls.append(call)
         return new_calls
 
     def _mark_urgent(self, call: CallNode) -> None:
         now = self.loop.time()
-        queue = getattr(self.policy, "heap", None)
         for node in mark_urgent(call):
-            if queue is not None and node.heap is queue:  # re-key it in its queue
-                self.policy.push(node, now)
+            if node.status == CallStatus.QUEUED:
+                self.policy.rekey(node, now)
 
     # ------------------------------------------------------------------ starting calls
     def start(self, call: CallNode) -> None:

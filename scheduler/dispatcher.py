@@ -13,69 +13,17 @@ coroutine that awaits it (the call's executor) then streams from the engine and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from engine_backend.base import Engine
-from engine_backend.types import Capabilities
+from .program import CallStatus
 
-from .config import SchedulerConfig
-from .policies import Policy
-from .program import CallNode, CallStatus
-from .ready_queue import ReadyHeap
-from .router import PrefixTree, Router
-
-
-@dataclass(slots=True, eq=False)
-class Replica:
-    index: int
-    engine: Engine
-    capabilities: Capabilities
-    tree: PrefixTree
-    max_requests: int
-    max_tokens: int
-    inflight_requests: int = 0
-    inflight_tokens: int = 0
-    dispatched: int = 0
-    running: set[CallNode] = field(default_factory=set)
-    parked: ReadyHeap = field(default_factory=lambda: ReadyHeap("parked"))
-    healthy: bool = True  # False while down (scheduler/replica_health.py): takes no calls
-    kv_capacity: int = 0  # tokens, from the engine's stats at start; 0 = unknown
-
-    def has_room(self, call: CallNode) -> bool:
-        if self.inflight_requests >= self.max_requests or not self.healthy:
-            return False
-        # An idle replica always takes one call, however large.
-        return (
-            self.inflight_tokens + call.budget_tokens <= self.max_tokens
-            or self.inflight_requests == 0
-        )
-
-    def has_request_room(self) -> bool:
-        return self.healthy and self.inflight_requests < self.max_requests
-
-    def backlog(self) -> int:
-        """Calls on the replica or parked waiting for it."""
-        return self.inflight_requests + len(self.parked)
-
-    def load_key(self) -> tuple[int, int, int]:
-        return (self.inflight_requests, self.inflight_tokens, self.index)
-
-
-def make_replicas(engines: Sequence[Engine], config: SchedulerConfig) -> list[Replica]:
-    # The trees hold sampled keys: one element stands for `router_token_stride` tokens.
-    tree_elements = max(1, config.router_tree_tokens // config.router_token_stride)
-    return [
-        Replica(
-            index=i,
-            engine=engine,
-            capabilities=engine.capabilities(),
-            tree=PrefixTree(tree_elements),
-            max_requests=config.max_inflight_requests,
-            max_tokens=config.max_inflight_tokens,
-        )
-        for i, engine in enumerate(engines)
-    ]
+if TYPE_CHECKING:
+    from .config import SchedulerConfig
+    from .policies import Policy
+    from .program import CallNode
+    from .replica import Replica
+    from .router import Router
 
 
 class Dispatcher:
@@ -126,8 +74,7 @@ class Dispatcher:
 
     def remove(self, call: CallNode) -> None:
         """Take a queued or parked call out of every queue (cancellation)."""
-        if call.heap is not None:
-            call.heap.remove(call)
+        self.policy.remove(call)
         self._left_queue(call)
 
     def release(self, call: CallNode) -> None:
@@ -225,7 +172,7 @@ class Dispatcher:
         self._abort = abort
 
     def _schedule_preemption_check(self) -> None:
-        if self._abort is None or self._preempt_timer is not None or not self.policy.uses_levels:
+        if self._abort is None or self._preempt_timer is not None or self.policy.levels <= 1:
             return
         if not len(self.policy) or all(r.capabilities.priority for r in self.replicas):
             return
@@ -237,10 +184,10 @@ class Dispatcher:
     def _preemption_check(self) -> None:
         self._preempt_timer = None
         policy = self.policy
-        top = policy.heap.peek()
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        top = policy.peek(now)
         if top is not None and self._abort is not None:
-            loop = self._loop or asyncio.get_running_loop()
-            now = loop.time()
             victim: CallNode | None = None
             worst = top.level
             for replica in self.replicas:

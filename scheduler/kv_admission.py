@@ -44,8 +44,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from .config import SchedulerConfig
-from .dispatcher import Replica
 from .program import CallNode, CallStatus, Program
+from .replica import Replica
 
 # Weight of each new first-call footprint in the running mean (about the last 20).
 FIRST_FOOTPRINT_WEIGHT = 0.05

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
@@ -173,6 +173,7 @@ class CallNode:
     # to the calls it waits on).
     urgent: bool = False
     priority: float = 0.0  # attained-service rank; lower runs first
+    rank_settled: bool = False  # the rank cannot change while it waits (policies/atlas.py)
     level: int = 0  # MLFQ queue
     key: tuple[Any, ...] = ()
     heap: ReadyHeap | None = None
@@ -290,7 +291,8 @@ def validate_new_calls(
 ) -> None:
     """Check a batch of calls against the program before anything is added: ids, outputs,
     variables, parents, size and cycles. Raises `ProgramValidationError` naming the call
-    or variable at fault."""
+    or variable at fault. Costs O(batch): existing calls and variables are looked up, not
+    copied, so a program grown call by call stays linear."""
     calls = list(calls)
     if len(program.calls) + len(calls) > max_calls:
         raise ProgramValidationError(
@@ -298,9 +300,7 @@ def validate_new_calls(
             f"the limit is {max_calls}"
         )
     new_ids: set[str] = set()
-    producers: dict[str, str] = {
-        name: slot.producer or "<input>" for name, slot in program.variables.items()
-    }
+    new_outputs: dict[str, str] = {}  # variable -> the new call that writes it
     for call in calls:
         if call.id in program.calls:
             raise CallExistsError(f"program {program.id!r} already has a call {call.id!r}")
@@ -312,39 +312,49 @@ def validate_new_calls(
                 f"call {call.id!r} uses tool {call.tool!r} but no tool executor is configured"
             )
         if call.output is not None:
-            if call.output in producers:
+            writer = new_outputs.get(call.output) or _producer(program, call.output)
+            if writer is not None:
                 raise ProgramValidationError(
-                    f"variable {call.output!r} is written by both {producers[call.output]!r} "
+                    f"variable {call.output!r} is written by both {writer!r} "
                     f"and call {call.id!r}"
                 )
-            producers[call.output] = call.id
+            new_outputs[call.output] = call.id
     for call in calls:
         for name in call.input_variables():
-            if name not in producers:
+            producer = new_outputs.get(name) or _producer(program, name)
+            if producer is None:
                 raise ProgramValidationError(
                     f"call {call.id!r} references unknown variable {name!r}"
                 )
-            if producers[name] == call.id:
+            if producer == call.id:
                 raise ProgramValidationError(f"call {call.id!r} reads its own output {name!r}")
         for parent in call.parents:
             if parent not in program.calls and parent not in new_ids:
                 raise ProgramValidationError(f"call {call.id!r} names unknown parent {parent!r}")
-    _reject_cycles(program, calls, producers)
+    _reject_cycles(calls, new_outputs)
 
 
-def _reject_cycles(program: Program, calls: list[CallSpec], producers: dict[str, str]) -> None:
+def _producer(program: Program, name: str) -> str | None:
+    """Who writes an existing variable: a call id, `<input>`, or None (no such variable)."""
+    slot = program.variables.get(name)
+    if slot is None:
+        return None
+    return slot.producer or "<input>"
+
+
+def _reject_cycles(calls: list[CallSpec], new_outputs: dict[str, str]) -> None:
+    # Edges into existing calls are impossible (they are already placed), so a cycle can
+    # only lie among the new calls.
     graph = nx.DiGraph()
     graph.add_nodes_from(call.id for call in calls)
     for call in calls:
         for name in call.input_variables():
-            producer = producers[name]
-            if producer in graph:
+            producer = new_outputs.get(name)
+            if producer is not None:
                 graph.add_edge(producer, call.id)
         for parent in call.parents:
             if parent in graph:
                 graph.add_edge(parent, call.id)
-    # Edges into existing calls are impossible (they are already placed), so a cycle can
-    # only lie among the new calls.
     try:
         cycle = nx.find_cycle(graph)
     except nx.NetworkXNoCycle:
@@ -353,13 +363,13 @@ def _reject_cycles(program: Program, calls: list[CallSpec], producers: dict[str,
     raise ProgramValidationError(f"calls form a cycle: {names}")
 
 
-def dependency_ids(call: CallSpec, producers: dict[str, str | None]) -> list[str]:
+def dependency_ids(call: CallSpec, variables: Mapping[str, VariableSlot]) -> list[str]:
     """Ids of the calls `call` depends on: producers of its inputs, then its parents."""
     deps: list[str] = []
     for name in call.input_variables():
-        producer = producers.get(name)
-        if producer is not None:
-            deps.append(producer)
+        slot = variables.get(name)
+        if slot is not None and slot.producer is not None:
+            deps.append(slot.producer)
     deps.extend(call.parents)
     return list(dict.fromkeys(deps))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from engine_backend.errors import EngineUnavailableError
 
 from .config import SchedulerConfig
-from .dispatcher import Replica
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 

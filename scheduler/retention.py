@@ -36,8 +36,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from .config import SchedulerConfig
-from .dispatcher import Replica
 from .program import Program
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
 """Replica routing: which engine replica runs a call.
 
-Each replica has an approximate prefix tree (a `RadixCache` without values) of the prompts
-routed to it, bounded to about the engine's KV size, which estimates the cache hit a call
-would get there. The trees are namespaced by the program's cache salt, as the engines'
-caches are, so a call is never routed towards another tenant's prefix. Approximate twice over, to stay cheap on the hot path: token prompts are
-keyed by every `router_token_stride`-th token (a C-speed slice; a prefix shared token by
-token is shared on the sampled grid too), text prompts by 16-character blocks. The `affinity` balance (Autellix, and the SGLang router's cache-aware
-mode):
+Each replica has an approximate index of the prompts routed to it (`Replica.tree`, a
+`PrefixIndex`: `scheduler/replica.py`), which estimates the cache hit a call would get
+there. The indexes are namespaced by the program's cache salt, as the engines'
+caches are, so a call is never routed towards another tenant's prefix. The `affinity` balance (Autellix, and the SGLang router's cache-aware mode):
 
 - a long-context call (prompt >= `long_context_tokens`) stays on its program's replica,
   waiting for room there: moving it would re-prefill the whole context;
@@ -29,26 +26,15 @@ replicas with room in their in-flight budget (`affinity` may park one for its ho
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine_backend.radix_cache import KeyedTokens, RadixCache, TokenKey
-
-from .config import SchedulerConfig
+from .replica import Replica, RouteKey, prompt_key, with_output
 
 if TYPE_CHECKING:
-    from .dispatcher import Replica
+    from .config import SchedulerConfig
     from .program import CallNode
-
-# Text prompts are keyed for the tree by blocks of this many characters (one pseudo-token
-# each): coarse, but prefix-consistent and cheap.
-TEXT_BLOCK_CHARS = 16
-
-
-def text_route_key(text: str) -> list[int]:
-    return [hash(text[i : i + TEXT_BLOCK_CHARS]) for i in range(0, len(text), TEXT_BLOCK_CHARS)]
 
 
 @dataclass(slots=True)
@@ -56,27 +42,6 @@ class RouteDecision:
     replica: Replica | None  # None: no replica can take the call now
     wait_for_home: bool = False  # park the call on `replica` until it has room
     estimated_hit: int = 0  # tokens
-
-
-class PrefixTree:
-    """One replica's approximate prefix index, bounded in key elements (LRU)."""
-
-    __slots__ = ("tree", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        ticks = itertools.count()
-        self.tree = RadixCache(eviction="lru", store_values=False, clock=lambda: next(ticks))
-        self.capacity = capacity
-
-    def match(self, key: TokenKey, namespace: str | None) -> int:
-        return self.tree.match_prefix(key, touch=False, namespace=namespace).length
-
-    def insert(self, key: TokenKey, namespace: str | None) -> None:
-        tree = self.tree
-        tree.insert(key, namespace=namespace)
-        excess = tree.total_size() - self.capacity
-        if excess > 0:
-            tree.evict(excess)
 
 
 class Router:
@@ -89,13 +54,17 @@ class Router:
         self.max_imbalance = (config.balance_abs_threshold
                               if config.balance_abs_threshold is not None
                               else config.max_inflight_requests)
-        # The trees serve two readers: the choice among several replicas, and DLPM's
-        # prefix hint. With neither, keeping them costs every call a radix insert for
-        # nothing (the common single-engine proxy set-up).
-        self.tracks_prefixes = len(self.replicas) > 1 or config.policy == "dlpm"
+        # The trees serve two readers: the choice among several replicas, and a policy
+        # that ranks by cached prefix (`track_prefixes`). With neither, keeping them costs
+        # every call a radix insert for nothing (the common single-engine proxy set-up).
+        self.tracks_prefixes = len(self.replicas) > 1
+
+    def track_prefixes(self) -> None:
+        """A policy reads `best_match`: keep the trees even with one replica."""
+        self.tracks_prefixes = True
 
     # ------------------------------------------------------------------ keys and hints
-    def route_key(self, call: CallNode) -> tuple[TokenKey | None, float]:
+    def route_key(self, call: CallNode) -> tuple[RouteKey | None, float]:
         """The call's prompt encoded for the trees (once per call), and the tokens each
         key element stands for."""
         key = call.route_key
@@ -103,18 +72,7 @@ class Router:
             request = call.request
             if request is None:
                 return None, 1.0
-            ids = request.input_ids
-            if ids is not None:
-                stride = self.config.router_token_stride
-                full = ids.key_if_current() if type(ids) is KeyedTokens else None
-                if full is not None:  # every stride-th 8-byte token of the encoded prompt
-                    key = TokenKey.from_bytes(full.data_strided(stride))
-                else:
-                    key = TokenKey(ids[::stride])
-                call.route_scale = float(stride)
-            else:
-                key = TokenKey(text_route_key(request.text or ""))
-                call.route_scale = TEXT_BLOCK_CHARS / self.config.chars_per_token
+            key, call.route_scale = prompt_key(request, self.config)
             call.route_key = key
         return key, call.route_scale
 
@@ -221,8 +179,5 @@ class Router:
             return
         request = call.request
         if output_ids and request is not None and request.input_ids is not None:
-            # Continue the sampling grid of the prompt (every `stride`-th position).
-            stride = self.config.router_token_stride
-            first = -len(request.input_ids) % stride
-            key = key.extended(output_ids[first::stride])
+            key = with_output(key, request, output_ids, self.config.router_token_stride)
         replica.tree.insert(key, call.program.cache_salt)

@@ -36,7 +36,6 @@ from .call_runner import CallRunner
 from .cancellation import Cancellation
 from .config import CacheConfig, SchedulerConfig
 from .dataflow import DataflowGraph, ToolRunner
-from .dispatcher import Replica, make_replicas
 from .errors import (
     CallExistsError,
     ProgramExistsError,
@@ -49,6 +48,7 @@ from .policies import make_policy
 from .program import PROGRAM_STATUS_NAMES, CallNode, Program, ProgramStatus, VariableSlot
 from .program import validate_new_calls as validate_calls
 from .program_table import PROGRAM_ID, ProgramTable
+from .replica import Replica, make_replicas
 from .replica_health import ReplicaHealth
 from .retention import RetentionManager
 from .router import Router
@@ -108,7 +108,7 @@ class Scheduler:
         self.bus = EventBus(self._loop)
         self.replicas: list[Replica] = make_replicas(self.engines, config)
         self.router = Router(config, self.replicas)
-        self.policy = make_policy(config, prefix_hint=self.router.best_match)
+        self.policy = make_policy(config, self.router)
         self.queue = CallQueue(config, self._loop, self.bus, self.replicas, self.policy,
                                self.router)
         self.dispatcher = self.queue.dispatcher

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from .program import CALL_STATUS_NAMES, PROGRAM_STATUS_NAMES
 
 if TYPE_CHECKING:
-    from .dispatcher import Replica
     from .program import CallNode, Program
+    from .replica import Replica
 
 CallStatusName = Literal["pending", "queued", "running", "finished", "failed", "cancelled"]
 ProgramStatusName = Literal["running", "idle", "finished", "failed", "cancelled"]

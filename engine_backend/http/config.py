@@ -12,9 +12,13 @@ from pydantic import BaseModel, Field
 class HTTPEngineConfig(BaseModel):
     api_key: str | None = Field(None, description="bearer key sent to the upstream engine")
     connect_timeout_s: float = Field(5.0, gt=0, description="connect and control-call timeout")
-    send_priority: bool = Field(True, description="sglang: pass priorities down")
-    priority_scale: float = Field(
-        1000.0, gt=0, description="sglang: priority = -round(progserve priority * scale)"
+    send_priority: bool = Field(
+        True, description="sglang: pass engine ranks down as `priority` (the server runs "
+        "--enable-priority-scheduling)"
+    )
+    openai_priority: bool = Field(
+        False, description="openai: pass engine ranks down as `priority` (the server is vLLM "
+        "run with --scheduling-policy priority)"
     )
     low_priority_values_first: bool = Field(
         False, description="sglang: the server runs --schedule-low-priority-values-first"

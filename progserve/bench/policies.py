@@ -23,13 +23,11 @@ from typing import Any
 
 from engine_backend.sim import SimConfig
 from scheduler.config import SchedulerConfig
+from scheduler.policies import DEFAULT_POLICY, POLICY_NAMES, PROGRAM_AWARE_POLICIES
 
 from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
 from .workloads import DEFAULT_MIX, PROGRAM_TYPES, WORKLOADS, Mix, generate_trace, parse_mix
-
-ALL_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "dlpm")
-PROGRAM_AWARE = ("plas", "atlas")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -43,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--programs", type=int, default=2000, help="programs per run (>= 2000 "
                    "for steady state; fewer for a smoke run)")
     g.add_argument("--replicas", type=int, default=4)
-    g.add_argument("--policies", default=",".join(ALL_POLICIES),
-                   help="comma-separated: " + ",".join(ALL_POLICIES))
+    g.add_argument("--policies", default=",".join(POLICY_NAMES),
+                   help="comma-separated: " + ",".join(POLICY_NAMES))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", type=Path, default=None, help="write the results here")
     g.add_argument("--plot", type=Path, default=None, help="latency vs rate plot (PNG)")
@@ -328,7 +326,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-        unknown = set(self.policies) - set(ALL_POLICIES)
+        unknown = set(self.policies) - set(POLICY_NAMES)
         if unknown:
             raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
         self.setup = build_setup(args)
@@ -467,7 +465,8 @@ class Bench:
         `--retention-kv-capacity` is given, at the mildest memory pressure that qualifies:
         the largest capacity where plain LRU hits below 80% (`mildest_pressure`)."""
         a = self.args
-        policy = next((p for p in ("atlas", "plas") if p in self.policies), self.policies[0])
+        preferred = (DEFAULT_POLICY, *PROGRAM_AWARE_POLICIES)
+        policy = next((p for p in preferred if p in self.policies), self.policies[0])
 
         def submit(name: str, capacity: int) -> futures.Future[dict[str, Any]]:
             variant = RETENTION_VARIANTS[name]
@@ -613,7 +612,7 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
     base = fcfs["at_load"]
     out: dict[str, Any] = {}
     best_name, best_mean = None, math.inf
-    for name in PROGRAM_AWARE:
+    for name in PROGRAM_AWARE_POLICIES:
         entry = pol.get(name)
         if not entry or not entry.get("at_load"):
             continue
@@ -635,7 +634,8 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
             best_name, best_mean = name, load["mean_token_latency"]
     out["best_program_aware"] = best_name
     out["floor"] = ratio_floor(report["slo"]["unloaded"], base)
-    for name in ("mlfq", "dlpm"):
+    others = [n for n in POLICY_NAMES if n != "fcfs" and n not in PROGRAM_AWARE_POLICIES]
+    for name in others:
         entry = pol.get(name)
         if entry and entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo"):
             out.setdefault(name, {})["throughput_ratio"] = (

@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from scheduler.policies import DEFAULT_POLICY, POLICY_NAMES
+
 ENGINES = ("sim", "torch", "sglang", "openai")
-POLICIES = ("fcfs", "mlfq", "plas", "atlas", "dlpm")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "a directory lets several progserve processes share the servers")
     parser.add_argument("--model", help="model served: a name, or the model directory (torch)")
     parser.add_argument("--replicas", type=int, help="embedded engine replicas (sim/torch)")
-    parser.add_argument("--policy", choices=POLICIES, help="scheduling policy (default: atlas)")
+    parser.add_argument("--policy", choices=POLICY_NAMES,
+                        help=f"scheduling policy (default: {DEFAULT_POLICY})")
     parser.add_argument("--redis-url", help="share program history in Redis (redis://host:port)")
     parser.add_argument("--otlp-endpoint", metavar="URL",
                         help="also export traces over OTLP/HTTP, e.g. http://collector:4318 "

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine_backend.engine_rank import RANK_MAX
 from engine_backend.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
@@ -167,7 +168,7 @@ def last_generate(recorded) -> dict:
 
 async def test_recorded_stream_and_request_format(recorded):
     engine = await recorded_engine(recorded, "generate_stream.sse")
-    req = request("rec-1", priority=0.25,
+    req = request("rec-1", priority=250,
                   sampling=SamplingParams(max_new_tokens=16, temperature=0.5, stop=["\n"],
                                           seed=7))
     chunks = await collect(engine, req)
@@ -182,7 +183,7 @@ async def test_recorded_stream_and_request_format(recorded):
     body = last_generate(recorded)
     assert body["rid"] == "rec-1" and body["stream"] is True
     assert body["text"] == "The capital of France is"
-    # Lower is more urgent in progserve; SGLang serves larger values first by default.
+    # An engine rank is lower first; SGLang serves larger values first by default.
     assert body["priority"] == -250
     assert body["sampling_params"] == {"max_new_tokens": 16, "temperature": 0.5, "top_p": 1.0,
                                        "top_k": -1, "ignore_eos": False, "stop": ["\n"],
@@ -194,9 +195,11 @@ async def test_priority_conventions(recorded):
     default = await recorded_engine(recorded, "generate_stream.sse")
     low_first = await recorded_engine(recorded, "generate_stream.sse",
                                       low_priority_values_first=True)
-    assert default.sglang_priority(0.0) > default.sglang_priority(2.0)  # urgent ranks higher
-    assert low_first.sglang_priority(0.0) < low_first.sglang_priority(2.0)
-    assert default.sglang_priority(1e12) == -(2**31 - 1)  # clamped to int32
+    assert default.sglang_priority(0) > default.sglang_priority(1)  # urgent ranks higher
+    assert low_first.sglang_priority(0) < low_first.sglang_priority(1)
+    # A rank is never clamped; only a value outside the unit (a client hint) is bounded.
+    assert default.sglang_priority(RANK_MAX) == -RANK_MAX
+    assert default.sglang_priority(1e12) == -RANK_MAX
     no_priority = await recorded_engine(recorded, "generate_stream.sse", send_priority=False)
     await collect(no_priority, request("p"))
     assert "priority" not in last_generate(recorded)

@@ -29,8 +29,8 @@ from progserve.config import Settings
 from progserve.runtime import Runtime
 from scheduler.cache_salt import tenant_cache_salt
 from scheduler.config import CacheConfig, SchedulerConfig
-from scheduler.dispatcher import make_replicas
 from scheduler.program import CallNode, Program
+from scheduler.replica import make_replicas
 from scheduler.router import Router
 
 pytest.importorskip("torch")

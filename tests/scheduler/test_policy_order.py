@@ -39,6 +39,17 @@ def cfg(policy: str, **kw) -> SchedulerConfig:
     return SchedulerConfig(policy=policy, **kw)
 
 
+class Hints:
+    """A stand-in for the router's prefix hints."""
+
+    def __init__(self, best_match) -> None:
+        self.best_match = best_match
+        self.tracking = False
+
+    def track_prefixes(self) -> None:
+        self.tracking = True
+
+
 def push(policy, c: CallNode, now: float = 0.0) -> None:
     c.queued_at = now
     c.program.queued.add(c)
@@ -189,7 +200,7 @@ def test_promotion_of_fresh_program_is_immediate_and_harmless():
 
 def test_dlpm_prefers_longest_prefix_within_a_tenant():
     hints = {}
-    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=10_000), prefix_hint=lambda c: hints[c.id])
+    pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=10_000), Hints(lambda c: hints[c.id]))
     p = program("p", tenant="a")
     for cid, hint in (("short", 5), ("long", 500), ("mid", 50)):
         hints[cid] = hint
@@ -199,7 +210,7 @@ def test_dlpm_prefers_longest_prefix_within_a_tenant():
 
 def test_dlpm_deficit_round_robin_is_fair_across_tenants():
     pol = make_policy(cfg("dlpm", dlpm_quantum_tokens=100, decode_reserve_tokens=0),
-                      prefix_hint=lambda c: 0)
+                      Hints(lambda c: 0))
     flood, quiet = program("f", tenant="flood"), program("q", tenant="quiet")
     for i in range(30):
         push(pol, call(flood, f"f{i}", prompt_len=50))
@@ -248,3 +259,92 @@ def test_urgency_propagates_to_the_calls_a_critical_call_waits_on():
     assert {c.id for c in mark_urgent(leaf)} == {"leaf", "mid", "root"}
     assert root.urgent and mid.urgent and not side.urgent
     assert mark_urgent(leaf) == []  # already marked
+
+
+def test_fcfs_can_use_anti_starvation():
+    """Off by default (plain arrival order); on, a call whose wait reaches beta times its
+    program's service goes ahead of the calls that are not starving."""
+    for enabled, expected in ((None, ["g", "h"]), (True, ["h", "g"])):
+        pol = make_policy(cfg("fcfs", anti_starvation=enabled, starvation_beta=2.0))
+        big, small = program("big", service=100.0), program("small", service=10.0)
+        push(pol, call(big, "g"), now=0.0)
+        push(pol, call(small, "h"), now=0.0)
+        assert drain(pol, now=25.0) == expected  # small: 25 >= 2 * 10; big: not yet
+        assert pol.promotions == (1 if enabled else 0)
+
+
+def test_dlpm_can_use_anti_starvation():
+    """Longest prefix first starves a short-prefix call; with anti-starvation it goes
+    first in its tenant once its wait reaches beta times its program's service."""
+    hints = {"short": 5, "long1": 500, "long2": 500}
+    for enabled, first in ((None, "long1"), (True, "short")):
+        pol = make_policy(cfg("dlpm", anti_starvation=enabled, starvation_beta=2.0),
+                          Hints(lambda c: hints[c.id]))
+        mine, heavy = program("mine", service=10.0), program("heavy", service=1000.0)
+        push(pol, call(mine, "short", prompt_len=600), now=0.0)
+        push(pol, call(heavy, "long1", prompt_len=600), now=0.0)
+        push(pol, call(heavy, "long2", prompt_len=600), now=0.0)
+        assert pol.pop(1.0).id == "long1"  # nobody starves yet
+        assert pol.pop(25.0).id == ("long2" if first == "long1" else "short")
+
+
+def test_a_deadline_moves_with_the_programs_service():
+    """The promotion deadline is re-read when it passes: service the program got since
+    (another call finished) moves it on, as the formula says."""
+    pol = make_policy(cfg("plas", starvation_beta=2.0))
+    p = program("p", service=10.0)
+    waiting = call(p, "waiting")
+    push(pol, waiting, now=0.0)  # level > 0; due at 2 * 10 = 20
+    p.history.service = 20.0  # another of its calls finished: due at 2 * 20 = 40
+    pol.on_call_finished(call(p, "done"), 15.0)
+    fresh = [call(program(f"f{i}"), f"f{i}") for i in range(2)]
+    push(pol, fresh[0], now=25.0)
+    assert pol.pop(25.0).id == "f0"  # not promoted at 25
+    push(pol, fresh[1], now=41.0)
+    assert pol.pop(41.0).id == "waiting"  # promoted at 41 >= 40
+    assert pol.promotions == 1
+
+
+def test_plas_reranks_a_queued_call_when_it_reaches_the_head():
+    """Many queued calls of one program: finishing calls does not touch them; each is
+    re-ranked (and moved down) only when it reaches the head."""
+    pol = make_policy(cfg("plas", anti_starvation=False))
+    p, q = program("p"), program("q", service=3.0)
+    mine = [call(p, f"p{i}") for i in range(50)]
+    for c in mine:
+        push(pol, c)
+    other = call(q, "q0")
+    push(pol, other)
+    order = []
+    while len(pol):
+        c = pol.pop(0.0)
+        order.append(c.id)
+        p.queued.discard(c)
+        p.history.service += 0.25  # each finished call adds service
+        pol.on_call_finished(c, 0.0)
+    # q (3.0 s) is in queue 3, [2, 4) s; p's queued calls stay ahead while p's service
+    # is below 4 s (same queue: the older program first), i.e. for 16 finishes
+    assert order[:16] == [f"p{i}" for i in range(16)]
+    assert order[16] == "q0"
+    assert order[17:] == [f"p{i}" for i in range(16, 50)]
+
+
+def test_every_registered_policy_keeps_the_contract_and_names_come_from_the_registry():
+    import argparse
+    import typing
+
+    from progserve.bench import policies as bench
+    from progserve.commands import serve
+    from scheduler.policies import POLICY_NAMES, Policy, policy_levels
+
+    for name in POLICY_NAMES:
+        pol = make_policy(cfg(name), Hints(lambda c: 0))
+        assert isinstance(pol, Policy), name
+        assert pol.name == name and pol.levels == policy_levels(cfg(name))
+    assert typing.get_args(SchedulerConfig.model_fields["policy"].annotation) == POLICY_NAMES
+    parser = argparse.ArgumentParser()
+    serve.configure(parser)
+    assert tuple(next(a for a in parser._actions if a.dest == "policy").choices) == POLICY_NAMES
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    assert parser.parse_args([]).policies == ",".join(POLICY_NAMES)

@@ -8,8 +8,9 @@ from sched_fake_engine import FakeEngine
 
 from engine_backend.types import GenerateRequest
 from scheduler.config import SchedulerConfig
-from scheduler.dispatcher import make_replicas
+from scheduler.policies import make_policy
 from scheduler.program import CallNode, Program
+from scheduler.replica import make_replicas
 from scheduler.router import Router
 
 _seq = itertools.count()
@@ -18,7 +19,9 @@ _seq = itertools.count()
 def setup(n: int = 3, **config):
     cfg = SchedulerConfig(**config)
     replicas = make_replicas([FakeEngine() for _ in range(n)], cfg)
-    return Router(cfg, replicas), replicas
+    router = Router(cfg, replicas)
+    make_policy(cfg, router)  # a policy that ranks by cached prefix makes it keep its trees
+    return router, replicas
 
 
 def call_for(program: Program, tokens: list[int]) -> CallNode:
