@@ -132,7 +132,8 @@ def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) 
     port = _free_port()
     argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", *flags]
-    return _start(name, argv, port, workdir, env)
+    # No start-up engine probe: its requests would land in the measurement.
+    return _start(name, argv, port, workdir, {"PROGSERVE_STARTUP_PROBE": "false", **env})
 
 
 def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:

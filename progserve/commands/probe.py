@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds per request (default 120)")
     parser.add_argument("--no-order-check", action="store_true",
-                        help="skip the priority-order check (the only one that queues calls)")
+                        help="skip the priority-order check (the only one that queues calls); "
+                        "priority then reads no: accepted is not honoured")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,9 +9,12 @@ SGLang /generate), `checks` (one check per feature), `report` (the result).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import threading
 import time
+from typing import Any
 
 from .checks import (
     ProbeContext,
@@ -28,7 +31,8 @@ from .dialects import DIALECTS
 from .http import ProbeClient
 from .report import CONSEQUENCES, FEATURES, Finding, ProbeReport, missing
 
-__all__ = ["FEATURES", "CONSEQUENCES", "Finding", "ProbeReport", "probe_engine", "log_report"]
+__all__ = ["FEATURES", "CONSEQUENCES", "Finding", "ProbeReport", "probe_engine", "log_report",
+           "probe_in_background"]
 
 
 async def probe_engine(
@@ -99,3 +103,26 @@ def log_report(report: ProbeReport, log: logging.Logger) -> None:
     for name in report.absent():
         log.warning("engine probe: no %s (%s): %s", name, report.finding(name).reason,
                     CONSEQUENCES[name])
+
+
+def probe_in_background(settings: Any, log: logging.Logger) -> threading.Thread | None:
+    """`serve`'s start-up probe of each HTTP engine server (`settings.startup_probe`), in a
+    thread of its own so the server starts at once. It skips the order check, the one that
+    queues calls on the engine."""
+    if settings.engine not in DIALECTS or not settings.startup_probe:
+        return None
+
+    def run() -> None:
+        for url in settings.engine_url:
+            try:
+                report = asyncio.run(probe_engine(
+                    settings.engine, url, model=settings.model,
+                    api_key=settings.http_engine.api_key, timeout_s=60.0, check_order=False))
+            except Exception as exc:  # noqa: BLE001 - a probe never stops the server
+                log.warning("engine probe of %s failed: %s", url, exc)
+                continue
+            log_report(report, log)
+
+    thread = threading.Thread(target=run, name="engine-probe", daemon=True)
+    thread.start()
+    return thread

@@ -4,8 +4,9 @@ merely that the server accepts a field: an option the server ignores is reported
 - `cached_tokens`: a ~600-token prompt twice; the second must report a cache hit.
 - `cache_salt`: the same prompt a third time under another salt must not hit the cache.
 - `priority`: an invalid value must be refused (else the field is ignored), a valid one
-  accepted, and (unless `check_order` is off) a later high-priority call must overtake
-  queued low-priority ones (see `check_priority_order`).
+  accepted, and a later high-priority call must overtake queued low-priority ones (see
+  `check_priority_order`; with `check_order` off, priority reads false: accepted is not
+  honoured).
 - `chat_template`: the model's own template (read from its directory) renders, and where
   the server can tokenize chat (vLLM's `/tokenize`) progserve's rendering matches it.
 """
@@ -186,7 +187,8 @@ async def check_priority(ctx: ProbeContext, *, check_order: bool,
     if not valid.ok:
         return missing(f"a priority of {ctx.dialect.low_priority} was refused: {valid.error}")
     if not check_order:
-        return present("the field is validated and accepted (serving order not checked)")
+        return missing("the field is validated and accepted, but whether the server orders "
+                       "calls by it was not checked (`progserve probe` checks it)")
     return await check_priority_order(ctx, details)
 
 

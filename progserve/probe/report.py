@@ -36,7 +36,7 @@ CONSEQUENCES = {
     "cached_tokens": "no prefix-cache hits are reported: hit rates read 0 and attained "
                      "service counts every prompt token as uncached (routing still uses "
                      "progserve's own prefix trees)",
-    "priority": "the server does not order calls by progserve's priority: progserve's order "
+    "priority": "progserve cannot rely on the server ordering calls by priority: its order "
                 "holds only while calls wait in progserve, so keep "
                 "scheduler.max_inflight_requests small",
     "cache_salt": "prefixes this server caches are shared across tenants (a cache hit is "
