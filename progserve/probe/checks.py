@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ _WORDS = ("the of and to in is was for on that with as by at from his her an are
           "this be or has had not have one their its new after but who they been she more "
           "will would there all about when time into".split())
 CACHE_PROMPT_WORDS = 600
-# Priority order: a blocker, then two low-priority calls and a high-priority one, each of
-# ORDER_PROMPT_WORDS tokens: between half and all of vLLM-CPU's default step budget (2,048
-# tokens), so each step admits one call whole and part of the next (see check_priority_order).
+# Priority order (see check_priority_order): a blocker longer than vLLM-CPU's default step
+# budget (2,048 tokens), then two low-priority calls and a high-priority one, each between
+# half and all of a step, so each step admits one queued call whole and part of the next.
+BLOCKER_PROMPT_WORDS = 3000
 ORDER_PROMPT_WORDS = 1400
 _RUNNING_GAUGE = re.compile(r"^(?:vllm:num_requests_running|sglang:num_running_reqs)\S*\s+"
                             r"([0-9.]+)", re.M)
@@ -54,6 +54,11 @@ WEATHER_TOOL = {
 }
 
 
+def unseen_prompt(rng: random.Random, words: int) -> str:
+    """A prompt no prefix cache has seen: a random head, then `words` common words."""
+    return f"{rng.getrandbits(64):016x} " + " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
 @dataclass
 class ProbeContext:
     client: ProbeClient
@@ -63,9 +68,7 @@ class ProbeContext:
     rng: random.Random = field(default_factory=random.Random)
 
     def prompt(self, words: int) -> str:
-        """A prompt no cache has seen: a random head, then common words."""
-        return f"{self.rng.getrandbits(64):016x} " + " ".join(
-            self.rng.choice(_WORDS) for _ in range(words))
+        return unseen_prompt(self.rng, words)
 
     async def complete(self, prompt: str, max_tokens: int = 1, **options: Any) -> Answer:
         return await complete(self.client, self.dialect, self.model, prompt, max_tokens,
@@ -195,64 +198,74 @@ async def check_priority(ctx: ProbeContext, *, check_order: bool,
 async def check_priority_order(ctx: ProbeContext, details: dict[str, Any]) -> Finding:
     """Does a later high-priority call overtake queued low-priority ones?
 
-    A blocker runs alone (the probe waits until the server's running gauge shows it, where
-    the server has one); while its prefill step runs, two low-priority calls and then a
-    high-priority one arrive and queue. Each prompt holds ORDER_PROMPT_WORDS tokens, so a
-    step of vLLM-CPU's default budget (2,048) finishes one queued prefill and starts the
-    next: by priority, the high call's single token comes a step before either low call's;
-    first come first served, it comes a step after both. Anything else is inconclusive
-    (a server with a larger step budget runs them all at once: nothing queues).
+    A blocker of BLOCKER_PROMPT_WORDS tokens (more than one step of vLLM-CPU's default
+    step budget, 2,048 tokens) runs alone; once the server's running gauge shows it (vLLM
+    updates it after the first step), two low-priority calls and then a high-priority one
+    arrive and queue behind the blocker's second step. Each holds ORDER_PROMPT_WORDS
+    tokens, between half and all of a step, so a step completes one queued prefill and
+    starts the next: by priority the high call's single token comes a step before either
+    low call's; first come first served, a step after both. Anything else is
+    inconclusive (a server with a larger step budget runs them all at once: nothing
+    queues), and so is a blocker that ends before it is seen running.
     """
-    words = ORDER_PROMPT_WORDS
-    if ctx.max_len is not None and ctx.max_len < words + 64:
-        words = max(16, ctx.max_len // 2)
+    blocker_words, words = BLOCKER_PROMPT_WORDS, ORDER_PROMPT_WORDS
+    if ctx.max_len is not None and ctx.max_len < blocker_words + 64:
+        blocker_words = max(16, ctx.max_len - 64)
+        words = min(words, max(16, ctx.max_len // 2))
     finished: list[str] = []
     failures: list[str] = []
     low, high = ctx.dialect.low_priority, ctx.dialect.high_priority
 
-    async def call(name: str, priority: int) -> None:
-        answer = await ctx.complete(ctx.prompt(words), 1,
+    async def call(name: str, priority: int, size: int) -> None:
+        answer = await ctx.complete(ctx.prompt(size), 1,
                                     extra=ctx.dialect.priority_extra(priority))
         if answer.ok:
             finished.append(name)
         else:
             failures.append(f"{name}: {answer.error}")
 
-    blocker = asyncio.create_task(call("blocker", low))
-    await _until_running(ctx, blocker)
+    blocker = asyncio.create_task(call("blocker", low, blocker_words))
+    seen = await _until_running(ctx, blocker)
     queued = []
     for name, priority in (("low1", low), ("low2", low), ("high", high)):
-        queued.append(asyncio.create_task(call(name, priority)))
+        queued.append(asyncio.create_task(call(name, priority, words)))
         await asyncio.sleep(0.02)
     await asyncio.gather(blocker, *queued)
     order = [name for name in finished if name != "blocker"]
     details["priority_order"] = order
     if failures:
         return missing(f"the order check failed: {failures[0]}")
-    arrival = "arrival order low1, low2, high"
+    finish = f"finished {', '.join(order)}"
+    if not seen:
+        return missing(f"accepted; the order check was inconclusive (the blocker ended "
+                       f"before the server showed it running; {finish})")
     if order[0] == "high":
-        return present(f"honoured: a later high-priority call finished first ({arrival}; "
-                       f"finished {', '.join(order)})")
+        return present(f"honoured: a later high-priority call finished first (arrival "
+                       f"order low1, low2, high; {finish})")
     if order[-1] == "high":
-        return missing(f"accepted, not honoured: served in arrival order (finished "
-                       f"{', '.join(order)}); {ctx.dialect.priority_hint}")
-    return missing(f"accepted; the order check was inconclusive (finished {', '.join(order)})")
+        return missing(f"accepted, not honoured: served in arrival order ({finish}); "
+                       f"{ctx.dialect.priority_hint}")
+    return missing(f"accepted; the order check was inconclusive ({finish})")
 
 
-async def _until_running(ctx: ProbeContext, task: asyncio.Task[None],
-                         timeout_s: float = 10.0) -> None:
-    """Wait until the server's running-requests gauge is non-zero (vLLM and SGLang export
-    one on /metrics), else a fixed 0.2 s."""
-    deadline = time.monotonic() + timeout_s
+def running_requests(metrics: str) -> float | None:
+    """The running-requests gauge of a vLLM or SGLang `/metrics` page (None: no gauge)."""
+    values = _RUNNING_GAUGE.findall(metrics)
+    return sum(float(v) for v in values) if values else None
+
+
+async def _until_running(ctx: ProbeContext, task: asyncio.Task[None]) -> bool:
+    """Wait until the server's running gauge is non-zero; False if `task` ends first.
+    Without a gauge, wait 0.2 s and hope."""
     metrics = await ctx.client.get_text("/metrics")
-    if metrics is None or not _RUNNING_GAUGE.search(metrics):
+    if metrics is None or running_requests(metrics) is None:
         await asyncio.sleep(0.2)
-        return
-    while time.monotonic() < deadline and not task.done():
-        text = await ctx.client.get_text("/metrics") or ""
-        if any(float(v) > 0 for v in _RUNNING_GAUGE.findall(text)):
-            return
+        return not task.done()
+    while not task.done():
+        if (running_requests(await ctx.client.get_text("/metrics") or "") or 0) > 0:
+            return True
         await asyncio.sleep(0.01)
+    return False
 
 
 async def check_tool_calls(ctx: ProbeContext) -> Finding:

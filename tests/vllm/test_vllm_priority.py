@@ -4,6 +4,8 @@ high-priority call is served before queued low-priority ones.
 The priorities come from progserve's policy, not from the client: under `plas` a call's
 priority is its program's attained service, so every call of a program that has already
 been served (`heavy`) ranks below the first call of a new program (`light`, priority 0).
+The MLFQ's first bound is lowered (`mlfq_first_bound` 0.001 s of service) so that the
+heavy program's few served tokens already put its calls in a lower queue than light's.
 
 Two places a call can wait, two tests:
 
@@ -15,13 +17,14 @@ Two places a call can wait, two tests:
    progserve dispatches them; the test checks that order by dispatch and finish times.
 2. In vLLM (`test_progserve_priority_reaches_vllms_queue`): with the default budget
    progserve sends every call at once and vLLM's own priority queue must order them, so
-   progserve's priority must be on the wire. Each prompt is ~1,400 tokens, between half
-   and all of vLLM-CPU's step budget (2,048 tokens), so vLLM admits the queued prefills one
-   step at a time: a `heavy` blocker runs alone (the test waits until vLLM's running
-   gauge shows it), then two `heavy` calls and `light` arrive and queue; by priority,
-   `light` finishes a step before both, first come first served a step after both. The
-   same construction, sent to vLLM directly with explicit priorities, is the probe's
-   order check (tests/vllm/test_vllm_probe.py), which shows vLLM honours it.
+   progserve's priority must be on the wire. The construction is the probe's order check
+   (`progserve.probe.checks.check_priority_order`, which tests/vllm/test_vllm_probe.py
+   runs against vLLM directly with explicit priorities, showing vLLM honours them): a
+   `heavy` blocker longer than vLLM-CPU's step budget (2,048 tokens) runs; once vLLM's
+   running gauge shows it (after its first step), two `heavy` calls and then `light`
+   arrive and queue, each ~1,400 tokens (half to all of a step, so one queued prefill
+   completes per step): by priority `light` finishes a step before both, first come
+   first served a step after both.
 """
 
 from __future__ import annotations
@@ -35,21 +38,30 @@ import httpx
 import pytest
 from vllm_support import VLLM_MARKS
 
+from progserve.probe.checks import (
+    BLOCKER_PROMPT_WORDS,
+    ORDER_PROMPT_WORDS,
+    running_requests,
+    unseen_prompt,
+)
+
 pytestmark = VLLM_MARKS
 
 COUNT_PROMPT = "Count from 1 to 200, separated by commas: 1, 2, 3,"
-_WORDS = "the of and to in is was for on that with as by at from his her an are were".split()
+
+
+PLAS = {"PROGSERVE_SCHEDULER__MLFQ_FIRST_BOUND": "0.001"}
 
 
 @pytest.fixture(scope="module")
 def one_in_flight(progserve_front) -> str:
     return progserve_front("--policy", "plas", name="progserve-budget1", env={
-        "PROGSERVE_SCHEDULER__MAX_INFLIGHT_REQUESTS": "1"}).url
+        **PLAS, "PROGSERVE_SCHEDULER__MAX_INFLIGHT_REQUESTS": "1"}).url
 
 
 @pytest.fixture(scope="module")
 def all_in_flight(progserve_front) -> str:
-    return progserve_front("--policy", "plas", name="progserve-plas").url
+    return progserve_front("--policy", "plas", name="progserve-plas", env=PLAS).url
 
 
 async def _complete(client: httpx.AsyncClient, program: str, thread: str, prompt: str,
@@ -119,20 +131,16 @@ async def test_progserve_order_reaches_vllm(one_in_flight: str):
         by_thread = {c["thread_id"]: c for c in await _calls(client, heavy)}
         light_call = (await _calls(client, light))[0]
     assert light_call["priority"] < min(by_thread[t]["priority"] for t in ("low1", "low2"))
+    assert light_call["queue_level"] < min(by_thread[t]["queue_level"] for t in ("low1", "low2"))
     dispatched = {name: by_thread[name]["dispatched_at"] for name in ("low1", "low2")}
     assert light_call["dispatched_at"] < min(dispatched.values())
     assert finished["high"] < min(finished["low1"], finished["low2"])
 
 
-def _order_prompt(rng: random.Random, words: int = 1400) -> str:
-    return f"{rng.getrandbits(64):016x} " + " ".join(rng.choice(_WORDS) for _ in range(words))
-
-
 async def _vllm_running(vllm_url: str) -> bool:
     async with httpx.AsyncClient(timeout=10) as client:
         text = (await client.get(vllm_url + "/metrics")).text
-    return any(line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0
-               for line in text.splitlines())
+    return (running_requests(text) or 0) > 0
 
 
 @pytest.mark.xfail(reason="issue 19 defect 9: fixed on branch B-policy (progserve's "
@@ -143,23 +151,26 @@ async def test_progserve_priority_reaches_vllms_queue(all_in_flight: str, vllm_s
     finished: dict[str, float] = {}
     async with httpx.AsyncClient(base_url=all_in_flight, timeout=600) as client:
         await _served_heavy_program(client, heavy)
-        tasks = [asyncio.create_task(_complete(client, heavy, "blocker", _order_prompt(rng),
-                                               1, finished, "blocker"))]
+        tasks = [asyncio.create_task(_complete(
+            client, heavy, "blocker", unseen_prompt(rng, BLOCKER_PROMPT_WORDS), 1, finished,
+            "blocker"))]
 
         async def blocker_running() -> bool:
             return await _vllm_running(vllm_server.url) or "blocker" in finished
 
         await _wait_for(blocker_running, "vLLM to run the blocker")
-        assert "blocker" not in finished, "the blocker ended before the others were sent"
+        assert "blocker" not in finished, "the blocker ended before vLLM showed it running"
         for program, name in ((heavy, "low1"), (heavy, "low2"), (light, "high")):
             tasks.append(asyncio.create_task(_complete(
-                client, program, name, _order_prompt(rng), 1, finished, name)))
+                client, program, name, unseen_prompt(rng, ORDER_PROMPT_WORDS), 1, finished,
+                name)))
             await asyncio.sleep(0.02)
         await asyncio.gather(*tasks)
         by_thread = {c["thread_id"]: c for c in await _calls(client, heavy)}
         light_call = (await _calls(client, light))[0]
     # progserve ranked them as intended (this part holds without the fix) ...
     assert light_call["priority"] < min(by_thread[t]["priority"] for t in ("low1", "low2"))
+    assert light_call["queue_level"] < min(by_thread[t]["queue_level"] for t in ("low1", "low2"))
     # ... and vLLM served them in that order.
     order = sorted(("low1", "low2", "high"), key=finished.__getitem__)
     assert order[0] == "high", f"vLLM finished them in the order {order}"
