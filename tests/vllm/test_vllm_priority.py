@@ -5,7 +5,10 @@ The priorities come from progserve's policy, not from the client: under `plas` a
 priority is its program's attained service, so every call of a program that has already
 been served (`heavy`) ranks below the first call of a new program (`light`, priority 0).
 The MLFQ's first bound is lowered (`mlfq_first_bound` 0.001 s of service) so that the
-heavy program's few served tokens already put its calls in a lower queue than light's.
+heavy program's few served tokens already put its calls in a lower queue than light's,
+and anti-starvation is off (`starvation_beta` 1e9): otherwise the heavy calls, whose
+program has little service, are promoted back to the top queue after waiting a second or
+so (16 times their service), and the top queue is first come first served by program.
 
 Two places a call can wait, two tests:
 
@@ -50,7 +53,8 @@ pytestmark = VLLM_MARKS
 COUNT_PROMPT = "Count from 1 to 200, separated by commas: 1, 2, 3,"
 
 
-PLAS = {"PROGSERVE_SCHEDULER__MLFQ_FIRST_BOUND": "0.001"}
+PLAS = {"PROGSERVE_SCHEDULER__MLFQ_FIRST_BOUND": "0.001",
+        "PROGSERVE_SCHEDULER__STARVATION_BETA": "1e9"}
 
 
 @pytest.fixture(scope="module")
