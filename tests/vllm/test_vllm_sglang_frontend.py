@@ -10,8 +10,8 @@ sgl = pytest.importorskip("sglang", reason="run scripts/install_sglang_frontend.
 
 pytestmark = VLLM_MARKS
 
-# SGLang's frontend sends a prefill-only call (max_new_tokens 0) for select and fork;
-# progserve passes max_tokens 0 on, which vLLM refuses.
+# SGLang's frontend starts a select with a prefill-only call (max_new_tokens 0); progserve
+# passes max_tokens 0 on, which vLLM refuses.
 PREFILL_ONLY = pytest.mark.xfail(reason="issue 19 defect 1: fixed on branch C-http",
                                  strict=False)
 
@@ -64,7 +64,6 @@ def test_select(endpoint):
     assert state["verdict"] in ("yes", "no")
 
 
-@PREFILL_ONLY
 def test_fork(endpoint):
     state = two_ideas.run(backend=endpoint)
     assert "Best idea:" in state.text()
