@@ -161,7 +161,8 @@ def test_serve_probes_its_http_engine_at_start_up_and_logs_what_is_missing(sim_s
                                                                           serve_process):
     import time
 
-    proxy = serve_process("--engine", "sglang", "--engine-url", sim_server.url)
+    proxy = serve_process("--engine", "sglang", "--engine-url", sim_server.url,
+                          env={"PROGSERVE_STARTUP_PROBE": "true"})
     deadline = time.monotonic() + 60
     while "engine probe: no chat_template" not in proxy.output():
         assert time.monotonic() < deadline, proxy.output()
