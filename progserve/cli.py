@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": "progserve.commands.demo",
     "bench": "progserve.bench.cli",
     "config": "progserve.commands.config",
+    "probe": "progserve.commands.probe",
 }
 
 

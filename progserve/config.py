@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     api_keys: Path | None = Field(None, description="JSON file: sha256(key) -> tenant")
     log_level: str = Field("info", description="debug, info, warning or error")
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP trace exporter URL")
+    startup_probe: bool = Field(
+        True, description="sglang/openai: `serve` probes each engine server at start-up (in "
+        "the background) and logs what is missing and what it changes",
+    )
     gc_full_scan_interval_s: float = Field(
         300.0, ge=0,
         description="`serve` freezes what survives a full GC pass, so later passes skip it; "

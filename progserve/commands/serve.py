@@ -92,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
     from progserve.app import create_app
     from progserve.auth import KeyFileError
     from progserve.engines import EngineConfigError
+    from progserve.probe import probe_in_background
     from progserve.runtime import Runtime
 
     try:
@@ -102,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValidationError, EngineConfigError, KeyFileError, OSError, ValueError) as exc:
         print(f"progserve serve: {exc}", file=sys.stderr)
         return 2
+    probe_in_background(settings, logging.getLogger("progserve.probe"))
     app = create_app(runtime)
     app.state.tune_collector = True  # a server process: see progserve/collector.py
     # On SIGTERM, requests in flight get `shutdown_grace_s`, then are cancelled (aborting
