@@ -53,6 +53,9 @@ class ChatPrompt(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # How the rendering ends (chat_template.py; vLLM's chat API takes the same two flags).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class GenerateRequest(BaseModel):

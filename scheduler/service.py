@@ -40,6 +40,7 @@ from .errors import (
     SchedulerOverloadedError,
 )
 from .events import EventKind, Listener, SchedulerEvent
+from .graph_prompt import fill, graph_llm_request
 from .kv_admission import KvAdmission
 from .policies import make_policy
 from .program import (
@@ -57,7 +58,7 @@ from .program import (
 from .replica_health import ReplicaHealth
 from .retention import RetentionManager
 from .router import Router
-from .spec import VARIABLE_REF, CallSpec, ProgramSpec
+from .spec import CallSpec, ProgramSpec
 from .store import CallRecord, InMemoryStateStore, StateStore
 from .views import (
     CallState,
@@ -979,8 +980,7 @@ class Scheduler:
                 self.policy.push(node, now)
 
     def _render(self, program: Program, template: str) -> str:
-        variables = program.variables
-        return VARIABLE_REF.sub(lambda m: variables[m.group(1)].value or "", template)
+        return fill(template, program.variables)
 
     def _start_graph_call(self, call: CallNode) -> None:
         spec = call.spec
@@ -988,23 +988,11 @@ class Scheduler:
         if spec.kind == "tool":
             call.task = self._spawn(self._run_tool(call))
             return
-        sampling = spec.sampling
-        if spec.choices:
-            caps = self.replicas[0].capabilities
-            if caps.constrained_decoding:
-                choice_regex = "(" + "|".join(re.escape(c) for c in spec.choices) + ")"
-                sampling = sampling.model_copy(update={"regex": choice_regex})
-        call.request = GenerateRequest.model_construct(
-            rid=f"{call.program.engine_key}/{call.id}/{uuid.uuid4().hex[:8]}",
-            text=self._render(call.program, spec.prompt or ""),
-            input_ids=None,
-            sampling=sampling,
-            priority=spec.priority_hint or 0.0,
-            program_id=call.program.engine_key,
-            return_logprob=False,
-            logprob_start_len=-1,
-            top_logprobs_num=0,
-        )
+        try:  # its prompt filled in; messages rendered with the model's chat template
+            call.request = graph_llm_request(call, self.replicas[0])
+        except EngineError as exc:
+            self._end_call(call, CallStatus.FAILED, exc, self.loop.time())
+            return
         self._size_llm_call(call)
         self._enqueue(call)
         call.task = self._spawn(self._run_graph_llm(call))

@@ -27,7 +27,13 @@ from engine_backend.types import (
     SamplingParams,
 )
 
-from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
+from ..chat_template import (
+    ToolCall,
+    ToolCallStreamParser,
+    forced_tool_call_schema,
+    forced_tools,
+    parse_tool_calls,
+)
 from ..config import LimitsConfig
 from ..errors import BadRequestError
 from ..runtime import Runtime
@@ -128,6 +134,26 @@ def _json_schema_for(response_format: dict[str, Any] | None) -> str | None:
                           param="response_format")
 
 
+def _output_schema(runtime: Runtime, response_format: dict[str, Any] | None,
+                   tools: list[dict[str, Any]] | None,
+                   tool_choice: str | dict[str, Any] | None) -> str | None:
+    """The JSON schema the answer must follow: `response_format`'s, or, when `tool_choice`
+    forces a call, one that only a call of the allowed tools matches. A forced call is
+    enforced with constrained decoding or refused (400), never silently ignored."""
+    forced = forced_tools(tools, tool_choice) if tools else None
+    if not forced:
+        return _json_schema_for(response_format)
+    if _json_schema_for(response_format) is not None:
+        raise BadRequestError("a tool_choice that forces a call cannot be combined with a "
+                              "JSON response_format", param="tool_choice")
+    if not runtime.capabilities.constrained_decoding:
+        raise BadRequestError(f"the {runtime.settings.engine} engine cannot constrain its "
+                              "output, so it cannot enforce tool_choice "
+                              f"{json.dumps(tool_choice)}; use \"auto\"",
+                              param="tool_choice", code="tool_choice_unsupported")
+    return forced_tool_call_schema(forced)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -177,7 +203,8 @@ async def chat_completions(request: Request) -> Response:
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
     sampling = sampling_for(body, limits.default_max_tokens if max_tokens is None else max_tokens,
-                            runtime.chat_template.stop, _json_schema_for(body.response_format))
+                            runtime.chat_template.stop,
+                            _output_schema(runtime, body.response_format, tools, tool_choice))
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
