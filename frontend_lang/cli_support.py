@@ -25,13 +25,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
-
-from progserve.config import Settings, load_settings
-from progserve.engines import embedded_default_engine
+from typing import TYPE_CHECKING, Any
 
 from .program import ProgramResult
 from .runtime import Runtime
+
+if TYPE_CHECKING:  # the server's modules load only for an embedded runtime
+    from progserve.config import Settings
 
 # The checkout's docs/ (an editable install); the embedded `search_docs` tool searches it.
 DEFAULT_DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -72,6 +72,8 @@ def example_parser(
 
 def embedded_engine(choice: str) -> str:
     """`auto` means progserve's embedded default (torch + SmolLM2 when installed, else sim)."""
+    from progserve.engines import embedded_default_engine
+
     return embedded_default_engine() if choice == "auto" else choice
 
 
@@ -80,6 +82,8 @@ def embedded_settings(
 ) -> Settings:
     """progserve settings of an embedded runtime. The sim engine reads its scripted rules
     from a JSON file, written here into `workdir`."""
+    from progserve.config import load_settings
+
     overrides: dict[str, Any] = {"engine": engine}
     if engine == "sim":
         script_file = workdir / "script.json"

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from scheduler.views import ProgramState
+from scheduler.spec import ProgramState
 
 from .context import ClientToolTiming, ProgramContext
 from .runtime import Runtime
