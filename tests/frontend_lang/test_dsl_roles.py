@@ -35,13 +35,7 @@ from frontend_lang.runtime_remote import RemoteRuntime
 
 REPO = Path(__file__).resolve().parents[2]
 # SmolLM2-135M-Instruct's own template: no tools section, a default system prompt.
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+SMOLLM2_TEMPLATE = (REPO / "tests" / "fixtures" / "smollm2_chat_template.jinja").read_text()
 
 
 class RecordingSim(SimEngine):
