@@ -130,6 +130,7 @@ def report(result: ProgramResult[Any], *, as_json: bool) -> None:
         prompt_tokens=result.prompt_tokens,
         cached_tokens=result.cached_tokens,
         completion_tokens=result.completion_tokens,
+        check=result.check,
         as_json=as_json,
     )
 
@@ -144,9 +145,12 @@ def print_report(
     cached_tokens: int,
     completion_tokens: int,
     as_json: bool,
+    check: dict[str, Any] | None = None,
 ) -> None:
     fields = {
         "result": value,
+        "answer": value.get("answer", value) if isinstance(value, dict) else value,
+        "check": check,
         "program_id": program_id,
         "latency_s": latency_s,
         "calls": calls,
@@ -163,6 +167,9 @@ def print_report(
     print(f"latency: {latency_s:.3f} s")
     print(f"cached tokens: {cached_tokens} of {prompt_tokens} prompt tokens")
     print(f"completion tokens: {completion_tokens}")
+    if check is not None:
+        verdict = "passed" if check["passed"] else f"FAILED ({check.get('why', '')})"
+        print(f"check: {verdict}; expected {check['expected']}")
 
 
 def run_example(

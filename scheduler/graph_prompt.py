@@ -25,6 +25,10 @@ from engine_backend.types import Capabilities, ChatPrompt, GenerateRequest, Samp
 from .program import CallNode, VariableSlot
 from .spec import VARIABLE_REF, CallSpec
 
+# Characters a regex gives a meaning (`re.escape` also escapes spaces and more, which
+# grammar engines such as xgrammar warn about).
+_REGEX_SPECIAL = re.compile(r"[.^$*+?{}\[\]\\|()]")
+
 
 class ReplicaView(Protocol):
     """What a request is built against: a replica's engine and what it can do (all
@@ -72,7 +76,7 @@ def _choice_constrained(spec: CallSpec, capabilities: Capabilities) -> SamplingP
     (elsewhere the scheduler maps the text to the nearest choice afterwards)."""
     if not spec.choices or not capabilities.constrained_decoding:
         return spec.sampling
-    choice_regex = "(" + "|".join(re.escape(c) for c in spec.choices) + ")"
+    choice_regex = "(" + "|".join(_REGEX_SPECIAL.sub(r"\\\g<0>", c) for c in spec.choices) + ")"
     return spec.sampling.model_copy(update={"regex": choice_regex})
 
 
