@@ -36,7 +36,7 @@ from frontend_lang import (
     user,
 )
 from frontend_lang.cli_support import run_example
-from frontend_lang.example_checks import prose_check
+from frontend_lang.example_checks import complete_sentences, prose_check
 
 # A plain-prose document (`--file` summarises others: markdown is turned into plain text).
 DEFAULT_DOCUMENTS = [Path(__file__).resolve().parent / "data" / "agent_programs.txt"]
@@ -88,13 +88,6 @@ def reduce_prompt(summaries: object) -> list:
             user(f"{summaries}\n\nSummarise the text above in two sentences.")]
 
 
-def whole_sentences(text: str) -> str:
-    """The text up to its last full stop (a reply cut by its token cap ends mid-sentence)."""
-    text = text.strip()
-    end = max(text.rfind(". "), text.rfind(".\n"))
-    return text if text.endswith((".", "!", "?")) or end < 0 else text[: end + 1]
-
-
 @program
 async def map_reduce(chunks: list[str]) -> str:
     # The chunks are program inputs (`let`): data, never read as templates, sent once.
@@ -104,7 +97,7 @@ async def map_reduce(chunks: list[str]) -> str:
         for part in parts
     ]
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
-    return whole_sentences(await final)
+    return complete_sentences(await final)
 
 
 @program
@@ -118,7 +111,7 @@ async def sequential_map_reduce(chunks: list[str]) -> str:
         await summary
         summaries.append(summary)
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
-    return whole_sentences(await final)
+    return complete_sentences(await final)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,14 @@ _STOPWORDS = frozenset(
 )
 
 
+def complete_sentences(text: str) -> str:
+    """The text up to its last full stop: a reply cut by its token cap ends mid-sentence,
+    and the examples show (and check) what the model completed."""
+    text = text.strip()
+    end = max(text.rfind(". "), text.rfind(".\n"))
+    return text if text.endswith((".", "!", "?")) or end < 0 else text[: end + 1]
+
+
 def exact_check(answer: Any, target: Any, *, passed: bool = True, expected: str | None = None
                 ) -> Check:
     """Passed when `answer` equals `target` (and `passed`, a further condition, holds)."""
@@ -62,6 +70,9 @@ def prose_problems(text: str, terms: list[str], min_terms: int) -> list[str]:
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
     if sentences and Counter(sentences).most_common(1)[0][1] > 1:
         problems.append("a repeated sentence")
+    grams = Counter(zip(words, words[1:], words[2:], words[3:], strict=False))
+    if grams and grams.most_common(1)[0][1] >= 3:
+        problems.append(f"a phrase repeated {grams.most_common(1)[0][1]} times")
     lowered = text.lower()
     found = [t for t in terms if re.search(rf"\b{re.escape(t)}", lowered)]
     if len(found) < min_terms:
