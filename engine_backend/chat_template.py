@@ -166,7 +166,9 @@ def tools_block(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any] |
     """The Hermes description of the tools (what goes into the system message)."""
     signatures = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     text = _TOOLS_PREAMBLE + signatures + _TOOLS_INSTRUCTIONS
-    if tool_choice == "required":
+    if tool_choice == "none":
+        text += "\n\nDo not call a function now: answer in words."
+    elif tool_choice == "required":
         text += "\n\nYou must call at least one function."
     elif isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")

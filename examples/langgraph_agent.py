@@ -27,6 +27,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from typing import Any
 
 import httpx
@@ -55,7 +56,8 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-def build_agent(url: str, program_id: str, api_key: str | None, stream: bool) -> Any:
+def build_agent(url: str, program_id: str, api_key: str | None, stream: bool,
+                http: httpx.AsyncClient) -> Any:
     from langchain_core.messages import ToolMessage
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
@@ -64,7 +66,8 @@ def build_agent(url: str, program_id: str, api_key: str | None, stream: bool) ->
     tools = [tool(multiply)]
     llm = ChatOpenAI(base_url=f"{url}/v1", api_key=api_key or "none", model="default",
                      temperature=0, max_tokens=64, streaming=stream,
-                     default_headers={"X-Program-Id": program_id})
+                     default_headers={"X-Program-Id": program_id},
+                     http_async_client=http)  # ours: closed with this run's event loop
     call_it = llm.bind_tools(tools, tool_choice="multiply")  # enforced by the engine
     answer = llm.bind_tools(tools, tool_choice="none")
 
@@ -72,15 +75,18 @@ def build_agent(url: str, program_id: str, api_key: str | None, stream: bool) ->
         # The tool first; after its result, the answer in words.
         return answer if isinstance(state["messages"][-1], ToolMessage) else call_it
 
-    return create_react_agent(model_for, tools, prompt=SYSTEM)
+    with warnings.catch_warnings():  # LangGraph 1.x points to langchain.agents instead
+        warnings.simplefilter("ignore")
+        return create_react_agent(model_for, tools, prompt=SYSTEM)
 
 
 async def run(url: str, args: argparse.Namespace) -> ProgramResult[dict[str, Any]]:
     program_id = f"langgraph-{uuid.uuid4().hex[:12]}"
-    agent = build_agent(url, program_id, args.api_key, args.stream)
-    started = time.perf_counter()
-    state = await agent.ainvoke({"messages": [("user", args.question)]})
-    latency = time.perf_counter() - started
+    async with httpx.AsyncClient(timeout=600) as http:
+        agent = build_agent(url, program_id, args.api_key, args.stream, http)
+        started = time.perf_counter()
+        state = await agent.ainvoke({"messages": [("user", args.question)]})
+        latency = time.perf_counter() - started
     messages = state["messages"]
     calls = [c for m in messages for c in getattr(m, "tool_calls", None) or ()]
     results = [m.content for m in messages if m.type == "tool"]
@@ -110,11 +116,12 @@ def check(value: dict[str, Any], question: str) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--question", default=QUESTION)
-        parser.add_argument("--stream", action="store_true", help="stream the model calls")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--stream", action="store_true", help="stream the model calls")
 
+
+def main(argv: list[str] | None = None) -> int:
     args = example_parser(__doc__, add_arguments).parse_args(argv)
     if args.print_script:
         print(json.dumps(SCRIPT))

@@ -193,8 +193,9 @@ async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     limits = runtime.settings.limits
     max_tokens = body.requested_max_tokens
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.uses_tools \
-        else None
+    # Tools are shown even under tool_choice "none" (the prompt, and so its cached prefix,
+    # stays the same from turn to turn); calls are read from the answer only when allowed.
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] or None
     tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceNamed) \
         else body.tool_choice
     prompt = runtime.chat_template.render([m.to_template() for m in body.messages], tools,
@@ -210,7 +211,7 @@ async def chat_completions(request: Request) -> Response:
                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
     identity = program_identity(request.headers, body.metadata, body.user)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
-    tool_names = {t["function"]["name"] for t in tools} if tools else None
+    tool_names = {t["function"]["name"] for t in tools} if tools and body.uses_tools else None
     if body.stream:
         await await_first([call])
         return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)

@@ -181,9 +181,10 @@ async def test_roles_run_the_same_remote_and_in_process(progserve_url, make_loca
                                                           "expression": "2 + 2"}
 
 
-def test_a_remote_client_loads_only_the_wire_schema(progserve_url_process) -> None:
+def test_a_remote_client_loads_only_the_wire_schema(serve_process) -> None:
     """The remote runtime depends only on `scheduler.spec` (the wire schema): a client
     process running a program loads no scheduler, engine or server module besides it."""
+    url = serve_process("--engine", "sim", env={"PROGSERVE_SIM__TIME_SCALE": "0.01"}).url
     code = f"""
 import asyncio, json, sys
 from frontend_lang import RemoteRuntime, conversation, gen, program, system, user
@@ -194,7 +195,7 @@ async def hello() -> str:
     return await s.gen(max_tokens=4)
 
 async def main():
-    async with RemoteRuntime({progserve_url_process!r}) as runtime:
+    async with RemoteRuntime({url!r}) as runtime:
         result = await hello.run(runtime)
     assert result.value and result.state is not None
     loaded = sorted(m for m in sys.modules
@@ -209,50 +210,6 @@ asyncio.run(main())
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded == ["engine_backend", "engine_backend.types", "scheduler", "scheduler.spec"]
-
-
-@pytest.fixture
-def progserve_url_process(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A `progserve serve --engine sim` process on a free port (its own interpreter)."""
-    from frontend_lang.cli_support import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "progserve.cli", "serve", "--engine", "sim", "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**_env(), "PROGSERVE_SIM__TIME_SCALE": "0.01"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("progserve serve exited during start-up")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("progserve serve did not become healthy")
 
 
 REAL_MODEL_INSTALLED = all(
