@@ -4,6 +4,7 @@ and says whether each example's answer is right."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ def test_demo_runs_all_programs_on_the_sim_engine(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=240,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        # A plain terminal; PYTHONPATH kept, so a checkout runs its own examples.
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
+             **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
