@@ -31,7 +31,16 @@ from .templates import to_template
 
 Role = Literal["system", "user", "assistant", "tool"]
 
-__all__ = ["CallPrompt", "Generation", "Message", "assistant", "system", "user"]
+__all__ = [
+    "CallPrompt",
+    "Generation",
+    "Message",
+    "assistant",
+    "message_specs",
+    "system",
+    "tool_result",
+    "user",
+]
 
 
 @dataclass(frozen=True, slots=True)
