@@ -70,6 +70,9 @@ class ChatPrompt(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     assistant_prefix: str = Field(
         "", description="the answer so far (a resumed call): the upstream continues it")
+    # How the rendering ends (chat_template.py; vLLM's chat API takes the same two flags).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class GenerateRequest(BaseModel):

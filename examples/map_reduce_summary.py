@@ -6,6 +6,13 @@ so the scheduler receives the whole DAG in one batch: the N summaries run concur
 trip to this client. `--sequential` runs the same work one call at a time (each summary
 awaited before the next is created), the usual way without semantic variables.
 
+Every call is a chat (system + user roles, rendered with the model's own template): an
+instruct model asked in its template writes a sentence; asked with bare text it continues
+the text (a markdown document gets more markdown). The chunks are plain text (markdown
+syntax removed), and every summary shares one system prompt, which the prefix cache
+serves once. The example checks its own answer: plain sentences, no markdown lines,
+nothing repeated, and at least two key terms of the source.
+
     python examples/map_reduce_summary.py                       # embedded default engine
     python examples/map_reduce_summary.py --chunks 12 --sequential
     python examples/map_reduce_summary.py --url http://127.0.0.1:30080
@@ -14,34 +21,54 @@ awaited before the next is created), the usual way without semantic variables.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from frontend_lang import ProgramResult, Runtime, gen, join, let, program
+from frontend_lang import (
+    ProgramResult,
+    Runtime,
+    gen,
+    join,
+    let,
+    program,
+    system,
+    user,
+)
 from frontend_lang.cli_support import run_example
+from frontend_lang.example_checks import complete_sentences, prose_check
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DOCUMENTS = [REPO / "README.md", REPO / "docs" / "architecture.md"]
-SUMMARY_TOKENS = 48
-FINAL_TOKENS = 96
+# A plain-prose document (`--file` summarises others: markdown is turned into plain text).
+DEFAULT_DOCUMENTS = [Path(__file__).resolve().parent / "data" / "agent_programs.txt"]
+SUMMARY_TOKENS = 40
+FINAL_TOKENS = 80
+SYSTEM = "You summarise technical documents in plain sentences."
 
 # Scripted replies for the sim engine: a summary per chunk, then the final summary.
 SCRIPT = [
     {
-        "pattern": r"Summary of the whole document:\s*$",
+        "pattern": r"Summarise the text above in two sentences",
         "reply": "progserve is serving middleware that schedules agentic LLM programs as "
         "units: it captures each program's graph of LLM and tool calls, orders calls by "
         "attained service, keeps prefixes cached across tool gaps, and routes calls to "
         "replicas by cache affinity.",
     },
     {
-        "pattern": r"Summarise this part of a document",
+        "pattern": r"Summarise the text above in one sentence",
         "reply": "This part explains how one layer of progserve works, which interface it "
-        "offers to the layer above it, how it is configured, which limits it enforces, and "
-        "why it was designed this way rather than the simpler way that most serving systems "
-        "still choose today.",
+        "offers to the layer above it, and which limits it enforces.",
     },
 ]
+
+
+def plain_text(markdown: str) -> str:
+    """Markdown as plain words: no headings, list markers, tables, code fences or
+    inline markup (the model would otherwise continue the markup)."""
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.DOTALL)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links -> their text
+    text = re.sub(r"[#*`|>_]+", " ", text)
+    text = re.sub(r"^\s*[-+]\s+", " ", text, flags=re.MULTILINE)
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def chunk_text(text: str, n: int) -> list[str]:
@@ -51,18 +78,14 @@ def chunk_text(text: str, n: int) -> list[str]:
     return [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
 
 
-def summarise_prompt(chunk: object) -> str:
-    return (
-        "Summarise this part of a document in one sentence.\n\n"
-        f"Part:\n{chunk}\n\nOne-sentence summary:"
-    )
+# The instruction follows the text: a small model follows the last thing it read.
+def summarise_prompt(chunk: object) -> list:
+    return [system(SYSTEM), user(f"{chunk}\n\nSummarise the text above in one sentence.")]
 
 
-def reduce_prompt(summaries: object) -> str:
-    return (
-        "These are one-sentence summaries of the consecutive parts of a document:\n"
-        f"{summaries}\n\nSummary of the whole document:"
-    )
+def reduce_prompt(summaries: object) -> list:
+    return [system(SYSTEM),
+            user(f"{summaries}\n\nSummarise the text above in two sentences.")]
 
 
 @program
@@ -74,7 +97,7 @@ async def map_reduce(chunks: list[str]) -> str:
         for part in parts
     ]
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
-    return await final
+    return complete_sentences(await final)
 
 
 @program
@@ -88,28 +111,34 @@ async def sequential_map_reduce(chunks: list[str]) -> str:
         await summary
         summaries.append(summary)
     final = gen(reduce_prompt(join(summaries)), max_tokens=FINAL_TOKENS, temperature=0)
-    return await final
+    return complete_sentences(await final)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--file", type=Path, action="append", help="text to summarise (default: the docs)"
+        "--file", type=Path, action="append",
+        help="text to summarise (default: examples/data/agent_programs.txt)",
     )
-    parser.add_argument("--chunks", type=int, default=8, help="number of parallel summaries")
+    parser.add_argument("--chunks", type=int, default=4, help="number of parallel summaries")
     parser.add_argument(
-        "--words", type=int, default=1600, help="summarise the first N words (0: all)"
+        "--words", type=int, default=0, help="summarise the first N words (0: all)"
     )
     parser.add_argument(
         "--sequential", action="store_true", help="one call at a time (the baseline)"
     )
 
 
+def source_text(files: list[Path] | None, words: int) -> str:
+    text = plain_text("\n\n".join(path.read_text() for path in files or DEFAULT_DOCUMENTS))
+    return " ".join(text.split()[:words] if words else text.split())
+
+
 async def main(runtime: Runtime, args: argparse.Namespace) -> ProgramResult[str]:
-    text = "\n\n".join(path.read_text() for path in args.file or DEFAULT_DOCUMENTS)
-    words = text.split()[: args.words] if args.words else text.split()
-    chunks = chunk_text(" ".join(words), args.chunks)
+    source = source_text(args.file, args.words)
     chosen = sequential_map_reduce if args.sequential else map_reduce
-    return await chosen.run(runtime, chunks)
+    result = await chosen.run(runtime, chunk_text(source, args.chunks))
+    result.check = prose_check(result.value, source)
+    return result
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from openai import AsyncOpenAI
 
 from frontend_lang import ProgramResult
 from frontend_lang.cli_support import example_parser, report, serve_in_background
+from scheduler.spec import ProgramState
 from scheduler.tools.builtin import DocumentSearch, evaluate_arithmetic
-from scheduler.views import ProgramState
 
 QUESTION = "What is 17 * 23 + 4, and which document of this repository explains semantic variables?"
 TOOLS = [

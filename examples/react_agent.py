@@ -1,11 +1,16 @@
-"""ReAct agent (Yao et al., 2023) with two server-side tools: `calculator` and `search_docs`
-(a local search over this repository's docs).
+"""ReAct agent (Yao et al., 2023) that a small model can drive: the program gives the
+structure, the model makes the decisions, the tools compute.
 
-Each step is one `gen` that writes `Thought:` and `Action: tool[input]` (or
-`Final Answer:`). The tool's output variable goes straight into the next step's prompt, so
-the scheduler chains tool -> LLM on the server without a round trip to this client; the
-client only awaits each step's text to decide what to do next. A tool error becomes an
-observation the agent can react to, as in ReAct (the step is redone with the error).
+Each step is a turn of a conversation (chat roles, rendered with the model's own chat
+template): the model picks the next action with a constrained `select` over the action
+names (`calculator`, `finish`), then writes the action's input, constrained
+by a regex (arithmetic for the calculator); the server-side tool runs it and its result
+comes back as the next user turn. The tool's output variable goes straight into the next
+step's prompt, so the scheduler chains tool -> LLM without a round trip to this client.
+`finish` asks for the answer (a number when the question is arithmetic).
+
+The example checks its own answer: for the default question, 17 * 23 + 4 = 395, computed
+by the calculator tool (the model only copies the observation).
 
     python examples/react_agent.py                      # embedded default engine
     python examples/react_agent.py --question "What is 2 ** 10?"
@@ -17,104 +22,112 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Any
 
 from frontend_lang import (
     CallFailedError,
     ProgramResult,
     Runtime,
     SemanticVariable,
+    assistant,
+    conversation,
     gen,
     program,
+    select,
+    system,
     tool,
+    user,
 )
 from frontend_lang.cli_support import run_example
+from frontend_lang.example_checks import exact_check
 
-QUESTION = (
-    "What is 17 * 23 + 4, and which file of this repository describes the scheduling policies?"
+QUESTION = "What is 17 * 23 + 4?"
+EXPECTED = "395"
+# The actions a 135M model chooses between reliably. (Offered a third one, a document
+# search, SmolLM2-135M picked it about as often as the right action: choices among many
+# actions need a larger model.)
+ACTIONS = ["calculator", "finish"]
+SYSTEM = (
+    "You are an agent that answers questions with tools. Tools:\n"
+    "- calculator: evaluates an arithmetic expression, for example 2 * (3 + 4)\n"
+    "- finish: you know the answer\n"
+    "Each turn you name one tool, then give its input. Tool results come back as "
+    "observations."
 )
-INSTRUCTIONS = """Answer the question by reasoning step by step. Tools:
-- calculator[expression]: evaluates arithmetic, e.g. calculator[2 * (3 + 4)]
-- search_docs[query]: searches this project's documentation, returns paths and snippets
-Each step writes a Thought, then either `Action: tool[input]` or `Final Answer: answer`.
-The tool's result comes back after `Observation:`.
-"""
-ACTION = re.compile(r"Action:\s*(\w+)\s*\[(.*?)\]", re.DOTALL)
-FINAL = re.compile(r"Final Answer:\s*(.*)", re.DOTALL)
+NEXT = "Which tool do you use next: calculator or finish?"
+# What the model may write as each tool's input (and the argument it is passed as).
+INPUTS = {"calculator": ("expression", r"[0-9(][0-9 +*/().-]{0,40}")}
+NUMBER = r"-?[0-9]{1,12}(\.[0-9]{1,6})?"
+ANSWER = r"[A-Za-z0-9][^\n]{0,100}"
 
-# Scripted replies for the sim engine, matched against the end of each step's prompt.
+# Scripted replies for the sim engine, matched against the end of each rendered prompt
+# (ChatML: the sim engine reports no template of its own).
+TURN_END = r"<\|im_end\|>\n<\|im_start\|>assistant\n\Z"
 SCRIPT = [
-    {
-        "pattern": r'Observation: (\d+)\n.*Observation: \[\{"path": "([^"]+)".*Thought:\Z',
-        "reply": r" I have both facts now."
-        r"\nFinal Answer: 17 * 23 + 4 = \1, and semantic variables are explained in \2.",
-    },
-    {
-        "pattern": r"Observation: (\d+)\n.*Observation: \[\]\nThought:\Z",
-        "reply": r" No document matched.\nFinal Answer: 17 * 23 + 4 = \1; no document found.",
-    },
-    {
-        "pattern": r"Observation: (\d+)\nThought:\Z",
-        "reply": r" The arithmetic gives \1. Now I need the document."
-        "\nAction: search_docs[semantic variables]",
-    },
-    {
-        "pattern": r"Question: .*Thought:\Z",
-        "reply": " I should compute the arithmetic first.\nAction: calculator[17 * 23 + 4]",
-    },
+    {"pattern": r"Observation: [0-9.]+\n" + re.escape(NEXT) + TURN_END, "reply": "finish"},
+    {"pattern": r"Question: [^<]*\n" + re.escape(NEXT) + TURN_END, "reply": "calculator"},
+    {"pattern": r"Question: What is ([0-9 *+]+)\?.*Input for calculator:" + TURN_END,
+     "reply": r"\1"},
+    {"pattern": r"Observation: ([0-9.]+)\n.*final answer[^<]*" + TURN_END, "reply": r"\1"},
 ]
-TOOL_ARGUMENT = {"calculator": "expression", "search_docs": "query"}
 
 
 @program
-async def react(question: str, max_steps: int = 6) -> str:
-    prompt = f"{INSTRUCTIONS}\nQuestion: {question}\n"
-    last_tool: tuple[SemanticVariable, str] | None = None  # (observation, prompt before it)
+async def react(question: str, max_steps: int = 4) -> str:
+    s = conversation(system(SYSTEM), user(f"Question: {question}\n{NEXT}"))
+    numeric = _is_arithmetic(question)
     for _ in range(max_steps):
-        step = gen(prompt + "Thought:", max_tokens=96, stop=["\nObservation:"], temperature=0)
-        try:
-            text = await step
-        except CallFailedError:
-            error = await tool_error(last_tool[0]) if last_tool else None
-            if last_tool is None or error is None:
-                raise
-            # The tool failed, so this step never ran: show the agent the error instead.
-            prompt = last_tool[1] + f"Observation: error: {error}\n"
-            last_tool = None
-            continue
-        if final := FINAL.search(text):
-            return final.group(1).strip()
-        prompt += f"Thought:{step}\n"
-        action = ACTION.search(text)
-        if action is None:
-            prompt += "Observation: no action found; write `Action: tool[input]`.\n"
-            continue
-        name, argument = action.group(1), action.group(2).strip()
-        if name not in TOOL_ARGUMENT:
-            prompt += f"Observation: unknown tool {name!r}; use {', '.join(TOOL_ARGUMENT)}.\n"
-            continue
-        observation = tool(name, **{TOOL_ARGUMENT[name]: argument})
-        last_tool = (observation, prompt)
+        s += assistant(select(choices=ACTIONS, name="action"))
+        action = await s["action"]
+        if action == "finish":
+            break
+        argument, pattern = INPUTS[action]
+        s += user(f"Input for {action}:")
+        s += assistant(gen(regex=pattern, max_tokens=24, temperature=0, name="input"))
+        observation = tool(action, name="observation", **{argument: s["input"]})
         # Not awaited: the next step's prompt references the tool's output variable, so
-        # the scheduler runs the step as soon as the tool is done, with no round trip.
-        prompt += f"Observation: {observation}\n"
-    return await gen(prompt + "Final Answer:", max_tokens=64, temperature=0)
+        # the scheduler runs that step as soon as the tool is done.
+        s += user(f"Observation: {await _observed(observation)}\n{NEXT}")
+    s += user("Give the final answer" + (" as a number." if numeric else "."))
+    s += assistant(gen(regex=NUMBER if numeric else ANSWER, max_tokens=32, temperature=0,
+                       name="answer"))
+    return (await s["answer"]).strip()
 
 
-async def tool_error(observation: SemanticVariable) -> str | None:
+async def _observed(observation: SemanticVariable) -> Any:
+    """The observation as the next prompt shows it: the tool's output variable (filled in on
+    the server), or, when the tool failed, its error, so the agent can react to it."""
     try:
         await observation
     except CallFailedError as exc:
-        return exc.cause
-    return None
+        return f"error: {exc.cause}"
+    return observation
+
+
+def _is_arithmetic(question: str) -> bool:
+    return any(ch.isdigit() for ch in question)
+
+
+def check(result: ProgramResult[str], question: str) -> dict[str, Any]:
+    """Passed when the answer is the calculator's result (395 for the default question)
+    and the calculator really computed it."""
+    if question != QUESTION:
+        return {"passed": bool(result.value), "expected": "a non-empty answer"}
+    observed = [v for k, v in (result.state.variables if result.state else {}).items()
+                if k.startswith("observation")]
+    return exact_check(result.value, EXPECTED, passed=EXPECTED in observed,
+                       expected="395, computed by the calculator tool")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default=QUESTION)
-    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--max-steps", type=int, default=4)
 
 
 async def main(runtime: Runtime, args: argparse.Namespace) -> ProgramResult[str]:
-    return await react.run(runtime, args.question, args.max_steps)
+    result = await react.run(runtime, args.question, args.max_steps)
+    result.check = check(result, args.question)
+    return result
 
 
 if __name__ == "__main__":

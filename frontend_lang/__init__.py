@@ -1,6 +1,7 @@
 """frontend_lang: a Python DSL for LLM programs over semantic variables.
 
     from frontend_lang import program, gen, select, tool, fork, join, let
+    from frontend_lang import system, user, assistant, conversation
     from frontend_lang import LocalRuntime, RemoteRuntime
 
 See `frontend_lang/program.py` for the programming model and README.md for a tour.
@@ -17,8 +18,9 @@ from .errors import (
     RuntimeUnavailableError,
     UnknownVariableError,
 )
-from .primitives import Branch, fork, gen, join, let, select, tool
+from .primitives import Branch, conversation, fork, gen, join, let, select, tool
 from .program import Program, ProgramResult, program
+from .roles import Message, assistant, system, tool_result, user
 from .runtime import Runtime
 from .variables import JoinedVariables, SemanticVariable
 
@@ -45,6 +47,7 @@ __all__ = [
     "DSLError",
     "JoinedVariables",
     "LocalRuntime",
+    "Message",
     "NoActiveProgramError",
     "Program",
     "ProgramCancelledError",
@@ -56,11 +59,16 @@ __all__ = [
     "RuntimeUnavailableError",
     "SemanticVariable",
     "UnknownVariableError",
+    "assistant",
+    "conversation",
     "fork",
     "gen",
     "join",
     "let",
     "program",
     "select",
+    "system",
     "tool",
+    "tool_result",
+    "user",
 ]

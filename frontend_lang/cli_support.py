@@ -25,13 +25,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
-
-from progserve.config import Settings, load_settings
-from progserve.engines import embedded_default_engine
+from typing import TYPE_CHECKING, Any
 
 from .program import ProgramResult
 from .runtime import Runtime
+
+if TYPE_CHECKING:  # the server's modules load only for an embedded runtime
+    from progserve.config import Settings
 
 # The checkout's docs/ (an editable install); the embedded `search_docs` tool searches it.
 DEFAULT_DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -72,6 +72,8 @@ def example_parser(
 
 def embedded_engine(choice: str) -> str:
     """`auto` means progserve's embedded default (torch + SmolLM2 when installed, else sim)."""
+    from progserve.engines import embedded_default_engine
+
     return embedded_default_engine() if choice == "auto" else choice
 
 
@@ -80,6 +82,8 @@ def embedded_settings(
 ) -> Settings:
     """progserve settings of an embedded runtime. The sim engine reads its scripted rules
     from a JSON file, written here into `workdir`."""
+    from progserve.config import load_settings
+
     overrides: dict[str, Any] = {"engine": engine}
     if engine == "sim":
         script_file = workdir / "script.json"
@@ -126,6 +130,7 @@ def report(result: ProgramResult[Any], *, as_json: bool) -> None:
         prompt_tokens=result.prompt_tokens,
         cached_tokens=result.cached_tokens,
         completion_tokens=result.completion_tokens,
+        check=result.check,
         as_json=as_json,
     )
 
@@ -140,9 +145,12 @@ def print_report(
     cached_tokens: int,
     completion_tokens: int,
     as_json: bool,
+    check: dict[str, Any] | None = None,
 ) -> None:
     fields = {
         "result": value,
+        "answer": value.get("answer", value) if isinstance(value, dict) else value,
+        "check": check,
         "program_id": program_id,
         "latency_s": latency_s,
         "calls": calls,
@@ -159,6 +167,9 @@ def print_report(
     print(f"latency: {latency_s:.3f} s")
     print(f"cached tokens: {cached_tokens} of {prompt_tokens} prompt tokens")
     print(f"completion tokens: {completion_tokens}")
+    if check is not None:
+        verdict = "passed" if check["passed"] else f"FAILED ({check.get('why', '')})"
+        print(f"check: {verdict}; expected {check['expected']}")
 
 
 def run_example(

@@ -33,6 +33,7 @@ from .errors import (
     ProgramDefinitionError,
 )
 from .graph import CallRecord, ProgramGraph
+from .roles import CallPrompt
 from .runtime import Runtime
 from .templates import render
 from .variables import JoinedVariables, SemanticVariable
@@ -101,7 +102,7 @@ class ProgramContext:
         self,
         *,
         kind: str,
-        prompt: str,
+        prompt: CallPrompt,
         name: str | None,
         sampling: dict[str, Any],
         choices: list[str] | None = None,
@@ -117,7 +118,7 @@ class ProgramContext:
             site,
             kind="llm",
             output=output,
-            prompt=prompt,
+            **prompt.spec_fields(),
             sampling=sampling,
             choices=choices,
             thread_id=thread_id,

@@ -174,6 +174,10 @@ class ProgramGraph:
         update: dict[str, Any] = {}
         if spec.prompt is not None:
             update["prompt"] = fill(spec.prompt)
+        if spec.messages is not None:
+            update["messages"] = [
+                m.model_copy(update={"content": fill(m.content)}) for m in spec.messages
+            ]
         if spec.args:
             update["args"] = {k: fill(v) if isinstance(v, str) else v for k, v in spec.args.items()}
         return spec.model_copy(update=update)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from scheduler.views import ProgramState
+from scheduler.spec import ProgramState
 
 from .context import ClientToolTiming, ProgramContext
 from .runtime import Runtime
@@ -46,6 +46,9 @@ class ProgramResult(Generic[T]):
     latency_s: float  # end to end, as the program's caller saw it
     state: ProgramState | None  # the scheduler's view at the end (None: no call was sent)
     client_tools: list[ClientToolTiming] = field(default_factory=list)
+    # Whether the answer is right, when the caller checks it (the examples do):
+    # {"passed": bool, "expected": what was checked, "why": how it failed}.
+    check: dict[str, Any] | None = None
 
     @property
     def calls(self) -> int:

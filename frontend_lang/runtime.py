@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from scheduler.spec import CallSpec, ProgramSpec
-from scheduler.views import ProgramState
+from scheduler.spec import CallSpec, ProgramSpec, ProgramState
 
 
 @runtime_checkable

@@ -19,11 +19,10 @@ from progserve.config import Settings, load_settings
 from progserve.runtime import Runtime as ServerRuntime
 from scheduler import errors as sched
 from scheduler.service import Scheduler
-from scheduler.spec import CallSpec, ProgramSpec
+from scheduler.spec import CallSpec, ProgramSpec, ProgramState
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor
 from scheduler.tools.registry import ToolRegistry
-from scheduler.views import ProgramState
 
 from .errors import (
     CallFailedError,

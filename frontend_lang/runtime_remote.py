@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 
-from scheduler.spec import CallSpec, ProgramSpec
-from scheduler.views import ProgramState
+from scheduler.spec import CallSpec, ProgramSpec, ProgramState
 
 from .errors import (
     CallFailedError,

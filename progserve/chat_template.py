@@ -1,9 +1,6 @@
-"""Chat messages -> prompt text, and the model's text -> tool calls.
-
-Rendering: the model's own Jinja chat template when the engine reports one
-(`ModelInfo.chat_template`, Hugging Face style, rendered in a sandbox), else a built-in
-ChatML template that describes tools the Hermes way (Qwen 2.5, Hermes 2/3 and most
-open tool-calling models were trained on it).
+"""The proxy's tool-calling contract: the model's text -> tool calls, and `tool_choice` ->
+the constraint that enforces it. (Rendering messages into a prompt is the model's
+business: `engine_backend/chat_template.py`.)
 
 Tool calls in the output, in either documented format:
 
@@ -18,6 +15,10 @@ Tool calls in the output, in either documented format:
 
 `ToolCallStreamParser` finds the same calls incrementally, holding back only the text
 that might still turn into a `<tool_call>` tag.
+
+`tool_choice: "required"` or a named function is enforced with constrained decoding: the
+answer must be one bare JSON call `{"name": ..., "arguments": {...}}` whose arguments
+follow the function's parameter schema (`forced_tool_call_schema`).
 """
 
 from __future__ import annotations
@@ -27,25 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequestError
-
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-TOOL_OPEN = "<tool_call>"
-TOOL_CLOSE = "</tool_call>"
-
-_TOOLS_PREAMBLE = (
-    "# Tools\n\n"
-    "You may call one or more functions to help with the user's request.\n\n"
-    "The available function signatures are inside <tools></tools> XML tags:\n<tools>\n"
-)
-_TOOLS_INSTRUCTIONS = (
-    "\n</tools>\n\n"
-    "To call a function, answer with a JSON object holding the function's name and "
-    "arguments inside <tool_call></tool_call> XML tags, one block per call:\n"
-    '<tool_call>\n{"name": <function-name>, "arguments": <arguments-json-object>}\n'
-    "</tool_call>"
-)
+from engine_backend.chat_template import TOOL_CLOSE, TOOL_OPEN
 
 
 @dataclass(slots=True)
@@ -69,132 +52,37 @@ def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-# ---------------------------------------------------------------------------- rendering
+# ------------------------------------------------------------------------ tool_choice
 
 
-class ChatTemplate:
-    """Renders OpenAI-style messages (dicts with role, content, tool_calls, ...)."""
-
-    def __init__(self, source: str | None = None):
-        self._jinja = _compile_jinja(source) if source and _looks_like_jinja(source) else None
-        self.stop: list[str] = [] if self._jinja else [IM_END]
-
-    @property
-    def is_builtin(self) -> bool:
-        return self._jinja is None
-
-    def render(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: str | dict[str, Any] | None = None,
-    ) -> str:
-        if not messages:
-            raise BadRequestError("`messages` must not be empty", param="messages")
-        if self._jinja is not None:
-            return self._render_jinja(messages, tools)
-        return _render_chatml(messages, tools, tool_choice)
-
-    def _render_jinja(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> str:
-        import jinja2
-
-        try:
-            return self._jinja.render(
-                messages=messages,
-                tools=tools or None,
-                add_generation_prompt=True,
-                bos_token="",
-                eos_token="",
-            )
-        except jinja2.TemplateError as exc:
-            raise BadRequestError(f"the model's chat template rejected the messages: {exc}",
-                                  param="messages") from exc
-
-
-def _looks_like_jinja(source: str) -> bool:
-    return "{%" in source or "{{" in source
-
-
-def _compile_jinja(source: str) -> Any:
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:  # jinja2 is optional: fall back to ChatML
-        return None
-
-    def raise_exception(message: str) -> None:
-        import jinja2
-
-        raise jinja2.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-    return env.from_string(source)
-
-
-def _render_chatml(
-    messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None,
-    tool_choice: str | dict[str, Any] | None,
-) -> str:
-    parts: list[str] = []
-    first = 0
-    system = ""
-    if messages[0].get("role") in ("system", "developer"):
-        system = messages[0].get("content") or ""
-        first = 1
-    if tools:
-        system = (system or "You are a helpful assistant.") + "\n\n" + _tools_block(
-            tools, tool_choice
-        )
-    if system:
-        parts.append(f"{IM_START}system\n{system}{IM_END}\n")
-    i = first
-    while i < len(messages):
-        message = messages[i]
-        role = message.get("role")
-        if role == "tool":
-            # Consecutive tool results go back in one user turn, as Hermes models expect.
-            responses = []
-            while i < len(messages) and messages[i].get("role") == "tool":
-                responses.append(f"<tool_response>\n{messages[i].get('content') or ''}\n"
-                                 "</tool_response>")
-                i += 1
-            parts.append(f"{IM_START}user\n" + "\n".join(responses) + f"{IM_END}\n")
-            continue
-        if role in ("system", "developer"):
-            role = "system"
-        content = message.get("content") or ""
-        if role == "assistant" and message.get("tool_calls"):
-            blocks = [_tool_call_block(tc) for tc in message["tool_calls"]]
-            content = "\n".join(([content] if content else []) + blocks)
-        parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
-        i += 1
-    parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
-
-
-def _tools_block(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any] | None) -> str:
-    signatures = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    text = _TOOLS_PREAMBLE + signatures + _TOOLS_INSTRUCTIONS
+def forced_tools(tools: list[dict[str, Any]],
+                 tool_choice: str | dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The tools one of which the answer must call: all of them for `"required"`, the named
+    one for `{"type": "function", "function": {"name": ...}}`; None when the model may
+    answer in text (`"auto"`, `"none"`, unset)."""
     if tool_choice == "required":
-        text += "\n\nYou must call at least one function."
-    elif isinstance(tool_choice, dict):
+        return tools
+    if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
-        text += f"\n\nYou must call the function `{name}`."
-    return text
+        return [t for t in tools if (t.get("function") or {}).get("name") == name]
+    return None
 
 
-def _tool_call_block(tool_call: dict[str, Any]) -> str:
-    function = tool_call.get("function") or {}
-    arguments = function.get("arguments") or "{}"
-    try:
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        pass  # keep the client's text as given
-    payload = json.dumps({"name": function.get("name"), "arguments": arguments},
-                         ensure_ascii=False)
-    return f"{TOOL_OPEN}\n{payload}\n{TOOL_CLOSE}"
+def forced_tool_call_schema(tools: list[dict[str, Any]]) -> str:
+    """A JSON schema that only a call of one of `tools` matches: the bare JSON form
+    `{"name": <one of the names>, "arguments": <that function's parameters>}`."""
+    variants = []
+    for tool in tools:
+        function = tool.get("function") or {}
+        parameters = function.get("parameters") or {"type": "object"}
+        variants.append({
+            "type": "object",
+            "properties": {"name": {"const": function.get("name")}, "arguments": parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        })
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return json.dumps(schema)
 
 
 # ------------------------------------------------------------------------------ parsing

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_backend.base import Engine
+from engine_backend.chat_template import ChatTemplate
 from engine_backend.types import Capabilities, ModelInfo
 from scheduler.service import Scheduler
 from scheduler.store import InMemoryStateStore, StateStore
@@ -23,7 +24,6 @@ from scheduler.tools.executor import ToolExecutor
 from scheduler.tools.registry import ToolRegistry
 
 from .auth import Authenticator
-from .chat_template import ChatTemplate
 from .config import Settings
 from .engines import build_engines
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import re
 
+# Characters a regex gives a meaning (`re.escape` also escapes spaces and more, which
+# grammar engines such as xgrammar warn about).
+_REGEX_SPECIAL = re.compile(r"[.^$*+?{}\[\]\\|()]")
+
 
 def choices_regex(choices: list[str]) -> str:
     """A regex matching exactly one of `choices`."""
-    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+    return "(" + "|".join(_REGEX_SPECIAL.sub(r"\\\g<0>", c) for c in choices) + ")"
 
 
 def pick_choice(text: str, choices: list[str]) -> str:

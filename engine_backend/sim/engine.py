@@ -15,6 +15,8 @@ the end (what virtual-time benchmarks want: no per-token work at all).
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -47,6 +49,7 @@ from engine_backend.types import (
     FinishType,
     GenerateRequest,
     ModelInfo,
+    SamplingParams,
 )
 
 # Programs whose cache entries stay tagged with their id (for retention) without a
@@ -67,6 +70,37 @@ def _prompt_key(ids: list[int]) -> TokenKey:
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _literal_choices(regex: str | None) -> list[str] | None:
+    """The choices of a regex that lists literal alternatives (decoded as a choice)."""
+    if not regex:
+        return None
+    try:
+        return parse_choices(regex)
+    except UnsupportedError:
+        return None  # any other regex: the reply is checked against it (`_check_constraint`)
+
+
+def _check_constraint(text: str, sampling: SamplingParams) -> None:
+    """A simulated model cannot steer free text, but a scripted reply written to fit a
+    regex or a JSON schema does: such a reply passes; any other reply fails the request
+    (JSON is checked for syntax only, not against the schema)."""
+    if sampling.regex is not None:
+        try:
+            fits = re.fullmatch(sampling.regex, text) is not None
+        except re.error as exc:
+            raise InvalidRequestError(f"invalid regex: {exc}") from None
+        if not fits:
+            raise UnsupportedError(f"the sim engine cannot constrain free text to the regex "
+                                   f"{sampling.regex!r}, and its reply {text[:60]!r} does "
+                                   "not match it")
+    if sampling.json_schema is not None:
+        try:
+            json.loads(text)
+        except ValueError:
+            raise UnsupportedError(f"the sim engine cannot constrain free text to a JSON "
+                                   f"schema, and its reply {text[:60]!r} is not JSON") from None
 
 
 class SimEngine(LocalEngine):
@@ -191,9 +225,7 @@ class SimEngine(LocalEngine):
             raise InvalidRequestError(
                 f"the prompt has {n} tokens; the KV cache holds {config.kv_capacity_tokens}"
             )
-        if sampling.json_schema is not None:
-            raise UnsupportedError("the sim engine does not support json_schema")
-        choices = parse_choices(sampling.regex) if sampling.regex else None
+        choices = _literal_choices(sampling.regex)
         if request.rid in self._requests:
             raise InvalidRequestError(f"request {request.rid!r} is already running")
         # Output that cannot fit the context or the KV cache ends with finish "length".
@@ -209,6 +241,8 @@ class SimEngine(LocalEngine):
             raise
         except Exception as exc:  # e.g. a scripted rule's function rejecting this prompt
             raise InvalidRequestError(f"the responder cannot answer this prompt: {exc!r}") from exc
+        if choices is None:
+            _check_constraint(reply.text, sampling)
         return SimRequest(
             rid=request.rid,
             prompt=ids,

@@ -29,7 +29,13 @@ from engine_backend.types import (
     SamplingParams,
 )
 
-from ..chat_template import ToolCall, ToolCallStreamParser, parse_tool_calls
+from ..chat_template import (
+    ToolCall,
+    ToolCallStreamParser,
+    forced_tool_call_schema,
+    forced_tools,
+    parse_tool_calls,
+)
 from ..config import LimitsConfig
 from ..errors import BadRequestError, NotFoundError
 from ..runtime import Runtime
@@ -139,6 +145,26 @@ def _json_schema_for(response_format: ResponseFormat | None) -> str | None:
     return json.dumps(response_format.json_schema.json_schema)
 
 
+def _output_schema(runtime: Runtime, response_format: dict[str, Any] | None,
+                   tools: list[dict[str, Any]] | None,
+                   tool_choice: str | dict[str, Any] | None) -> str | None:
+    """The JSON schema the answer must follow: `response_format`'s, or, when `tool_choice`
+    forces a call, one that only a call of the allowed tools matches. A forced call is
+    enforced with constrained decoding or refused (400), never silently ignored."""
+    forced = forced_tools(tools, tool_choice) if tools else None
+    if not forced:
+        return _json_schema_for(response_format)
+    if _json_schema_for(response_format) is not None:
+        raise BadRequestError("a tool_choice that forces a call cannot be combined with a "
+                              "JSON response_format", param="tool_choice")
+    if not runtime.capabilities.constrained_decoding:
+        raise BadRequestError(f"the {runtime.settings.engine} engine cannot constrain its "
+                              "output, so it cannot enforce tool_choice "
+                              f"{json.dumps(tool_choice)}; use \"auto\"",
+                              param="tool_choice", code="tool_choice_unsupported")
+    return forced_tool_call_schema(forced)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -218,8 +244,9 @@ async def chat_completions(request: Request) -> Response:
     check_model(runtime, body.model)
     limits = runtime.settings.limits
     max_tokens = body.requested_max_tokens
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.uses_tools \
-        else None
+    # Tools are shown even under tool_choice "none" (the prompt, and so its cached prefix,
+    # stays the same from turn to turn); calls are read from the answer only when allowed.
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] or None
     tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceNamed) \
         else body.tool_choice
     messages = [m.to_template() for m in body.messages]
@@ -233,7 +260,8 @@ async def chat_completions(request: Request) -> Response:
     if body.logprobs:
         require_logprobs(runtime, "logprobs")
     sampling = sampling_for(body, limits.default_max_tokens if max_tokens is None else max_tokens,
-                            runtime.chat_template.stop, _json_schema_for(body.response_format))
+                            runtime.chat_template.stop,
+                            _output_schema(runtime, body.response_format, tools, tool_choice))
     rid = new_id("chatcmpl")
     gen = GenerateRequest(rid=rid, text=prompt, sampling=sampling, return_logprob=body.logprobs,
                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
@@ -241,7 +269,7 @@ async def chat_completions(request: Request) -> Response:
         gen.chat = chat
     identity = program_identity(request.headers, body.metadata)
     call = await ScheduledCall.start(runtime, tenant, identity, gen)
-    tool_names = {t["function"]["name"] for t in tools} if tools else None
+    tool_names = {t["function"]["name"] for t in tools} if tools and body.uses_tools else None
     if body.stream:
         await start_streaming(request, [call])
         return sse_response(_chat_events(runtime, call, body, tool_names), call.headers)

@@ -69,7 +69,7 @@ def _check_limits(request: Request, calls: list[CallSpec], inputs: dict[str, str
         if max_new > limits.max_tokens:
             raise BadRequestError(f"call {call.id!r}: max_new_tokens {max_new} is over this "
                                   f"server's limit of {limits.max_tokens}", param="calls")
-        if call.prompt is not None and len(call.prompt) > limits.max_prompt_chars:
+        if call.prompt_chars() > limits.max_prompt_chars:
             raise BadRequestError(f"call {call.id!r}: prompt over the limit of "
                                   f"{limits.max_prompt_chars} characters", param="calls")
     for name, value in inputs.items():

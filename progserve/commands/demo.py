@@ -3,7 +3,11 @@
 `progserve demo` starts a progserve server in this process (the torch engine with the
 embedded SmolLM2 when installed, else the simulated engine), runs several example programs
 from `examples/` against it at the same time, each as its own client process, and prints
-every program's latency and cached-token counts plus where the tracing UI is.
+every program's latency and cached-token counts, its answer and whether the answer is
+right (each example checks its own: an exact value where there is one, else rules that
+junk fails), plus where the tracing UI is. `--json OUT` writes the same per example
+(`name`, `answer`, `check`: `passed`, `expected`). The exit status is 0 only when every
+example ran and every check passed.
 """
 
 from __future__ import annotations
@@ -31,16 +35,16 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 class DemoProgram:
     example: str  # file name in examples/, without .py
     # Sizes that keep a CPU run of the real model within a few minutes; None: too long
-    # for the real model on a CPU (its 256-token plan), so the torch demo skips it.
+    # for the real model on a CPU, so the torch demo skips it.
     torch_args: tuple[str, ...] | None = ()
 
 
 PROGRAMS = (
-    DemoProgram("react_agent", torch_args=("--max-steps", "2")),
-    DemoProgram("map_reduce_summary", torch_args=("--chunks", "4", "--words", "240")),
-    DemoProgram("tree_search", torch_args=("--width", "2", "--depth", "1", "--beam", "1")),
+    DemoProgram("react_agent", torch_args=("--max-steps", "3")),
+    DemoProgram("map_reduce_summary", torch_args=("--chunks", "4")),
+    DemoProgram("tree_search", torch_args=("--width", "4", "--depth", "2")),
     DemoProgram("multi_agent_debate", torch_args=("--agents", "2", "--rounds", "1")),
-    DemoProgram("llm_compiler", torch_args=None),
+    DemoProgram("llm_compiler"),
 )
 
 
@@ -67,6 +71,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed per example program"
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="OUT", dest="json_out",
+        help="write each example's name, answer and check (and its numbers) to OUT",
     )
 
 
@@ -102,6 +110,8 @@ async def _demo(args: argparse.Namespace, engine: str, programs: list[DemoProgra
         try:
             results = await _run_programs(console, url, programs, engine, args.timeout)
             _print_results(console, results)
+            if args.json_out is not None:
+                _write_json(args.json_out, engine, results)
             console.print(f"\nTracing UI: [bold]{url}/ui[/]  (program DAGs and timelines)")
             if args.keep_serving:
                 console.print("Serving until Ctrl-C.")
@@ -111,7 +121,31 @@ async def _demo(args: argparse.Namespace, engine: str, programs: list[DemoProgra
         finally:
             server.should_exit = True
             await serving
-    return 0 if all(r["ok"] for r in results) else 1
+    return 0 if all(r["ok"] and _passed(r) for r in results) else 1
+
+
+def _passed(result: dict[str, Any]) -> bool:
+    return bool((result.get("check") or {}).get("passed"))
+
+
+def _write_json(path: Path, engine: str, results: list[dict[str, Any]]) -> None:
+    examples = []
+    for r in results:
+        entry: dict[str, Any] = {
+            "name": r["example"],
+            "answer": r.get("answer"),
+            "check": r.get("check") or {"passed": False, "expected": "the example to run",
+                                         "why": r.get("error", "it reported no check")},
+        }
+        if r["ok"]:
+            entry.update({key: r[key] for key in ("program_id", "latency_s", "calls",
+                                                   "prompt_tokens", "cached_tokens",
+                                                   "completion_tokens")})
+        else:
+            entry["error"] = r["error"]
+        examples.append(entry)
+    path.write_text(json.dumps({"engine": engine, "passed": all(_passed(r) for r in results),
+                                "examples": examples}, indent=2, default=str))
 
 
 async def _settings(
@@ -212,11 +246,13 @@ def _parse_outcome(name: str, code: int, out: str, err: str) -> dict[str, Any]:
 
 def _print_results(console: Console, results: list[dict[str, Any]]) -> None:
     table = Table(title="programs")
-    for column in ("example", "program", "calls", "latency s", "cached / prompt tokens", "out"):
+    columns = ("example", "program", "calls", "latency s", "cached / prompt tokens", "out",
+               "check")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("example", "program") else "right")
     for r in results:
         if not r["ok"]:
-            table.add_row(r["example"], f"[red]{r['error']}[/]", "", "", "", "")
+            table.add_row(r["example"], f"[red]{r['error']}[/]", "", "", "", "", "[red]-[/]")
             continue
         table.add_row(
             r["example"],
@@ -225,9 +261,14 @@ def _print_results(console: Console, results: list[dict[str, Any]]) -> None:
             f"{r['latency_s']:.2f}",
             f"{r['cached_tokens']} / {r['prompt_tokens']}",
             str(r["completion_tokens"]),
+            "[green]passed[/]" if _passed(r) else "[red]FAILED[/]",
         )
     console.print(table)
     for r in results:
         if r["ok"]:
-            answer = r["result"] if isinstance(r["result"], str) else json.dumps(r["result"])
-            console.print(f"[bold]{r['example']}[/]: {answer[:160]}")
+            answer = r.get("answer", r["result"])
+            text = answer if isinstance(answer, str) else json.dumps(answer)
+            console.print(f"[bold]{r['example']}[/]: {text[:160]}")
+            check = r.get("check") or {"expected": "a check", "why": "none reported"}
+            verdict = "passed" if _passed(r) else f"[red]FAILED[/] ({check.get('why', '')})"
+            console.print(f"  check {verdict}: expected {check['expected']}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine_backend.chat_template import ChatTemplate
+
 from .dialects import Dialect, complete, first_choice
 from .http import Answer, ProbeClient, one_line
 from .report import Finding, missing, present
@@ -321,8 +323,6 @@ def load_chat_template(model_dir: Path) -> str | None:
 
 
 async def check_chat_template(ctx: ProbeContext, template_source: str | None = None) -> Finding:
-    from progserve.chat_template import ChatTemplate
-
     where = "the template setting"
     if template_source is None:
         model_dir = Path(ctx.model) if ctx.model else None
