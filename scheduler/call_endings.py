@@ -56,8 +56,11 @@ class CallEndings:
             program = call.program
             if status == CallStatus.FAILED and program.error is None:
                 program.error = call.error
-            if program.open_calls == 0 and not program.is_closed:
-                self.programs.went_idle(program, now)
+            if program.open_calls == 0:
+                if program.is_closed:
+                    self.programs.closed_program_idle(program)
+                else:
+                    self.programs.went_idle(program, now)
 
     def _end_one(
         self, call: CallNode, status: CallStatus, error: BaseException | None, now: float

@@ -53,6 +53,7 @@ class ProgramTable:
         self._programs: dict[tuple[str, str], Program] = {}
         self._ended: deque[Program] = deque()
         self._ended_calls = 0  # calls of the programs in `_ended`
+        self._forget_when_done: set[Program] = set()  # past the kept ones, calls open
         self.open_count = 0
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
@@ -136,6 +137,7 @@ class ProgramTable:
             program.status = ProgramStatus.IDLE
             program.ended_at = None
             self.open_count += 1
+            self._forget_when_done.discard(program)
             if program in self._ended:
                 self._ended.remove(program)
                 self._ended_calls -= len(program.calls)
@@ -242,6 +244,18 @@ class ProgramTable:
                                           and len(self._ended) > 1):
             old = self._ended.popleft()
             self._ended_calls -= len(old.calls)
-            if old.is_closed and old.open_calls == 0:
-                self._programs.pop((old.tenant, old.id), None)
-                old.drop_calls()
+            if old.open_calls:  # calls still ending (a cancel's aborts): forget it after
+                self._forget_when_done.add(old)
+            elif old.is_closed:
+                self._forget(old)
+
+    def closed_program_idle(self, program: Program) -> None:
+        """The last open call of an ended program ended: forget it if it is past the
+        kept ones (else it would stay in the table for good)."""
+        if program in self._forget_when_done:
+            self._forget_when_done.discard(program)
+            self._forget(program)
+
+    def _forget(self, program: Program) -> None:
+        self._programs.pop((program.tenant, program.id), None)
+        program.drop_calls()

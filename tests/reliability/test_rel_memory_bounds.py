@@ -79,3 +79,33 @@ async def test_kept_programs_are_bounded_by_their_calls():
                        for call in program.calls.values())
     finally:
         await runtime.close()
+
+
+async def test_a_program_forgotten_while_its_calls_end_leaves_the_table():
+    """A cancelled program whose running call is still being aborted when it falls out of
+    the kept ones stayed in the program table for good (a leak per such program)."""
+    from engine_backend.sim import SimConfig, SimEngine
+    from scheduler.config import SchedulerConfig
+    from scheduler.service import Scheduler
+    from scheduler.spec import ProgramSpec
+
+    scheduler = Scheduler([SimEngine(SimConfig(time_scale=0.05))],
+                          SchedulerConfig(keep_finished_programs=0))
+    await scheduler.start()
+    try:
+        spec = ProgramSpec.model_validate({"calls": [{"id": "c", "prompt": "long", "output": "v",
+                                                      "sampling": {"max_new_tokens": 4000}}]})
+        pid = await scheduler.submit_program(spec)
+        program = scheduler.programs.get(pid, "default")
+        while not program.running:
+            await asyncio.sleep(0.01)
+        await scheduler.cancel_program(pid)
+        assert program.open_calls  # ended, past the kept ones, its call still aborting
+        for _ in range(500):
+            if program.open_calls == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert program.open_calls == 0
+        assert ("default", pid) not in scheduler.programs
+    finally:
+        await scheduler.close()
