@@ -150,8 +150,12 @@ def _output_schema(runtime: Runtime, response_format: dict[str, Any] | None,
                    tool_choice: str | dict[str, Any] | None) -> str | None:
     """The JSON schema the answer must follow: `response_format`'s, or, when `tool_choice`
     forces a call, one that only a call of the allowed tools matches. A forced call is
-    enforced with constrained decoding or refused (400), never silently ignored."""
+    enforced with constrained decoding, or by an upstream that serves chat itself (it gets
+    `tool_choice`: vLLM enforces a named or required one), or refused (400), never
+    silently ignored."""
     forced = forced_tools(tools, tool_choice) if tools else None
+    if forced and runtime.capabilities.chat and _json_schema_for(response_format) is None:
+        return None  # the upstream enforces it (`GenerateRequest.chat.tool_choice`)
     if not forced:
         return _json_schema_for(response_format)
     if _json_schema_for(response_format) is not None:

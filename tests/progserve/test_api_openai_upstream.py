@@ -57,6 +57,18 @@ def test_chat_reaches_the_upstreams_chat_route_with_the_clients_messages(client,
     assert not [b for b in vllm.sent("/v1/completions") if "Name three" in str(b.get("prompt"))]
 
 
+def test_a_named_tool_choice_goes_to_the_upstream_that_enforces_it(client, vllm):
+    """The openai engine cannot constrain output itself, but an upstream that serves chat
+    (vLLM) enforces a named or required tool_choice: it is passed on, not refused."""
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}}}}]
+    named = {"type": "function", "function": {"name": "lookup"}}
+    client.chat.completions.create(model="fake/model", messages=MESSAGES, max_tokens=3,
+                                   tools=tools, tool_choice=named)
+    body = vllm.sent("/v1/chat/completions")[-1]
+    assert body["tool_choice"] == named and body["tools"] == tools
+
+
 def test_unknown_models_are_404_model_not_found(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
