@@ -8,19 +8,20 @@ One run starts, on loopback:
   reply instead (a progserve process itself);
 - progserve in front of it as a proxy, with API keys on: `--engine sglang --engine-url
   <engine>` (and `--engine openai` for the chat scenario); `--processes N` runs N
-  `--engine openai` processes on one port (`--reuse-port`, sharing state in a
-  redis-server), the scale-out of one host;
+  `--engine openai` processes sharing state in a redis-server (`--redis-url`), each on
+  its own port with its share of the connections (one wrk per process, as a load
+  balancer spreads them): the scale-out of one host;
 - LiteLLM's proxy in front of the same engine, when it is installed (`--litellm`).
 
-wrk (`--connections`, one by default, one thread, keep-alive) then sends the same
-non-streamed request to
-the engine directly and through each proxy, in the same run, in `--rounds` alternating
-rounds (direct, proxy A, proxy B, direct, ...): a machine whose speed drifts during the
-run (other jobs, frequency) shifts both sides of a round alike. The added latency of a
-round is the difference of its percentiles (proxy minus the direct run just before); the
-report gives the median over rounds, each target's percentiles as medians over rounds,
-and every round in the JSON. Requests/s are wrk's. Installs Debian's `wrk` if it is
-missing and the process may use apt.
+wrk (`--connections`, one by default; one thread; keep-alive) then sends the same
+non-streamed request to the engine directly and through each proxy, in the same run, in
+`--rounds` alternating rounds (direct, proxy A, proxy B, direct, ...): a machine whose
+speed drifts during the run (other jobs, frequency) shifts both sides of a round alike.
+The added latency of a round is the difference of its percentiles (proxy minus the direct
+run just before); the report gives the median over rounds, each target's percentiles as
+medians over rounds, and every round in the JSON. `requests_per_s` (per target, and per
+scenario for every target side by side) is wrk's rate; `added_p50_ms` the added p50.
+Installs Debian's `wrk` if it is missing and the process may use apt.
 
     progserve bench overhead --duration 10 --json artifacts/overhead.json
 """
@@ -91,8 +92,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", choices=("fake", "sim"), default="fake",
                         help="engine server: canned answers (fake) or progserve's sim engine")
     parser.add_argument("--processes", type=int, default=1,
-                        help="progserve --engine openai processes sharing one port (the chat "
-                        "scenario; >1 shares state in a redis-server)")
+                        help="progserve --engine openai processes for the chat scenario, each "
+                        "on its own port with its share of the connections (>1: state shared "
+                        "in a redis-server)")
+    parser.add_argument("--redis", action="store_true",
+                        help="share state in a redis-server even with one process")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
 
 
@@ -404,7 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             servers.extend(proxies["progserve(sglang)"])
             if "chat" in wanted:
                 shared: list[str] = []
-                if args.processes > 1:
+                if args.processes > 1 or args.redis:
                     redis = _redis(workdir)
                     servers.append(redis)
                     shared = ["--redis-url", redis.url]
@@ -456,6 +460,7 @@ def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str
                    "max_tokens": args.max_tokens,
                    "time_scale": args.time_scale, "connections": args.connections,
                    "upstream": args.upstream, "openai_processes": max(1, args.processes),
+                   "redis": args.processes > 1 or args.redis,
                    "api_keys": True, "tool": "wrk", "cpus": os.cpu_count(),
                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "scenarios": {},
