@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .auth import Authenticator
+from .auth import SCOPE_CALLER, Authenticator
 from .config import LimitsConfig
 from .errors import ApiError, BadRequestError, OverloadedError
 
@@ -212,7 +212,9 @@ class AdmissionMiddleware:
             return
         controller = self.controller
         try:
-            tenant = controller.auth.caller_for(Headers(scope=scope)).tenant
+            caller = controller.auth.caller_for(Headers(scope=scope))
+            scope[SCOPE_CALLER] = caller
+            tenant = caller.tenant
             controller.check_request(tenant)
         except ApiError as exc:
             await self.render(Request(scope), exc)(scope, receive, send)

@@ -43,6 +43,9 @@ class Caller:
 
 
 OWNER = Caller(DEFAULT_TENANT, admin=True)  # every caller when authentication is off
+# The ASGI scope key under which the admission middleware leaves the request's `Caller`,
+# so that the route does not authenticate the same request a second time.
+SCOPE_CALLER = "progserve.caller"
 
 
 def hash_key(key: str) -> str:

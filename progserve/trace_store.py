@@ -461,25 +461,34 @@ class TraceStore:
         pipe = self._redis.pipeline(transaction=True)
         if check_marker:
             pipe.exists(self._marker)
-        ops: list[tuple[str, str, tuple[str, bytes] | None]] = []  # what each command wrote
-        touched: set[str] = set()
+        # One HSET per program for its new spans, one ZADD per index: commands per flush
+        # grow with the programs touched, not with spans (each costs Python in redis-py).
+        # Per command: (kind, key, what it wrote: spans, or the programs of an index).
+        ops: list[tuple[str, str, list[tuple[str, bytes]] | None]] = []
+        by_key: dict[str, list[tuple[str, bytes]]] = {}
         for key, span_id, blob in spans:
-            pipe.hset(self._key("trace", key), span_id, blob)
-            ops.append(("trace", key, (span_id, blob)))
-            touched.add(key)
-        for key in touched:
+            by_key.setdefault(key, []).append((span_id, blob))
+        for key, entries in by_key.items():
+            pipe.hset(self._key("trace", key), mapping=dict(entries))
             pipe.expire(self._key("trace", key), self._ttl_s)
-            ops.append(("trace", key, None))
+            ops += [("trace", key, entries), ("trace", key, None)]
+        scores: dict[str, float] = {}
+        by_tenant: dict[str, dict[str, float]] = {}
         for key in dirty:
             rec = self._records.get(key)
             if rec is None:
                 continue  # evicted locally; its last flushed state stays in Redis
-            score = rec.updated_ns / 1e9
+            score = scores[key] = rec.updated_ns / 1e9
+            by_tenant.setdefault(rec.tenant, {})[key] = score
             pipe.hset(self._key("prog", key), self.instance_id, orjson.dumps(asdict(rec)))
             pipe.expire(self._key("prog", key), self._ttl_s)
-            pipe.zadd(self._key("progs"), {key: score})
-            pipe.zadd(self._key("tenant_progs", rec.tenant), {key: score})
-            ops += [("prog", key, None)] * 4
+            ops += [("prog", key, None)] * 2
+        if scores:  # a refused index entry is its program's write refused (retried)
+            pipe.zadd(self._key("progs"), scores)
+            ops.append(("members", "", [(key, b"") for key in scores]))
+            for tenant, members in by_tenant.items():
+                pipe.zadd(self._key("tenant_progs", tenant), members)
+                ops.append(("members", tenant, [(key, b"") for key in members]))
         if dirty:
             pipe.zremrangebyrank(self._key("progs"), 0, -self._max_programs - 1)
             ops.append(("index", "", None))
@@ -488,14 +497,17 @@ class TraceStore:
         self._requeue_refused(ops, results[1:] if check_marker else results)
         return synced
 
-    def _requeue_refused(self, ops: list[tuple[str, str, tuple[str, bytes] | None]],
+    def _requeue_refused(self, ops: list[tuple[str, str, list[tuple[str, bytes]] | None]],
                          results: list[Any]) -> None:
         refused: dict[tuple[str, str], ResponseError] = {}
-        for (kind, key, span), result in zip(ops, results, strict=True):
-            if isinstance(result, ResponseError):
+        for (kind, key, entries), result in zip(ops, results, strict=True):
+            if isinstance(result, ResponseError) and kind == "members":
+                for program, _ in entries or ():
+                    refused["prog", program] = result
+            elif isinstance(result, ResponseError):
                 refused[kind, key] = result
-                if span is not None:
-                    self._pending_spans.append((key, *span))
+                for span_id, blob in entries or ():
+                    self._pending_spans.append((key, span_id, blob))
             elif isinstance(result, Exception):
                 raise result
         for (kind, key), error in refused.items():

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 
+from ..auth import SCOPE_CALLER, Caller
 from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_body
 from .strict_json import validate_body
 
@@ -37,10 +38,19 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def caller_of(request: Request) -> Caller:
+    """Who sends the request (401 when keys are on and the key is missing or wrong): as
+    the admission middleware found it, else looked up now."""
+    caller = request.scope.get(SCOPE_CALLER)
+    if caller is None:
+        caller = request.app.state.runtime.auth.caller_for(request.headers)
+    return caller
+
+
 def tenant_of(request: Request) -> str:
-    """The caller's tenant (401 when keys are on and the key is missing or wrong). Called
-    in the handler, not as a FastAPI dependency: a sync dependency runs in a thread."""
-    return request.app.state.runtime.auth.tenant_for(request.headers)
+    """The caller's tenant (401 as `caller_of`). Called in the handler, not as a FastAPI
+    dependency: a sync dependency runs in a thread."""
+    return caller_of(request).tenant
 
 
 def new_id(prefix: str) -> str:

@@ -1,20 +1,27 @@
 """Middleware overhead: the latency progserve adds per call over calling the engine directly.
 
 One run starts, on loopback:
-- an *engine server*: `progserve serve --engine sim` in real time with a tiny time scale
-  and one chunk per reply (a fast fake engine that speaks SGLang's and OpenAI's protocols);
-- progserve in front of it as a proxy: `--engine sglang --engine-url <engine>` (and
-  `--engine openai` for the chat scenario);
+- an *engine server*: by default (`--upstream fake`) a fake engine that answers from a
+  table of canned replies (`progserve/bench/fake_engine.py`: many times faster than a
+  proxy, so the proxy's requests/s are its own ceiling); `--upstream sim` runs
+  `progserve serve --engine sim` in real time with a tiny time scale and one chunk per
+  reply instead (a progserve process itself);
+- progserve in front of it as a proxy, with API keys on: `--engine sglang --engine-url
+  <engine>` (and `--engine openai` for the chat scenario); `--processes N` runs N
+  `--engine openai` processes sharing state in a redis-server (`--redis-url`), each on
+  its own port with its share of the connections (one wrk per process, as a load
+  balancer spreads them): the scale-out of one host;
 - LiteLLM's proxy in front of the same engine, when it is installed (`--litellm`).
 
-wrk (one connection, one thread, keep-alive) then sends the same non-streamed request to
-the engine directly and through each proxy, in the same run, in `--rounds` alternating
-rounds (direct, proxy A, proxy B, direct, ...): a machine whose speed drifts during the
-run (other jobs, frequency) shifts both sides of a round alike. The added latency of a
-round is the difference of its percentiles (proxy minus the direct run just before); the
-report gives the median over rounds, each target's percentiles as medians over rounds,
-and every round in the JSON. Requests/s are wrk's. Installs Debian's `wrk` if it is
-missing and the process may use apt.
+wrk (`--connections`, one by default; one thread; keep-alive) then sends the same
+non-streamed request to the engine directly and through each proxy, in the same run, in
+`--rounds` alternating rounds (direct, proxy A, proxy B, direct, ...): a machine whose
+speed drifts during the run (other jobs, frequency) shifts both sides of a round alike.
+The added latency of a round is the difference of its percentiles (proxy minus the direct
+run just before); the report gives the median over rounds, each target's percentiles as
+medians over rounds, and every round in the JSON. `requests_per_s` (per target, and per
+scenario for every target side by side) is wrk's rate; `added_p50_ms` the added p50.
+Installs Debian's `wrk` if it is missing and the process may use apt.
 
     progserve bench overhead --duration 10 --json artifacts/overhead.json
 """
@@ -37,9 +44,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..auth import hash_key
+
 LITELLM_VENV = Path("/tmp/progserve-litellm-venv")
-# LiteLLM's proxy refuses to start without a master key; every target gets this bearer
-# (progserve runs without keys here, so it ignores it).
+# Every target gets this bearer: progserve's keys file maps it to a tenant (API keys on, as
+# a deployment runs), LiteLLM's proxy refuses to start without a master key, and the
+# engine ignores it.
 BENCH_KEY = "sk-" + secrets.token_hex(24)
 DEFAULT_LITELLM = LITELLM_VENV / "bin" / "litellm"
 
@@ -77,6 +87,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"pip install litellm[proxy] into {LITELLM_VENV} first (minutes)")
     parser.add_argument("--target-ms", type=float, default=1.0,
                         help="the most progserve may add at p50, in every scenario (ms)")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="wrk's concurrent keep-alive connections per target")
+    parser.add_argument("--upstream", choices=("fake", "sim"), default="fake",
+                        help="engine server: canned answers (fake) or progserve's sim engine")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="progserve --engine openai processes for the chat scenario, each "
+                        "on its own port with its share of the connections (>1: state shared "
+                        "in a redis-server)")
+    parser.add_argument("--redis", action="store_true",
+                        help="share state in a redis-server even with one process")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
 
 
@@ -216,30 +236,47 @@ class WrkResult:
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
 
-def run_wrk(wrk: str, target: str, url: str, body: dict[str, Any], duration: float,
-            workdir: Path, servers: list[Server] = ()) -> WrkResult:
-    """One wrk run; also the CPU each server process spent per request meanwhile (robust
-    where latency is not: on a machine shared with other work)."""
+def run_wrk(wrk: str, target: str, urls: str | list[str], body: dict[str, Any],
+            duration: float, workdir: Path, servers: list[Server] = (),
+            connections: int = 1) -> WrkResult:
+    """One wrk run (one wrk process per URL, `connections` spread over them, all at once);
+    also the CPU each server process spent per request meanwhile (robust where latency is
+    not: on a machine shared with other work)."""
+    urls = [urls] if isinstance(urls, str) else urls
     script = workdir / f"{target.replace(':', '-')}.lua"
     script.write_text(_LUA.format(body=json.dumps(body), key=BENCH_KEY))
     cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
-    out = subprocess.run([wrk, "-t1", "-c1", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-                          "-s", str(script), url], capture_output=True, text=True, check=True)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no result for {target}:\n{out.stdout}\n{out.stderr}")
-    values = dict(item.split("=", 1) for item in line.split()[1:])
-    seconds = int(values["duration_us"]) / 1e6
-    requests = int(values["requests"])
+    share = [connections // len(urls) + (i < connections % len(urls)) for i in range(len(urls))]
+    procs = [subprocess.Popen([wrk, "-t1", f"-c{max(1, n)}", f"-d{max(1, round(duration))}s",
+                               "--timeout", "10s", "-s", str(script), url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for url, n in zip(urls, share, strict=True)]
+    parts = [_wrk_values(target, *proc.communicate()) for proc in procs]
+    requests = sum(int(v["requests"]) for v in parts)
+    seconds = max(int(v["duration_us"]) for v in parts) / 1e6
     cpu = {s.name: round((cpu_seconds(s.proc.pid) - cpu_before[s.name]) * 1e3
                          / max(1, requests), 3) for s in servers}
+    # Several wrk processes: their rates add up; a percentile is their request-weighted mean.
+    weight = [int(v["requests"]) / max(1, requests) for v in parts]
+
+    def mean(key: str) -> float:
+        return sum(w * float(v[key]) for w, v in zip(weight, parts, strict=True))
+
     return WrkResult(
-        target=target, url=url, requests=requests, seconds=seconds,
-        errors=int(values["errors"]), rps=requests / seconds if seconds else 0.0,
-        p50_us=int(values["p50"]), p90_us=int(values["p90"]), p99_us=int(values["p99"]),
-        p999_us=int(values["p99.9"]), mean_us=float(values["mean"]),
-        cpu_ms_per_request=cpu,
+        target=target, url=urls[0] if len(urls) == 1 else ",".join(urls), requests=requests,
+        seconds=seconds, errors=sum(int(v["errors"]) for v in parts),
+        rps=sum(int(v["requests"]) / (int(v["duration_us"]) / 1e6) for v in parts
+                if int(v["duration_us"])),
+        p50_us=int(mean("p50")), p90_us=int(mean("p90")), p99_us=int(mean("p99")),
+        p999_us=int(mean("p99.9")), mean_us=mean("mean"), cpu_ms_per_request=cpu,
     )
+
+
+def _wrk_values(target: str, stdout: str, stderr: str) -> dict[str, str]:
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result for {target}:\n{stdout}\n{stderr}")
+    return dict(item.split("=", 1) for item in line.split()[1:])
 
 
 def check_answer(url: str, body: dict[str, Any]) -> None:
@@ -309,8 +346,48 @@ def bodies(max_tokens: int) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
+def _engine(args: argparse.Namespace, workdir: Path) -> Server:
+    if args.upstream == "fake":
+        port = _free_port()
+        return _start("engine", [sys.executable, "-m", "progserve.bench.fake_engine",
+                                 "--port", str(port)], port, workdir, {})
+    return _progserve("engine", ["--engine", "sim"], workdir, {
+        "PROGSERVE_SIM__TIME_SCALE": str(args.time_scale),
+        "PROGSERVE_SIM__STREAM_INTERVAL": "0"})
+
+
+def _redis(workdir: Path) -> Server:
+    binary = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
+    if not Path(binary).exists():
+        raise SystemExit("--processes > 1 needs a redis-server (bash scripts/ensure_redis.sh)")
+    port = _free_port()
+    log = workdir / "redis.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    server = Server("redis", f"redis://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"redis-server did not come up:\n{log.read_text()[-2000:]}")
+
+
+def _write_keys(workdir: Path) -> Path:
+    """progserve runs with API keys on: the bench's bearer belongs to tenant `bench`."""
+    keys = workdir / "api-keys.json"
+    keys.write_text(json.dumps({hash_key(BENCH_KEY): "bench"}))
+    return keys
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     wrk = ensure_wrk()
+    load_before = os.getloadavg()
     if args.install_litellm and not DEFAULT_LITELLM.exists():
         install_litellm()
     litellm_bin = find_litellm(args.litellm)
@@ -321,72 +398,91 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="progserve-overhead-") as tmp:
         workdir = Path(tmp)
         try:
-            engine = _progserve("engine", ["--engine", "sim"], workdir, {
-                "PROGSERVE_SIM__TIME_SCALE": str(args.time_scale),
-                "PROGSERVE_SIM__STREAM_INTERVAL": "0"})
+            engine = _engine(args, workdir)
             servers.append(engine)
-            proxies = {"progserve(sglang)": _progserve(
-                "progserve-sglang", ["--engine", "sglang", "--engine-url", engine.url],
-                workdir, {})}
-            servers.extend(proxies.values())
+            keys = ["--api-keys", str(_write_keys(workdir))]
+            # target name -> the servers that take its requests (several: one wrk each)
+            proxies: dict[str, list[Server]] = {"progserve(sglang)": [_progserve(
+                "progserve-sglang", ["--engine", "sglang", "--engine-url", engine.url, *keys],
+                workdir, {})]}
+            servers.extend(proxies["progserve(sglang)"])
             if "chat" in wanted:
-                proxies["progserve(openai)"] = _progserve(
-                    "progserve-openai", ["--engine", "openai", "--engine-url", engine.url],
-                    workdir, {})
-                servers.append(proxies["progserve(openai)"])
+                shared: list[str] = []
+                if args.processes > 1 or args.redis:
+                    redis = _redis(workdir)
+                    servers.append(redis)
+                    shared = ["--redis-url", redis.url]
+                proxies["progserve(openai)"] = [_progserve(
+                    f"progserve-openai{'' if args.processes == 1 else f'-{i}'}",
+                    ["--engine", "openai", "--engine-url", engine.url, *keys, *shared],
+                    workdir, {}) for i in range(max(1, args.processes))]
+                servers.extend(proxies["progserve(openai)"])
                 if litellm_bin:
                     try:
                         model = json.loads(urllib.request.urlopen(
                             engine.url + "/v1/models").read())["data"][0]["id"]
-                        proxies["litellm"] = _litellm(litellm_bin, engine, model, workdir)
-                        servers.append(proxies["litellm"])
+                        proxies["litellm"] = [_litellm(litellm_bin, engine, model, workdir)]
+                        servers.extend(proxies["litellm"])
                     except (RuntimeError, OSError) as exc:
                         notes.append(f"litellm did not start: {str(exc)[:300]}")
                 elif args.litellm == "off":
                     notes.append("litellm comparison turned off (--litellm off)")
                 else:
                     notes.append("litellm not installed (--install-litellm): no comparison")
+            measured = [s for s in servers if s.name != "redis"]
             rounds = max(1, args.rounds)
             for scenario in scenarios:
-                targets = [("direct", engine)] + [
-                    (name, srv) for name, srv in proxies.items()
+                targets = [("direct", [engine])] + [
+                    (name, group) for name, group in proxies.items()
                     if scenario.name == "chat" or name == "progserve(sglang)"]
-                for _, srv in targets:
-                    url = srv.url + scenario.path
-                    check_answer(url, scenario.body)
-                    run_wrk(wrk, f"warmup-{scenario.name}", url, scenario.body, args.warmup,
-                            workdir)
+                for _, group in targets:
+                    urls = [srv.url + scenario.path for srv in group]
+                    for url in urls:
+                        check_answer(url, scenario.body)
+                    run_wrk(wrk, f"warmup-{scenario.name}", urls, scenario.body, args.warmup,
+                            workdir, connections=args.connections)
                 for _ in range(rounds):
-                    for name, srv in targets:
+                    for name, group in targets:
                         scenario.record(name, run_wrk(
-                            wrk, f"{scenario.name}:{name}", srv.url + scenario.path,
-                            scenario.body, args.duration / rounds, workdir, servers))
+                            wrk, f"{scenario.name}:{name}",
+                            [srv.url + scenario.path for srv in group], scenario.body,
+                            args.duration / rounds, workdir, measured, args.connections))
         finally:
             for server in reversed(servers):
                 server.stop()
-    return _report(args, scenarios, notes)
+    return _report(args, scenarios, notes, load_before)
 
 
-def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str]
-            ) -> dict[str, Any]:
+def _report(args: argparse.Namespace, scenarios: list[Scenario], notes: list[str],
+            load_before: tuple[float, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": {"duration_s": args.duration, "rounds": max(1, args.rounds),
                    "max_tokens": args.max_tokens,
-                   "time_scale": args.time_scale, "connections": 1, "tool": "wrk",
-                   "cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
+                   "time_scale": args.time_scale, "connections": args.connections,
+                   "upstream": args.upstream, "openai_processes": max(1, args.processes),
+                   "redis": args.processes > 1 or args.redis,
+                   "api_keys": True, "tool": "wrk", "cpus": os.cpu_count(),
+                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "scenarios": {},
         "notes": notes,
     }
     for scenario in scenarios:
+        direct = asdict(merge_rounds(scenario.rounds["direct"]))
+        direct["requests_per_s"] = direct["rps"]
         entry: dict[str, Any] = {
-            "direct": asdict(merge_rounds(scenario.rounds["direct"])), "proxies": {},
+            "direct": direct, "proxies": {},
             "rounds": {name: [asdict(r) for r in results]
                        for name, results in scenario.rounds.items()},
         }
         for proxy, results in scenario.rounds.items():
             if proxy != "direct":
-                entry["proxies"][proxy] = {**asdict(merge_rounds(results)),
-                                           **scenario.added(proxy)}
+                merged = asdict(merge_rounds(results))
+                added = scenario.added(proxy)
+                entry["proxies"][proxy] = {**merged, **added, "requests_per_s": merged["rps"],
+                                           "added_p50_ms": added["p50_added_ms"]}
+        # Both sides of the same run: every target's wrk rate (requests over its rounds).
+        entry["requests_per_s"] = {"direct": direct["rps"], **{
+            proxy: r["rps"] for proxy, r in entry["proxies"].items()}}
         ours = entry["proxies"].get("progserve(openai)") or entry["proxies"].get(
             "progserve(sglang)")
         theirs = entry["proxies"].get("litellm")
@@ -403,14 +499,18 @@ def _target(scenarios: dict[str, Any], limit_ms: float) -> dict[str, Any]:
     added = {f"{name}:{proxy}": r["p50_added_ms"] for name, entry in scenarios.items()
              for proxy, r in entry["proxies"].items() if proxy.startswith("progserve")}
     worst = max(added.values(), default=None)
-    return {"p50_added_ms_max": limit_ms, "worst_p50_added_ms": worst,
+    return {"p50_added_ms_max": limit_ms, "worst_p50_added_ms": worst, "added_p50_ms": worst,
             "worst_path": max(added, key=added.__getitem__) if added else None,
             "met": worst is not None and worst <= limit_ms}
 
 
 def print_report(report: dict[str, Any]) -> None:
     cfg = report["config"]
-    print(f"middleware overhead: wrk, 1 connection, {cfg['duration_s']:.0f}s per target in "
+    conns = cfg["connections"]
+    print(f"middleware overhead: wrk, {conns} connection{'s' if conns > 1 else ''}, "
+          f"{cfg['upstream']} engine, API keys on, "
+          f"{cfg['openai_processes']} progserve(openai) process(es), "
+          f"{cfg['duration_s']:.0f}s per target in "
           f"{cfg['rounds']} alternating rounds, {cfg['max_tokens']} tokens per reply "
           "(added: median over rounds of proxy minus direct)")
     header = f"{'scenario':9} {'target':18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} " \

@@ -76,9 +76,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def uvicorn_options(log_level: str, access_log: bool) -> dict[str, Any]:
+    http: Any = "h11"
+    if importlib.util.find_spec("httptools"):  # one write per answer: progserve/http_protocol.py
+        from progserve.http_protocol import CoalescingHttpToolsProtocol
+        http = CoalescingHttpToolsProtocol
     return {
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "http": http,
         "log_level": log_level,
         "access_log": access_log,
         "timeout_keep_alive": 30,

@@ -124,3 +124,19 @@ def test_keys_file_must_hold_digests(tmp_path: Path):
     with pytest.raises(KeyFileError):
         Authenticator.from_file(bad_tenant)
     assert Authenticator.from_file(None).tenant_for({}) == "default"
+
+
+def test_a_generation_request_is_authenticated_once(server, monkeypatch):
+    """The admission middleware's lookup is the route's too (a key hashed once per call)."""
+    import progserve.auth as auth
+
+    hashed: list[str] = []
+    real = auth.hash_key
+    monkeypatch.setattr(auth, "hash_key", lambda key: hashed.append(key) or real(key))
+    for path, body in [("/v1/chat/completions", {"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "x"}]}),
+            ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 1}})]:
+        hashed.clear()
+        resp = httpx.post(server.url + path, json=body, headers=as_tenant("key-acme"))
+        assert resp.status_code == 200, resp.text
+        assert hashed == ["key-acme"]

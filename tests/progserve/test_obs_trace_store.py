@@ -92,3 +92,32 @@ async def test_replicas_share_spans_and_summaries_and_survive_an_outage(redis_se
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_flush_writes_per_program_and_retries_a_refused_index(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Spans of a program go in one HSET; a tenant index Redis refuses (WRONGTYPE) is its
+    programs' write refused: retried, then dropped, while other tenants are written."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_server.url)
+    store = TraceStore("i1", redis=redis, flush_interval_s=3600, max_write_attempts=2)
+    await redis.set(store._key("tenant_progs", "bad"), "not a sorted set")
+    try:
+        for tenant in ("good", "bad"):
+            for n in range(3):
+                store.add_span(span(f"{tenant}-p", n, tenant))
+            store.touch(store.record(tenant, f"{tenant}-p"))
+        await store.flush()
+        good, bad = program_key("good", "good-p"), program_key("bad", "bad-p")
+        assert len(await redis.hgetall(store._key("trace", good))) == 3
+        assert len(await redis.hgetall(store._key("trace", bad))) == 3
+        assert await redis.zscore(store._key("tenant_progs", "good"), good) is not None
+        assert await redis.zscore(store._key("progs"), bad) is not None
+        assert store.dropped_writes == 0 and bad in store._dirty  # to be retried
+        await store.flush()
+        assert store.dropped_writes == 1 and bad not in store._dirty  # given up
+        await store.flush()
+        assert store.dropped_writes == 1
+    finally:
+        await store.close()
+        await redis.aclose()

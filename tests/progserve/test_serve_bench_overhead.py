@@ -4,9 +4,11 @@ numbers) and reports what it measured for every target."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,38 @@ def test_overhead_bench_reports_every_target(tmp_path):
     assert target["worst_p50_added_ms"] == max(added)
     assert target["met"] is (max(added) <= target["p50_added_ms_max"] == 1.0)
     assert "target: progserve adds at most 1 ms at p50" in proc.stdout
+    # requests/s of every target side by side, API keys on, one connection by default
+    assert report["config"]["connections"] == 1 and report["config"]["api_keys"] is True
+    for entry in report["scenarios"].values():
+        assert entry["requests_per_s"]["direct"] == entry["direct"]["requests_per_s"] > 0
+        for proxy, r in entry["proxies"].items():
+            assert entry["requests_per_s"][proxy] == r["requests_per_s"] > 0
+            assert r["added_p50_ms"] == r["p50_added_ms"]
+
+
+def test_overhead_bench_with_connections_and_two_processes(tmp_path):
+    """`--connections N` runs wrk with N connections; `--processes 2` spreads them over two
+    `--engine openai` processes sharing a redis-server (both take requests)."""
+    try:
+        ensure_wrk()
+    except SystemExit:
+        pytest.skip("wrk is not installed and cannot be (needs root and apt)")
+    if not (shutil.which("redis-server") or (Path(sys.executable).parent / "redis-server").exists()):
+        pytest.skip("no redis-server binary (run scripts/ensure_redis.sh)")
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "progserve.cli", "bench", "overhead", "--duration", "1",
+         "--rounds", "1", "--warmup", "1", "--litellm", "off", "--scenarios", "chat",
+         "--connections", "4", "--processes", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["connections"] == 4 and report["config"]["openai_processes"] == 2
+    assert report["config"]["redis"] is True
+    chat = report["scenarios"]["chat"]
+    openai_proxy = chat["proxies"]["progserve(openai)"]
+    assert openai_proxy["errors"] == 0 and openai_proxy["requests_per_s"] > 0
+    assert chat["requests_per_s"]["direct"] > 0
+    cpu = openai_proxy["cpu_ms_per_request"]
+    assert cpu["progserve-openai-0"] > 0 and cpu["progserve-openai-1"] > 0  # both served
+    assert "4 connections" in proc.stdout
