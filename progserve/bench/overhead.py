@@ -26,16 +26,17 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .server_process import ServerProcess as Server
+from .server_process import free_port, progserve_process
 
 LITELLM_VENV = Path("/tmp/progserve-litellm-venv")
 # LiteLLM's proxy refuses to start without a master key; every target gets this bearer
@@ -83,64 +84,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str],
-           health_path: str = "/health", timeout_s: float = 120.0) -> Server:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
-    server = Server(name, f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(server.url + health_path, timeout=1) as resp:
-                if resp.status < 500:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"{name} did not come up in {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
 def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) -> Server:
-    port = _free_port()
-    argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning", *flags]
     # The chat scenario names its model "bench" on every target (LiteLLM maps the name).
-    # No start-up engine probe: its requests would land in the measurement.
-    return _start(name, argv, port, workdir,
-                  {"PROGSERVE_MODEL_ALIASES": '["bench"]', "PROGSERVE_STARTUP_PROBE": "false",
-                   **env})
+    # No start-up engine probe (the harness's default): its requests would land in the
+    # measurement.
+    return progserve_process("--log-level", "warning", *flags, name=name,
+                             env={"PROGSERVE_MODEL_ALIASES": '["bench"]', **env},
+                             log=workdir / f"{name}.log").start(120.0)
 
 
 def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:
-    port = _free_port()
+    port = free_port()
     config = workdir / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -156,8 +110,8 @@ def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:
     )
     argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
             "--num_workers", "1"]
-    return _start("litellm", argv, port, workdir, {"LITELLM_LOG": "ERROR"},
-                  health_path="/health/liveliness", timeout_s=240.0)
+    return Server(argv, port=port, env={"LITELLM_LOG": "ERROR"}, name="litellm",
+                  log=workdir / "litellm.log", health_path="/health/liveliness").start(240.0)
 
 
 def find_litellm(choice: str) -> str | None:

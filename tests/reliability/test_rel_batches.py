@@ -12,9 +12,10 @@ import time
 
 import httpx
 import pytest
-from rel_support import ServerProcess, raw_post, wait_until
+from rel_support import raw_post, wait_until
 
 from progserve.app import create_app
+from progserve.bench.server_process import progserve_process
 from progserve.config import Settings
 from progserve.runtime import Runtime
 
@@ -127,7 +128,7 @@ def test_health_reports_calls_waiting_with_no_progress(serve_in_thread):
 def test_sigterm_ends_the_server_with_a_big_batch_in_flight():
     """A streamed batch over the budget, its client still connected: SIGTERM gives the
     requests `shutdown_grace_s`, aborts them, and the process exits within 10 s."""
-    proc = ServerProcess(env={"PROGSERVE_SIM__TIME_SCALE": "1.0"}).start()
+    proc = progserve_process(env={"PROGSERVE_SIM__TIME_SCALE": "1.0"}).start()
     try:
         body = {"text": PROMPTS, "stream": True,
                 "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}

@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from rel_support import free_port, wait_until
+from rel_support import wait_until
 
 from progserve.app import create_app
+from progserve.bench.server_process import free_port
 from progserve.config import Settings
 from progserve.runtime import Runtime
 

@@ -14,9 +14,9 @@ import sys
 
 import httpx
 import pytest
-from rel_support import ServerProcess
 
 from progserve.app import create_app
+from progserve.bench.server_process import progserve_process
 from progserve.config import Settings
 from progserve.runtime import Runtime
 from scheduler.tools.builtin import register_builtin_tools
@@ -128,8 +128,8 @@ def test_prompts_stay_out_of_in_process_logs(server, caplog):
 def test_prompts_stay_out_of_a_servers_output():
     """The real process, access log on, at the default log level: the secret is nowhere
     in what it writes."""
-    proc = ServerProcess("--log-level", "info", "--access-log",
-                         env={"PROGSERVE_SIM__TIME_SCALE": "0.01"}).start()
+    proc = progserve_process("--log-level", "info", "--access-log",
+                             env={"PROGSERVE_SIM__TIME_SCALE": "0.01"}).start()
     try:
         exercise(proc.url)
     finally:
