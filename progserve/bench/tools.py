@@ -62,7 +62,7 @@ from engine_backend.sim.tokenizer import SimTokenizer
 from engine_backend.types import GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 from scheduler.tools import CodeRunnerConfig, ToolExecutor, ToolRegistry, ToolsConfig
 from scheduler.tools.builtin import MultiFieldSearch, PlanValidator, SimulatedSearch, calculator

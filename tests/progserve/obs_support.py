@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from progserve.app import create_app
 from progserve.bench.server_process import free_port
 from progserve.config import Settings, load_settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor
 from scheduler.tools.registry import ToolRegistry
@@ -76,14 +76,14 @@ def sim_settings(**overrides: Any) -> Settings:
 class LiveServer:
     url: str
     app: FastAPI
-    runtime: Runtime
+    runtime: ServerRuntime
 
 
 @asynccontextmanager
 async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
     """A real progserve server in this event loop: uvicorn on a free port."""
     tools = ToolExecutor(register_builtin_tools(ToolRegistry(), docs_root=REPO / "docs"))
-    runtime = Runtime(settings, tools=tools)
+    runtime = ServerRuntime(settings, tools=tools)
     app = create_app(runtime)  # installs tracing, /metrics and /ui
     port = free_port()
     server = uvicorn.Server(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 MAX_BYTES = 64 * 1024
 MAX_PROMPT = 8_000
@@ -31,7 +31,7 @@ def server(serve_in_thread):
                 "max_tokens": MAX_TOKENS},
         scheduler={"max_calls_per_program": MAX_CALLS},
     )
-    return serve_in_thread(create_app(Runtime(settings_)))
+    return serve_in_thread(create_app(ServerRuntime(settings_)))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_limits_come_from_config(client):
 def test_cancelling_a_deep_chain_is_fine(serve_in_thread, caplog):
     """Regression: ending a chain of thousands of calls recursed once per call and hit
     Python's recursion limit (a 500 and a program stuck half-cancelled)."""
-    big = serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.05}))))
+    big = serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.05}))))
     caplog.set_level(logging.ERROR)
     with httpx.Client(base_url=big.url, timeout=60) as c:
         resp = c.post("/v1/programs", json=chain(3000))

@@ -15,7 +15,7 @@ from rel_support import wait_until
 from progserve.app import create_app
 from progserve.bench.server_process import free_port, progserve_process
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def backends():
 def front_app(urls: list[str]):
     settings = Settings(engine="sglang", engine_url=urls,
                         scheduler={"health_probe_interval_s": 0.2, "balance": "round_robin"})
-    return create_app(Runtime(settings))
+    return create_app(ServerRuntime(settings))
 
 
 def running_on(url: str) -> int:

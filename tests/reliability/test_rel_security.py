@@ -18,7 +18,7 @@ import pytest
 from progserve.app import create_app
 from progserve.bench.server_process import progserve_process
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.config import CodeRunnerConfig, ToolsConfig
 from scheduler.tools.executor import ToolExecutor
@@ -31,7 +31,7 @@ SECRET = "zq-SECRET-MARKER-4417"
 def server(serve_in_thread):
     config = ToolsConfig(code_runner=CodeRunnerConfig(timeout_s=2.0, cpu_s=2))
     registry = register_builtin_tools(ToolRegistry(config), code_runner=True)
-    runtime = Runtime(Settings(sim={"time_scale": 0.01}), tools=ToolExecutor(registry))
+    runtime = ServerRuntime(Settings(sim={"time_scale": 0.01}), tools=ToolExecutor(registry))
     return serve_in_thread(create_app(runtime))
 
 
