@@ -34,6 +34,9 @@ progserve).
   priority`; other servers reject or ignore the field): the request's engine rank
   (`engine_rank.py`: an int, lower first) is vLLM's `priority`, lower first, as is
   (`vllm_priority`).
+- Constrained decoding (a `regex` or `json_schema`: the DSL's select and JSON outputs, a
+  forced tool call) as vLLM's `structured_outputs`; other upstreams have no such field,
+  so such a request is refused there (`Capabilities.constrained_decoding` says which).
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ class OpenAIHTTPEngine(HTTPEngine):
         self._wire = WireOptions(model=features.model or "default",
                                  continuous_usage=features.continuous_usage,
                                  cache_salt=salt, continue_chat=features.vllm,
-                                 priority=self._send_priority)
+                                 priority=self._send_priority, structured=features.vllm)
         local = LocalTokenizer.load(self._tokenizer_path) if self._tokenizer_path else None
         remote = (lambda text: remote_count(self, features, text)) if features.tokenize else None
         self.counter = TokenCounter(local, remote)
@@ -216,8 +219,9 @@ class OpenAIHTTPEngine(HTTPEngine):
         if request.return_logprob and not self.features.logprobs:
             raise UnsupportedError(
                 f"the openai engine at {self.base_url} does not return logprobs")
-        if s.regex is not None or s.json_schema is not None:
-            raise UnsupportedError("the openai engine does not support regex / json_schema")
+        if (s.regex is not None or s.json_schema is not None) and not self._wire.structured:
+            raise UnsupportedError(f"{self.upstream} cannot constrain decoding (regex / "
+                                   "json_schema): vLLM's structured outputs can")
         if s.top_k not in (-1, 0) or s.stop_token_ids or s.min_new_tokens:
             raise UnsupportedError(
                 "the openai engine does not support top_k, stop_token_ids or min_new_tokens")
@@ -524,8 +528,8 @@ class OpenAIHTTPEngine(HTTPEngine):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(priority=self._send_priority, logprobs=self.features.logprobs,
-                            constrained_decoding=False, token_ids=False, retention=False,
-                            abort=True, chat=True)
+                            constrained_decoding=self._wire.structured, token_ids=False,
+                            retention=False, abort=True, chat=True)
 
     def _describe_model(self) -> ModelInfo:
         return ModelInfo(model_path=self.features.model or self.base_url,

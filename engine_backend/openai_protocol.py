@@ -31,6 +31,7 @@ class WireOptions:
     cache_salt: bool = False  # `cache_salt` isolates prefix caching (vLLM)
     continue_chat: bool = False  # `continue_final_message` continues an answer (vLLM)
     priority: bool = False  # `priority` orders requests (vLLM --scheduling-policy priority)
+    structured: bool = False  # `structured_outputs` constrains decoding (vLLM)
 
 
 def vllm_priority(rank: float) -> int:
@@ -78,6 +79,9 @@ def _common(request: GenerateRequest, opts: WireOptions, max_tokens: int,
         body["cache_salt"] = request.cache_salt
     if opts.priority:
         body["priority"] = vllm_priority(request.priority)
+    if opts.structured and (s.regex is not None or s.json_schema is not None):
+        body["structured_outputs"] = {"regex": s.regex} if s.regex is not None \
+            else {"json": json.loads(s.json_schema)}
     return body
 
 

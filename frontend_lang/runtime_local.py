@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from progserve.config import Settings, load_settings
-from progserve.runtime import Runtime as ServerRuntime
+from progserve.runtime import ServerRuntime
 from scheduler import errors as sched
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec, ProgramState
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor

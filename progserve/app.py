@@ -1,6 +1,6 @@
 """The FastAPI app: routers, the one error mapping, the runtime's lifespan.
 
-`create_app(runtime)` builds an app around a `Runtime` (tests inject engines), or around
+`create_app(runtime)` builds an app around a `ServerRuntime` (tests inject engines), or around
 a new one built from `Settings`. The runtime starts and stops with the app's lifespan.
 """
 
@@ -24,15 +24,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine_backend.errors import EngineError
 from scheduler.errors import CallFailedError, SchedulerError
 
-from .admission import install_admission
 from .api import health, openai, programs, sglang
 from .api.common import BODY_DEFS_KEY, ClientGone, json_response
 from .api.schema_facts import add_server_facts, allowed_methods
-from .collector import ServerCollector
 from .config import Settings
 from .errors import ApiError, ErrorInfo, classify, openai_body, problem_body
+from .gc_tuning import ServerCollector
 from .observability import install_observability
-from .runtime import Runtime
+from .overload import install_overload_control
+from .runtime import ServerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ async def _on_client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody is listening; the status is for the logs
 
 
-def create_app(runtime: Runtime | Settings) -> FastAPI:
-    """An app around `runtime` (or a new `Runtime` built from settings)."""
+def create_app(runtime: ServerRuntime | Settings) -> FastAPI:
+    """An app around `runtime` (or a new `ServerRuntime` built from settings)."""
     if isinstance(runtime, Settings):
-        runtime = Runtime(runtime)
+        runtime = ServerRuntime(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,8 +129,8 @@ def create_app(runtime: Runtime | Settings) -> FastAPI:
         app.include_router(router)
     _serve_hot_routes_lean(app)
     install_observability(app, runtime)  # traces, /metrics, /ui (progserve/observability.py)
-    # 429 + Retry-After past the limits, before a body is read (progserve/admission.py).
-    install_admission(app, runtime.scheduler, runtime.settings.limits, runtime.auth,
+    # 429 + Retry-After past the limits, before a body is read (progserve/overload.py).
+    install_overload_control(app, runtime.scheduler, runtime.settings.limits, runtime.auth,
                       error_response)
     for exc_type in (*HANDLED_ERRORS, Exception):
         app.add_exception_handler(exc_type, _on_error)
@@ -222,7 +222,7 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
             operation["responses"]["4XX"] = _error_response_doc(problem)
             operation["responses"]["5XX"] = _error_response_doc(problem, server=True)
             _document_other_bodies(path, operation)
-    runtime: Runtime = app.state.runtime
+    runtime: ServerRuntime = app.state.runtime
     registry = getattr(runtime.tools, "registry", None)
     limits = runtime.settings.limits
     bodies = {body["title"]: body for operations in schema.get("paths", {}).values()

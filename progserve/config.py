@@ -36,7 +36,7 @@ class LimitsConfig(BaseModel):
     default_max_tokens: int = Field(
         1024, ge=1, description="chat completions without max_tokens generate at most this"
     )
-    # Admission control (progserve/admission.py): each limit is shared fairly between the
+    # Overload control (progserve/overload.py: HTTP 429): each limit is shared fairly between the
     # tenants using it; past its share a tenant's new work gets 429 + Retry-After.
     max_inflight_requests: int = Field(
         8192, ge=1, description="requests doing new work at once (streams included), shared "

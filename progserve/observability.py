@@ -35,7 +35,7 @@ from .tracing import Tracing, install_tracing
 from .ui.routes import install_ui
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .runtime import ServerRuntime
 
 
 @dataclass(slots=True)
@@ -66,7 +66,7 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def build_observability(runtime: Runtime) -> Observability:
+def build_observability(runtime: ServerRuntime) -> Observability:
     settings = runtime.settings
     config = settings.observability
     redis = None
@@ -102,7 +102,7 @@ def build_observability(runtime: Runtime) -> Observability:
     return Observability(config, runtime.auth, store, tracing, metrics, events)
 
 
-def runtime_engine_stats(runtime: Runtime) -> EngineStatsSource:
+def runtime_engine_stats(runtime: ServerRuntime) -> EngineStatsSource:
     """An async source of every replica's `EngineStats`, by replica index (None for a
     replica that fails to answer this scrape)."""
 
@@ -115,7 +115,7 @@ def runtime_engine_stats(runtime: Runtime) -> EngineStatsSource:
     return collect
 
 
-def install_observability(app: FastAPI, runtime: Runtime) -> Observability:
+def install_observability(app: FastAPI, runtime: ServerRuntime) -> Observability:
     obs = build_observability(runtime)
     app.state.observability = obs
     install_tracing(app, obs.tracing)

@@ -1,6 +1,6 @@
 """The server's object graph: settings -> engines -> store -> tools -> scheduler.
 
-One `Runtime` per server (no globals). Routes reach it through `request.app.state`; every
+One `ServerRuntime` per server (no globals). Routes reach it through `request.app.state`; every
 LLM call goes through `runtime.scheduler`, so it is scheduled as part of its program.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from engine_backend.base import Engine
 from engine_backend.chat_template import ChatTemplate
 from engine_backend.types import Capabilities, ModelInfo
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.store import InMemoryStateStore, StateStore
 from scheduler.store_redis import RedisStateStore
 from scheduler.store_resilient import ResilientStateStore
@@ -117,7 +117,7 @@ def build_tools(settings: Settings) -> ToolExecutor:
     return ToolExecutor(registry, config)
 
 
-class Runtime:
+class ServerRuntime:
     def __init__(
         self,
         settings: Settings,

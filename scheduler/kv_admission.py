@@ -9,10 +9,10 @@ them are in flight at once, and the cache thrashes harder. Engines cannot stop t
 they see requests, not programs, and a new program's first request looks like any
 other. Holding new programs back until the admitted ones' contexts fit is the classic
 cure for thrashing (load control by working set), and a program-aware scheduler can do
-it. Measured (bfcl, 2,000 programs, 4 replicas, plas, 43.1 programs/s, 64k KV tokens
-per replica): hit rate 89% with the ended-program hint alone, 95% with admission too
-(the ceiling at unbounded KV is 95.7%), and a lower mean token latency, because the
-prefill saved outweighs the wait at admission.
+it. Under pressure it raises the hit rate over the ended-program hint alone, towards the
+unbounded-KV ceiling, and lowers the mean token latency, because the prefill saved
+outweighs the wait at admission (the figures and the runs that give them:
+docs/architecture.md, Scheduler, KV-aware program admission).
 
 The model. A program's *footprint* is the KV of its own that its next call will re-read:
 its longest context so far (prompt and output tokens of a finished call) minus what its

@@ -7,9 +7,9 @@ retires the program as an owner, and what no live program shares (its private co
 becomes the first thing to evict under the `priority` order. Plain LRU cannot know
 this: a finished program's context looks as fresh as a live one's for a whole cache
 turnover, and under memory pressure it is the live programs, back from their tools,
-that miss. Measured (bfcl, 2,000 programs, 4 replicas, plas, 43.1 programs/s, seed 0):
-60k KV tokens per replica, LRU 76.4% hits vs 82.1%; 64k, 80.2% vs 89.5%, with the mean
-queue wait 11.4 -> 2.3 s, because every hit is prefill the engine does not redo. Its
+that miss. Under memory pressure the hint raises the hit rate over LRU and shortens the
+queue wait, because every hit is prefill the engine does not redo (figures and runs:
+docs/architecture.md, Scheduler, KV retention). Its
 partner under memory pressure is KV admission (`kv_admission.py`, off by default), which
 keeps the live programs' contexts within the KV by holding new programs back.
 
@@ -22,10 +22,10 @@ of its KV capacity; a program takes a slot if there is room and keeps it, pinned
 it ends or stays idle past `retention_timeout_s`. The idea: tool gaps make accesses
 cyclic, and when the contexts exceed the cache LRU evicts exactly the program that
 returns next; a bounded set of holders turns that into hits for them. Measured beside
-the ended-program hint, pins did not pay: +0.1 to +0.9 points with 10 s tools at
-moderate load, and -0.4 to -12.5 points when memory pressure overloads the engines
-(budgets 0.1 to 1.0), where a holder's pin outlives its turn and evicts the contexts of
-programs about to run. Hence the default of no pins.
+the ended-program hint, pins did not pay: a fraction of a point at moderate load, and a
+loss when memory pressure overloads the engines, where a holder's pin outlives its turn
+and evicts the contexts of programs about to run (figures: docs/architecture.md, same
+section). Hence the default of no pins.
 """
 
 from __future__ import annotations

@@ -15,10 +15,9 @@ caches are, so a call is never routed towards another tenant's prefix. The `affi
 
 Waiting for the program's replica departs from Autellix's least-loaded routing of short
 calls: on the sim engine an agent's "short" calls (bfcl's ~735-2,000-token prompts, LATS
-value calls, chat turns) re-prefilled elsewhere cost more than the wait. Measured (mixed,
-2,000 programs, 4 replicas, fcfs, 3.06 programs/s): moving them when the home replica was
-full gave a 87.2% cache hit rate and 31.6 / 77.0 ms per token mean / p95; waiting gives
-91.7% and 19.3 / 48.9, and the knee moves from ~3.1 to ~4 programs/s.
+value calls, chat turns) re-prefilled elsewhere cost more than the wait: on mixed, waiting
+raised the cache hit rate, lowered the token latency and moved every policy's knee up
+(figures and the run: docs/architecture.md, Scheduler, Router).
 
 `round_robin` and `least_loaded` are the baselines. Every balance places calls only on
 replicas with room in their in-flight budget (`affinity` may park one for its home).

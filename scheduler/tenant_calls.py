@@ -4,7 +4,7 @@ The scheduler counts each tenant's open LLM calls: created and not yet ended, qu
 running or pending (a graph program's calls count from its submission, so one request
 cannot slip thousands of calls past a limit that was checked before it was read). Before
 it creates calls it asks `check(tenant, n)`, which raises to refuse them (progserve's
-admission gives each tenant a share of the queue: `progserve/admission.py`). Asking at
+admission gives each tenant a share of the queue: `progserve/overload.py`). Asking at
 the moment of creation, with nothing awaited in between, means two requests can never
 both be admitted into the same free room.
 """

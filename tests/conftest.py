@@ -18,16 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from progserve.bench.server_process import ServerProcess, progserve_process
+from progserve.bench.server_process import free_port as _free_port
+
 # The suite's clients name the model with placeholders ("m", "any", "sim"), written before
 # the OpenAI routes answered 404 model_not_found for a name the server does not serve;
 # every server the suite starts (in-process or a subprocess) accepts them as aliases.
 os.environ.setdefault("PROGSERVE_MODEL_ALIASES", '["m", "any", "sim"]')
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _redis_binary() -> str | None:
@@ -120,7 +117,8 @@ def redis_server(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
 # `serve_in_thread(app)`: a real uvicorn server for a FastAPI app on a free loopback port,
 # in a background thread (tests can reach its runtime with `server.call(coro)`).
 # `serve_process(*flags, env=...)`: a real `progserve serve` subprocess on a free port
-# (its start-up engine probe off unless env turns it on).
+# (`progserve/bench/server_process.py`, the harness the benches use too; its start-up
+# engine probe off unless env turns it on).
 # Both are module-scoped factories; everything they start is stopped at module teardown.
 
 
@@ -168,55 +166,6 @@ class UvicornThread:
             self.thread.join(30)  # type: ignore[attr-defined]
 
 
-class ServeProcess:
-    def __init__(self, flags: tuple[str, ...], env: dict[str, str] | None, port: int):
-        import os
-        import tempfile
-
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block it
-        # No start-up engine probe unless a test asks: its requests would reach the
-        # engine server alongside the test's own.
-        full_env = {"PROGSERVE_STARTUP_PROBE": "false", **os.environ, **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning", *flags],
-            env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_healthy(self, timeout_s: float = 60.0) -> ServeProcess:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"progserve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"progserve on port {self.port} not healthy after {timeout_s}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture
 def free_port() -> int:
     return _free_port()
@@ -237,17 +186,17 @@ def serve_in_thread() -> Iterator[Callable[[object], UvicornThread]]:
 
 
 @pytest.fixture(scope="module")
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    procs: list[ServeProcess] = []
+def serve_process() -> Iterator[Callable[..., ServerProcess]]:
+    procs: list[ServerProcess] = []
 
-    def serve(*flags: str, env: dict[str, str] | None = None) -> ServeProcess:
-        proc = ServeProcess(tuple(flags), env, _free_port())
+    def serve(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+        proc = progserve_process("--log-level", "warning", *flags, env=env)
         procs.append(proc)
-        return proc.wait_healthy()
+        return proc.start()
 
     yield serve
     for proc in reversed(procs):
-        proc.stop()
+        proc.close()
 
 
 class RecordedUpstream:

@@ -125,10 +125,10 @@ def test_the_checker_sees_the_imports_it_must_judge():
     """Guards the guard: the parser finds known imports, skips type-only ones, and
     both checks catch what they exist for."""
     edges = {(i.source, i.target) for i in IMPORTS}
-    assert ("scheduler.service", "scheduler.call_runner") in edges
-    assert ("progserve.runtime", "scheduler.service") in edges
-    # progserve/api/calls.py imports scheduler.service for types only
-    assert ("progserve.api.calls", "scheduler.service") not in edges
+    assert ("scheduler.scheduler", "scheduler.call_runner") in edges
+    assert ("progserve.runtime", "scheduler.scheduler") in edges
+    # progserve/api/calls.py imports scheduler.scheduler for types only
+    assert ("progserve.api.calls", "scheduler.scheduler") not in edges
     up = Import("engine_backend.types", "progserve.config", "x.py:1")
     assert upward_imports([up]) == [up]
     loop = [Import("scheduler.a", "scheduler.b", "a.py:1"),

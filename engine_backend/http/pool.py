@@ -1,9 +1,9 @@
 """`ConnectionPool`: the transport servers use. Keep-alive HTTP/1.1 connections to one
 origin, reused last-in first-out (the warmest socket first).
 
-Why not httpx or aiohttp: on the proxy's hot path httpx spent milliseconds of CPU per
-request, and aiohttp's client (C parser, pooled) about 0.15 ms more than this pool per call
-(`scripts/bench_http_client.py`; numbers in docs/architecture.md).
+Why not httpx or aiohttp: on the proxy's hot path both cost more CPU per call than this
+pool, aiohttp's client (C parser, pooled) more than the 0.1 ms issue 20.5 allowed
+(`scripts/bench_http_client.py`; the figures in docs/architecture.md, HTTP engines).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 request together.
 
 `ScheduledCall.start` opens (or creates) the caller's program and asks the scheduler for
-the call's stream (`scheduler.service.CallStream`); `first()` waits for the first chunk,
+the call's stream (`scheduler.scheduler.CallStream`); `first()` waits for the first chunk,
 so that a bad request or an overloaded server still answers with a proper HTTP error
 before any SSE starts. Closing the stream (`close()`, or the task being cancelled) aborts
 the engine request. The scheduler books each call itself once it has answered: the API
@@ -27,9 +27,9 @@ from .common import ProgramIdentity, close_quietly, new_id, unless_disconnected
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from scheduler.service import CallStream
+    from scheduler.scheduler import CallStream
 
-    from ..runtime import InflightRequest, Runtime
+    from ..runtime import InflightRequest, ServerRuntime
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ class ScheduledCall:
     __slots__ = ("runtime", "tenant", "program_id", "call_id", "rid", "identity", "_stream",
                  "_first", "inflight")
 
-    def __init__(self, runtime: Runtime, tenant: str, program_id: str, call_id: str,
+    def __init__(self, runtime: ServerRuntime, tenant: str, program_id: str, call_id: str,
                  rid: str, identity: ProgramIdentity, stream: CallStream,
                  inflight: InflightRequest | None) -> None:
         self.runtime = runtime
@@ -96,7 +96,7 @@ class ScheduledCall:
         self.inflight = inflight
 
     @classmethod
-    async def start(cls, runtime: Runtime, tenant: str, identity: ProgramIdentity,
+    async def start(cls, runtime: ServerRuntime, tenant: str, identity: ProgramIdentity,
                     request: GenerateRequest, *, abortable: bool = False) -> ScheduledCall:
         """`abortable`: register the rid so `/abort_request` can end this call."""
         inflight = None
@@ -319,7 +319,7 @@ async def close_all(calls: list[ScheduledCall]) -> None:
 # all the calls (aborting their engine requests) when it fails.
 
 
-def check_batch(runtime: Runtime, size: int, param: str) -> None:
+def check_batch(runtime: ServerRuntime, size: int, param: str) -> None:
     """Bound a request's prompts (`limits.max_batch`): each one is a call."""
     limit = runtime.settings.limits.max_batch
     if size > limit:
@@ -327,7 +327,7 @@ def check_batch(runtime: Runtime, size: int, param: str) -> None:
                               param=param)
 
 
-async def start_all(runtime: Runtime, tenant: str,
+async def start_all(runtime: ServerRuntime, tenant: str,
                     calls: Iterable[tuple[ProgramIdentity, GenerateRequest]], *,
                     abortable: bool = False) -> list[ScheduledCall]:
     """One scheduled call per (identity, request), in order."""

@@ -23,7 +23,7 @@ from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_bod
 from .strict_json import validate_body
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..runtime import ServerRuntime
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -34,7 +34,7 @@ PROGRAM_ID_HEADER = "X-Program-Id"
 CALL_ID_HEADER = "X-Call-Id"
 
 
-def runtime_of(request: Request) -> Runtime:
+def runtime_of(request: Request) -> ServerRuntime:
     return request.app.state.runtime
 
 

@@ -38,7 +38,7 @@ from ..chat_template import (
 )
 from ..config import LimitsConfig
 from ..errors import BadRequestError, NotFoundError
-from ..runtime import Runtime
+from ..runtime import ServerRuntime
 from .calls import (
     CallOutput,
     CallStreams,
@@ -119,15 +119,15 @@ def sampling_for(body: ChatCompletionRequest | CompletionRequest, max_tokens: in
     )
 
 
-def require_logprobs(runtime: Runtime, param: str) -> None:
+def require_logprobs(runtime: ServerRuntime, param: str) -> None:
     if not runtime.capabilities.logprobs:
         raise BadRequestError(f"the {runtime.settings.engine} engine cannot return logprobs",
                               param=param, code="logprobs_unsupported")
 
 
-def check_model(runtime: Runtime, name: str) -> None:
+def check_model(runtime: ServerRuntime, name: str) -> None:
     """404 `model_not_found` for a model this server does not serve, as OpenAI answers
-    (accepted: `Runtime.served_model_names`). An empty name (a client that sends none)
+    (accepted: `ServerRuntime.served_model_names`). An empty name (a client that sends none)
     is the served model."""
     names = runtime.model_names
     if not name or names is None or name in names:
@@ -145,7 +145,7 @@ def _json_schema_for(response_format: ResponseFormat | None) -> str | None:
     return json.dumps(response_format.json_schema.json_schema)
 
 
-def _output_schema(runtime: Runtime, response_format: dict[str, Any] | None,
+def _output_schema(runtime: ServerRuntime, response_format: dict[str, Any] | None,
                    tools: list[dict[str, Any]] | None,
                    tool_choice: str | dict[str, Any] | None) -> str | None:
     """The JSON schema the answer must follow: `response_format`'s, or, when `tool_choice`
@@ -281,7 +281,7 @@ async def chat_completions(request: Request) -> Response:
     return json_response(_chat_body(runtime, rid, body, out, tool_names), headers=call.headers)
 
 
-def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: CallOutput,
+def _chat_body(runtime: ServerRuntime, rid: str, body: ChatCompletionRequest, out: CallOutput,
                tool_names: set[str] | None) -> dict[str, Any]:
     content: str | None = out.text
     calls: list[ToolCall] = []
@@ -310,7 +310,7 @@ def _chat_body(runtime: Runtime, rid: str, body: ChatCompletionRequest, out: Cal
     }
 
 
-async def _chat_events(runtime: Runtime, call: ScheduledCall, body: ChatCompletionRequest,
+async def _chat_events(runtime: ServerRuntime, call: ScheduledCall, body: ChatCompletionRequest,
                        tool_names: set[str] | None) -> AsyncIterator[bytes]:
     created = int(time.time())
     head = {"id": call.rid, "object": "chat.completion.chunk", "created": created,
@@ -422,7 +422,7 @@ async def completions(request: Request) -> Response:
     }, headers=calls[0].headers)
 
 
-async def _start_completion_calls(runtime: Runtime, tenant: str, identity: ProgramIdentity,
+async def _start_completion_calls(runtime: ServerRuntime, tenant: str, identity: ProgramIdentity,
                                   rid: str, prompts: list[str | list[int]],
                                   body: CompletionRequest, sampling: SamplingParams
                                   ) -> list[ScheduledCall]:
@@ -470,7 +470,7 @@ def _completion_choice(index: int, prompt: str | list[int], out: CallOutput,
             "finish_reason": finish_reason_text(out.finish_reason)}
 
 
-async def _completion_events(runtime: Runtime, rid: str, streams: CallStreams,
+async def _completion_events(runtime: ServerRuntime, rid: str, streams: CallStreams,
                              prompts: list[str | list[int]], body: CompletionRequest
                              ) -> AsyncIterator[bytes]:
     calls = streams.calls

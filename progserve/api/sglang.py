@@ -29,7 +29,7 @@ from engine_backend.types import GenerateRequest, LogprobEntry
 
 from ..auth import Caller
 from ..errors import BadRequestError
-from ..runtime import Runtime, tenant_rid
+from ..runtime import ServerRuntime, tenant_rid
 from .calls import (
     ABORTED,
     CallOutput,
@@ -106,7 +106,7 @@ async def server_info(request: Request) -> Response:
 
 
 async def _load(request: Request, caller: Caller) -> dict[str, Any]:
-    admission = request.app.state.admission
+    admission = request.app.state.overload
     if not caller.admin:
         return admission.load(caller.tenant)
     stats = await runtime_of(request).scheduler.stats()
@@ -141,7 +141,7 @@ async def abort_request(request: Request) -> Response:
 # --------------------------------------------------------------------------- generate
 
 
-def _check(runtime: Runtime, items: list[GenerateItem]) -> None:
+def _check(runtime: ServerRuntime, items: list[GenerateItem]) -> None:
     limits = runtime.settings.limits
     caps = runtime.capabilities
     for item in items:

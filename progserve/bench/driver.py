@@ -24,7 +24,7 @@ from engine_backend.types import GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
 from scheduler.events import EventKind, SchedulerEvent
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 
 from .workloads import (
     BfclShape,

@@ -34,8 +34,6 @@ import multiprocessing as mp
 import os
 import queue
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -44,6 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .server_process import ServerProcess, progserve_process
 
 COMPLETED, FAILED, LOST = "completed", "failed", "lost"
 RETRY_AFTER_CAP_S = 5.0
@@ -323,55 +323,20 @@ def _client_process(url: str, cfg_dict: dict[str, Any], jobs: list[tuple[str, st
 # ----------------------------------------------------------------------------- server
 
 
-class ServerUnderTest:
-    """`progserve serve --engine sim` in a subprocess on a free port."""
-
-    def __init__(self, cfg: LoadConfig, log_path: Path | None) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PROGSERVE_SIM__TIME_SCALE": str(cfg.time_scale),
-               "PROGSERVE_SIM__STREAM_INTERVAL": str(cfg.stream_interval),
-               "PROGSERVE_MODEL_ALIASES": '["sim"]'}  # the model its chats name
-        if cfg.keep_finished is not None:  # finished programs and traces kept in memory
-            env["PROGSERVE_SCHEDULER__KEEP_FINISHED_PROGRAMS"] = str(cfg.keep_finished)
-            env["PROGSERVE_SCHEDULER__KEEP_FINISHED_CALLS"] = str(cfg.keep_finished * cfg.calls)
-            env["PROGSERVE_OBSERVABILITY__TRACE_MAX_PROGRAMS"] = str(max(10, cfg.keep_finished))
-            env["PROGSERVE_OBSERVABILITY__TRACE_MAX_SPANS"] = str(max(100, 10 * cfg.keep_finished))
-        flags = ["--engine", "sim", "--replicas", str(cfg.replicas), "--log-level", "warning"]
-        if cfg.policy:
-            flags += ["--policy", cfg.policy]
-        self.log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), *flags], env=env, stdout=self.log,
-            stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"progserve serve exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit("progserve serve did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self.log is not subprocess.DEVNULL:
-            self.log.close()
+def server_under_test(cfg: LoadConfig, log_path: Path | None) -> ServerProcess:
+    """`progserve serve --engine sim` in a subprocess on a free port (not started)."""
+    env = {"PROGSERVE_SIM__TIME_SCALE": str(cfg.time_scale),
+           "PROGSERVE_SIM__STREAM_INTERVAL": str(cfg.stream_interval),
+           "PROGSERVE_MODEL_ALIASES": '["sim"]'}  # the model its chats name
+    if cfg.keep_finished is not None:  # finished programs and traces kept in memory
+        env["PROGSERVE_SCHEDULER__KEEP_FINISHED_PROGRAMS"] = str(cfg.keep_finished)
+        env["PROGSERVE_SCHEDULER__KEEP_FINISHED_CALLS"] = str(cfg.keep_finished * cfg.calls)
+        env["PROGSERVE_OBSERVABILITY__TRACE_MAX_PROGRAMS"] = str(max(10, cfg.keep_finished))
+        env["PROGSERVE_OBSERVABILITY__TRACE_MAX_SPANS"] = str(max(100, 10 * cfg.keep_finished))
+    flags = ["--engine", "sim", "--replicas", str(cfg.replicas), "--log-level", "warning"]
+    if cfg.policy:
+        flags += ["--policy", cfg.policy]
+    return progserve_process(*flags, env=env, log=log_path)
 
 
 def rss_mb(pid: int) -> float | None:
@@ -423,17 +388,21 @@ def run_load(cfg: LoadConfig, url: str | None = None, *, log_path: Path | None =
              show_progress: bool = True) -> LoadReport:
     server = None
     if url is None:
-        server = ServerUnderTest(cfg, log_path)
-        server.wait_ready()
+        server = server_under_test(cfg, log_path)
+        try:
+            server.start(timeout_s=90.0)
+        except RuntimeError as exc:
+            server.close()
+            raise SystemExit(str(exc)) from None
         url = server.url
     try:
         return _run_against(url, cfg, server, show_progress)
     finally:
         if server is not None:
-            server.stop()
+            server.close()
 
 
-def _run_against(url: str, cfg: LoadConfig, server: ServerUnderTest | None,
+def _run_against(url: str, cfg: LoadConfig, server: ServerProcess | None,
                  show_progress: bool) -> LoadReport:
     from rich.progress import (
         BarColumn,

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from ..auth import hash_key
+from .server_process import ServerProcess as Server
+from .server_process import free_port, progserve_process
 
 LITELLM_VENV = Path("/tmp/progserve-litellm-venv")
 # Every target gets this bearer: progserve's keys file maps it to a tenant (API keys on, as
@@ -103,64 +105,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str],
-           health_path: str = "/health", timeout_s: float = 120.0) -> Server:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
-    server = Server(name, f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(server.url + health_path, timeout=1) as resp:
-                if resp.status < 500:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"{name} did not come up in {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
 def _progserve(name: str, flags: list[str], workdir: Path, env: dict[str, str]) -> Server:
-    port = _free_port()
-    argv = [sys.executable, "-m", "progserve.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning", *flags]
     # The chat scenario names its model "bench" on every target (LiteLLM maps the name).
-    # No start-up engine probe: its requests would land in the measurement.
-    return _start(name, argv, port, workdir,
-                  {"PROGSERVE_MODEL_ALIASES": '["bench"]', "PROGSERVE_STARTUP_PROBE": "false",
-                   **env})
+    # No start-up engine probe (the harness's default): its requests would land in the
+    # measurement.
+    return progserve_process("--log-level", "warning", *flags, name=name,
+                             env={"PROGSERVE_MODEL_ALIASES": '["bench"]', **env},
+                             log=workdir / f"{name}.log").start(120.0)
 
 
 def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:
-    port = _free_port()
+    port = free_port()
     config = workdir / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -176,8 +131,8 @@ def _litellm(binary: str, engine: Server, model: str, workdir: Path) -> Server:
     )
     argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
             "--num_workers", "1"]
-    return _start("litellm", argv, port, workdir, {"LITELLM_LOG": "ERROR"},
-                  health_path="/health/liveliness", timeout_s=240.0)
+    return Server(argv, port=port, env={"LITELLM_LOG": "ERROR"}, name="litellm",
+                  log=workdir / "litellm.log", health_path="/health/liveliness").start(240.0)
 
 
 def find_litellm(choice: str) -> str | None:
@@ -348,9 +303,9 @@ def bodies(max_tokens: int) -> dict[str, tuple[str, dict[str, Any]]]:
 
 def _engine(args: argparse.Namespace, workdir: Path) -> Server:
     if args.upstream == "fake":
-        port = _free_port()
-        return _start("engine", [sys.executable, "-m", "progserve.bench.fake_engine",
-                                 "--port", str(port)], port, workdir, {})
+        port = free_port()
+        return Server([sys.executable, "-m", "progserve.bench.fake_engine", "--port", str(port)],
+                      port=port, name="engine", log=workdir / "engine.log").start(120.0)
     return _progserve("engine", ["--engine", "sim"], workdir, {
         "PROGSERVE_SIM__TIME_SCALE": str(args.time_scale),
         "PROGSERVE_SIM__STREAM_INTERVAL": "0"})
@@ -360,14 +315,11 @@ def _redis(workdir: Path) -> Server:
     binary = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
     if not Path(binary).exists():
         raise SystemExit("--processes > 1 needs a redis-server (bash scripts/ensure_redis.sh)")
-    port = _free_port()
-    log = workdir / "redis.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    server = Server("redis", f"redis://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 30
+    port = free_port()
+    server = Server([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no"], port=port, name="redis",
+                    log=workdir / "redis.log").launch()
+    deadline = time.monotonic() + 30  # redis speaks its own protocol: wait for the port
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -375,7 +327,7 @@ def _redis(workdir: Path) -> Server:
         except OSError:
             time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"redis-server did not come up:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(f"redis-server did not come up:\n{server.output()[-2000:]}")
 
 
 def _write_keys(workdir: Path) -> Path:
@@ -411,7 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.processes > 1 or args.redis:
                     redis = _redis(workdir)
                     servers.append(redis)
-                    shared = ["--redis-url", redis.url]
+                    shared = ["--redis-url", f"redis://127.0.0.1:{redis.port}"]
                 proxies["progserve(openai)"] = [_progserve(
                     f"progserve-openai{'' if args.processes == 1 else f'-{i}'}",
                     ["--engine", "openai", "--engine-url", engine.url, *keys, *shared],

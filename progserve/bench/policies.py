@@ -23,7 +23,12 @@ from typing import Any
 
 from engine_backend.sim import SimConfig
 from scheduler.config import SchedulerConfig
-from scheduler.policies import DEFAULT_POLICY, POLICY_NAMES, PROGRAM_AWARE_POLICIES
+from scheduler.policies import (
+    BASELINE_POLICY,
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    PROGRAM_AWARE_POLICIES,
+)
 
 from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
@@ -383,7 +388,7 @@ class Bench:
             bar = progress.add_task("unloaded", total=1)
             # 1. Unloaded latency: programs one at a time (rate so low nothing overlaps).
             unloaded_n = min(a.unloaded_programs, a.programs)
-            unloaded = pool.submit(execute, self.spec("fcfs", 1e-4, subset=unloaded_n)).result()
+            unloaded = pool.submit(execute, self.spec(BASELINE_POLICY, 1e-4, subset=unloaded_n)).result()
             progress.advance(bar)
             unloaded_p95 = unloaded["p95_token_latency"]
             slo = a.slo if a.slo is not None else a.slo_factor * unloaded_p95
@@ -415,7 +420,7 @@ class Bench:
         a = self.args
         start = self.start_rate()
         sweeps = {p: Sweep(p, slo, start, a.bisect_steps) for p in self.policies}
-        reference = "fcfs" if "fcfs" in sweeps else self.policies[0]
+        reference = BASELINE_POLICY if BASELINE_POLICY in sweeps else self.policies[0]
         expected = 1 + len(self.policies) * (3 + a.bisect_steps) + len(self.policies) - 1
         progress.update(bar, total=expected, description="rate sweeps")
         running: dict[futures.Future[dict[str, Any]], tuple[str, str, float]] = {}
@@ -606,7 +611,7 @@ class Bench:
 def compare(report: dict[str, Any]) -> dict[str, Any]:
     """Ratios at the fixed-load point and of throughput, program-aware vs fcfs."""
     pol = report["policies"]
-    fcfs = pol.get("fcfs")
+    fcfs = pol.get(BASELINE_POLICY)
     if not fcfs or not fcfs.get("at_load"):
         return {}
     base = fcfs["at_load"]
@@ -634,7 +639,7 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
             best_name, best_mean = name, load["mean_token_latency"]
     out["best_program_aware"] = best_name
     out["floor"] = ratio_floor(report["slo"]["unloaded"], base)
-    others = [n for n in POLICY_NAMES if n != "fcfs" and n not in PROGRAM_AWARE_POLICIES]
+    others = [n for n in POLICY_NAMES if n != BASELINE_POLICY and n not in PROGRAM_AWARE_POLICIES]
     for name in others:
         entry = pol.get(name)
         if entry and entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo"):

@@ -6,8 +6,10 @@ combining calculator step. Every question runs twice in the same run, each side 
 own sim engine of the same configuration:
 - sequential (ReAct): one LLM step per action (thought + `Action: tool(args)`), each tool
   run after its step, observations appended to the context, a final answer step;
-- parallel (LLMCompiler): one planner call streamed into the task-fetching unit (tasks
-  start while the plan is still being written), then one joiner call.
+- parallel (LLMCompiler): one planner call whose streamed plan adds each task to the
+  program's graph on the scheduler (`scheduler.tools.llmcompiler.submit_plan`: tasks
+  start while the plan is still being written, each when its `$k` inputs are done), then
+  one joiner call. Both sides' LLM calls go through the scheduler, as on the server.
 The model's text comes from the sim engine's scripted responder; its timing from the
 engine's cost model (Llama-3-8B on an H100). Tools are real `ToolExecutor` calls
 (the searches sleep for their latency with `asyncio.sleep`; the calculator computes the
@@ -15,7 +17,7 @@ sum from the search results through `$k` references, and is checked).
 `ideal_speedup` uses the critical path of each question's plan: every task starts the
 moment its plan line was streamed and its inputs are ready, with zero dispatch overhead;
 the joiner then takes the time it measured. So `speedup / ideal_speedup` is the share of
-the ideal that the real task-fetching unit reaches.
+the ideal that the scheduler's graph reaches.
 
 `--mode partial` (Conveyor). Three workloads where tool time is comparable to decode time:
 - code: the model writes a Python script (CodeAct style, in a fence) whose statements
@@ -48,6 +50,7 @@ import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +61,20 @@ from engine_backend.sim.responders import ReplyBuilder, ScriptedResponder
 from engine_backend.sim.tokenizer import SimTokenizer
 from engine_backend.types import GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
+from scheduler.config import SchedulerConfig
+from scheduler.scheduler import Scheduler
+from scheduler.spec import CallSpec, ProgramSpec
 from scheduler.tools import CodeRunnerConfig, ToolExecutor, ToolRegistry, ToolsConfig
 from scheduler.tools.builtin import MultiFieldSearch, PlanValidator, SimulatedSearch, calculator
 from scheduler.tools.code_runner import CodeRunnerTool
-from scheduler.tools.llmcompiler import LLMCompiler, PlanExecution, parse_call
+from scheduler.tools.llmcompiler import (
+    PlanSubmission,
+    parse_call,
+    parse_joiner_output,
+    scratchpad_template,
+    submit_plan,
+    task_variable,
+)
 from scheduler.tools.partial import CodeStatementStream, JsonArgumentStream, run_partial_tool
 
 ENTITIES = (
@@ -84,6 +97,7 @@ REACT_SYSTEM = (
     "search(query), calculator(expression) or Finish(answer). You see each observation "
     "before the next step.\n"
 )
+SAMPLING = SamplingParams(max_new_tokens=1024, temperature=0.0)
 TOKEN_SECONDS = 0.0072  # the sim's single-stream decode step (for sizing workloads only)
 
 
@@ -91,7 +105,9 @@ TOKEN_SECONDS = 0.0072  # the sim's single-stream decode step (for sizing worklo
 
 
 class ScriptedLLM:
-    """A sim engine whose replies are looked up by the cue that ends each prompt."""
+    """A sim engine behind the scheduler, as the server runs it; its replies are looked up
+    by the cue that ends each prompt. Tool calls of its graph programs go to each
+    program's own executor (`executors`, by program id)."""
 
     def __init__(self, time_scale: float, seed: int) -> None:
         tokenizer = SimTokenizer()
@@ -100,25 +116,45 @@ class ScriptedLLM:
         responder.add(r"\[(?P<cue>[\w:.-]+)\]\s*\Z", self._reply)
         config = SimConfig(time_scale=time_scale, stream_interval=1, seed=seed)
         self.engine = SimEngine(config, responder=responder, tokenizer=tokenizer)
+        self.executors: dict[str, ToolExecutor] = {}
+        self.scheduler = Scheduler([self.engine], SchedulerConfig(), tools=self)
         self._rids = 0
 
     def _reply(self, match: re.Match[str]) -> str:
         return self.replies[match.group("cue")]
 
+    def run(self, name: str, args: dict[str, Any], *, program_id: str, call_id: str) -> Any:
+        """The scheduler's tool runner: the program's own tools."""
+        return self.executors[program_id].run(name, args, program_id=program_id,
+                                              call_id=call_id)
+
+    async def start(self) -> ScriptedLLM:
+        await self.scheduler.start()
+        return self
+
+    async def close(self) -> None:
+        await self.scheduler.close()  # and its engine
+
     async def stream(self, prompt: str, *, program_id: str) -> AsyncIterator[str]:
+        """One LLM call of the program, through the scheduler's queue."""
         self._rids += 1
         request = GenerateRequest(
             rid=f"{program_id}-{self._rids}",
             text=prompt,
-            sampling=SamplingParams(max_new_tokens=1024, temperature=0.0),
+            sampling=SAMPLING,
             program_id=program_id,
         )
-        async for chunk in self.engine.generate(request):
-            if chunk.text:
-                yield chunk.text
+        await self.scheduler.open_program(program_id)
+        async with aclosing(self.scheduler.llm_call(program_id, request)) as chunks:
+            async for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
 
     async def complete(self, prompt: str, *, program_id: str) -> str:
         return "".join([d async for d in self.stream(prompt, program_id=program_id)])
+
+    async def end(self, program_id: str) -> None:
+        await self.scheduler.end_program(program_id)
 
 
 def tokens_of(text: str) -> int:
@@ -223,6 +259,7 @@ async def run_react(q: Question, llm: ScriptedLLM, scale: float) -> SideResult:
         if tool == "calculator":
             computed = observation
         history += f"Thought {step + 1}:{reply}\nObservation {step + 1}: {observation}\n"
+    await llm.end(program)
     await executor.aclose()
     return SideResult(loop.time() - t0, step + 1, computed == q.answer, answer)
 
@@ -230,47 +267,49 @@ async def run_react(q: Question, llm: ScriptedLLM, scale: float) -> SideResult:
 @dataclass(slots=True)
 class ParallelRun:
     side: SideResult
-    execution: PlanExecution
+    plan: PlanSubmission
     join_s: float
     t0: float
 
 
 async def run_llmcompiler(q: Question, llm: ScriptedLLM, scale: float) -> ParallelRun:
-    """LLMCompiler: a streamed plan feeds the task-fetching unit; one joiner call."""
+    """LLMCompiler on the scheduler's data-flow graph, as the server runs a plan: the
+    planner call's streamed plan adds each task as a graph tool call the moment its line
+    is complete (it starts when the tasks it references are done), then one joiner call
+    reads every task's result."""
     executor = ToolExecutor(question_registry(q, scale))
+    scheduler, program = llm.scheduler, f"compiler-{q.qid}"
+    llm.executors[program] = executor
     loop = asyncio.get_running_loop()
-    program = f"compiler-{q.qid}"
     plan_cue, join_cue = f"plan:{q.qid}", f"join:{q.qid}"
     llm.replies[plan_cue] = q.plan()
     llm.replies[join_cue] = f"Thought: every value is known.\nAction: Finish({q.answer})"
-    join_span: list[float] = []
-
-    def planner(question: str, context: str | None) -> AsyncIterator[str]:
-        prompt = f"{PLANNER_SYSTEM}Question: {question}\n{context or ''}Plan: [{plan_cue}]"
-        return llm.stream(prompt, program_id=program)
-
-    async def joiner(question: str, scratchpad: str, final: bool) -> str:
-        start = loop.time()
-        prompt = f"{JOINER_SYSTEM}Question: {question}\n{scratchpad}Answer: [{join_cue}]"
-        text = await llm.complete(prompt, program_id=program)
-        join_span.append(loop.time() - start)
-        return text
-
-    compiler = LLMCompiler(executor, planner, joiner, max_replans=0)
+    planner = CallSpec(id="plan", output="plan", sampling=SAMPLING,
+                       prompt=f"{PLANNER_SYSTEM}Question: {q.text}\nPlan: [{plan_cue}]")
     t0 = loop.time()
-    result = await compiler.run(q.text, program_id=program)
+    await scheduler.submit_program(ProgramSpec(program_id=program, calls=[planner]))
+    plan = await submit_plan(scheduler, program, scheduler.stream_variable(program, "plan"),
+                             executor.registry)
+    scratchpad = scratchpad_template(plan.tasks)
+    joiner = CallSpec(id="join", output="answer", sampling=SAMPLING,
+                      prompt=f"{JOINER_SYSTEM}Question: {q.text}\n{scratchpad}"
+                      f"Answer: [{join_cue}]")
+    await scheduler.add_calls(program, [joiner])
+    answer = parse_joiner_output(await scheduler.wait_variable(program, "answer")).answer
     latency = loop.time() - t0
+    computed = json.loads(await scheduler.wait_variable(program, task_variable(q.k + 1)))
+    join = next(c for c in scheduler.program_state(program).calls if c.id == "join")
+    await llm.end(program)
+    del llm.executors[program]
     await executor.aclose()
-    execution = result.rounds[-1]
-    computed = execution.results().get(q.k + 1)
-    side = SideResult(latency, 2, computed == q.answer, result.answer)
-    return ParallelRun(side, execution, join_span[-1], t0)
+    side = SideResult(latency, 2, computed == q.answer, answer)
+    return ParallelRun(side, plan, (join.finished_at or 0.0) - (join.queued_at or 0.0), t0)
 
 
 def ideal_latency(q: Question, run: ParallelRun, scale: float) -> tuple[float, float]:
     """(streaming critical path, non-streaming critical path) of the question's plan with
     zero overhead: a task starts when its line was streamed and its inputs are ready."""
-    tasks = run.execution.tasks
+    tasks = run.plan.tasks
     finish: dict[int, float] = {}
     for index, task in tasks.items():
         if task.is_join:
@@ -278,7 +317,7 @@ def ideal_latency(q: Question, run: ParallelRun, scale: float) -> tuple[float, f
         duration = q.latencies[index - 1] * scale if task.tool == "search" else 0.0
         ready = max([task.parsed_at - run.t0] + [finish[d] for d in task.dependencies])
         finish[index] = ready + duration
-    plan_done = run.execution.plan_done_at - run.t0
+    plan_done = run.plan.plan_done_at - run.t0
     streaming = max([plan_done, *finish.values()]) + run.join_s
     critical = max(q.latencies) * scale  # the searches are independent; the sum is instant
     return streaming, plan_done + critical + run.join_s
@@ -287,7 +326,8 @@ def ideal_latency(q: Question, run: ParallelRun, scale: float) -> tuple[float, f
 async def bench_parallel(args: argparse.Namespace, progress: Callable[[], None]) -> dict[str, Any]:
     scale = args.time_scale
     questions = make_questions(args.n, args.seed)
-    react_llm, compiler_llm = ScriptedLLM(scale, args.seed), ScriptedLLM(scale, args.seed)
+    react_llm = await ScriptedLLM(scale, args.seed).start()
+    compiler_llm = await ScriptedLLM(scale, args.seed).start()
     rows = []
     for q in questions:
         if q.qid % 2:  # alternate the order, so drift in machine load hits both sides
@@ -307,7 +347,7 @@ async def bench_parallel(args: argparse.Namespace, progress: Callable[[], None])
         })  # fmt: skip
         progress()
     for llm in (react_llm, compiler_llm):
-        await llm.engine.close()
+        await llm.close()
     return summarize_parallel(rows)
 
 
@@ -498,6 +538,7 @@ async def run_partial_side(
         program_id=program, call_id="tool", partial=partial,
     )  # fmt: skip
     latency = result.finished_at - t0
+    await llm.end(program)
     await executor.aclose()
     value = result.value
     ok = bool(value.get("ok", True)) if isinstance(value, dict) else value is not None
@@ -526,7 +567,8 @@ async def bench_partial(args: argparse.Namespace, progress: Callable[[], None]) 
     runners = {False: CodeRunnerTool(code_config), True: CodeRunnerTool(code_config)}
     for runner in runners.values():
         await runner.warm()
-    llm_without, llm_with = ScriptedLLM(scale, args.seed), ScriptedLLM(scale, args.seed)
+    llm_without = await ScriptedLLM(scale, args.seed).start()
+    llm_with = await ScriptedLLM(scale, args.seed).start()
     rng = random.Random(args.seed)
     rows = []
     for name in args.workloads:
@@ -552,7 +594,7 @@ async def bench_partial(args: argparse.Namespace, progress: Callable[[], None]) 
             })  # fmt: skip
             progress()
     for llm in (llm_without, llm_with):
-        await llm.engine.close()
+        await llm.close()
     for runner in runners.values():
         await runner.aclose()
     return summarize_partial(rows, args.workloads)

@@ -97,19 +97,19 @@ def main(args: argparse.Namespace) -> int:
     from progserve.auth import KeyFileError
     from progserve.engines import EngineConfigError
     from progserve.probe import probe_in_background
-    from progserve.runtime import Runtime
+    from progserve.runtime import ServerRuntime
 
     try:
         settings = settings_from_args(args)
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        runtime = Runtime(settings)
+        runtime = ServerRuntime(settings)
     except (ValidationError, EngineConfigError, KeyFileError, OSError, ValueError) as exc:
         print(f"progserve serve: {exc}", file=sys.stderr)
         return 2
     probe_in_background(settings, logging.getLogger("progserve.probe"))
     app = create_app(runtime)
-    app.state.tune_collector = True  # a server process: see progserve/collector.py
+    app.state.tune_collector = True  # a server process: see progserve/gc_tuning.py
     # On SIGTERM, requests in flight get `shutdown_grace_s`, then are cancelled (aborting
     # their engine requests) and the app shuts down: the process always exits.
     uvicorn.run(app, host=settings.host, port=settings.port,

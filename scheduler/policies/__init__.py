@@ -3,6 +3,7 @@ and the registry of names (`registry.py`)."""
 
 from .protocol import Policy, PrefixHints
 from .registry import (
+    BASELINE_POLICY,
     DEFAULT_POLICY,
     POLICY_NAMES,
     PROGRAM_AWARE_POLICIES,
@@ -10,5 +11,5 @@ from .registry import (
     policy_levels,
 )
 
-__all__ = ["DEFAULT_POLICY", "POLICY_NAMES", "PROGRAM_AWARE_POLICIES", "Policy",
+__all__ = ["BASELINE_POLICY", "DEFAULT_POLICY", "POLICY_NAMES", "PROGRAM_AWARE_POLICIES", "Policy",
            "PrefixHints", "make_policy", "policy_levels"]

@@ -27,17 +27,16 @@ if TYPE_CHECKING:
     from ..config import SchedulerConfig
     from .protocol import Policy, PrefixHints
 
+# Each name is spelled once, as its class's `name`; everything else reads it from here.
 POLICIES = MappingProxyType({
-    "fcfs": FCFSPolicy,
-    "mlfq": MLFQPolicy,
-    "plas": PLASPolicy,
-    "atlas": ATLASPolicy,
-    "dlpm": DLPMPolicy,
+    cls.name: cls for cls in (FCFSPolicy, MLFQPolicy, PLASPolicy, ATLASPolicy, DLPMPolicy)
 })
 POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
-DEFAULT_POLICY = "atlas"
+DEFAULT_POLICY = ATLASPolicy.name
+# What engines do by themselves: the reference the bench compares every policy with.
+BASELINE_POLICY = FCFSPolicy.name
 # Ranked by their programs' history (Autellix's policies): the bench compares them to fcfs.
-PROGRAM_AWARE_POLICIES: tuple[str, ...] = ("plas", "atlas")
+PROGRAM_AWARE_POLICIES: tuple[str, ...] = (PLASPolicy.name, ATLASPolicy.name)
 
 
 def make_policy(config: SchedulerConfig, hints: PrefixHints | None = None) -> Policy:

@@ -5,7 +5,8 @@ function calls (OpenAI tool_calls, LLMCompiler plans); partial tool execution (C
 - `executor.ToolExecutor`: `run(name, args, program_id=, call_id=)`, `cancel_program`,
   `stats`, `run_incremental`; tool time is reported as `ToolCallRecord`s.
 - `parallel.run_tool_calls`: run an LLM response's OpenAI `tool_calls` concurrently.
-- `llmcompiler`: plan parser, streaming task-fetching unit, joiner with replanning.
+- `llmcompiler`: the plan format and parser; a streamed plan's tasks go onto the
+  scheduler's data-flow graph (`submit_plan`); the joiner's answer format.
 - `partial`: incremental parsers of the token stream; `run_partial_tool`.
 - `code_runner.CodeRunnerTool`, `builtin`: example tools.
 """

@@ -31,8 +31,7 @@ class ToolsConfig(BaseModel):
     backoff_jitter: float = Field(0.1, ge=0, le=1, description="+- fraction of random jitter")
     max_threads: int = Field(8, ge=1, description="worker threads for synchronous tools")
     latency_window: int = Field(1024, ge=16, description="recent latencies kept for p50/p95")
-    # LLMCompiler
-    max_replans: int = Field(2, ge=0, description="joiner replans after the first plan")
+    # LLMCompiler plans
     max_plan_tasks: int = Field(64, ge=1, description="tasks one plan may hold")
     max_parallel_tool_calls: int = Field(32, ge=1, description="OpenAI tool_calls run at once")
     code_runner: CodeRunnerConfig = Field(default_factory=CodeRunnerConfig)

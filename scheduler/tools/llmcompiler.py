@@ -1,6 +1,6 @@
-"""LLMCompiler-style parallel function calling: planner format, streaming task-fetching
-unit, joiner with replanning (Kim et al., "An LLM Compiler for Parallel Function
-Calling", ICML 2024).
+"""LLMCompiler-style parallel function calling (Kim et al., "An LLM Compiler for Parallel
+Function Calling", ICML 2024): the planner's plan format, streaming task fetching onto
+the scheduler's data-flow graph, the joiner's answer format.
 
 Plan format, one item per line::
 
@@ -14,31 +14,36 @@ Plan format, one item per line::
   (strings, numbers, lists, dicts, True/False/None), positional or by name, read with
   an AST walk; nothing is ever evaluated. Task numbers strictly increase.
 - `$k` or `${k}` refers to task k's result: inside a string it is replaced by the result's
-  text; as a bare argument (`f($1)`) it is the result itself. A task can only reference
-  earlier tasks, which also rules out cycles. `$k` is always a reference (write amounts
-  of money without the dollar sign).
+  text; a bare argument (`f($1)`) is the result's text too (a graph variable holds text;
+  JSON for a result that is not a string). A task can only reference earlier tasks,
+  which also rules out cycles. `$k` is always a reference (write amounts of money
+  without the dollar sign).
 - `Thought:` lines annotate the next task. `join()` ends the plan (it depends on every
   task before it); so does `<END_OF_PLAN>`. Other lines are ignored.
 
-The task-fetching unit dispatches each task the moment the tasks it references are
-done: dependencies are futures, nothing polls. In streaming mode it reads the planner's
-token stream and starts task 1 while the planner is still writing task 2. A failed task
-does not stop the plan: its dependants are skipped, and the joiner sees the errors and
-can replan, up to `max_replans` times.
+Plans run on the scheduler's data-flow graph, as the server runs every program: there is
+no second task-graph executor. `submit_plan` reads the planner's token stream and adds
+each task as a graph tool call (`task_call`: `$k` becomes the variable `{{task_k}}`) the
+moment its line is complete, so task 1 starts while the planner is still writing task 2,
+and the graph starts each task when the tasks it references have finished. A failed task
+fails its dependants (the graph's failure propagation); the others still run. The joiner
+is an LLM call whose prompt (`scratchpad_template`) reads every task's variable;
+`parse_joiner_output` reads its `Finish(...)` or `Replan(...)`. Replanning is the
+program's loop (`examples/llm_compiler.py` plans again after a failed round).
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import networkx as nx
 
+from ..spec import CallSpec
 from .errors import (
     JoinerOutputError,
     PlanCycleError,
@@ -46,10 +51,7 @@ from .errors import (
     PlanSyntaxError,
     PlanUnknownToolError,
     ToolArgumentError,
-    ToolError,
-    ToolFailedError,
 )
-from .executor import ToolExecutor
 from .registry import ToolRegistry
 
 END_OF_PLAN = "<END_OF_PLAN>"
@@ -81,27 +83,11 @@ class PlanTask:
     dependencies: tuple[int, ...]
     line: str
     thought: str | None = None
-    # filled while the plan runs (loop time)
-    parsed_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    observation: Any = None
-    error: ToolError | None = None
+    parsed_at: float = 0.0  # loop time its line was complete in the planner's stream
 
     @property
     def is_join(self) -> bool:
         return self.tool == JOIN
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def describe(self) -> str:
-        """The task and its outcome, as the joiner and the replanner read it."""
-        out = f"Thought: {self.thought}\n" if self.thought else ""
-        out += f"{self.index}. {self.line.split('.', 1)[1].strip()}\n"
-        outcome = f"Error: {self.error}" if self.error else f"Observation: {self.observation}"
-        return out + outcome + "\n"
 
 
 class PlanParser:
@@ -304,171 +290,107 @@ def _find_cycle(text: str) -> list[int]:
     return [u for u, _ in edges] + [edges[0][0]]
 
 
-# -- the task-fetching unit ------------------------------------------------------------------
+# -- plans on the scheduler's data-flow graph ---------------------------------------------------
 
 
-@dataclass(slots=True)
-class PlanExecution:
-    """One plan, run: its tasks with observations or errors, and timings (loop time)."""
+class PlanGraph(Protocol):
+    """Where a plan's tasks run: `scheduler.Scheduler` (its data-flow graph starts a tool
+    call the moment the variables it reads are written)."""
 
-    tasks: dict[int, PlanTask]
-    text: str
-    started_at: float
-    plan_done_at: float
-    finished_at: float
-
-    def results(self) -> dict[int, Any]:
-        return {i: t.observation for i, t in self.tasks.items() if not t.is_join and t.ok}
-
-    def scratchpad(self) -> str:
-        return "".join(t.describe() for t in self.tasks.values() if not t.is_join)
+    async def add_calls(self, program_id: str, calls: list[CallSpec], *,
+                        tenant: str = "default") -> None: ...
 
 
-class TaskFetchingUnit:
-    """Runs one plan: each task starts as soon as the tasks it references are done."""
-
-    def __init__(
-        self,
-        executor: ToolExecutor,
-        *,
-        program_id: str,
-        call_prefix: str = "plan",
-        max_tasks: int | None = None,
-    ) -> None:
-        self._executor = executor
-        self._program_id = program_id
-        self._call_prefix = call_prefix
-        self._max_tasks = max_tasks
-        self._tasks: dict[int, PlanTask] = {}
-        self._done: dict[int, asyncio.Future[None]] = {}
-        self._running: list[asyncio.Task[None]] = []
-
-    async def run(self, plan: str | AsyncIterator[str]) -> PlanExecution:
-        """Run a plan given whole (a string) or as the planner's stream of text deltas.
-        In streaming mode, tasks start while the planner is still writing."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        parser = PlanParser(self._executor.registry, max_tasks=self._max_tasks)
-        text: list[str] = []
-        stream = _as_stream(plan)
-        try:
-            async for delta in stream:
-                text.append(delta)
-                self._dispatch(parser.feed(delta))
-                if parser.ended:
-                    break
-            self._dispatch(parser.close())
-            plan_done = loop.time()
-            if self._running:
-                await asyncio.wait(self._running)
-        except BaseException:
-            await self._cancel_all()
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # stop the planner: the plan is complete or broken
-        for task in self._running:
-            task.result()  # a bug in the unit itself surfaces here, not silently
-        return PlanExecution(parser.tasks, "".join(text), started, plan_done, loop.time())
-
-    def _dispatch(self, tasks: list[PlanTask]) -> None:
-        loop = asyncio.get_running_loop()
-        for task in tasks:
-            task.parsed_at = loop.time()
-            self._tasks[task.index] = task
-            self._done[task.index] = loop.create_future()
-            self._running.append(
-                loop.create_task(self._run_task(task), name=f"plan-task:{task.index}")
-            )
-
-    async def _run_task(self, task: PlanTask) -> None:
-        tasks = {d: self._tasks[d] for d in task.dependencies}
-        if task.dependencies:
-            await asyncio.wait([self._done[d] for d in task.dependencies])
-        loop = asyncio.get_running_loop()
-        task.started_at = loop.time()
-        try:
-            failed = [i for i, t in tasks.items() if not t.ok]
-            if task.is_join:
-                return
-            if failed:
-                task.error = ToolFailedError(
-                    task.tool,
-                    f"skipped: it depends on failed task(s) {', '.join(f'${i}' for i in failed)}",
-                    call_id=self._call_id(task),
-                    program_id=self._program_id,
-                )
-                return
-            args = [_resolve(a, tasks) for a in task.args]
-            kwargs = {k: _resolve(v, tasks) for k, v in task.kwargs.items()}
-            try:
-                named = self._executor.registry.get(task.tool).bind(kwargs, args)
-                task.observation = await self._executor.run(
-                    task.tool, named, program_id=self._program_id, call_id=self._call_id(task)
-                )
-            except ToolError as exc:
-                task.error = exc
-        finally:
-            task.finished_at = loop.time()
-            self._done[task.index].set_result(None)
-
-    def _call_id(self, task: PlanTask) -> str:
-        return f"{self._call_prefix}-task-{task.index}"
-
-    async def _cancel_all(self) -> None:
-        pending = [t for t in self._running if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.wait(pending)
+def task_variable(index: int) -> str:
+    """The variable task `index`'s result is written to."""
+    return f"task_{index}"
 
 
-def _resolve(value: Any, tasks: dict[int, PlanTask]) -> Any:
-    """Replace references by results: a bare `$k` by the result itself, `$k` inside a
-    string by the result's text (exact indices: `$1` never matches inside `$12`)."""
+def task_call(task: PlanTask, registry: ToolRegistry, *, program_id: str) -> CallSpec:
+    """A plan task as a graph tool call: its arguments by name, each `$k` a `{{task_k}}`
+    reference, so the graph starts it when the tasks it references have finished. A graph
+    variable holds text: a bare `$k` passes task k's result as text (JSON for a non-string
+    result)."""
+    args = registry.get(task.tool, program_id=program_id).bind(
+        task.kwargs, task.args, call_id=task_variable(task.index), program_id=program_id)
+    return CallSpec(id=task_variable(task.index), kind="tool", tool=task.tool,
+                    args={name: _template(value) for name, value in args.items()},
+                    output=task_variable(task.index))
+
+
+def _template(value: Any) -> Any:
     if isinstance(value, Ref):
-        return tasks[value.task].observation
+        return "{{" + task_variable(value.task) + "}}"
     if isinstance(value, str):
-        return _REF.sub(lambda m: _text(tasks[int(m.group(1))].observation), value)
+        return _REF.sub(lambda m: "{{" + task_variable(int(m.group(1))) + "}}", value)
     if isinstance(value, list):
-        return [_resolve(v, tasks) for v in value]
+        return [_template(v) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve(v, tasks) for k, v in value.items()}
+        return {k: _template(v) for k, v in value.items()}
     return value
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else str(value)
+def scratchpad_template(tasks: dict[int, PlanTask]) -> str:
+    """What the joiner reads: each task and its observation, as a prompt template the
+    graph fills with the tasks' results."""
+    out = ""
+    for task in tasks.values():
+        if task.is_join:
+            continue
+        out += f"Thought: {task.thought}\n" if task.thought else ""
+        out += f"{task.index}. {task.line.split('.', 1)[1].strip()}\n"
+        out += "Observation: {{" + task_variable(task.index) + "}}\n"
+    return out
 
 
-async def _as_stream(plan: str | AsyncIterator[str]) -> AsyncIterator[str]:
-    if isinstance(plan, str):
-        yield plan
-        return
-    try:
-        async for delta in plan:
-            yield delta
-    finally:  # `async for` does not close what it iterates: stop the planner's stream
-        aclose = getattr(plan, "aclose", None)
-        if aclose is not None:
-            await aclose()
+@dataclass(slots=True)
+class PlanSubmission:
+    """A plan streamed into the graph: its tasks (with `parsed_at`) and when it ended."""
+
+    tasks: dict[int, PlanTask]
+    started_at: float
+    plan_done_at: float
 
 
-# -- the joiner and the replanning loop --------------------------------------------------------
+async def submit_plan(
+    graph: PlanGraph,
+    program_id: str,
+    plan: AsyncIterator[str],
+    registry: ToolRegistry,
+    *,
+    tenant: str = "default",
+    max_tasks: int | None = None,
+) -> PlanSubmission:
+    """Read the planner's stream and add each task to the program's graph the moment its
+    line is complete: tasks start while the planner is still writing (streaming task
+    fetching), and the graph, not this function, runs them. A malformed plan raises the
+    parser's typed error; tasks already added stay in the graph (cancel the program to
+    stop them)."""
+    loop = asyncio.get_running_loop()
+    parser = PlanParser(registry, max_tasks=max_tasks)
+    started = loop.time()
+    async for delta in plan:
+        await _add_tasks(graph, program_id, parser.feed(delta), registry, tenant, loop.time())
+    await _add_tasks(graph, program_id, parser.close(), registry, tenant, loop.time())
+    return PlanSubmission(parser.tasks, started, loop.time())
+
+
+async def _add_tasks(graph: PlanGraph, program_id: str, tasks: list[PlanTask],
+                     registry: ToolRegistry, tenant: str, now: float) -> None:
+    calls = []
+    for task in tasks:
+        task.parsed_at = now
+        if not task.is_join:
+            calls.append(task_call(task, registry, program_id=program_id))
+    if calls:
+        await graph.add_calls(program_id, calls, tenant=tenant)
+
+
+# -- the joiner --------------------------------------------------------
 
 _JOIN_ACTION = re.compile(
     r"^\s*Action:\s*(Finish|Replan)\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL
 )
-
-Planner = Callable[[str, str | None], AsyncIterator[str]]
-"""`planner(question, context)`: the planner LLM's stream of text deltas. `context` is
-None for the first plan, else the previous plans with their observations."""
-
-Joiner = Callable[[str, str, bool], Awaitable[str]]
-"""`joiner(question, scratchpad, final)`: the joiner LLM's answer, `Thought: ...` then
-`Action: Finish(answer)` or `Action: Replan(reason)`. `final` is true when no replan is
-left (a Replan is then taken as the final answer)."""
-
 
 @dataclass(slots=True, frozen=True)
 class JoinDecision:
@@ -490,61 +412,6 @@ def parse_joiner_output(text: str) -> JoinDecision:
             f"the joiner gave no `Action: Finish(...)` or `Action: Replan(...)`: {text[:200]!r}"
         )
     return JoinDecision(thought, decision[1], decision[0])
-
-
-@dataclass(slots=True)
-class CompilerResult:
-    answer: str
-    thought: str
-    rounds: list[PlanExecution] = field(default_factory=list)
-
-    @property
-    def replans(self) -> int:
-        return max(0, len(self.rounds) - 1)
-
-
-class LLMCompiler:
-    """Plan -> run (streaming) -> join, replanning up to `max_replans` times."""
-
-    def __init__(
-        self,
-        executor: ToolExecutor,
-        planner: Planner,
-        joiner: Joiner,
-        *,
-        max_replans: int | None = None,
-    ) -> None:
-        self._executor = executor
-        self._planner = planner
-        self._joiner = joiner
-        self.max_replans = (
-            executor.config.max_replans if max_replans is None else max(0, max_replans)
-        )
-
-    async def run(self, question: str, *, program_id: str) -> CompilerResult:
-        result = CompilerResult(answer="", thought="")
-        contexts: list[str] = []
-        for round_index in range(self.max_replans + 1):
-            final = round_index == self.max_replans
-            unit = TaskFetchingUnit(
-                self._executor, program_id=program_id, call_prefix=f"round-{round_index}"
-            )
-            context = _replan_context(contexts) if contexts else None
-            execution = await unit.run(self._planner(question, context))
-            result.rounds.append(execution)
-            decision = parse_joiner_output(
-                await self._joiner(question, execution.scratchpad(), final)
-            )
-            result.answer, result.thought = decision.answer, decision.thought
-            if not decision.replan or final:
-                return result
-            contexts.append(f"{execution.scratchpad()}Thought: {decision.thought}\n")
-        return result
-
-
-def _replan_context(contexts: list[str]) -> str:
-    previous = "".join(f"Previous Plan:\n{c}\n" for c in contexts)
-    return previous + "Current Plan:\n"
 
 
 def planner_instructions(registry: ToolRegistry, *, replan: bool = False) -> str:

@@ -295,55 +295,91 @@ async def run_partial_tool(
     whole input (the conventional order, used as the baseline). Malformed input raises
     `ToolArgumentError`; errors of the stream itself propagate unchanged.
     """
-    tool = executor.registry.get(name, call_id=call_id, program_id=program_id)
-    parser = _PartsParser(tool.input_format)
-    loop = asyncio.get_running_loop()
-    text: list[str] = []
-    records: list[ToolCallRecord] = []
+    run = _PartialRun(executor, name, program_id, call_id, on_finish)
+    if partial:
+        return await run.streaming(deltas)
+    return await run.after_decoding(deltas)
 
-    def keep(record: ToolCallRecord) -> None:
-        records.append(record)
-        if on_finish is not None:
-            on_finish(record)
 
-    def closing_parts() -> list[Part]:
+class _PartialRun:
+    """One tool run fed from one LLM stream: the parser, the text so far, the records."""
+
+    def __init__(
+        self,
+        executor: ToolExecutor,
+        name: str,
+        program_id: str,
+        call_id: str,
+        on_finish: Callable[[ToolCallRecord], None] | None,
+    ) -> None:
+        self.executor = executor
+        self.name = name
+        self.program_id = program_id
+        self.call_id = call_id
+        self.on_finish = on_finish
+        tool = executor.registry.get(name, call_id=call_id, program_id=program_id)
+        self.parser = _PartsParser(tool.input_format)
+        self.loop = asyncio.get_running_loop()
+        self.text: list[str] = []
+        self.records: list[ToolCallRecord] = []
+
+    def keep(self, record: ToolCallRecord) -> None:
+        self.records.append(record)
+        if self.on_finish is not None:
+            self.on_finish(record)
+
+    def closing_parts(self) -> list[Part]:
         try:
-            return parser.close()
+            return self.parser.close()
         except ValueError as exc:
             raise ToolArgumentError(
-                name, str(exc), call_id=call_id, program_id=program_id
+                self.name, str(exc), call_id=self.call_id, program_id=self.program_id
             ) from None
 
-    if not partial:
+    async def run_tool(self, parts: AsyncIterator[Part]) -> Any:
+        return await self.executor.run_incremental(
+            self.name, parts, program_id=self.program_id, call_id=self.call_id,
+            on_finish=self.keep,
+        )
+
+    def result(self, value: Any, done_at: float, finished_at: float) -> PartialRunResult:
+        return PartialRunResult(value, "".join(self.text), done_at, finished_at,
+                                _last(self.records))
+
+    async def after_decoding(self, deltas: AsyncIterator[str]) -> PartialRunResult:
+        """The conventional order: read the whole reply, then run the tool on it."""
         parts: list[Part] = []
         async for delta in deltas:
-            text.append(delta)
-            parts += parser.feed(delta)
-        parts += closing_parts()
-        done_at = loop.time()
-        value = await executor.run_incremental(
-            name, _iterate(parts), program_id=program_id, call_id=call_id, on_finish=keep
-        )
-        return PartialRunResult(value, "".join(text), done_at, loop.time(), _last(records))
+            self.text.append(delta)
+            parts += self.parser.feed(delta)
+        parts += self.closing_parts()
+        done_at = self.loop.time()
+        value = await self.run_tool(_iterate(parts))
+        return self.result(value, done_at, self.loop.time())
 
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    stream_done = loop.create_future()
-
-    async def read() -> None:
-        inputs_done = False
+    async def streaming(self, deltas: AsyncIterator[str]) -> PartialRunResult:
+        """Feed the tool each part as it completes while a reader task drains `deltas`."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream_done = self.loop.create_future()
+        reader = asyncio.create_task(self._read(deltas, queue, stream_done),
+                                     name=f"partial-reader:{self.call_id}")
         try:
-            async for delta in deltas:
-                text.append(delta)
-                for part in parser.feed(delta):
-                    queue.put_nowait(part)
-                if parser.complete and not inputs_done:
-                    inputs_done = True  # finish now; keep reading the rest of the reply
-                    queue.put_nowait(_END)
-            if not inputs_done:
-                for part in closing_parts():
-                    queue.put_nowait(part)
-                queue.put_nowait(_END)
-            stream_done.set_result(loop.time())
+            value = await self.run_tool(_consume(queue))
+            finished_at = self.loop.time()
+            await reader  # the input was whole; collect the rest of the reply
+        finally:
+            if not reader.done():
+                reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        return self.result(value, stream_done.result(), finished_at)
+
+    async def _read(
+        self, deltas: AsyncIterator[str], queue: asyncio.Queue[Any], stream_done: asyncio.Future
+    ) -> None:
+        try:
+            await self._parts_into(deltas, queue)
+            stream_done.set_result(self.loop.time())
         except BaseException as exc:  # the consumer re-raises it in the tool's task
             queue.put_nowait(_Failure(exc))
             if not stream_done.done():
@@ -357,25 +393,26 @@ async def run_partial_tool(
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def consume() -> AsyncIterator[Part]:
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
+    async def _parts_into(self, deltas: AsyncIterator[str], queue: asyncio.Queue[Any]) -> None:
+        inputs_done = False
+        async for delta in deltas:
+            self.text.append(delta)
+            for part in self.parser.feed(delta):
+                queue.put_nowait(part)
+            if self.parser.complete and not inputs_done:
+                inputs_done = True  # finish now; keep reading the rest of the reply
+                queue.put_nowait(_END)
+        if not inputs_done:
+            for part in self.closing_parts():
+                queue.put_nowait(part)
+            queue.put_nowait(_END)
 
-    reader = asyncio.create_task(read(), name=f"partial-reader:{call_id}")
-    try:
-        value = await executor.run_incremental(
-            name, consume(), program_id=program_id, call_id=call_id, on_finish=keep
-        )
-        finished_at = loop.time()
-        await reader  # the input was whole; collect the rest of the reply
-    finally:
-        if not reader.done():
-            reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
-    return PartialRunResult(value, "".join(text), stream_done.result(), finished_at, _last(records))
+
+async def _consume(queue: asyncio.Queue[Any]) -> AsyncIterator[Part]:
+    while (item := await queue.get()) is not _END:
+        if isinstance(item, _Failure):
+            raise item.exc
+        yield item
 
 
 @dataclass(slots=True)

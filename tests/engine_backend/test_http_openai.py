@@ -18,7 +18,7 @@ from engine_backend.openai_http import OpenAIHTTPEngine
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "openai"
 
@@ -34,7 +34,7 @@ async def collect(engine, req):
 
 @pytest.fixture(scope="module")
 def upstream(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.5}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.5}))))
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_logprob_requests_are_a_clear_400_without_logprobs(upstream, serve_in_th
     """A progserve whose engine cannot give logprobs says so: 400, never a 500."""
     import openai
 
-    front = serve_in_thread(create_app(Runtime(Settings(
+    front = serve_in_thread(create_app(ServerRuntime(Settings(
         engine="openai", engine_url=[upstream.url + "/v1"], http_engine={"logprobs": False}))))
     resp = httpx.post(front.url + "/generate", json={
         "text": "hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})

@@ -131,7 +131,7 @@ async def test_a_cut_chat_answer_that_cannot_continue_fails_clearly(tmp_path):
 
 async def test_the_scheduler_keeps_a_replica_up_through_cut_streams(tmp_path):
     from scheduler.config import SchedulerConfig
-    from scheduler.service import Scheduler
+    from scheduler.scheduler import Scheduler
 
     fake = FakeOpenAI(owned_by="llamacpp", cut_after=2, cuts=3)
     engine = OpenAIHTTPEngine("http://upstream:8000", transport=fake.transport(),
@@ -312,7 +312,7 @@ async def test_the_scheduler_resumes_a_broken_call_for_the_rest_of_its_tokens(ki
     """Replica 0 dies after 3 tokens; the call goes on on replica 1 with 7 more tokens at
     most (a chat answer continued), and usage counts the 10 the client got."""
     from scheduler.config import SchedulerConfig
-    from scheduler.service import Scheduler
+    from scheduler.scheduler import Scheduler
 
     dying, healthy = FakeOpenAI(die_after=3), FakeOpenAI()
     engines = [OpenAIHTTPEngine(f"http://replica{i}:8000", transport=fake.transport())

@@ -23,7 +23,7 @@ from engine_backend.sglang_priority_writer import ProgramPriorityWriter
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "sglang"
 
@@ -43,7 +43,7 @@ async def collect(engine, req):
 @pytest.fixture(scope="module")
 def upstream(serve_in_thread):
     """A server speaking SGLang's protocol; real-time decoding a few ms per token."""
-    return serve_in_thread(create_app(Runtime(Settings(
+    return serve_in_thread(create_app(ServerRuntime(Settings(
         sim={"time_scale": 0.5}, limits={"max_tokens": 5000}))))
 
 
@@ -294,7 +294,7 @@ async def test_the_scheduler_tells_sglang_when_a_program_ends(upstream, tmp_path
     program's calls reach SGLang under rids naming it, and its end lands in the file
     the plugin reads; an untagged call's program is never listed."""
     from scheduler.config import SchedulerConfig
-    from scheduler.service import Scheduler
+    from scheduler.scheduler import Scheduler
 
     path = tmp_path / "priorities.json"
     engine = SGLangHTTPEngine(upstream.url, priority_writer=ProgramPriorityWriter(
@@ -352,12 +352,12 @@ async def test_a_server_that_is_not_sglang_fails_at_start():
     from fake_openai import FakeOpenAI
 
     from engine_backend.errors import UpstreamProtocolError
-    from progserve.runtime import Runtime
+    from progserve.runtime import ServerRuntime
 
     engine = SGLangHTTPEngine("http://vllm:8000", transport=FakeOpenAI().transport())
     with pytest.raises(UpstreamProtocolError, match="sglang http://vllm:8000.*get_model_info"):
         await engine.start()
-    runtime = Runtime(Settings(engine="sglang"), engines=[SGLangHTTPEngine(
+    runtime = ServerRuntime(Settings(engine="sglang"), engines=[SGLangHTTPEngine(
         "http://vllm:8000", transport=FakeOpenAI().transport())])
     with pytest.raises(UpstreamProtocolError, match="--engine openai"):
         await runtime.start()

@@ -12,7 +12,7 @@ from engine_backend.sglang_http import SGLangHTTPEngine
 from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 
 def request(rid: str, *, stream: bool, **kw) -> GenerateRequest:
@@ -26,7 +26,7 @@ async def collect(engine, req):
 
 @pytest.fixture(scope="module")
 def upstream(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.5}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.5}))))
 
 
 

@@ -16,7 +16,7 @@ from frontend_lang.cli_support import embedded_settings, free_port
 from frontend_lang.runtime_local import LocalRuntime, builtin_tool_registry
 from progserve.app import create_app
 from progserve.auth import hash_key
-from progserve.runtime import Runtime as ServerRuntime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.executor import ToolExecutor
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,16 +1,9 @@
 """Shared pieces of the observability tests: a map-reduce program, a real progserve server
-(uvicorn on a free loopback port, sim engine, builtin tools) in the test's event loop, and
-`progserve serve` processes for the scale-out tests."""
+(uvicorn on a free loopback port, sim engine, builtin tools) in the test's event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,8 +15,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from progserve.app import create_app
+from progserve.bench.server_process import free_port
 from progserve.config import Settings, load_settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor
 from scheduler.tools.registry import ToolRegistry
@@ -33,12 +27,6 @@ SYSTEM = (
     "You are a careful technical summariser. Read the part of the document below and "
     "write one short sentence that keeps its main claim and its key numbers. "
 ) * 3
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def mapreduce_spec(n: int = 4, *, with_tool: bool = True) -> dict[str, Any]:
@@ -88,14 +76,14 @@ def sim_settings(**overrides: Any) -> Settings:
 class LiveServer:
     url: str
     app: FastAPI
-    runtime: Runtime
+    runtime: ServerRuntime
 
 
 @asynccontextmanager
 async def live_server(settings: Settings) -> AsyncIterator[LiveServer]:
     """A real progserve server in this event loop: uvicorn on a free port."""
     tools = ToolExecutor(register_builtin_tools(ToolRegistry(), docs_root=REPO / "docs"))
-    runtime = Runtime(settings, tools=tools)
+    runtime = ServerRuntime(settings, tools=tools)
     app = create_app(runtime)  # installs tracing, /metrics and /ui
     port = free_port()
     server = uvicorn.Server(
@@ -126,42 +114,3 @@ async def run_program(
     r = await client.post(f"/v1/programs/{program_id}/end", headers=headers or {})
     assert r.status_code < 300, r.text
     return program_id
-
-
-class ServeProcess:
-    """`progserve serve` in a subprocess (the real CLI), on a free port."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "progserve.cli", "serve", "--port", str(self.port), *args]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=full_env)
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"progserve exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"progserve did not come up:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._out.close()

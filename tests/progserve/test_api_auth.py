@@ -14,7 +14,7 @@ import pytest
 from progserve.app import create_app
 from progserve.auth import Authenticator, KeyFileError, hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 
@@ -24,7 +24,7 @@ def server(serve_in_thread, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("auth") / "keys.json"
     keys_file.write_text(json.dumps({hash_key(k): t for k, t in KEYS.items()}))
     settings = Settings(api_keys=keys_file, sim={"time_scale": 0.05})
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 def as_tenant(key: str) -> dict[str, str]:

@@ -10,14 +10,14 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 LONG = 4000  # tokens; at real-time sim speed this runs for tens of seconds
 
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 1.0}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 1.0}))))
 
 
 def engine_stats(server):

@@ -12,7 +12,7 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 SCRIPT = Path(__file__).parents[1] / "fixtures" / "sim_script.json"
 
@@ -33,7 +33,7 @@ def server(serve_in_thread):
         sim={"time_scale": 0.02, "script_file": SCRIPT},
         limits={"max_tokens": 4096, "max_request_bytes": 64 * 1024},
     )
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 @pytest.fixture(scope="module")

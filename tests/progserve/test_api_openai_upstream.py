@@ -18,7 +18,7 @@ from fake_openai import FakeOpenAI  # noqa: E402
 from engine_backend.openai_http import OpenAIHTTPEngine  # noqa: E402
 from progserve.app import create_app  # noqa: E402
 from progserve.config import Settings  # noqa: E402
-from progserve.runtime import Runtime  # noqa: E402
+from progserve.runtime import ServerRuntime  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Name three colours"}]
@@ -26,7 +26,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 
 def front(serve_in_thread, fake: FakeOpenAI, **settings):
     engine = OpenAIHTTPEngine("http://upstream:8000/v1", transport=fake.transport())
-    runtime = Runtime(Settings(engine="openai", **settings), engines=[engine])
+    runtime = ServerRuntime(Settings(engine="openai", **settings), engines=[engine])
     return serve_in_thread(create_app(runtime))
 
 

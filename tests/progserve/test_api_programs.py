@@ -11,20 +11,20 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 SCRIPT = Path(__file__).parents[1] / "fixtures" / "sim_script.json"
 
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(
+    return serve_in_thread(create_app(ServerRuntime(Settings(
         sim={"time_scale": 0.02, "script_file": SCRIPT}))))
 
 
 @pytest.fixture(scope="module")
 def slow_server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 1.0}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 1.0}))))
 
 
 def _graph(program_id: str) -> dict:

@@ -13,13 +13,13 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 SCRIPT = Path(__file__).parents[1] / "fixtures" / "sim_script.json"
 
 
 def _app(time_scale: float) -> object:
-    return create_app(Runtime(Settings(sim={"time_scale": time_scale, "script_file": SCRIPT})))
+    return create_app(ServerRuntime(Settings(sim={"time_scale": time_scale, "script_file": SCRIPT})))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 sgl = pytest.importorskip("sglang", reason="run scripts/install_sglang_frontend.sh")
 
@@ -37,14 +37,14 @@ def sky_agent(s, topic):
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(
+    return serve_in_thread(create_app(ServerRuntime(Settings(
         sim={"time_scale": 0.02, "script_file": SCRIPT}))))
 
 
 @pytest.fixture(scope="module")
 def slow_server(serve_in_thread):
     """Real-time decoding, so a client sees a generation arrive piece by piece."""
-    return serve_in_thread(create_app(Runtime(Settings(
+    return serve_in_thread(create_app(ServerRuntime(Settings(
         sim={"time_scale": 1.0, "script_file": SCRIPT}))))
 
 

@@ -16,7 +16,7 @@ from engine_backend.errors import InvalidRequestError
 from progserve.app import create_app
 from progserve.chat_template import forced_tool_call_schema, parse_tool_calls
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 SMOLLM2_TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "smollm2_chat_template.jinja"
                     ).read_text()
@@ -89,7 +89,7 @@ def test_the_forced_call_schema_admits_only_the_allowed_calls() -> None:
 
 @pytest.fixture(scope="module")
 def sim_client(serve_in_thread) -> openai.OpenAI:
-    server = serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.02}))))
+    server = serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.02}))))
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
@@ -112,7 +112,7 @@ def smollm2_client(serve_in_thread) -> openai.OpenAI:
     from engine_backend.torch.smollm2 import ensure_smollm2
 
     settings = Settings(engine="torch", model=str(ensure_smollm2()))
-    server = serve_in_thread(create_app(Runtime(settings)))
+    server = serve_in_thread(create_app(ServerRuntime(settings)))
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from obs_support import ServeProcess
+
+from progserve.bench.server_process import ServerProcess, progserve_process
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +35,15 @@ def state(url: str, program_id: str) -> dict[str, Any]:
     return r.json()
 
 
-def start_replicas(redis_url: str, tmp_path: Path) -> list[ServeProcess]:
+def start_replicas(redis_url: str, tmp_path: Path) -> list[ServerProcess]:
     env = {"PROGSERVE_SIM__TIME_SCALE": "0.1"}
     replicas = [
-        ServeProcess("--redis-url", redis_url, "--policy", "plas", "--log-level", "warning",
-                     env=env, log=tmp_path / f"replica{i}.log")
+        progserve_process("--redis-url", redis_url, "--policy", "plas", "--log-level",
+                          "warning", env=env, log=tmp_path / f"replica{i}.log").launch()
         for i in range(2)
     ]  # fmt: skip
     for replica in replicas:
-        replica.wait_ready()
+        replica.wait_healthy()
     return replicas
 
 
@@ -54,7 +55,7 @@ def local_calls(url: str, program_id: str) -> list[dict[str, Any]]:
     return r.json()["calls"]
 
 
-def served_service(replicas: list[ServeProcess], program_id: str) -> tuple[float, int]:
+def served_service(replicas: list[ServerProcess], program_id: str) -> tuple[float, int]:
     """Total service and count of the program's finished calls, over both replicas."""
     calls = [c for r in replicas for c in local_calls(r.url, program_id)]
     finished = [c for c in calls if c["status"] == "finished"]

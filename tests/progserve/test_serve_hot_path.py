@@ -14,7 +14,7 @@ from progserve.api.calls import ScheduledCall
 from progserve.api.common import ProgramIdentity
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.program import CallStatus
 from scheduler.store import InMemoryStateStore
 
@@ -24,8 +24,8 @@ BODY = {"text": "The capital of France is",
 
 
 @pytest.fixture
-async def runtime() -> AsyncIterator[Runtime]:
-    rt = Runtime(Settings(sim={"time_scale": 0.01}))
+async def runtime() -> AsyncIterator[ServerRuntime]:
+    rt = ServerRuntime(Settings(sim={"time_scale": 0.01}))
     await rt.start()
     try:
         yield rt
@@ -39,7 +39,7 @@ def client(app: object, *, root_path: str = "", raise_errors: bool = True) -> ht
     return httpx.AsyncClient(transport=transport, base_url="http://progserve")
 
 
-async def test_short_path_and_full_stack_answer_alike(runtime: Runtime) -> None:
+async def test_short_path_and_full_stack_answer_alike(runtime: ServerRuntime) -> None:
     app = create_app(runtime)
     async with client(app) as short, client(app, root_path="/api") as full:
         direct = await short.post("/generate", json=BODY)
@@ -52,7 +52,7 @@ async def test_short_path_and_full_stack_answer_alike(runtime: Runtime) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["message"]
 
 
-async def test_unexpected_error_is_a_500_and_reraised(runtime: Runtime,
+async def test_unexpected_error_is_a_500_and_reraised(runtime: ServerRuntime,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
@@ -69,7 +69,7 @@ async def test_unexpected_error_is_a_500_and_reraised(runtime: Runtime,
             await c.post("/generate", json=BODY)
 
 
-async def _answered_call(runtime: Runtime, program_id: str) -> ScheduledCall:
+async def _answered_call(runtime: ServerRuntime, program_id: str) -> ScheduledCall:
     from engine_backend.types import GenerateRequest, SamplingParams
 
     request = GenerateRequest(rid=f"rid-{program_id}", text="hello there", stream=False,
@@ -82,7 +82,7 @@ async def _answered_call(runtime: Runtime, program_id: str) -> ScheduledCall:
 
 
 async def test_an_answered_call_frees_its_slot_and_is_booked_without_the_api(
-        runtime: Runtime) -> None:
+        runtime: ServerRuntime) -> None:
     """With the in-process store the answer goes first: the call's replica slot is free
     when its final chunk arrives, and the scheduler books it in the next loop turn
     though the API neither reads nor closes its stream any more."""
@@ -106,7 +106,7 @@ class _RemoteLikeStore(InMemoryStateStore):
 async def test_a_remote_store_books_the_call_before_the_answer() -> None:
     """A store that suspends (Redis) could let another request see the call unfinished:
     there the bookkeeping runs before the final chunk goes out."""
-    rt = Runtime(Settings(sim={"time_scale": 0.01}), store=_RemoteLikeStore())
+    rt = ServerRuntime(Settings(sim={"time_scale": 0.01}), store=_RemoteLikeStore())
     await rt.start()
     try:
         await rt.scheduler.open_program("p-now")
@@ -117,7 +117,7 @@ async def test_a_remote_store_books_the_call_before_the_answer() -> None:
         await rt.close()
 
 
-async def test_a_sequential_client_sees_its_ended_program(runtime: Runtime) -> None:
+async def test_a_sequential_client_sees_its_ended_program(runtime: ServerRuntime) -> None:
     app = create_app(runtime)
     async with client(app) as c:
         answer = await c.post("/generate", json=BODY, headers={
@@ -151,7 +151,7 @@ async def test_only_a_server_process_tunes_its_collector_and_times_its_pauses() 
 
 
 async def test_a_failure_to_end_the_program_is_logged_not_raised(
-        runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+        runtime: ServerRuntime, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """The client's answer is ready when its program is ended as it asked: a failure
     there (the program ended and forgotten meanwhile, say) is logged, the answer given."""

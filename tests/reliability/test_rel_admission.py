@@ -12,7 +12,7 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 INFLIGHT = 4
 
@@ -22,7 +22,7 @@ def server(serve_in_thread):
     settings = Settings(sim={"time_scale": 1.0},
                         limits={"max_inflight_requests": INFLIGHT, "max_queued_calls": 6},
                         scheduler={"max_inflight_requests": 2})
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 def long_generate(tokens: int = 150) -> dict:
@@ -31,7 +31,7 @@ def long_generate(tokens: int = 150) -> dict:
 
 
 async def test_overload_answers_429_with_retry_after_and_stays_bounded(server):
-    admission = server.app.state.admission
+    admission = server.app.state.overload
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         flood = [asyncio.create_task(client.post("/generate", json=long_generate()))
                  for _ in range(24)]

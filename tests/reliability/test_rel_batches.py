@@ -12,11 +12,12 @@ import time
 
 import httpx
 import pytest
-from rel_support import ServerProcess, raw_post, wait_until
+from rel_support import raw_post, wait_until
 
 from progserve.app import create_app
+from progserve.bench.server_process import progserve_process
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 BUDGET = 32  # scheduler.max_inflight_requests, the default
 PROMPTS = [f"Prompt number {i}" for i in range(BUDGET + 1)]
@@ -24,7 +25,7 @@ PROMPTS = [f"Prompt number {i}" for i in range(BUDGET + 1)]
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.1}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.1}))))
 
 
 def scheduler_of(server):
@@ -106,7 +107,7 @@ def test_health_reports_calls_waiting_with_no_progress(serve_in_thread):
     nothing dispatched or ended, /health is 503; once the queue moves, 200 again."""
     settings = Settings(sim={"time_scale": 1.0}, stall_timeout_s=0.5,
                         scheduler={"max_inflight_requests": 1})
-    server = serve_in_thread(create_app(Runtime(settings)))
+    server = serve_in_thread(create_app(ServerRuntime(settings)))
     long = {"text": "Write forever", "stream": True,
             "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
     holder = raw_post(server.port, "/generate", long)
@@ -127,7 +128,7 @@ def test_health_reports_calls_waiting_with_no_progress(serve_in_thread):
 def test_sigterm_ends_the_server_with_a_big_batch_in_flight():
     """A streamed batch over the budget, its client still connected: SIGTERM gives the
     requests `shutdown_grace_s`, aborts them, and the process exits within 10 s."""
-    proc = ServerProcess(env={"PROGSERVE_SIM__TIME_SCALE": "1.0"}).start()
+    proc = progserve_process(env={"PROGSERVE_SIM__TIME_SCALE": "1.0"}).start()
     try:
         body = {"text": PROMPTS, "stream": True,
                 "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}

@@ -12,15 +12,15 @@ from rel_support import wait_until
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 LONG = 4000  # tokens: tens of seconds at real-time sim speed
 
 
 @pytest.fixture(scope="module")
 def chain(serve_in_thread):
-    backend = serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 1.0}))))
-    front = serve_in_thread(create_app(Runtime(Settings(engine="sglang",
+    backend = serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 1.0}))))
+    front = serve_in_thread(create_app(ServerRuntime(Settings(engine="sglang",
                                                         engine_url=[backend.url]))))
     return front, backend
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 MAX_BYTES = 64 * 1024
 MAX_PROMPT = 8_000
@@ -31,7 +32,7 @@ def server(serve_in_thread):
                 "max_tokens": MAX_TOKENS},
         scheduler={"max_calls_per_program": MAX_CALLS},
     )
-    return serve_in_thread(create_app(Runtime(settings_)))
+    return serve_in_thread(create_app(ServerRuntime(settings_)))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_limits_come_from_config(client):
 def test_cancelling_a_deep_chain_is_fine(serve_in_thread, caplog):
     """Regression: ending a chain of thousands of calls recursed once per call and hit
     Python's recursion limit (a 500 and a program stuck half-cancelled)."""
-    big = serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.05}))))
+    big = serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.05}))))
     caplog.set_level(logging.ERROR)
     with httpx.Client(base_url=big.url, timeout=60) as c:
         resp = c.post("/v1/programs", json=chain(3000))
@@ -184,6 +185,13 @@ def test_cancelling_a_deep_chain_is_fine(serve_in_thread, caplog):
         assert cancelled.status_code == 200, cancelled.text
         state = c.get(f"/v1/programs/{pid}").json()
         assert state["status"] == "cancelled"
+        # A call already running ends when its engine confirms the abort (a loaded
+        # machine may have started the chain's first call before the cancel).
+        for _ in range(100):
+            if {call["status"] for call in state["calls"]} == {"cancelled"}:
+                break
+            time.sleep(0.05)
+            state = c.get(f"/v1/programs/{pid}").json()
         assert {call["status"] for call in state["calls"]} == {"cancelled"}
         last = c.get(f"/v1/programs/{pid}/variables/v2999", params={"timeout": 5})
         assert last.status_code == 409  # a clear "cancelled", not a hang

@@ -15,7 +15,7 @@ from rel_support import wait_until
 from progserve.app import create_app
 from progserve.auth import hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 KEYS = {"k-acme-7f3a": "acme", "k-globex-91c2": "globex", "k-root-55aa": "admin"}
 ACME, GLOBEX, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
@@ -25,7 +25,7 @@ ACME, GLOBEX, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 def server(serve_in_thread, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
     keys_file.write_text(json.dumps({hash_key(k): t for k, t in KEYS.items()}))
-    runtime = Runtime(Settings(api_keys=keys_file, sim={"time_scale": 0.2}))
+    runtime = ServerRuntime(Settings(api_keys=keys_file, sim={"time_scale": 0.2}))
     srv = serve_in_thread(create_app(runtime))
     srv.keys_file = keys_file
     # Both tenants run a program under the SAME id, plus acme one of its own.

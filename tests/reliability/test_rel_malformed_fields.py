@@ -8,12 +8,12 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.001}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.001}))))
 
 
 @pytest.mark.parametrize("response_format", [

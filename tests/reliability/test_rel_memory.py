@@ -12,7 +12,7 @@ import httpx
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.program import CallNode, Program
 
 
@@ -43,7 +43,7 @@ async def proxy_program(client: httpx.AsyncClient, i: int) -> None:
 async def test_ended_programs_are_freed():
     settings = Settings(sim={"time_scale": 0.001},
                         scheduler={"keep_finished_programs": 0, "retention_timeout_s": 0.05})
-    runtime = Runtime(settings)
+    runtime = ServerRuntime(settings)
     app = create_app(runtime)
     await runtime.start()
     try:

@@ -18,7 +18,7 @@ import httpx
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from progserve.trace_store import TraceStore, program_key
 
 
@@ -48,7 +48,7 @@ def test_the_span_ring_costs_what_its_spans_weigh():
 async def test_kept_programs_are_bounded_by_their_calls():
     settings = Settings(sim={"time_scale": 0.001},
                         scheduler={"keep_finished_programs": 1_000, "keep_finished_calls": 30})
-    runtime = Runtime(settings)
+    runtime = ServerRuntime(settings)
     app = create_app(runtime)
     await runtime.start()
     try:
@@ -86,7 +86,7 @@ async def test_a_program_forgotten_while_its_calls_end_leaves_the_table():
     the kept ones stayed in the program table for good (a leak per such program)."""
     from engine_backend.sim import SimConfig, SimEngine
     from scheduler.config import SchedulerConfig
-    from scheduler.service import Scheduler
+    from scheduler.scheduler import Scheduler
     from scheduler.spec import ProgramSpec
 
     scheduler = Scheduler([SimEngine(SimConfig(time_scale=0.05))],

@@ -20,11 +20,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from rel_support import free_port, wait_until
+from rel_support import wait_until
 
 from progserve.app import create_app
+from progserve.bench.server_process import free_port
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def upstreams(request):
 
 
 def front_app(urls: list[str], **http_engine):
-    return create_app(Runtime(Settings(
+    return create_app(ServerRuntime(Settings(
         engine="openai", engine_url=urls, http_engine=http_engine,
         scheduler={"health_probe_interval_s": 0.2, "balance": "round_robin"})))
 

@@ -12,14 +12,14 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 USERS = ["alice@example.com", "u1", "名前 with spaces/and:slashes", "x" * 256]
 
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.01}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.01}))))
 
 
 def ask(client: openai.OpenAI, user: str, **extra) -> openai.types.chat.ChatCompletion:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from progserve.app import create_app
 from progserve.auth import Authenticator, KeyFileError, hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 ENTRIES = {
     "k-alice-3b1f": "alice",  # the format before roles: a user
@@ -31,7 +31,7 @@ PROMPT = "A long shared context that took a while to prefill. " * 30
 def server(serve_in_thread, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
     keys_file.write_text(json.dumps({hash_key(k): v for k, v in ENTRIES.items()}))
-    return serve_in_thread(create_app(Runtime(Settings(api_keys=keys_file,
+    return serve_in_thread(create_app(ServerRuntime(Settings(api_keys=keys_file,
                                                        sim={"time_scale": 0.01}))))
 
 

@@ -30,7 +30,7 @@ from engine_backend.sim.config import SimConfig
 from engine_backend.sim.engine import SimEngine
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 
 N = 5000

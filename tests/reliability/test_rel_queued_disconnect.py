@@ -9,7 +9,7 @@ from rel_support import raw_post, wait_until
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 LONG = {"sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
 
@@ -17,7 +17,7 @@ LONG = {"sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
     settings = Settings(sim={"time_scale": 1.0}, scheduler={"max_inflight_requests": 1})
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 BODIES = {

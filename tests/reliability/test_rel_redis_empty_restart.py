@@ -16,7 +16,7 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def spans_seen(url: str, program_id: str) -> int:
 def test_an_empty_restart_gets_every_program_back(make_redis_server, serve_in_thread):
     redis = make_redis_server()  # no persistence: a restart is empty
     settings = Settings(redis_url=redis.url, sim={"time_scale": 0.001})
-    a = serve_in_thread(create_app(Runtime(settings)))
+    a = serve_in_thread(create_app(ServerRuntime(settings)))
     turns: dict[str, int] = {}
     for i in range(15):
         run_turns(a.url, turns, f"before-{i}", 3, end=True)  # ended before the outage
@@ -79,7 +79,7 @@ def test_an_empty_restart_gets_every_program_back(make_redis_server, serve_in_th
     stores = health(a.url)["stores"]
     assert stores["history"]["resyncs"] >= 1 and stores["traces"]["resyncs"] >= 1
 
-    b = serve_in_thread(create_app(Runtime(settings)))  # knows only what Redis holds
+    b = serve_in_thread(create_app(ServerRuntime(settings)))  # knows only what Redis holds
     for program_id, n in turns.items():
         assert spans_seen(b.url, program_id) == n, f"{program_id}: trace incomplete in Redis"
     for program_id, n in turns.items():

@@ -17,7 +17,7 @@ from redis import Redis
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,13 @@ def history_on(url: str, program_id: str) -> dict:
 
 def test_colliding_program_ids_keep_their_own_histories(redis_server, serve_in_thread):
     settings = Settings(redis_url=redis_server.url, sim={"time_scale": 0.001})
-    a = serve_in_thread(create_app(Runtime(settings)))
+    a = serve_in_thread(create_app(ServerRuntime(settings)))
     calls = {pid: 1 + i % 3 for i, pid in enumerate(IDS)}
     for pid, n in calls.items():
         for turn in range(n):
             assert chat(a.url, pid, f"turn {turn}", end=turn == n - 1).status_code == 200
     # another replica sees each program's own history, nothing merged or lost
-    b = serve_in_thread(create_app(Runtime(settings)))
+    b = serve_in_thread(create_app(ServerRuntime(settings)))
     for pid, n in calls.items():
         assert history_on(b.url, pid)["calls_finished"] == n + 1, pid
     for replica in (a, b):  # and neither store ever lost its backend
@@ -78,7 +78,7 @@ def test_colliding_program_ids_keep_their_own_histories(redis_server, serve_in_t
 def test_a_refused_write_is_dropped_after_retries_and_blocks_nobody(redis_server,
                                                                      serve_in_thread):
     settings = Settings(redis_url=redis_server.url, sim={"time_scale": 0.001})
-    a = serve_in_thread(create_app(Runtime(settings)))
+    a = serve_in_thread(create_app(ServerRuntime(settings)))
     store = a.app.state.runtime.store
     redis = Redis.from_url(redis_server.url)
     # Someone else's string where the program's history hash would go: WRONGTYPE.
@@ -97,6 +97,6 @@ def test_a_refused_write_is_dropped_after_retries_and_blocks_nobody(redis_server
     # the store went on: other programs reach Redis, before and after the refusals
     wait_for(lambda: store.healthy)
     assert chat(a.url, "bystander", "more").status_code == 200
-    b = serve_in_thread(create_app(Runtime(settings)))
+    b = serve_in_thread(create_app(ServerRuntime(settings)))
     assert history_on(b.url, "bystander")["calls_finished"] == 5
     assert redis.get(store.backend.key("default", "victim")) == b"not a hash"  # untouched

@@ -11,7 +11,7 @@ import pytest
 
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.store_redis import RedisStateStore
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ async def chat_program(client: httpx.AsyncClient, i: int, stop: asyncio.Event,
 async def test_redis_restart_loses_nothing_and_resyncs(make_redis_server, serve_in_thread):
     redis_server = make_redis_server()
     settings = Settings(redis_url=redis_server.url, sim={"time_scale": 0.5})
-    server = serve_in_thread(create_app(Runtime(settings)))
+    server = serve_in_thread(create_app(ServerRuntime(settings)))
     store = server.app.state.runtime.store
     scheduler = server.app.state.runtime.scheduler
     async with httpx.AsyncClient(base_url=server.url, timeout=90) as client:

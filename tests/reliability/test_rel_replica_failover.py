@@ -10,11 +10,12 @@ import asyncio
 import httpx
 import orjson
 import pytest
-from rel_support import ServerProcess, wait_until
+from rel_support import wait_until
 
 from progserve.app import create_app
+from progserve.bench.server_process import free_port, progserve_process
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ SIM_ENV = {"PROGSERVE_SIM__TIME_SCALE": "1.0"}
 
 @pytest.fixture
 def backends():
-    procs = [ServerProcess("--log-level", "warning", env=SIM_ENV) for _ in range(2)]
+    procs = [progserve_process("--log-level", "warning", env=SIM_ENV) for _ in range(2)]
     for proc in procs:
         proc.launch()
     for proc in procs:
@@ -37,7 +38,7 @@ def backends():
 def front_app(urls: list[str]):
     settings = Settings(engine="sglang", engine_url=urls,
                         scheduler={"health_probe_interval_s": 0.2, "balance": "round_robin"})
-    return create_app(Runtime(settings))
+    return create_app(ServerRuntime(settings))
 
 
 def running_on(url: str) -> int:
@@ -127,7 +128,7 @@ async def test_killed_replica_calls_resume_elsewhere_and_it_rejoins(backends, se
 
 
 async def test_no_replica_left_gives_a_clear_error(serve_in_thread):
-    b = ServerProcess("--log-level", "warning", env=SIM_ENV).start()
+    b = progserve_process("--log-level", "warning", env=SIM_ENV).start()
     try:
         front = serve_in_thread(front_app([b.url]))
         async with httpx.AsyncClient(base_url=front.url, timeout=60) as client:
@@ -151,7 +152,6 @@ async def test_no_replica_left_gives_a_clear_error(serve_in_thread):
 
 
 async def test_unreachable_replica_fails_fast_and_new_work_gets_503(serve_in_thread):
-    from rel_support import free_port
 
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     front = serve_in_thread(front_app([nowhere]))

@@ -14,11 +14,11 @@ import sys
 
 import httpx
 import pytest
-from rel_support import ServerProcess
 
 from progserve.app import create_app
+from progserve.bench.server_process import progserve_process
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.config import CodeRunnerConfig, ToolsConfig
 from scheduler.tools.executor import ToolExecutor
@@ -31,7 +31,7 @@ SECRET = "zq-SECRET-MARKER-4417"
 def server(serve_in_thread):
     config = ToolsConfig(code_runner=CodeRunnerConfig(timeout_s=2.0, cpu_s=2))
     registry = register_builtin_tools(ToolRegistry(config), code_runner=True)
-    runtime = Runtime(Settings(sim={"time_scale": 0.01}), tools=ToolExecutor(registry))
+    runtime = ServerRuntime(Settings(sim={"time_scale": 0.01}), tools=ToolExecutor(registry))
     return serve_in_thread(create_app(runtime))
 
 
@@ -128,8 +128,8 @@ def test_prompts_stay_out_of_in_process_logs(server, caplog):
 def test_prompts_stay_out_of_a_servers_output():
     """The real process, access log on, at the default log level: the secret is nowhere
     in what it writes."""
-    proc = ServerProcess("--log-level", "info", "--access-log",
-                         env={"PROGSERVE_SIM__TIME_SCALE": "0.01"}).start()
+    proc = progserve_process("--log-level", "info", "--access-log",
+                             env={"PROGSERVE_SIM__TIME_SCALE": "0.01"}).start()
     try:
         exercise(proc.url)
     finally:

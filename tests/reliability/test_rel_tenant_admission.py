@@ -14,11 +14,11 @@ import json
 import httpx
 import pytest
 
-from progserve.admission import within_share
 from progserve.app import create_app
 from progserve.auth import hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.overload import within_share
+from progserve.runtime import ServerRuntime
 
 KEYS = {"k-alice-3b1f": "alice", "k-bob-77c0": "bob"}
 ALICE, BOB = ({"Authorization": f"Bearer {k}"} for k in KEYS)
@@ -32,7 +32,7 @@ def server(serve_in_thread, tmp_path_factory):
     settings = Settings(api_keys=keys_file, sim={"time_scale": 1.0},
                         limits={"max_queued_calls": LIMIT},
                         scheduler={"max_inflight_requests": 256})  # all run: Alice waits on none
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 def fan_out(calls: int, tokens: int = 2000) -> dict:
@@ -110,11 +110,11 @@ def small_server(serve_in_thread, tmp_path_factory):
     keys_file.write_text(json.dumps({hash_key(k): t for k, t in KEYS.items()}))
     settings = Settings(api_keys=keys_file, sim={"time_scale": 1.0},
                         limits={"max_inflight_requests": 4})
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 async def test_requests_in_progress_are_shared_too(small_server):
-    admission = small_server.app.state.admission
+    admission = small_server.app.state.overload
     long = {"text": "Write a long story", "stream": True,
             "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
     async with httpx.AsyncClient(base_url=small_server.url, timeout=60) as client:

@@ -26,7 +26,7 @@ from engine_backend.types import GenerateRequest
 from progserve.app import create_app
 from progserve.auth import hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.cache_salt import tenant_cache_salt
 from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.program import CallNode, Program
@@ -60,7 +60,7 @@ def serve(serve_in_thread, keys_file: Path, engine: str, tiny: Path | None, shar
         {"sim": {"time_scale": 0.01}}
     settings = Settings(api_keys=keys_file, engine=engine, cache={"share_across_tenants": share},
                         **extra)
-    return serve_in_thread(create_app(Runtime(settings)))
+    return serve_in_thread(create_app(ServerRuntime(settings)))
 
 
 def chat_cached(url: str, key: str, text: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import pytest
 from progserve.app import create_app
 from progserve.auth import hash_key
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 KEYS = {"k-alice-3b1f": "alice", "k-bob-77c0": "bob"}
 ALICE, BOB = ({"Authorization": f"Bearer {k}"} for k in KEYS)
@@ -24,7 +24,7 @@ ALICE, BOB = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 def server(serve_in_thread, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
     keys_file.write_text(json.dumps({hash_key(k): t for k, t in KEYS.items()}))
-    return serve_in_thread(create_app(Runtime(Settings(api_keys=keys_file,
+    return serve_in_thread(create_app(ServerRuntime(Settings(api_keys=keys_file,
                                                        sim={"time_scale": 0.5}))))
 
 

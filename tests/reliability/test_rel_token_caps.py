@@ -18,14 +18,14 @@ from engine_backend.types import FinishType, GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 
 HUGE = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
 def server(serve_in_thread):
-    return serve_in_thread(create_app(Runtime(Settings(sim={"time_scale": 0.001}))))
+    return serve_in_thread(create_app(ServerRuntime(Settings(sim={"time_scale": 0.001}))))
 
 
 def _sglang(min_new: int, max_new: int, **extra) -> dict:

@@ -14,7 +14,7 @@ from frontend_lang import CallFailedError, gen, program, tool
 from frontend_lang.runtime_remote import RemoteRuntime
 from progserve.app import create_app
 from progserve.config import Settings
-from progserve.runtime import Runtime
+from progserve.runtime import ServerRuntime
 from scheduler.tools.builtin import register_builtin_tools
 from scheduler.tools.executor import ToolExecutor
 from scheduler.tools.registry import ToolRegistry
@@ -44,7 +44,7 @@ def server(serve_in_thread):
     registry.register("crash", crash, max_retries=0)
     registry.register("hang", hang, timeout_s=HANG_TIMEOUT_S, max_retries=0)
     registry.register("hang_async", hang_async, timeout_s=HANG_TIMEOUT_S, max_retries=0)
-    runtime = Runtime(Settings(sim={"time_scale": 0.05}), tools=ToolExecutor(registry))
+    runtime = ServerRuntime(Settings(sim={"time_scale": 0.05}), tools=ToolExecutor(registry))
     return serve_in_thread(create_app(runtime))
 
 

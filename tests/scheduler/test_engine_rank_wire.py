@@ -23,7 +23,7 @@ from engine_backend.types import SamplingParams
 from scheduler.config import SchedulerConfig
 from scheduler.events import EventKind, SchedulerEvent
 from scheduler.policies.engine_rank import LeveledRanks
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 from scheduler.store import CallRecord, InMemoryStateStore
 

@@ -14,7 +14,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.events import EventKind
 from scheduler.kv_admission import KvAdmission
 from scheduler.program import CallNode, Program
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 
 KV = 1000  # the fake replica's KV tokens; prompts are one token per character
 

@@ -9,7 +9,7 @@ from sched_fake_engine import FakeEngine
 from engine_backend.types import GenerateRequest, SamplingParams
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 
 
 def test_long_call_is_preempted_for_a_fresh_one_and_resumes_with_its_output():

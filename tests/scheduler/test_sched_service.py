@@ -18,7 +18,7 @@ from scheduler.errors import (
 )
 from scheduler.events import EventKind
 from scheduler.program import CallStatus
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 
 

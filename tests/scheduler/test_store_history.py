@@ -10,7 +10,7 @@ from sched_fake_engine import FakeEngine
 
 from engine_backend.types import GenerateRequest, SamplingParams
 from scheduler.config import SchedulerConfig
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.store import CallRecord, InMemoryStateStore
 from scheduler.store_redis import RedisStateStore
 

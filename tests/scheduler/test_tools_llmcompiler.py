@@ -1,14 +1,22 @@
-"""LLMCompiler: plan parsing, malformed plans, the streaming task-fetching unit, and the
-joiner's replanning. Timing runs on the virtual-time loop."""
+"""LLMCompiler: plan parsing, malformed plans, a streamed plan's tasks run on the
+scheduler's data-flow graph (the only task-graph executor), and the joiner's answer
+format. Timing runs on the virtual-time loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
+from engine_backend.sim.config import SimConfig
+from engine_backend.sim.engine import SimEngine
 from engine_backend.virtual_time import run_virtual
+from scheduler.config import SchedulerConfig
+from scheduler.scheduler import Scheduler
+from scheduler.spec import CallState, ProgramSpec
 from scheduler.tools import (
     JoinerOutputError,
     PlanCycleError,
@@ -20,11 +28,12 @@ from scheduler.tools import (
 )
 from scheduler.tools.builtin import SimulatedSearch, calculator
 from scheduler.tools.llmcompiler import (
-    LLMCompiler,
     Ref,
-    TaskFetchingUnit,
     parse_joiner_output,
     parse_plan,
+    scratchpad_template,
+    submit_plan,
+    task_call,
 )
 
 PLAN = """Thought: I need both populations first.
@@ -98,109 +107,104 @@ async def stream(text: str, every_s: float, chunk: int = 5) -> AsyncIterator[str
         yield text[i : i + chunk]
 
 
-def test_streaming_unit_starts_tasks_before_the_plan_ends() -> None:
+@asynccontextmanager
+async def graph_of(registry: ToolRegistry) -> AsyncIterator[tuple[Scheduler, ToolExecutor]]:
+    """A scheduler (sim engine) whose graph runs the registry's tools, and an empty
+    program `p` that the plan's tasks are added to."""
+    executor = ToolExecutor(registry)
+    scheduler = Scheduler([SimEngine(SimConfig())], SchedulerConfig(), tools=executor)
+    await scheduler.start()
+    try:
+        await scheduler.submit_program(ProgramSpec(program_id="p"))
+        yield scheduler, executor
+    finally:
+        await scheduler.close()
+        await executor.aclose()
+
+
+async def settled(scheduler: Scheduler, *ids: str) -> dict[str, CallState]:
+    """The calls' states once each has ended (its variable written or failed)."""
+    for call_id in ids:
+        with contextlib.suppress(Exception):
+            await scheduler.wait_variable("p", call_id)
+    return {c.id: c for c in scheduler.program_state("p").calls}
+
+
+def test_streamed_plan_starts_tasks_on_the_graph_before_the_plan_ends() -> None:
     async def main() -> None:
-        executor = ToolExecutor(registry_with())
-        unit = TaskFetchingUnit(executor, program_id="p")
-        run = await unit.run(stream(PLAN, 0.05))
-        t1, t2, t3 = run.tasks[1], run.tasks[2], run.tasks[3]
-        assert t1.started_at is not None and t1.started_at < run.plan_done_at
-        assert t1.started_at == pytest.approx(t1.parsed_at)  # no dependencies: at once
-        assert t2.started_at == pytest.approx(t1.finished_at)  # right when $1 is done
-        assert t3.started_at == pytest.approx(max(t1.finished_at, t2.finished_at))
-        assert t2.observation == "no result for 'population of 2100000 neighbours'"
-        assert t3.error is not None  # "2100000 + no result..." is not arithmetic
-        assert "calculator" in str(t3.error)
+        registry = registry_with()
+        async with graph_of(registry) as (scheduler, _):
+            plan = await submit_plan(scheduler, "p", stream(PLAN, 0.05), registry)
+            calls = await settled(scheduler, "task_1", "task_2", "task_3")
+            t1, t2, t3 = calls["task_1"], calls["task_2"], calls["task_3"]
+            assert t1.dispatched_at < plan.plan_done_at
+            assert t1.dispatched_at == pytest.approx(plan.tasks[1].parsed_at)  # at once
+            assert t2.dispatched_at == pytest.approx(t1.finished_at)  # right when $1 is done
+            assert t3.dispatched_at == pytest.approx(max(t1.finished_at, t2.finished_at))
+            assert await scheduler.wait_variable("p", "task_2") == (
+                "no result for 'population of 2100000 neighbours'")
+            assert t3.status == "failed" and "calculator" in (t3.error or "")
 
     run_virtual(main())
 
 
 def test_independent_tasks_run_in_parallel_and_dependants_wait() -> None:
     async def main() -> None:
-        latency = {"a": 1.0, "b": 3.0, "c": 2.0}
-        registry = registry_with(latency)
-        executor = ToolExecutor(registry)
+        registry = registry_with({"a": 1.0, "b": 3.0, "c": 2.0})
         plan = '1. search("a")\n2. search("b")\n3. search("c")\n4. calculator("1 + 2")\njoin()'
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        run = await TaskFetchingUnit(executor, program_id="p").run(plan)
-        assert loop.time() - t0 == pytest.approx(3.0)  # the critical path, not 6 s
-        assert run.results()[4] == 3
+        async with graph_of(registry) as (scheduler, _):
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await submit_plan(scheduler, "p", stream(plan, 0.0, chunk=len(plan)), registry)
+            await settled(scheduler, "task_1", "task_2", "task_3", "task_4")
+            assert loop.time() - t0 == pytest.approx(3.0)  # the critical path, not 6 s
+            assert await scheduler.wait_variable("p", "task_4") == "3"
 
     run_virtual(main())
 
 
-def test_failed_task_skips_its_dependants_and_others_still_run() -> None:
+def test_failed_task_fails_its_dependants_and_others_still_run() -> None:
     async def main() -> None:
         registry = registry_with()
-        executor = ToolExecutor(registry)
         plan = '1. calculator("1/0")\n2. calculator("$1 * 2")\n3. calculator("2+2")\n4. join()'
-        run = await TaskFetchingUnit(executor, program_id="p").run(plan)
-        assert "division by zero" in str(run.tasks[1].error)
-        assert "depends on failed task(s) $1" in str(run.tasks[2].error)
-        assert run.tasks[3].observation == 4
-        assert "Error:" in run.scratchpad() and "Observation: 4" in run.scratchpad()
+        async with graph_of(registry) as (scheduler, _):
+            tasks = (await submit_plan(scheduler, "p", stream(plan, 0.0), registry)).tasks
+            calls = await settled(scheduler, "task_1", "task_2", "task_3")
+            assert "division by zero" in (calls["task_1"].error or "")
+            assert calls["task_2"].status == "failed"
+            assert calls["task_3"].status == "finished"
+            assert await scheduler.wait_variable("p", "task_3") == "4"
+            pad = scratchpad_template(tasks)
+            assert "Observation: {{task_3}}" in pad and "join" not in pad
 
     run_virtual(main())
 
 
-def test_malformed_streamed_plan_cancels_started_tasks() -> None:
+def test_malformed_streamed_plan_raises_and_cancelling_stops_started_tasks() -> None:
     async def main() -> None:
         registry = registry_with({"slow": 100.0})
-        executor = ToolExecutor(registry)
         plan = '1. search("slow")\n2. search("$5")\n'
-        with pytest.raises(PlanReferenceError):
-            await TaskFetchingUnit(executor, program_id="p").run(stream(plan, 0.01))
-        assert executor.running_calls("p") == 0
-        assert executor.stats()["search"]["cancelled"] == 1
+        async with graph_of(registry) as (scheduler, executor):
+            with pytest.raises(PlanReferenceError):
+                await submit_plan(scheduler, "p", stream(plan, 0.01), registry)
+            assert executor.running_calls("p") == 1  # task 1 started on the graph
+            await scheduler.cancel_program("p")
+            await asyncio.sleep(1.0)  # well before the search's 100 s
+            assert executor.running_calls("p") == 0
+            assert executor.stats()["search"]["cancelled"] == 1
 
     run_virtual(main())
 
 
-def test_joiner_replans_up_to_the_limit() -> None:
-    async def main() -> None:
-        registry = registry_with()
-        executor = ToolExecutor(registry)
-        plans: list[str | None] = []
-        joins: list[bool] = []
-
-        async def planner(question: str, context: str | None) -> AsyncIterator[str]:
-            plans.append(context)
-            async for delta in stream(f'1. calculator("{len(plans)} * 10")\n2. join()', 0.01):
-                yield delta
-
-        async def joiner(question: str, scratchpad: str, final: bool) -> str:
-            joins.append(final)
-            return "Thought: not sure yet\nAction: Replan(need more)"
-
-        compiler = LLMCompiler(executor, planner, joiner, max_replans=2)
-        result = await compiler.run("q", program_id="p")
-        assert len(result.rounds) == 3 and result.replans == 2
-        assert joins == [False, False, True]
-        assert plans[0] is None
-        assert "Previous Plan" in plans[2] and "Observation: 20" in plans[2]
-        assert result.answer == "need more"  # the final round cannot replan
-
-    run_virtual(main())
-
-
-def test_joiner_can_finish_at_once() -> None:
-    async def main() -> None:
-        executor = ToolExecutor(registry_with())
-
-        async def planner(question: str, context: str | None) -> AsyncIterator[str]:
-            yield '1. calculator("6*7")\n2. join()<END_OF_PLAN>'
-
-        async def joiner(question: str, scratchpad: str, final: bool) -> str:
-            assert "Observation: 42" in scratchpad
-            return "Thought: done\nAction: Finish(42)"
-
-        result = await LLMCompiler(executor, planner, joiner, max_replans=3).run(
-            "q", program_id="p"
-        )
-        assert result.answer == "42" and result.thought == "done" and result.replans == 0
-
-    run_virtual(main())
+def test_a_task_becomes_a_graph_tool_call_with_variable_references() -> None:
+    registry = registry_with()
+    tasks = parse_plan('1. search("x")\n2. calculator(expression=$1)\n3. search("$1 and ${2}")',
+                       registry)
+    call = task_call(tasks[3], registry, program_id="p")
+    assert (call.id, call.kind, call.tool, call.output) == ("task_3", "tool", "search", "task_3")
+    assert call.args == {"query": "{{task_1}} and {{task_2}}"}
+    assert set(call.input_variables()) == {"task_1", "task_2"}
+    assert task_call(tasks[2], registry, program_id="p").args == {"expression": "{{task_1}}"}
 
 
 def test_joiner_output_parsing() -> None:

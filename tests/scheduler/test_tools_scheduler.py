@@ -12,7 +12,7 @@ from engine_backend.sim.engine import SimEngine
 from engine_backend.virtual_time import run_virtual
 from scheduler.config import SchedulerConfig
 from scheduler.errors import CallFailedError
-from scheduler.service import Scheduler
+from scheduler.scheduler import Scheduler
 from scheduler.spec import CallSpec, ProgramSpec
 from scheduler.tools import ToolExecutor, ToolRegistry
 from scheduler.tools.builtin import calculator

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from progserve.collector import FULL_PASS_THRESHOLD, ServerCollector
+from progserve.gc_tuning import FULL_PASS_THRESHOLD, ServerCollector
 
 
 class Node:

@@ -1,6 +1,7 @@
-"""Admission control: past its limits the server refuses new work with a clear 429 and a
-`Retry-After`, instead of letting queues (and memory) grow without bound, and one tenant's
-load never refuses another tenant's work.
+"""Overload control (HTTP 429): past its limits the server refuses new work with a clear
+429 and a `Retry-After`, instead of letting queues (and memory) grow without bound, and
+one tenant's load never refuses another tenant's work. (Not KV admission, which holds
+new programs back inside the scheduler: `scheduler/kv_admission.py`.)
 
 New work is a POST that starts LLM calls: `/generate`, `/v1/chat/completions`,
 `/v1/completions`, `/v1/programs` and `/v1/programs/{id}/calls`. Two limits, each shared
@@ -50,7 +51,7 @@ from .config import LimitsConfig
 from .errors import ApiError, BadRequestError, OverloadedError
 
 if TYPE_CHECKING:
-    from scheduler.service import Scheduler
+    from scheduler.scheduler import Scheduler
 
 WORK_PATHS = re.compile(
     r"^/(generate|v1/chat/completions|v1/completions|v1/programs|v1/programs/[^/]+/calls)/?$"
@@ -89,7 +90,7 @@ class _DrainRate:
         return self.rate
 
 
-class AdmissionController:
+class OverloadControl:
     """Decides whether new work may start; counts the requests running, per tenant."""
 
     def __init__(self, limits: LimitsConfig, scheduler: Scheduler, auth: Authenticator) -> None:
@@ -196,11 +197,11 @@ class AdmissionController:
 Render = Callable[[Request, BaseException], Response]
 
 
-class AdmissionMiddleware:
+class OverloadMiddleware:
     """Pure ASGI (no per-request task or body buffering): rejects before the body is read
     and keeps a stream counted until its last byte is sent."""
 
-    def __init__(self, app: ASGIApp, controller: AdmissionController, render: Render) -> None:
+    def __init__(self, app: ASGIApp, controller: OverloadControl, render: Render) -> None:
         self.app = app
         self.controller = controller
         self.render = render
@@ -226,15 +227,15 @@ class AdmissionMiddleware:
             controller.finished(tenant)
 
 
-def install_admission(app: Any, scheduler: Scheduler, limits: LimitsConfig,
-                      auth: Authenticator, render: Render) -> AdmissionController:
-    """Add the middleware to a FastAPI app; the controller lands on `app.state.admission`
+def install_overload_control(app: Any, scheduler: Scheduler, limits: LimitsConfig,
+                      auth: Authenticator, render: Render) -> OverloadControl:
+    """Add the middleware to a FastAPI app; the controller lands on `app.state.overload`
     and becomes the scheduler's admission check for new LLM calls."""
-    controller = AdmissionController(limits, scheduler, auth)
-    app.add_middleware(AdmissionMiddleware, controller=controller, render=render)
-    app.state.admission = controller
+    controller = OverloadControl(limits, scheduler, auth)
+    app.add_middleware(OverloadMiddleware, controller=controller, render=render)
+    app.state.overload = controller
     return controller
 
 
-__all__ = ["AdmissionController", "AdmissionMiddleware", "NoReplicaError", "install_admission",
+__all__ = ["OverloadControl", "OverloadMiddleware", "NoReplicaError", "install_overload_control",
            "within_share"]

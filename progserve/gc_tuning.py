@@ -2,8 +2,9 @@
 
 CPython's full collections walk every tracked object, and a progserve server keeps many
 alive on purpose (ended programs for state queries, trace summaries, radix nodes): a full
-pass over them took 70-170 ms here, a stall for every request in flight, every couple of
-seconds under load. Objects that survived a full pass are rarely garbage later, and what
+pass over them is a stall of a hundred milliseconds or more for every request in flight,
+every couple of seconds under load (figures and the run: docs/architecture.md, Server,
+Collector pauses). Objects that survived a full pass are rarely garbage later, and what
 they later become is mostly freed by reference counting (the scheduler breaks its own
 cycles, `Program.drop_calls`). So after each full pass its survivors are frozen
 (`gc.freeze()`): later passes walk only what is newer. Every `full_scan_interval_s` one

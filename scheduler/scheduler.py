@@ -168,6 +168,8 @@ class Scheduler:
         for engine in self.engines:
             await engine.start()
         for replica in self.replicas:
+            # What an HTTP engine can do is known once it has probed its upstream.
+            replica.capabilities = replica.engine.capabilities()
             try:  # the retention budget is a share of it
                 stats = await asyncio.wait_for(replica.engine.stats(), 5.0)
                 replica.kv_capacity = stats.kv_capacity_tokens
