@@ -134,6 +134,17 @@ class Router:
                 best = replica
         return best
 
+    def _least_backlog(self, call: CallNode) -> Replica | None:
+        best: Replica | None = None
+        best_key: tuple[int, int, int] | None = None
+        for replica in self.replicas:
+            if not replica.has_room(call):
+                continue
+            key = (replica.backlog(), replica.inflight_tokens, replica.index)
+            if best_key is None or key < best_key:
+                best, best_key = replica, key
+        return best
+
     def _cache_aware(self, call: CallNode) -> RouteDecision:
         """The SGLang router's cache-aware rule (module docstring)."""
         candidates = [r for r in self.replicas if r.has_room(call)]
@@ -176,6 +187,12 @@ class Router:
             return RouteDecision(None)
         if key is None or not len(key):
             return RouteDecision(least)
+        if home is None and call.prompt_len >= self.long_context:
+            # A long-context program's first call places the program: every later call
+            # stays there. Place it by load (calls in flight and parked), not by the
+            # shared prefix its prompt starts with, or every program that shares a
+            # system prompt piles onto the replica that cached it first.
+            return RouteDecision(self._least_backlog(call) or least)
         threshold = self.config.cache_match_fraction * call.prompt_len
         max_imbalance = self.max_imbalance
         floor = least.inflight_requests

@@ -109,6 +109,12 @@ BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
 RETENTION_KV_CAPACITY = 40_000  # first try; the search moves from there
 # Per-workload KV capacity per replica when --kv-capacity is not given (else the sim's).
 WORKLOAD_KV_CAPACITY = {"swe": SWE_KV_CAPACITY}
+# Per-workload in-flight token budget when --max-inflight-tokens is not given. The
+# default (160k) was sized for prompts of hundreds to a few thousand tokens; swe calls
+# carry 3-28k tokens of context each, and 160k would cap a replica at ~11 calls, well
+# below what its KV holds. For swe the budget is the replica's KV: the engine's own
+# limit, so the queue orders calls without capping the batch below the engine's.
+WORKLOAD_INFLIGHT_TOKENS = {"swe": SWE_KV_CAPACITY}
 
 ENGINE = "engine"
 # No in-flight budget: every call goes to its engine the moment its program issues it
@@ -232,8 +238,9 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
     sched: dict[str, Any] = dict(BENCH_SCHEDULER)
     if args.max_inflight_requests:
         sched["max_inflight_requests"] = args.max_inflight_requests
-    if args.max_inflight_tokens:
-        sched["max_inflight_tokens"] = args.max_inflight_tokens
+    tokens = args.max_inflight_tokens or WORKLOAD_INFLIGHT_TOKENS.get(args.workload)
+    if tokens:
+        sched["max_inflight_tokens"] = tokens
     if args.balance:
         sched["balance"] = args.balance
     if args.retention_budget is not None:

@@ -217,3 +217,23 @@ def test_bench_cli_reports_the_engine_baseline_and_the_ablation(tmp_path):
     gap = report["comparison"]["floor_gap_closed"]
     assert {"mean", "p95"} <= set(gap) and gap["policy"] == "plas"
     assert report["engine_knee"]["progserve_defaults"]["policy"] == "atlas"
+
+
+def test_affinity_places_a_new_long_context_program_by_load_not_by_shared_prefix():
+    """Every swe program starts with the same 3,000-token system prompt: the replica that
+    cached it first must not collect every new program (its later calls stay there)."""
+    cfg = SchedulerConfig(balance="affinity")
+    replicas = make_replicas([FakeEngine() for _ in range(3)], cfg)
+    router = Router(cfg, replicas)
+    system = list(range(1000, 4000))
+    old = Program(id="old", tenant="t", arrival=0, seq=0)
+    first = call_for(old, system + [1])
+    router.on_dispatch(first, replicas[0])
+    router.on_finish(first, replicas[0], [])
+    load(replicas[0], 2)
+    new = Program(id="new", tenant="t", arrival=0, seq=1)
+    decision = router.choose(call_for(new, system + list(range(9000, 9200))))
+    assert decision.replica is not replicas[0] and not decision.wait_for_home
+    # a short first call still goes where its prefix is cached
+    short = router.choose(call_for(new, system[:1000] + [7]))
+    assert short.replica is replicas[0]
