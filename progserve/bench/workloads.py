@@ -42,7 +42,8 @@ mapreduce (Parrot's map-reduce summarisation)
 
 swe (SWE-agent-style coding agents on SWE-bench issues: a chain of tens of turns whose
 context grows to tens of thousands of tokens, with tool gaps of seconds to tens of seconds)
-- turns: 4 + geometric(mean 20), so at least 5, capped at 60 (mean ~24). Published trajectories: a median
+- turns: 4 + geometric(mean 20), so at least 5, capped at 60 (mean ~24 drawn; the
+  context limit below ends the longest ones, leaving a mean of ~18 and a max of ~37). Published trajectories: a median
   of 8 turns / 15 tool calls over 973 sessions of 8 agents (xor.tech "Execution Metrics"),
   "some agents solve bugs in 5 turns, others take 60+"; SWE-agent's own runs stop at a
   cost budget ($4 per instance, Yang et al. 2024, arXiv 2405.15793), which lets a
