@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, SecretStr
 from .policies.registry import DEFAULT_POLICY, POLICY_NAMES
 
 PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
-BalanceName = Literal["round_robin", "least_loaded", "affinity"]
+BalanceName = Literal["round_robin", "least_loaded", "affinity", "cache_aware"]
 ServiceMetric = Literal["weighted_tokens", "engine_time"]
 
 
@@ -107,7 +107,8 @@ class SchedulerConfig(BaseModel):
     )
     # Routing.
     balance: BalanceName = Field(
-        "affinity", description="routing: affinity, least_loaded or round_robin"
+        "affinity", description="routing: affinity, cache_aware (SGLang router's rule), "
+        "least_loaded or round_robin"
     )
     long_context_tokens: int = Field(2048, ge=0, description="affinity above this prompt length")
     cache_match_fraction: float = Field(

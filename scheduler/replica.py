@@ -46,6 +46,10 @@ class PrefixIndex(Protocol):
         """The replica now caches `key` in `namespace`."""
         ...
 
+    def size(self) -> int:
+        """Key elements the index holds (the SGLang router's tree size)."""
+        ...
+
 
 def text_route_key(text: str) -> list[int]:
     return [hash(text[i : i + TEXT_BLOCK_CHARS]) for i in range(0, len(text), TEXT_BLOCK_CHARS)]
@@ -93,6 +97,9 @@ class PrefixTree:
         excess = tree.total_size() - self.capacity
         if excess > 0:
             tree.evict(excess)
+
+    def size(self) -> int:
+        return self.tree.total_size()
 
 
 @dataclass(slots=True, eq=False)

@@ -19,6 +19,18 @@ value calls, chat turns) re-prefilled elsewhere cost more than the wait: on mixe
 raised the cache hit rate, lowered the token latency and moved every policy's knee up
 (figures and the run: docs/architecture.md, Scheduler, Router).
 
+`cache_aware` is the SGLang router's rule (sgl-router's `cache_aware` policy, with its
+defaults in `sglang_router` `RouterArgs`: `cache_threshold` 0.5, `balance_abs_threshold`
+32, `balance_rel_threshold` 1.0001; the bench's `engine` baseline sets the first two
+through `cache_match_fraction` and `balance_abs_threshold`): an approximate prefix tree
+per worker, into which every request's prompt is inserted when it is routed; if the
+workers' loads (requests in flight) are imbalanced, i.e. max - min > abs threshold *and*
+max > rel threshold * min, the least-loaded worker; otherwise the worker whose tree
+matches the largest share of the prompt if that share exceeds the cache threshold, else
+the worker with the smallest tree (the most room for new prefixes). No program state: a
+router in front of engines knows requests, not programs. Here the tree also learns each
+call's output when it finishes (what the engine caches), which only helps it.
+
 `round_robin` and `least_loaded` are the baselines. Every balance places calls only on
 replicas with room in their in-flight budget (`affinity` may park one for its home).
 """
@@ -41,6 +53,11 @@ class RouteDecision:
     replica: Replica | None  # None: no replica can take the call now
     wait_for_home: bool = False  # park the call on `replica` until it has room
     estimated_hit: int = 0  # tokens
+
+
+# sglang_router's default `balance_rel_threshold` (RouterArgs): with it, any difference in
+# load above the absolute threshold counts as imbalance.
+CACHE_AWARE_REL_THRESHOLD = 1.0001
 
 
 class Router:
@@ -94,6 +111,8 @@ class Router:
             return RouteDecision(self._round_robin(call))
         if balance == "least_loaded":
             return RouteDecision(self._least_loaded(call))
+        if balance == "cache_aware":
+            return self._cache_aware(call)
         return self._affinity(call)
 
     def _round_robin(self, call: CallNode) -> Replica | None:
@@ -114,6 +133,40 @@ class Router:
                 best = replica
         return best
 
+    def _least_backlog(self, call: CallNode) -> Replica | None:
+        best: Replica | None = None
+        best_key: tuple[int, int, int] | None = None
+        for replica in self.replicas:
+            if not replica.has_room(call):
+                continue
+            key = (replica.backlog(), replica.inflight_tokens, replica.index)
+            if best_key is None or key < best_key:
+                best, best_key = replica, key
+        return best
+
+    def _cache_aware(self, call: CallNode) -> RouteDecision:
+        """The SGLang router's cache-aware rule (module docstring)."""
+        candidates = [r for r in self.replicas if r.has_room(call)]
+        if not candidates:
+            return RouteDecision(None)
+        least = min(candidates, key=Replica.load_key)
+        most = max(r.inflight_requests for r in candidates)
+        low = least.inflight_requests
+        if most - low > self.max_imbalance and most > CACHE_AWARE_REL_THRESHOLD * low:
+            return RouteDecision(least)
+        key, scale = self.route_key(call)
+        if key is None or not len(key):
+            return RouteDecision(least)
+        salt = call.program.cache_salt
+        best, best_hit = candidates[0], -1
+        for replica in candidates:
+            hit = replica.tree.match(key, salt)
+            if hit > best_hit:
+                best, best_hit = replica, hit
+        if best_hit / len(key) > self.config.cache_match_fraction:
+            return RouteDecision(best, estimated_hit=int(best_hit * scale))
+        return RouteDecision(min(candidates, key=lambda r: (r.tree.size(), r.index)))
+
     def _affinity(self, call: CallNode) -> RouteDecision:
         program = call.program
         home_index = program.home_replica
@@ -133,6 +186,12 @@ class Router:
             return RouteDecision(None)
         if key is None or not len(key):
             return RouteDecision(least)
+        if home is None and call.prompt_len >= self.long_context:
+            # A long-context program's first call places the program: every later call
+            # stays there. Place it by load (calls in flight and parked), not by the
+            # shared prefix its prompt starts with, or every program that shares a
+            # system prompt piles onto the replica that cached it first.
+            return RouteDecision(self._least_backlog(call) or least)
         threshold = self.config.cache_match_fraction * call.prompt_len
         max_imbalance = self.max_imbalance
         floor = least.inflight_requests
@@ -164,8 +223,14 @@ class Router:
 
     # -------------------------------------------------------------------- bookkeeping
     def on_dispatch(self, call: CallNode, replica: Replica) -> None:
-        """The program's later calls prefer this replica (its prefix will be cached here)."""
+        """The program's later calls prefer this replica (its prefix will be cached here).
+        `cache_aware` inserts the prompt into the replica's tree now, as SGLang's router
+        does when it routes a request."""
         call.program.home_replica = replica.index
+        if self.balance == "cache_aware" and self.tracks_prefixes:
+            key, _ = self.route_key(call)
+            if key is not None:
+                replica.tree.insert(key, call.program.cache_salt)
 
     def on_finish(self, call: CallNode, replica: Replica, output_ids: list[int] | None) -> None:
         """The replica now caches the prompt (and the output, for token-id prompts).

@@ -32,6 +32,7 @@ from .workloads import (
     LatsShape,
     MapReduceShape,
     ProgramTrace,
+    SweShape,
     Trace,
     shared_segment,
 )
@@ -103,6 +104,7 @@ class Client:
         self.lats_value_prefix = _segment("lats-value", 0, p.lats_value_prefix_tokens)
         self.mr_map_instruction = _segment("mr-map", 0, p.mr_instruction_tokens)
         self.mr_reduce_instruction = _segment("mr-reduce", 0, p.mr_instruction_tokens)
+        self.swe_system = _segment("swe-system", 0, p.swe_system_tokens)
         self.params = p
         self.tenants: dict[str, str] = {}  # program id -> tenant, when not the default
         self._template = GenerateRequest(rid="template", input_ids=[0])
@@ -197,6 +199,27 @@ async def run_bfcl(client: Client, program: ProgramTrace, shape: BfclShape) -> t
     return tokens, tokens, len(shape.steps)
 
 
+async def run_swe(client: Client, program: ProgramTrace, shape: SweShape) -> tuple[int, int, int]:
+    """A coding agent: one growing context, a command per turn, its observation appended
+    after the tool (edit, test run) returns."""
+    pid, fresh = program.id, Fresh(program.token_base)
+    context = join(client.swe_system, fresh(shape.issue_tokens))
+    tokens = 0
+    parent: tuple[str, ...] = ()
+    last = len(shape.steps) - 1
+    for step, (out_tokens, latency, observation) in enumerate(shape.steps):
+        call_id = f"s{step}"
+        out = await client.call(pid, call_id, context, out_tokens,
+                                client.params.swe_output_max, parents=parent)
+        tokens += out.tokens
+        context = join(context, out.output)
+        parent = (call_id,)
+        if step < last:
+            await asyncio.sleep(latency)  # the command runs on the client side
+            context = join(context, fresh(observation))
+    return tokens, tokens, len(shape.steps)
+
+
 @dataclass(slots=True)
 class _Node:
     trajectory: KeyedTokens
@@ -282,6 +305,7 @@ RUNNERS: dict[type, Callable[..., Any]] = {
     BfclShape: run_bfcl,
     LatsShape: run_lats,
     MapReduceShape: run_mapreduce,
+    SweShape: run_swe,
 }
 
 

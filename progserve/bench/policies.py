@@ -32,7 +32,15 @@ from scheduler.policies import (
 
 from .driver import TENANCIES, BenchSetup, ProgramResult, run_trace
 from .metrics import summarize_run
-from .workloads import DEFAULT_MIX, PROGRAM_TYPES, WORKLOADS, Mix, generate_trace, parse_mix
+from .workloads import (
+    DEFAULT_MIX,
+    PROGRAM_TYPES,
+    SWE_KV_CAPACITY,
+    WORKLOADS,
+    Mix,
+    generate_trace,
+    parse_mix,
+)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -47,7 +55,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "for steady state; fewer for a smoke run)")
     g.add_argument("--replicas", type=int, default=4)
     g.add_argument("--policies", default=",".join(POLICY_NAMES),
-                   help="comma-separated: " + ",".join(POLICY_NAMES))
+                   help="comma-separated: " + ",".join((*POLICY_NAMES, ENGINE)) + f" ({ENGINE}: "
+                        "the engine alone, no progserve queue, budget, retention or "
+                        "admission, SGLang-router-style cache-aware routing)")
+    g.add_argument("--ablation", choices=("auto", "on", "off"), default="auto",
+                   help="the mechanism ablation against the engine alone (engine; + queue and "
+                        "budget; + program-aware policy; + KV retention; + KV admission; + "
+                        "program-affine routing); auto: on when --policies has engine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", type=Path, default=None, help="write the results here")
     g.add_argument("--plot", type=Path, default=None, help="latency vs rate plot (PNG)")
@@ -98,6 +112,90 @@ def configure(parser: argparse.ArgumentParser) -> None:
 BENCH_SCHEDULER = dict(max_inflight_requests=48, max_inflight_tokens=160_000,
                        keep_finished_programs=0, pass_priority=False)
 RETENTION_KV_CAPACITY = 40_000  # first try; the search moves from there
+# Per-workload KV capacity per replica when --kv-capacity is not given (else the sim's).
+WORKLOAD_KV_CAPACITY = {"swe": SWE_KV_CAPACITY}
+# Per-workload in-flight token budget when --max-inflight-tokens is not given. The
+# default (160k) was sized for prompts of hundreds to a few thousand tokens; swe calls
+# carry 3-28k tokens of context each, and 160k would cap a replica at ~11 calls, well
+# below what its KV holds. For swe the budget is the replica's KV: the engine's own
+# limit, so the queue orders calls without capping the batch below the engine's.
+WORKLOAD_INFLIGHT_TOKENS = {"swe": SWE_KV_CAPACITY}
+
+ENGINE = "engine"
+# No in-flight budget: every call goes to its engine the moment its program issues it
+# (the engine's own limits, max_running and its KV, decide what runs; its waiting queue
+# is FCFS).
+UNBOUNDED = 1 << 40
+# The SGLang router's cache-aware defaults (sglang_router RouterArgs): cache_threshold
+# 0.5, balance_abs_threshold 32 (balance_rel_threshold 1.0001 is in scheduler/router.py).
+SGLANG_ROUTER = (("balance", "cache_aware"), ("cache_match_fraction", 0.5),
+                 ("balance_abs_threshold", 32))
+NO_RETENTION = (("retain_kv", False), ("kv_admission", False))
+LRU_ENGINE = (("eviction", "lru"),)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A bench column that is not a plain policy: a policy plus scheduler and sim
+    overrides on top of the shared set-up."""
+
+    policy: str
+    scheduler: tuple[tuple[str, Any], ...] = ()
+    sim: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+
+# The engine alone, as deployed without progserve: SGLang's FCFS scheduler with its LRU
+# radix cache behind the SGLang router's cache-aware routing. Through the `Scheduler`
+# with every progserve mechanism off: fcfs over an unbounded budget never holds a call
+# (the queue is empty whenever a call arrives), no priorities, no hints, no admission.
+ENGINE_ALONE = Configuration(
+    BASELINE_POLICY,
+    scheduler=(("max_inflight_requests", UNBOUNDED), ("max_inflight_tokens", UNBOUNDED),
+               ("anti_starvation", False), *NO_RETENTION, *SGLANG_ROUTER),
+    sim=LRU_ENGINE,
+    description="engine alone: no progserve queue or in-flight budget, no priorities, no "
+                "KV retention or admission; the engine's FCFS and LRU radix cache; the "
+                "SGLang router's cache-aware rule (threshold 0.5, balance abs 32, rel "
+                "1.0001)",
+)
+
+# The ablation: from the engine alone, one progserve mechanism at a time, cumulatively,
+# up to the full product (the shipped default policy, with KV admission on).
+ABLATION_ROWS: tuple[tuple[str, Configuration], ...] = (
+    (ENGINE, ENGINE_ALONE),
+    ("queue_budget", Configuration(
+        BASELINE_POLICY, scheduler=(*NO_RETENTION, *SGLANG_ROUTER), sim=LRU_ENGINE,
+        description="+ progserve's queue and in-flight budget (fcfs)")),
+    ("program_aware", Configuration(
+        DEFAULT_POLICY, scheduler=(*NO_RETENTION, *SGLANG_ROUTER), sim=LRU_ENGINE,
+        description=f"+ the program-aware policy ({DEFAULT_POLICY}, the default)")),
+    ("kv_retention", Configuration(
+        DEFAULT_POLICY, scheduler=(("retain_kv", True), ("kv_admission", False),
+                                   *SGLANG_ROUTER),
+        sim=(("eviction", "priority"),),
+        description="+ KV retention (ended programs' KV first; priority eviction order)")),
+    ("kv_admission", Configuration(
+        DEFAULT_POLICY, scheduler=(("retain_kv", True), ("kv_admission", True),
+                                   *SGLANG_ROUTER),
+        sim=(("eviction", "priority"),),
+        description="+ KV-aware program admission")),
+    ("affine_routing", Configuration(
+        DEFAULT_POLICY, scheduler=(("retain_kv", True), ("kv_admission", True),
+                                   ("balance", "affinity")),
+        sim=(("eviction", "priority"),),
+        description="+ program-affine routing (the affinity router): the full product")),
+)
+ABLATION_PREFIX = "ablation:"
+
+
+def configuration(name: str) -> Configuration:
+    """A bench column by name: a policy, `engine`, or an ablation row."""
+    if name == ENGINE:
+        return ENGINE_ALONE
+    if name.startswith(ABLATION_PREFIX):
+        return dict(ABLATION_ROWS)[name.removeprefix(ABLATION_PREFIX)]
+    return Configuration(name)
 RETENTION_LRU_CEILING = 0.8  # the ablation runs where plain LRU hits just below this
 RETENTION_REFINE_STEPS = 3  # bisections of the last x0.85 step: within ~2% of capacity
 
@@ -145,8 +243,9 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
     sched: dict[str, Any] = dict(BENCH_SCHEDULER)
     if args.max_inflight_requests:
         sched["max_inflight_requests"] = args.max_inflight_requests
-    if args.max_inflight_tokens:
-        sched["max_inflight_tokens"] = args.max_inflight_tokens
+    tokens = args.max_inflight_tokens or WORKLOAD_INFLIGHT_TOKENS.get(args.workload)
+    if tokens:
+        sched["max_inflight_tokens"] = tokens
     if args.balance:
         sched["balance"] = args.balance
     if args.retention_budget is not None:
@@ -154,8 +253,9 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
     if args.kv_admission is not None:
         sched["kv_admission"] = args.kv_admission == "on"
     sim: dict[str, Any] = {"stream_interval": 0, "seed": args.seed}
-    if args.kv_capacity:
-        sim["kv_capacity_tokens"] = args.kv_capacity
+    kv_capacity = args.kv_capacity or WORKLOAD_KV_CAPACITY.get(args.workload)
+    if kv_capacity:
+        sim["kv_capacity_tokens"] = kv_capacity
     return BenchSetup(args.replicas, SimConfig(**sim), SchedulerConfig(**sched),
                       tenants=getattr(args, "tenants", "one"))
 
@@ -208,6 +308,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     summary = summarize_run(run, total, warmup, drain)
     summary["stopped_early"] = run.stopped_early
     summary["policy"] = spec.policy
+    if spec.label:
+        summary["label"] = spec.label
     return summary
 
 
@@ -331,17 +433,33 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-        unknown = set(self.policies) - set(POLICY_NAMES)
+        unknown = set(self.policies) - {*POLICY_NAMES, ENGINE}
         if unknown:
             raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
+        ablation = getattr(args, "ablation", "off")
+        if ablation == "on" and ENGINE not in self.policies:
+            self.policies.insert(0, ENGINE)
+        self.ablation = ENGINE in self.policies and ablation != "off"
+        # Ablation rows other than the engine alone (which is `policies.engine`).
+        self.ablation_names = ([ABLATION_PREFIX + row for row, _ in ABLATION_ROWS[1:]]
+                               if self.ablation else [])
         self.setup = build_setup(args)
         self.mix = bench_mix(args)
         self.trace = generate_trace(args.workload, args.programs, args.seed, mix=self.mix)
+        self.engine_knee: float | None = None
+        self.at_engine_knee: dict[str, dict[str, Any]] = {}
 
-    def spec(self, policy: str, rate: float, **kw: Any) -> RunSpec:
+    def spec(self, name: str, rate: float, *,
+             scheduler_overrides: tuple[tuple[str, Any], ...] = (),
+             sim_overrides: tuple[tuple[str, Any], ...] = (), **kw: Any) -> RunSpec:
+        """A run of the column `name` (a policy, `engine` or an ablation row)."""
         a = self.args
-        return RunSpec(a.workload, a.programs, a.seed, policy, rate, self.setup, a.warmup,
-                       a.drain, mix=self.mix, **kw)
+        conf = configuration(name)
+        return RunSpec(a.workload, a.programs, a.seed, conf.policy, rate, self.setup,
+                       a.warmup, a.drain, mix=self.mix,
+                       scheduler_overrides=conf.scheduler + scheduler_overrides,
+                       sim_overrides=conf.sim + sim_overrides,
+                       label=name if name != conf.policy else "", **kw)
 
     def mix_report(self) -> dict[str, Any] | None:
         """The mixed workload's weights and how many programs of each type the trace has."""
@@ -357,7 +475,7 @@ class Bench:
     def start_rate(self) -> float:
         """A first guess of the knee from the trace's work: ~2,500 output tokens/s per
         replica (8B on an H100 at moderate batch)."""
-        from .workloads import BfclShape, ChatShape, LatsShape, MapReduceShape
+        from .workloads import BfclShape, ChatShape, LatsShape, MapReduceShape, SweShape
 
         tokens = 0.0
         for program in self.trace.programs:
@@ -371,6 +489,8 @@ class Bench:
                               for it in shape.iterations)
             elif isinstance(shape, MapReduceShape):
                 tokens += sum(o for _, o in shape.chunks) + shape.reduce_tokens
+            elif isinstance(shape, SweShape):
+                tokens += sum(o for o, _, _ in shape.steps)
         per_program = tokens / max(len(self.trace.programs), 1)
         return self.args.replicas * 2500.0 / max(per_program, 1.0)
 
@@ -407,21 +527,32 @@ class Bench:
 
     def _fixed_rate(self, pool: futures.Executor, progress: Any, bar: Any,
                     rate: float) -> dict[str, dict[str, Any]]:
-        progress.update(bar, total=1 + len(self.policies), description=f"rate {rate:.3g}/s")
-        jobs = {pool.submit(execute, self.spec(p, rate)): p for p in self.policies}
+        names = [*self.policies, *self.ablation_names]
+        progress.update(bar, total=1 + len(names), description=f"rate {rate:.3g}/s")
+        jobs = {pool.submit(execute, self.spec(p, rate)): p for p in names}
         results = {}
         for job in futures.as_completed(jobs):
             results[jobs[job]] = job.result()
             progress.advance(bar)
+        if ENGINE in results:  # the fixed rate is the engine's load point too
+            self.engine_knee, self.at_engine_knee = rate, dict(results)
         return results
 
     def _sweeps(self, pool: futures.Executor, progress: Any, bar: Any,
                 slo: float) -> tuple[dict[str, Sweep], dict[str, dict[str, Any]], float]:
+        """Every column's sweep; once fcfs's (the reference's) ends, every column at its
+        knee (`at_load`); once the engine alone's ends, every column at the engine's
+        knee (`self.at_engine_knee`)."""
         a = self.args
         start = self.start_rate()
-        sweeps = {p: Sweep(p, slo, start, a.bisect_steps) for p in self.policies}
+        names = [*self.policies, *self.ablation_names]
+        sweeps = {p: Sweep(p, slo, start, a.bisect_steps) for p in names}
         reference = BASELINE_POLICY if BASELINE_POLICY in sweeps else self.policies[0]
-        expected = 1 + len(self.policies) * (3 + a.bisect_steps) + len(self.policies) - 1
+        knees = {reference: [p for p in self.policies if p != reference]}
+        if ENGINE in sweeps:
+            knees[ENGINE] = [p for p in names if p != ENGINE]
+        expected = (1 + len(names) * (3 + a.bisect_steps)
+                    + sum(len(others) for others in knees.values()))
         progress.update(bar, total=expected, description="rate sweeps")
         running: dict[futures.Future[dict[str, Any]], tuple[str, str, float]] = {}
 
@@ -431,36 +562,37 @@ class Bench:
                 job = pool.submit(execute, self.spec(policy, rate, slo=slo))
                 running[job] = ("sweep", policy, rate)
 
-        for policy in self.policies:
+        for policy in names:
             submit_next(policy)
-        at_load: dict[str, dict[str, Any]] = {}
-        load_rate: float | None = None
+        loads: dict[str, dict[str, dict[str, Any]]] = {ref: {} for ref in knees}
+        rates: dict[str, float] = {}
         while running:
             done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for job in done:
                 kind, policy, rate = running.pop(job)
                 summary = job.result()
                 progress.advance(bar)
-                if kind == "load":
-                    at_load[policy] = summary
+                if kind != "sweep":
+                    loads[kind][policy] = summary
                     continue
                 sweeps[policy].record(rate, summary)
                 progress.update(bar, description=f"{policy} @ {rate:.3g}/s")
                 submit_next(policy)
-                if policy == reference and not any(
-                    k[1] == reference and k[0] == "sweep" for k in running.values()
+                if policy in knees and not any(
+                    k[1] == policy and k[0] == "sweep" for k in running.values()
                 ):
-                    # The reference's sweep is over: its knee is the fixed-load point.
-                    load_rate = sweeps[reference].ok or sweeps[reference].fail or start
-                    if sweeps[reference].best is not None:
-                        at_load[reference] = sweeps[reference].best
-                    for other in self.policies:
-                        if other not in at_load:
-                            job2 = pool.submit(execute, self.spec(other, load_rate))
-                            running[job2] = ("load", other, load_rate)
+                    # The reference's sweep is over: its knee is a fixed-load point.
+                    knee = rates[policy] = sweeps[policy].ok or sweeps[policy].fail or start
+                    if sweeps[policy].best is not None:
+                        loads[policy][policy] = sweeps[policy].best
+                    for other in knees[policy]:
+                        if other not in loads[policy]:
+                            job2 = pool.submit(execute, self.spec(other, knee))
+                            running[job2] = (policy, other, knee)
         progress.update(bar, total=progress.tasks[0].completed)
-        assert load_rate is not None
-        return sweeps, at_load, load_rate
+        self.engine_knee = rates.get(ENGINE)
+        self.at_engine_knee = loads.get(ENGINE, {})
+        return sweeps, loads[reference], rates[reference]
 
     def _retention(self, pool: futures.Executor, progress: Any, bar: Any, rate: float,
                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -567,6 +699,8 @@ class Bench:
                 entry["first_failing_rate"] = sweep.fail
                 entry["sweep"] = [sweep_point(p)
                                   for p in sorted(sweep.points, key=lambda p: p["rate"])]
+            if policy in self.at_engine_knee:
+                entry["at_engine_knee"] = at_load_view(self.at_engine_knee[policy])
             policies[policy] = entry
         report: dict[str, Any] = {
             "workload": a.workload,
@@ -602,10 +736,127 @@ class Bench:
             },
             "policies": policies,
         }
+        if ENGINE in self.policies:
+            report["engine_knee"] = {
+                "rate": self.engine_knee,
+                "source": "engine.max_rate_at_slo" if a.rate is None else "--rate",
+                "engine_alone": ENGINE_ALONE.description,
+                "progserve_defaults": progserve_defaults(setup.scheduler),
+            }
+        if self.ablation:
+            report["ablation"] = self._ablation_rows(sweeps)
         report["comparison"] = compare(report)
         if retention is not None:
             report["retention"] = retention
         return report
+
+
+    def _ablation_rows(self, sweeps: dict[str, Sweep]) -> list[dict[str, Any]]:
+        """One row per mechanism, cumulative from the engine alone: throughput at SLO,
+        and at the engine alone's knee the latencies, cache hit rate and recomputed
+        tokens."""
+        rows = []
+        for row, conf in ABLATION_ROWS:
+            name = ENGINE if row == ENGINE else ABLATION_PREFIX + row
+            sweep = sweeps.get(name)
+            load = self.at_engine_knee.get(name) or {}
+            rows.append({
+                "name": row,
+                "description": conf.description,
+                "policy": conf.policy,
+                "max_rate_at_slo": sweep.ok if sweep else None,
+                "mean_token_latency": load.get("mean_token_latency"),
+                "p95_token_latency": load.get("p95_token_latency"),
+                "p95_by_type": load.get("p95_by_type"),
+                "cache_hit_rate": load.get("cache_hit_rate"),
+                "recomputed_tokens": (load.get("engine") or {}).get("recomputed_tokens"),
+                "preemptions": (load.get("engine") or {}).get("preemptions"),
+                "rate": load.get("rate"),
+            })
+        return rows
+
+
+def progserve_defaults(config: SchedulerConfig) -> dict[str, Any]:
+    """What the shipped product turns on (the scheduler's defaults), beside what the
+    bench's progserve columns use."""
+    shipped = SchedulerConfig()
+    return {
+        "policy": shipped.policy,
+        "retain_kv": shipped.retain_kv,
+        "kv_admission": shipped.kv_admission,
+        "balance": shipped.balance,
+        "bench_budget": {"max_inflight_requests": config.max_inflight_requests,
+                         "max_inflight_tokens": config.max_inflight_tokens},
+        "bench_columns": "policies other than engine: the bench set-up (its budget, "
+                         "retain_kv and kv_admission as set, affinity routing); ablation "
+                         "rows: as described in each row",
+    }
+
+
+def vs_engine(report: dict[str, Any]) -> dict[str, Any]:
+    """The best progserve configuration (any policy column or ablation row other than
+    the engine alone; best throughput at SLO, then lowest mean at the engine's knee)
+    against the engine alone: throughput ratio, and mean / p95 / worst type's p95 ratios
+    at the engine alone's knee."""
+    pol = report["policies"]
+    engine = pol.get(ENGINE)
+    if not engine:
+        return {}
+    base = engine.get("at_engine_knee") or {}
+    candidates: dict[str, tuple[float | None, dict[str, Any]]] = {
+        name: (entry.get("max_rate_at_slo"), entry.get("at_engine_knee") or {})
+        for name, entry in pol.items() if name != ENGINE
+    }
+    for row in report.get("ablation") or []:
+        if row["name"] != ENGINE:
+            candidates[ABLATION_PREFIX + row["name"]] = (row["max_rate_at_slo"], row)
+    if not candidates or not base:
+        return {}
+
+    def rank(item: tuple[str, tuple[float | None, dict[str, Any]]]) -> tuple[float, float]:
+        rate, load = item[1]
+        return (-(rate or 0.0), load.get("mean_token_latency") or math.inf)
+
+    best, (rate, load) = min(candidates.items(), key=rank)
+    base_types = base.get("p95_by_type") or {}
+    worst = max((v / base_types[k] for k, v in (load.get("p95_by_type") or {}).items()
+                 if v is not None and base_types.get(k)), default=math.nan)
+    engine_rate = engine.get("max_rate_at_slo")
+
+    def ratio(key: str) -> float | None:
+        value, reference = load.get(key), base.get(key)
+        return value / reference if value is not None and reference else None
+
+    return {
+        "best": best,
+        "throughput_ratio": rate / engine_rate if rate and engine_rate else None,
+        "mean_ratio": ratio("mean_token_latency"),
+        "p95_ratio": ratio("p95_token_latency"),
+        "worst_type_p95_ratio": worst,
+        "engine_knee": report.get("engine_knee", {}).get("rate"),
+    }
+
+
+def floor_gap_closed(report: dict[str, Any], best: str | None) -> dict[str, Any]:
+    """At fcfs's knee, the share of the gap between fcfs and the unloaded floor that each
+    program-aware policy closes: (fcfs - policy) / (fcfs - unloaded), mean and p95; the
+    headline is the best program-aware policy's (lowest mean)."""
+    pol = report["policies"]
+    base = pol[BASELINE_POLICY]["at_load"]
+    unloaded = report["slo"]["unloaded"]
+    by_policy = {}
+    for name in PROGRAM_AWARE_POLICIES:
+        load = (pol.get(name) or {}).get("at_load")
+        if not load:
+            continue
+        shares = {}
+        for key, label in (("mean_token_latency", "mean"), ("p95_token_latency", "p95")):
+            gap = base[key] - unloaded[key] if base.get(key) and unloaded.get(key) else None
+            shares[label] = (base[key] - load[key]) / gap if gap else None
+        by_policy[name] = shares
+    head = by_policy.get(best or "", {})
+    return {"policy": best, "mean": head.get("mean"), "p95": head.get("p95"),
+            "by_policy": by_policy}
 
 
 def compare(report: dict[str, Any]) -> dict[str, Any]:
@@ -613,7 +864,7 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
     pol = report["policies"]
     fcfs = pol.get(BASELINE_POLICY)
     if not fcfs or not fcfs.get("at_load"):
-        return {}
+        return {"vs_engine": vs_engine(report)} if ENGINE in pol else {}
     base = fcfs["at_load"]
     out: dict[str, Any] = {}
     best_name, best_mean = None, math.inf
@@ -645,6 +896,10 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
         if entry and entry.get("max_rate_at_slo") and fcfs.get("max_rate_at_slo"):
             out.setdefault(name, {})["throughput_ratio"] = (
                 entry["max_rate_at_slo"] / fcfs["max_rate_at_slo"])
+    if best_name is not None:
+        out["floor_gap_closed"] = floor_gap_closed(report, best_name)
+    if ENGINE in pol:
+        out["vs_engine"] = vs_engine(report)
     return out
 
 

@@ -40,6 +40,36 @@ mapreduce (Parrot's map-reduce summarisation)
   chunk, 80 output tokens; reduce prompt: an instruction plus every map output, 250
   output tokens. Maps run in parallel, the reduce waits for all of them.
 
+swe (SWE-agent-style coding agents on SWE-bench issues: a chain of tens of turns whose
+context grows to tens of thousands of tokens, with tool gaps of seconds to tens of seconds)
+- turns: 4 + geometric(mean 20), so at least 5, capped at 60 (mean ~24 drawn; the
+  context limit below ends the longest ones, leaving a mean of ~18 and a max of ~37). Published trajectories: a median
+  of 8 turns / 15 tool calls over 973 sessions of 8 agents (xor.tech "Execution Metrics"),
+  "some agents solve bugs in 5 turns, others take 60+"; SWE-agent's own runs stop at a
+  cost budget ($4 per instance, Yang et al. 2024, arXiv 2405.15793), which lets a
+  GPT-4-class agent run tens of steps; we take the upper half (tens of turns) because long
+  trajectories are the ones that hold KV.
+- prompt: a 3,000-token system prompt with the tool (ACI) docs and one demonstration,
+  shared by every program (SWE-agent's default config sends its command docs and a
+  demonstration trajectory first; an estimate of their length), then the issue: 260 tokens
+  (SWE-bench, Jimenez et al. 2024: issue text 195 words on average, ~1.33 tokens/word).
+- per turn: 250 output tokens (a thought and one command), then the command's
+  observation: 600 tokens, capped at 4,000 (file-viewer windows of 100 lines, grep and
+  test output). With ~25 turns the context grows from ~3.3k to ~24k tokens and one
+  attempt sends ~300k input tokens in all, in line with the ~250,000 input tokens per
+  SWE-bench Verified attempt from published traces (holyai.me "solve tax") and with
+  successful mini-SWE-agent trajectories staying under ~20k tokens while longer ones
+  run on (Raju et al. 2026, arXiv 2602.16069). A trajectory stops once its context would
+  pass 28,000 tokens (the sim's 32k context, less room for a reply), as SWE-agent stops
+  at its context limit.
+- tool latency: 2 s mean (an edit, a file view, a grep); with probability 0.2 the command
+  runs tests or a build: 20 s mean. Both log-normal.
+- KV capacity: `SWE_KV_CAPACITY` = 470,000 tokens per replica (Llama-3-8B bf16 on one
+  80 GB H100: ~16 GB weights and ~2.5 GB activations leave ~61.5 GB, at 128 KiB of KV
+  per token), unless `--kv-capacity` says otherwise. The working set (programs in
+  their tool gaps keep 10-25k tokens each) outgrows it at about half a program per
+  second on 4 replicas, before compute does.
+
 mixed: equal parts chat, bfcl and lats, interleaved at random. Other mixes: `mix`, a
 weight per program type (`parse_mix("chat=2,bfcl=1,lats=1,mapreduce=1")`); each type gets
 its share of the programs (smooth weighted round robin, then a seeded shuffle), so the
@@ -53,9 +83,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-WorkloadName = Literal["chat", "bfcl", "lats", "mapreduce", "mixed"]
-WORKLOADS: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce", "mixed")
-PROGRAM_TYPES: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce")
+WorkloadName = Literal["chat", "bfcl", "lats", "mapreduce", "swe", "mixed"]
+WORKLOADS: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce", "swe", "mixed")
+PROGRAM_TYPES: tuple[str, ...] = ("chat", "bfcl", "lats", "mapreduce", "swe")
+# KV tokens per replica of the modelled hardware (Llama-3-8B bf16, one H100): the swe
+# workload's default capacity, where KV binds by nature (see the docstring).
+SWE_KV_CAPACITY = 470_000
 
 # Token-id space: shared segments live below SHARED_SPACE; program i's fresh content
 # starts at SHARED_SPACE + i * PROGRAM_SPACE (ids are arbitrary: the sim engine accepts any
@@ -101,6 +134,20 @@ class WorkloadParams:
     mr_chunk_tokens: float = 1000.0
     mr_map_tokens: float = 80.0
     mr_reduce_tokens: float = 250.0
+    # swe
+    swe_min_turns: int = 5
+    swe_extra_turns_mean: float = 20.0  # turns = min_turns + geometric(this), capped
+    swe_max_turns: int = 60
+    swe_system_tokens: int = 3000
+    swe_issue_tokens: float = 260.0
+    swe_output_tokens: float = 250.0
+    swe_output_max: int = 1024
+    swe_observation_tokens: float = 600.0
+    swe_observation_max: int = 4000
+    swe_tool_latency_s: float = 2.0
+    swe_test_prob: float = 0.2
+    swe_test_latency_s: float = 20.0
+    swe_context_limit: int = 28_000
     # shapes of the log-normal draws
     length_sigma: float = 0.6
     latency_sigma: float = 0.8
@@ -141,7 +188,13 @@ class MapReduceShape:
     reduce_tokens: int
 
 
-Shape = ChatShape | BfclShape | LatsShape | MapReduceShape
+@dataclass(slots=True)
+class SweShape:
+    issue_tokens: int
+    steps: list[tuple[int, float, int]]  # (output tokens, tool latency, observation tokens)
+
+
+Shape = ChatShape | BfclShape | LatsShape | MapReduceShape | SweShape
 
 
 @dataclass(slots=True)
@@ -181,6 +234,8 @@ def count_calls(shape: Shape) -> int:
         return len(shape.steps)
     if isinstance(shape, LatsShape):
         return sum(2 * len(it.gen_tokens) for it in shape.iterations) + 1
+    if isinstance(shape, SweShape):
+        return len(shape.steps)
     return len(shape.chunks) + 1
 
 
@@ -266,7 +321,36 @@ def _mapreduce(d: _Draw) -> MapReduceShape:
     )
 
 
-_MAKERS = {"chat": _chat, "bfcl": _bfcl, "lats": _lats, "mapreduce": _mapreduce}
+def _swe(d: _Draw) -> SweShape:
+    p = d.params
+    turns = min(p.swe_max_turns, p.swe_min_turns - 1
+                + d.geometric(p.swe_extra_turns_mean, p.swe_max_turns))
+    issue = d.length(p.swe_issue_tokens)
+    context = p.swe_system_tokens + issue
+    steps = []
+    for _ in range(turns):
+        out = d.length(p.swe_output_tokens, p.swe_output_max)
+        test = d.rng.random() < p.swe_test_prob
+        latency = d.latency(p.swe_test_latency_s if test else p.swe_tool_latency_s)
+        observation = d.length(p.swe_observation_tokens, p.swe_observation_max)
+        if context + out + p.swe_output_max > p.swe_context_limit and steps:
+            break  # the agent stops at its context limit
+        steps.append((out, latency, observation))
+        context += out + observation
+    return SweShape(issue, steps)
+
+
+def swe_contexts(shape: SweShape, params: WorkloadParams) -> list[int]:
+    """The prompt length of each turn of a swe program (what the statistics test reads)."""
+    context = params.swe_system_tokens + shape.issue_tokens
+    lengths = []
+    for out, _, observation in shape.steps:
+        lengths.append(context)
+        context += out + observation
+    return lengths
+
+
+_MAKERS = {"chat": _chat, "bfcl": _bfcl, "lats": _lats, "mapreduce": _mapreduce, "swe": _swe}
 MIXED_TYPES = ("chat", "bfcl", "lats")
 DEFAULT_MIX: tuple[tuple[str, float], ...] = tuple((kind, 1.0) for kind in MIXED_TYPES)
 
