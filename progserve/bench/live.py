@@ -46,6 +46,7 @@ from .live_clients import (
     counter_delta,
     engine_counters,
     served_model,
+    server_root,
     vllm_counters,
 )
 from .live_programs import (
@@ -302,7 +303,7 @@ async def reset_prefix_cache(url: str) -> bool:
 
     try:
         async with httpx.AsyncClient(timeout=30.0) as client:
-            resp = await client.post(url.rstrip("/") + "/reset_prefix_cache")
+            resp = await client.post(server_root(url) + "/reset_prefix_cache")
         return resp.status_code == 200
     except httpx.HTTPError:
         return False
@@ -470,7 +471,7 @@ async def vllm_kv_tokens(live: LiveEngine) -> dict[str, float]:
 
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
-            text = (await client.get(live.url.rstrip("/") + "/metrics")).text
+            text = (await client.get(server_root(live.url) + "/metrics")).text
     except httpx.HTTPError:
         return {}
     for line in text.splitlines():

@@ -78,7 +78,7 @@ class OpenAICaller:
     def __init__(self, base_url: str, model: str, *, tag_programs: bool,
                  api_key: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
+        self.client = httpx.AsyncClient(base_url=server_root(base_url), headers=headers,
                                         timeout=CALL_TIMEOUT_S,
                                         limits=httpx.Limits(max_connections=1000))
         self.model = model
@@ -140,11 +140,16 @@ class OpenAICaller:
         return record, "".join(parts)
 
 
+def server_root(url: str) -> str:
+    """`http://host:port` from the server root or its `/v1` root (as `--engine-url` takes)."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 async def served_model(base_url: str, api_key: str | None = None) -> str:
     """The first model an OpenAI-compatible server lists."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=30.0, headers=headers) as client:
-        resp = await client.get(base_url.rstrip("/") + "/v1/models")
+        resp = await client.get(server_root(base_url) + "/v1/models")
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
 
@@ -173,7 +178,7 @@ async def vllm_counters(base_url: str) -> dict[str, float]:
     """The engine's counters from `/metrics` ({} where the server exposes none)."""
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
-            resp = await client.get(base_url.rstrip("/") + "/metrics")
+            resp = await client.get(server_root(base_url) + "/metrics")
     except httpx.HTTPError:
         return {}
     return parse_prometheus(resp.text) if resp.status_code == 200 else {}
