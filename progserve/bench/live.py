@@ -70,7 +70,7 @@ SIM_ENGINE_ALONE = dict(policy="fcfs", max_inflight_requests=100_000,
                         pass_priority=False)
 VLLM_KV_HINT = ("vLLM sets its KV size at start: VLLM_CPU_KVCACHE_SPACE takes whole GiB; "
                 "for {tokens} tokens start it with --kv-cache-memory-bytes {bytes} "
-                "(and --max-model-len <= {tokens})")
+                "({per_token} bytes per token) and --max-model-len below {tokens}")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -167,7 +167,7 @@ class LiveEngine:
         await engine.start()
         return engine
 
-    def describe(self, counters: dict[str, float]) -> dict[str, Any]:
+    def describe(self, counters: dict[str, float], model_dir: str) -> dict[str, Any]:
         if self.kind == "torch":
             cfg = self.torch_config
             return {"kind": "torch", "model": self.model_dir,
@@ -176,9 +176,19 @@ class LiveEngine:
         out: dict[str, Any] = {"kind": self.kind, "url": self.url,
                                "kv_tokens": counters.get("kv_tokens")}
         if self.args.kv_tokens:
+            per_token = kv_bytes_per_token(model_dir)
             out["kv_hint"] = VLLM_KV_HINT.format(tokens=self.args.kv_tokens,
-                                                 bytes=self.args.kv_tokens * 46_080)
+                                                 bytes=self.args.kv_tokens * per_token,
+                                                 per_token=per_token)
         return out
+
+
+def kv_bytes_per_token(model_dir: str) -> int:
+    """K and V of every layer, fp32 (vLLM-CPU serves SmolLM2 with --dtype float32)."""
+    from .calibrate import model_shape
+
+    shape = model_shape(model_dir)
+    return int(2 * shape.num_layers * shape.kv_heads * shape.head_dim * 4)
 
 
 def free_port() -> int:
@@ -436,7 +446,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         runs[side] = await run_side(live, side, trace, rate, words)
         print(f"{side} @ {rate}/s: mean {runs[side]['mean_token_latency'] * 1e3:.1f} ms/token,"
               f" hit {runs[side]['cache_hit_rate']:.2f}", flush=True)
-    report["engine"] = live.describe(counters)
+    report["engine"] = live.describe(counters, tokenizer)
     report["rate"] = rate
     report["load_after"] = os.getloadavg()
     if sweep:
