@@ -25,9 +25,9 @@ CALL_TIMEOUT_S = 600.0
 
 
 def _sampling(out_tokens: int) -> dict[str, Any]:
-    """Greedy, exactly `out_tokens` tokens (the shape's length)."""
-    return {"max_tokens": out_tokens, "min_tokens": out_tokens, "ignore_eos": True,
-            "temperature": 0.0}
+    """Greedy, exactly `out_tokens` tokens (the shape's length): `ignore_eos` with
+    `max_tokens` (progserve's openai engine refuses `min_tokens`, vLLM takes both)."""
+    return {"max_tokens": out_tokens, "ignore_eos": True, "temperature": 0.0}
 
 
 class DirectEngineCaller:

@@ -13,7 +13,7 @@ Text: token id `t` of a shape becomes one vocabulary word that the model's token
 encodes as one token (" word", a BPE token with a leading space), so prompts have the
 shapes' lengths (plus the chat template's few tokens per message) and the same prefix
 sharing: shared segments are the same words for every program, fresh content is new.
-Outputs are forced to the shapes' lengths (`min_tokens` = `max_tokens`, `ignore_eos`) and
+Outputs are forced to the shapes' lengths (`max_tokens` with `ignore_eos`, greedy) and
 sent back verbatim in the next prompt, as an agent does.
 """
 
