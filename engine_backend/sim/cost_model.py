@@ -37,8 +37,10 @@ Derived numbers (the defaults):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine_backend.sim.config import HardwareProfile
 
@@ -110,3 +112,40 @@ class StepCostModel:
         while self.decode_span(batch, context, k + 1) <= seconds:
             k += 1
         return k
+
+
+# ------------------------------------------------------------ calibrated profiles
+# `progserve bench calibrate` measures a real engine's step costs and fits the five
+# coefficients above; the sim loads them back as a `HardwareProfile` (`--hardware FILE`).
+# A profile is physical numbers, so the fit is written as the "effective" hardware that
+# yields exactly the measured coefficients: the model's real shape (parameters, layers,
+# heads) is kept, and bandwidth, bytes per KV element and peak FLOP/s absorb the rest.
+STEP_COST_FLOOR_S = 1e-12  # a coefficient the fit drove to zero (a profile needs > 0)
+
+
+def profile_for_step_costs(costs: StepCostModel, shape: HardwareProfile) -> HardwareProfile:
+    """The `HardwareProfile` of `shape`'s model whose `StepCostModel.from_hardware` gives
+    `costs` (up to float rounding): the inverse of `from_hardware`."""
+    weights_s = max(costs.weights_s, STEP_COST_FLOOR_S)
+    bandwidth = shape.params * shape.bytes_per_param / weights_s
+    kv_elems = 2 * shape.num_layers * shape.kv_heads * shape.head_dim
+    kv_bytes = max(costs.per_context_token_s, STEP_COST_FLOOR_S) * bandwidth / kv_elems
+    gemm_flops = 2 * shape.params / max(costs.per_token_s, STEP_COST_FLOOR_S)
+    pair_flops = 4 * shape.num_layers * shape.hidden_size / max(
+        costs.per_attention_pair_s, STEP_COST_FLOOR_S)
+    peak = max(gemm_flops, pair_flops)  # both efficiencies stay <= 1
+    return shape.model_copy(update={
+        "hbm_bandwidth": bandwidth, "bandwidth_efficiency": 1.0,
+        "kv_bytes_per_elem": kv_bytes, "peak_flops": peak,
+        "matmul_efficiency": gemm_flops / peak, "attention_efficiency": pair_flops / peak,
+        "step_overhead_s": max(costs.overhead_s, 0.0),
+    })
+
+
+def load_hardware_profile(path: str | Path) -> HardwareProfile:
+    """A profile file: a bare `HardwareProfile` JSON, or `bench calibrate`'s output (whose
+    `hardware` key holds it)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and isinstance(data.get("hardware"), dict):
+        data = data["hardware"]
+    return HardwareProfile.model_validate(data)

@@ -18,6 +18,8 @@ BENCHES = {
     "tools": "progserve.bench.tools",
     "load": "progserve.bench.load",
     "overhead": "progserve.bench.overhead",
+    "live": "progserve.bench.live",
+    "calibrate": "progserve.bench.calibrate",
 }
 DEFAULT = "progserve.bench.policies"
 

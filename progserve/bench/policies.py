@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_backend.sim import SimConfig
+from engine_backend.sim.cost_model import load_hardware_profile
 from scheduler.config import SchedulerConfig
 from scheduler.policies import (
     BASELINE_POLICY,
@@ -80,6 +81,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="per-replica in-flight budget (requests); same for every policy")
     g.add_argument("--max-inflight-tokens", type=int, default=None)
     g.add_argument("--kv-capacity", type=int, default=None, help="KV tokens per replica")
+    g.add_argument("--hardware", type=Path, default=None,
+                   help="the sim's hardware profile (`progserve bench calibrate`'s JSON)")
     g.add_argument("--balance", choices=("affinity", "least_loaded", "round_robin"),
                    default=None)
     g.add_argument("--retention", choices=("auto", "on", "off"), default="auto",
@@ -256,6 +259,8 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
     kv_capacity = args.kv_capacity or WORKLOAD_KV_CAPACITY.get(args.workload)
     if kv_capacity:
         sim["kv_capacity_tokens"] = kv_capacity
+    if getattr(args, "hardware", None):
+        sim["hardware"] = load_hardware_profile(args.hardware)
     return BenchSetup(args.replicas, SimConfig(**sim), SchedulerConfig(**sched),
                       tenants=getattr(args, "tenants", "one"))
 
