@@ -751,6 +751,7 @@ class Bench:
         if self.ablation:
             report["ablation"] = self._ablation_rows(sweeps)
         report["comparison"] = compare(report)
+        report["speed"] = speed_block(at_load)
         if retention is not None:
             report["retention"] = retention
         return report
@@ -862,6 +863,23 @@ def floor_gap_closed(report: dict[str, Any], best: str | None) -> dict[str, Any]
     head = by_policy.get(best or "", {})
     return {"policy": best, "mean": head.get("mean"), "p95": head.get("p95"),
             "by_policy": by_policy}
+
+
+def run_speed(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's simulation cost: CPU seconds of its process per LLM call it completed."""
+    calls, cpu = summary.get("calls") or 0, summary.get("cpu_s") or 0.0
+    return {"us_per_llm_call": 1e6 * cpu / calls if calls else None, "llm_calls": calls,
+            "cpu_s": cpu}
+
+
+def speed_block(at_load: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The bench's own speed (`speed` in the JSON): CPU time per LLM call over the
+    fixed-load run of every policy, and per policy. Timing only, never compared."""
+    calls = sum(s.get("calls") or 0 for s in at_load.values())
+    cpu = sum(s.get("cpu_s") or 0.0 for s in at_load.values())
+    return {"us_per_llm_call": 1e6 * cpu / calls if calls else None, "llm_calls": calls,
+            "cpu_s": cpu, "runs": "the fixed-load run of each policy (process CPU time)",
+            "by_policy": {name: run_speed(s) for name, s in sorted(at_load.items())}}
 
 
 def compare(report: dict[str, Any]) -> dict[str, Any]:

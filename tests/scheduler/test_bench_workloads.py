@@ -189,6 +189,11 @@ def test_bench_cli_writes_the_contracted_json(tmp_path):
             assert key in entry["at_load"]
         assert set(entry["at_load"]["p95_by_type"]) == {"bfcl"}
     assert "differences" in report["setup"]
+    speed = report["speed"]  # the bench's own cost: CPU time per LLM call at the load point
+    calls = [report["policies"][name]["at_load"]["calls"] for name in ("fcfs", "plas")]
+    assert speed["llm_calls"] == sum(calls) > 0
+    assert speed["by_policy"]["plas"]["llm_calls"] == calls[1]
+    assert 0 < speed["us_per_llm_call"] < 1e5
     floor = report["comparison"]["floor"]
     assert 0 < floor["mean_ratio"] <= 1.5 and 0 < floor["p95_ratio"] <= 1.5
     retention = report["retention"]
