@@ -19,19 +19,12 @@ ARGS = {
     "map_reduce_summary": ["--chunks", "2", "--words", "300"],
     "multi_agent_debate": ["--agents", "2", "--rounds", "1"],
     "react_agent": ["--max-steps", "3"],
-    "tree_search": ["--width", "2", "--depth", "1", "--beam", "1"],
+    "tree_search": ["--width", "2", "--depth", "1"],
 }
-# A prefill-only call (the DSL's fork(), SGLang's select) reaches vLLM as max_tokens 0,
-# which vLLM refuses.
-PREFILL_ONLY = {"multi_agent_debate", "sglang_frontend", "tree_search"}
-
-
 def _cases() -> list[object]:
     cases: list[object] = []
     for path in sorted(EXAMPLES.glob("*.py")):
-        marks = [pytest.mark.xfail(reason="issue 19 defect 1: fixed on branch C-http",
-                                   strict=False)] if path.stem in PREFILL_ONLY else []
-        cases.append(pytest.param(path, id=path.stem, marks=marks))
+        cases.append(pytest.param(path, id=path.stem))
     return cases
 
 

