@@ -261,6 +261,17 @@ async def replay(trace: Trace, rate: float, programs: LivePrograms,
     return sorted(records, key=lambda r: r.index)
 
 
+async def replay_openai(trace: Trace, rate: float, programs: LivePrograms, url: str, *,
+                        tagged: bool) -> list[ProgramRecord]:
+    """`replay` through a server's chat completions (`tagged`: with progserve's program
+    headers)."""
+    caller = OpenAICaller(url, await served_model(url), tag_programs=tagged)
+    try:
+        return await replay(trace, rate, programs, caller)
+    finally:
+        await caller.aclose()
+
+
 async def run_side(live: LiveEngine, side: str, trace: Trace, rate: float,
                    words: tuple[str, ...]) -> dict[str, Any]:
     programs = LivePrograms(trace.params, words)
@@ -274,21 +285,11 @@ async def run_side(live: LiveEngine, side: str, trace: Trace, rate: float,
             if engine is not None:
                 records = await replay(trace, rate, programs, DirectEngineCaller(engine))
             else:
-                caller = OpenAICaller(live.url, await served_model(live.url),
-                                      tag_programs=False)
-                try:
-                    records = await replay(trace, rate, programs, caller)
-                finally:
-                    await caller.aclose()
+                records = await replay_openai(trace, rate, programs, live.url, tagged=False)
             after = await counters_of(live, engine)
         else:
             async with InProcessProgserve(live, side, engine) as server:
-                caller = OpenAICaller(server.url, await served_model(server.url),
-                                      tag_programs=True)
-                try:
-                    records = await replay(trace, rate, programs, caller)
-                finally:
-                    await caller.aclose()
+                records = await replay_openai(trace, rate, programs, server.url, tagged=True)
                 after = await counters_of(live, engine)
     finally:
         if engine is not None:
