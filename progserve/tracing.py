@@ -239,9 +239,13 @@ class Tracing:
         self._rng = random.Random()
         self.propagator = TraceContextTextMapPropagator()
         self._open: OrderedDict[tuple[str, str], CallTimeline] = OrderedDict()
+        # Open timelines per program key: a program's end looks for its open calls only
+        # when it has some (not by a scan of every open call of every program).
+        self._open_per_program: dict[str, int] = {}
         self._bindings: OrderedDict[str, ProgramTrace] = OrderedDict()
         self._derived: OrderedDict[str, ProgramTrace] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._clock = _WallClock()
 
     async def start(self) -> None:
         await self.store.start()
@@ -331,7 +335,7 @@ class Tracing:
     def on_event(self, ev: SchedulerEvent) -> None:
         handler = self._HANDLERS.get(ev.kind)
         if handler is not None:
-            handler(self, ev, _wall_ns(ev.time))
+            handler(self, ev, self._clock.wall_ns(ev.time))
 
     def _program_started(self, ev: SchedulerEvent, now_ns: int) -> None:
         rec = self.store.record(ev.tenant, ev.program_id)
@@ -345,9 +349,12 @@ class Tracing:
         rec.status = ev.status if ev.status in ("finished", "failed", "cancelled") else "finished"
         rec.ended_ns = now_ns
         rec.started_ns = rec.started_ns or now_ns
-        for open_key in [k for k in self._open if k[0] == rec.key]:
-            left_open = self._open.pop(open_key)
-            self._finish_call(left_open, now_ns, error=f"program {rec.status} first", rec=rec)
+        if self._open_per_program.get(rec.key):
+            for open_key in [k for k in self._open if k[0] == rec.key]:
+                left_open = self._pop_open(open_key)
+                if left_open is not None:
+                    self._finish_call(left_open, now_ns, error=f"program {rec.status} first",
+                                      rec=rec)
         self._emit_program_span(ev, rec.started_ns, now_ns, rec)
         self.store.touch(rec)
         self._bindings.pop(rec.key, None)
@@ -393,7 +400,7 @@ class Tracing:
         timeline.events.append(("dispatched", now_ns, {}))
 
     def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
-        timeline = self._open.pop(_open_key(ev), None)
+        timeline = self._pop_open(_open_key(ev))
         if timeline is None:  # ended before we saw it start (e.g. failed validation late)
             timeline = self._new_timeline(ev, now_ns, ev.call_kind or "llm")
             rec = self._count_call(timeline)
@@ -449,13 +456,26 @@ class Tracing:
 
     def _open_call(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
         timeline = self._new_timeline(ev, now_ns, kind)
-        self._open[(timeline.key, timeline.call_id)] = timeline
+        key = timeline.key
+        self._open[(key, timeline.call_id)] = timeline
+        self._open_per_program[key] = self._open_per_program.get(key, 0) + 1
         while len(self._open) > MAX_OPEN_CALLS:
-            self._open.popitem(last=False)
+            self._pop_open(next(iter(self._open)))
         rec = self._count_call(timeline)
         rec.inflight += 1
         self.store.touch(rec)
         self._adopt_current_context(timeline.key)
+        return timeline
+
+    def _pop_open(self, open_key: tuple[str, str]) -> CallTimeline | None:
+        timeline = self._open.pop(open_key, None)
+        if timeline is not None:
+            key = open_key[0]
+            left = self._open_per_program[key] - 1
+            if left:
+                self._open_per_program[key] = left
+            else:
+                del self._open_per_program[key]
         return timeline
 
     def _count_call(self, timeline: CallTimeline) -> Any:
@@ -574,13 +594,29 @@ class Tracing:
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _wall_ns(loop_time: float) -> int:
-    """Wall-clock ns of a loop-time instant (the scheduler stamps events with loop time)."""
-    try:
-        now_loop = asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.time_ns()
-    return time.time_ns() - int(max(0.0, now_loop - loop_time) * 1e9)
+class _WallClock:
+    """Wall-clock ns of a loop-time instant (the scheduler stamps events with loop time):
+    now on the wall clock, less how long ago it was on the loop's.
+
+    A call's half-dozen events carry loop times, which advance once per loop turn, so
+    both clocks are read again only for an event later than the last reading; the
+    others are placed against that reading (the same instants, up to the wall clock's
+    drift against the loop's since)."""
+
+    __slots__ = ("_loop_s", "_wall_ns")
+
+    def __init__(self) -> None:
+        self._loop_s = -1.0
+        self._wall_ns = 0
+
+    def wall_ns(self, loop_time: float) -> int:
+        if loop_time > self._loop_s:
+            try:
+                self._loop_s = asyncio.get_running_loop().time()
+            except RuntimeError:
+                return time.time_ns()
+            self._wall_ns = time.time_ns()
+        return self._wall_ns - int(max(0.0, self._loop_s - loop_time) * 1e9)
 
 
 def _open_key(ev: SchedulerEvent) -> tuple[str, str]:
