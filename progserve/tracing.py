@@ -38,8 +38,9 @@ import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -281,9 +282,9 @@ class Tracing:
             self._spawn(self._share_binding(key, format_traceparent(caller)))
 
     def program_trace(self, key: str) -> ProgramTrace:
-        bound = self._bindings.get(key)
-        if bound is not None:
-            return bound
+        return self._bound_or_derived(key, self._bindings.get(key))
+
+    def _derived_trace(self, key: str) -> ProgramTrace:
         derived = self._derived.get(key)
         if derived is None:  # two SHA-256s: cached, a program has many calls
             derived = self._derived[key] = ProgramTrace.derived(key)
@@ -499,64 +500,88 @@ class Tracing:
         rec.inflight = max(0, rec.inflight - 1)
         if error is not None:
             rec.failed_calls += 1
-        attrs = _call_attributes(timeline, self.instance_id)
         if ev is not None:
             rec.prompt_tokens += ev.prompt_tokens
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
-            attrs.update(_usage_attributes(ev))
-        binding = self.program_trace(timeline.key)
-        self._emit(
-            {
-                "trace_id": f"{binding.trace_id:032x}",
-                "span_id": f"{self._rng.getrandbits(64) or 1:016x}",
-                "parent_id": f"{binding.root_span_id:016x}",
-                "name": _span_name(timeline),
-                "kind": timeline.kind,
-                "program_id": timeline.program_id,
-                "program_key": timeline.key,
-                "tenant": timeline.tenant,
-                "call_id": timeline.call_id,
-                "start_ns": timeline.queued_ns,
-                "end_ns": max(end_ns, timeline.queued_ns),
-                "status": "ok" if error is None else "error",
-                "error": None if error is None else error[:500],
-                "attributes": attrs,
-                "events": _events(timeline),
-            }
-        )
+        key = timeline.key
+        self._keep_span(key, partial(self._call_span, timeline, end_ns, error, ev,
+                                     self._bindings.get(key), self._rng.getrandbits(64) or 1))
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
-        binding = self.program_trace(rec.key)
-        failed = rec.status != "finished"
-        self._emit(
-            {
-                "trace_id": f"{binding.trace_id:032x}",
-                "span_id": f"{binding.root_span_id:016x}",
-                "parent_id": None
-                if binding.parent_span_id is None
-                else f"{binding.parent_span_id:016x}",
-                "name": f"program {ev.program_id}",
-                "kind": "program",
-                "program_id": ev.program_id,
-                "program_key": rec.key,
-                "tenant": ev.tenant,
-                "call_id": None,
-                "start_ns": start_ns,
-                "end_ns": max(end_ns, start_ns),
-                "status": "error" if failed else "ok",
-                "error": (ev.error or rec.status) if failed else None,
-                "attributes": {
-                    PROGRAM_ID: ev.program_id,
-                    _SPAN_KIND: "program",
-                    _TENANT: ev.tenant,
-                    _INSTANCE: self.instance_id,
-                    _PROGRAM_STATUS: rec.status,
-                    _PROGRAM_CALLS: rec.llm_calls + rec.tool_calls,
-                },
-                "events": [],
-            }
-        )
+        self._keep_span(rec.key, partial(
+            self._program_span, ev, start_ns, end_ns, rec.key, rec.status,
+            rec.llm_calls + rec.tool_calls, self._bindings.get(rec.key)))
+
+    def _keep_span(self, key: str, build: Callable[[], SpanDict]) -> None:
+        """A finished span: built now for the exporters, else when something reads it
+        (`TraceStore.add_deferred_span`). Everything it shows is fixed here: the timeline
+        and the event are done with, the program's figures and trace binding are passed
+        as they are now (a program without a binding has its derived trace, the same
+        whenever it is computed)."""
+        if self.processors:
+            self._emit(build())
+        else:
+            self.store.add_deferred_span(key, build)
+
+    def _bound_or_derived(self, key: str, binding: ProgramTrace | None) -> ProgramTrace:
+        return binding if binding is not None else self._derived_trace(key)
+
+    def _call_span(self, timeline: CallTimeline, end_ns: int, error: str | None,
+                   ev: SchedulerEvent | None, binding: ProgramTrace | None,
+                   span_id: int) -> SpanDict:
+        binding = self._bound_or_derived(timeline.key, binding)
+        attrs = _call_attributes(timeline, self.instance_id)
+        if ev is not None:
+            attrs.update(_usage_attributes(ev))
+        return {
+            "trace_id": f"{binding.trace_id:032x}",
+            "span_id": f"{span_id:016x}",
+            "parent_id": f"{binding.root_span_id:016x}",
+            "name": _span_name(timeline),
+            "kind": timeline.kind,
+            "program_id": timeline.program_id,
+            "program_key": timeline.key,
+            "tenant": timeline.tenant,
+            "call_id": timeline.call_id,
+            "start_ns": timeline.queued_ns,
+            "end_ns": max(end_ns, timeline.queued_ns),
+            "status": "ok" if error is None else "error",
+            "error": None if error is None else error[:500],
+            "attributes": attrs,
+            "events": _events(timeline),
+        }
+
+    def _program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, key: str,
+                      status: str, calls: int, binding: ProgramTrace | None) -> SpanDict:
+        binding = self._bound_or_derived(key, binding)
+        failed = status != "finished"
+        return {
+            "trace_id": f"{binding.trace_id:032x}",
+            "span_id": f"{binding.root_span_id:016x}",
+            "parent_id": None
+            if binding.parent_span_id is None
+            else f"{binding.parent_span_id:016x}",
+            "name": f"program {ev.program_id}",
+            "kind": "program",
+            "program_id": ev.program_id,
+            "program_key": key,
+            "tenant": ev.tenant,
+            "call_id": None,
+            "start_ns": start_ns,
+            "end_ns": max(end_ns, start_ns),
+            "status": "error" if failed else "ok",
+            "error": (ev.error or status) if failed else None,
+            "attributes": {
+                PROGRAM_ID: ev.program_id,
+                _SPAN_KIND: "program",
+                _TENANT: ev.tenant,
+                _INSTANCE: self.instance_id,
+                _PROGRAM_STATUS: status,
+                _PROGRAM_CALLS: calls,
+            },
+            "events": [],
+        }
 
     # -- reads for the UI ----------------------------------------------------------------
 
