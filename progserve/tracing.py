@@ -26,7 +26,8 @@ events that shape it arrive from the scheduler, not from code running inside the
 exporter is configured, turns it into the SDK's `ReadableSpan` for the processors. This
 skips the SDK's live-span machinery (locks, attribute re-validation), which cost several
 times more per call than the scheduling itself; the ids, parentage, attributes and export
-formats are OpenTelemetry's own.
+formats are OpenTelemetry's own. With no exporter (and no Redis mirror) the ring keeps the
+span's builder and assembles it when it is first read: most spans never are.
 """
 
 from __future__ import annotations
