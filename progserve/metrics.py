@@ -393,30 +393,32 @@ class Metrics:
     # -- events --------------------------------------------------------------------------
 
     def on_event(self, ev: SchedulerEvent) -> None:
-        kind = ev.kind
-        if kind is EventKind.CALL_DISPATCHED:
-            if ev.queue_wait_s is not None:
-                self._observe(self.queue_wait, ev.queue_wait_s)
-        elif kind is EventKind.CALL_FIRST_TOKEN:
-            if ev.ttft_s is not None:
-                self._observe(self.ttft, ev.ttft_s)
-            self._first_token_at.put((ev.program_id, ev.call_id), ev.time)
-        elif kind in (EventKind.CALL_FINISHED, EventKind.CALL_FAILED):
-            self._llm_call_ended(ev)
-        elif kind is EventKind.TOOL_STARTED:
-            self._tool_started_at.put((ev.program_id, ev.call_id), ev.time)
-        elif kind in (EventKind.TOOL_FINISHED, EventKind.TOOL_FAILED):
-            self._tool_ended(ev)
-        elif kind is EventKind.CALL_PREEMPTED:
-            self._inc(self.preemptions, _replica(ev.replica))
-        elif kind is EventKind.CALL_PROMOTED:
-            self._inc(self.promotions)
-        elif kind is EventKind.PROGRAM_STARTED:
-            self._inc(self.programs_started)
-            self._inc(self.tenant_programs, ev.tenant)
-            self._programs.put(ev.program_id, _ProgramTally(ev.time))
-        elif kind is EventKind.PROGRAM_ENDED:
-            self._program_ended(ev)
+        handler = self._HANDLERS.get(ev.kind)  # one lookup, not a chain of comparisons
+        if handler is not None:
+            handler(self, ev)
+
+    def _call_dispatched(self, ev: SchedulerEvent) -> None:
+        if ev.queue_wait_s is not None:
+            self._observe(self.queue_wait, ev.queue_wait_s)
+
+    def _call_first_token(self, ev: SchedulerEvent) -> None:
+        if ev.ttft_s is not None:
+            self._observe(self.ttft, ev.ttft_s)
+        self._first_token_at.put((ev.program_id, ev.call_id), ev.time)
+
+    def _tool_started(self, ev: SchedulerEvent) -> None:
+        self._tool_started_at.put((ev.program_id, ev.call_id), ev.time)
+
+    def _call_preempted(self, ev: SchedulerEvent) -> None:
+        self._inc(self.preemptions, _replica(ev.replica))
+
+    def _call_promoted(self, ev: SchedulerEvent) -> None:
+        self._inc(self.promotions)
+
+    def _program_started(self, ev: SchedulerEvent) -> None:
+        self._inc(self.programs_started)
+        self._inc(self.tenant_programs, ev.tenant)
+        self._programs.put(ev.program_id, _ProgramTally(ev.time))
 
     def _llm_call_ended(self, ev: SchedulerEvent) -> None:
         failed = ev.kind is EventKind.CALL_FAILED
@@ -458,6 +460,20 @@ class Metrics:
         if tally is not None and tally.completion_tokens > 0 and ev.status in (None, "finished"):
             self._observe(self.program_token_latency,
                           max(0.0, ev.time - tally.started) / tally.completion_tokens)
+
+    _HANDLERS: Mapping[EventKind, Callable[[Metrics, SchedulerEvent], None]] = {
+        EventKind.CALL_DISPATCHED: _call_dispatched,
+        EventKind.CALL_FIRST_TOKEN: _call_first_token,
+        EventKind.CALL_FINISHED: _llm_call_ended,
+        EventKind.CALL_FAILED: _llm_call_ended,
+        EventKind.TOOL_STARTED: _tool_started,
+        EventKind.TOOL_FINISHED: _tool_ended,
+        EventKind.TOOL_FAILED: _tool_ended,
+        EventKind.CALL_PREEMPTED: _call_preempted,
+        EventKind.CALL_PROMOTED: _call_promoted,
+        EventKind.PROGRAM_STARTED: _program_started,
+        EventKind.PROGRAM_ENDED: _program_ended,
+    }
 
     # -- scrape --------------------------------------------------------------------------
 

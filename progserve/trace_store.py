@@ -43,6 +43,8 @@ from scheduler.store import StoreHealth
 log = logging.getLogger(__name__)
 
 SpanDict = dict[str, Any]
+# A span not built yet: called (once) when something reads it (`add_deferred_span`).
+SpanBuilder = Callable[[], SpanDict]
 
 
 def _nothing() -> None:
@@ -122,6 +124,12 @@ def merge_records(parts: list[ProgramRecord], now_ns: int) -> dict[str, Any]:
     }
 
 
+def _span_json(span: SpanDict) -> bytes:
+    # A copy of exactly its size: orjson hands back its whole output buffer (about 8 KB
+    # of memory behind a 1 KB span), which made the span ring about 8x its bound.
+    return bytes(memoryview(orjson.dumps(span)))
+
+
 class TraceStore:
     """Spans and program summaries: local ring, optionally mirrored to Redis."""
 
@@ -149,8 +157,9 @@ class TraceStore:
         self._redis_timeout_s = redis_timeout_s
         self._watch_interval_s = watch_interval_s
         self._max_write_attempts = max_write_attempts
-        # Spans are kept as JSON (a third of a dict's memory; Redis gets the same bytes).
-        self._spans: OrderedDict[str, list[bytes]] = OrderedDict()
+        # Spans are kept as JSON (a third of a dict's memory; Redis gets the same bytes), or
+        # as their builders until first read (`add_deferred_span`).
+        self._spans: OrderedDict[str, list[bytes | SpanBuilder]] = OrderedDict()
         self._span_count = 0
         self._records: OrderedDict[str, ProgramRecord] = OrderedDict()
         # Not yet written to Redis: (program key, span id, span json) and programs whose
@@ -224,15 +233,8 @@ class TraceStore:
 
     def add_span(self, span: SpanDict) -> None:
         key = span["program_key"]
-        spans = self._spans.get(key)
-        if spans is None:
-            spans = self._spans[key] = []
-        # A copy of exactly its size: orjson hands back its whole output buffer (about 8 KB
-        # of memory behind a 1 KB span), which made the span ring about 8x its bound.
-        blob = bytes(memoryview(orjson.dumps(span)))
-        spans.append(blob)
-        self._span_count += 1
-        self._evict_spans(keep=key)
+        blob = _span_json(span)
+        self._keep_span(key, blob)
         if self._redis is not None:
             self._ensure_flusher()
             self._pending_spans.append((key, span["span_id"], blob))
@@ -240,6 +242,34 @@ class TraceStore:
                 overflow = len(self._pending_spans) - self._max_spans
                 del self._pending_spans[:overflow]
                 self.dropped_spans += overflow
+
+    def add_deferred_span(self, key: str, build: SpanBuilder) -> None:
+        """A span of program `key` that `build()` returns when first read: most spans are
+        never read, so assembling and encoding each one when its call ends was work done
+        for nobody. Only for a store without Redis (a mirror needs the bytes now): with
+        one, the span is built at once."""
+        if self._redis is not None:
+            self.add_span(build())
+        else:
+            self._keep_span(key, build)
+
+    def _keep_span(self, key: str, item: bytes | SpanBuilder) -> None:
+        spans = self._spans.get(key)
+        if spans is None:
+            spans = self._spans[key] = []
+        spans.append(item)
+        self._span_count += 1
+        self._evict_spans(keep=key)
+
+    def _blobs(self, key: str) -> list[bytes]:
+        """Program `key`'s spans as JSON, deferred ones built now (and kept built)."""
+        spans = self._spans.get(key)
+        if not spans:
+            return []
+        for i, item in enumerate(spans):
+            if not isinstance(item, bytes):
+                spans[i] = _span_json(item())
+        return spans  # type: ignore[return-value] # all bytes now
 
     def record(self, tenant: str, program_id: str) -> ProgramRecord:
         """This instance's record of a program (created on first sight). Call `touch`
@@ -282,7 +312,7 @@ class TraceStore:
         (with Redis) all."""
         self.catch_up()
         spans: dict[str, SpanDict] = {}
-        for blob in self._spans.get(key, ()):
+        for blob in self._blobs(key):
             span = orjson.loads(blob)
             spans[span["span_id"]] = span
         if self._redis is not None:
@@ -445,7 +475,7 @@ class TraceStore:
         summary held here, then the marker, so the next flush knows Redis has them."""
         assert self._redis is not None
         spans = [(key, orjson.loads(blob)["span_id"], blob)
-                 for key, blobs in self._spans.items() for blob in blobs]
+                 for key in self._spans for blob in self._blobs(key)]
         log.warning("redis lost this instance's traces: writing back %d spans of %d programs",
                     len(spans), len(self._records))
         await self._call(self._write(spans, set(self._records), check_marker=False))

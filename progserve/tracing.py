@@ -26,7 +26,8 @@ events that shape it arrive from the scheduler, not from code running inside the
 exporter is configured, turns it into the SDK's `ReadableSpan` for the processors. This
 skips the SDK's live-span machinery (locks, attribute re-validation), which cost several
 times more per call than the scheduling itself; the ids, parentage, attributes and export
-formats are OpenTelemetry's own.
+formats are OpenTelemetry's own. With no exporter (and no Redis mirror) the ring keeps the
+span's builder and assembles it when it is first read: most spans never are.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -239,9 +241,13 @@ class Tracing:
         self._rng = random.Random()
         self.propagator = TraceContextTextMapPropagator()
         self._open: OrderedDict[tuple[str, str], CallTimeline] = OrderedDict()
+        # Open timelines per program key: a program's end looks for its open calls only
+        # when it has some (not by a scan of every open call of every program).
+        self._open_per_program: dict[str, int] = {}
         self._bindings: OrderedDict[str, ProgramTrace] = OrderedDict()
         self._derived: OrderedDict[str, ProgramTrace] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._clock = _WallClock()
 
     async def start(self) -> None:
         await self.store.start()
@@ -277,9 +283,9 @@ class Tracing:
             self._spawn(self._share_binding(key, format_traceparent(caller)))
 
     def program_trace(self, key: str) -> ProgramTrace:
-        bound = self._bindings.get(key)
-        if bound is not None:
-            return bound
+        return self._bound_or_derived(key, self._bindings.get(key))
+
+    def _derived_trace(self, key: str) -> ProgramTrace:
         derived = self._derived.get(key)
         if derived is None:  # two SHA-256s: cached, a program has many calls
             derived = self._derived[key] = ProgramTrace.derived(key)
@@ -331,7 +337,7 @@ class Tracing:
     def on_event(self, ev: SchedulerEvent) -> None:
         handler = self._HANDLERS.get(ev.kind)
         if handler is not None:
-            handler(self, ev, _wall_ns(ev.time))
+            handler(self, ev, self._clock.wall_ns(ev.time))
 
     def _program_started(self, ev: SchedulerEvent, now_ns: int) -> None:
         rec = self.store.record(ev.tenant, ev.program_id)
@@ -345,9 +351,12 @@ class Tracing:
         rec.status = ev.status if ev.status in ("finished", "failed", "cancelled") else "finished"
         rec.ended_ns = now_ns
         rec.started_ns = rec.started_ns or now_ns
-        for open_key in [k for k in self._open if k[0] == rec.key]:
-            left_open = self._open.pop(open_key)
-            self._finish_call(left_open, now_ns, error=f"program {rec.status} first", rec=rec)
+        if self._open_per_program.get(rec.key):
+            for open_key in [k for k in self._open if k[0] == rec.key]:
+                left_open = self._pop_open(open_key)
+                if left_open is not None:
+                    self._finish_call(left_open, now_ns, error=f"program {rec.status} first",
+                                      rec=rec)
         self._emit_program_span(ev, rec.started_ns, now_ns, rec)
         self.store.touch(rec)
         self._bindings.pop(rec.key, None)
@@ -393,7 +402,7 @@ class Tracing:
         timeline.events.append(("dispatched", now_ns, {}))
 
     def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
-        timeline = self._open.pop(_open_key(ev), None)
+        timeline = self._pop_open(_open_key(ev))
         if timeline is None:  # ended before we saw it start (e.g. failed validation late)
             timeline = self._new_timeline(ev, now_ns, ev.call_kind or "llm")
             rec = self._count_call(timeline)
@@ -449,13 +458,26 @@ class Tracing:
 
     def _open_call(self, ev: SchedulerEvent, now_ns: int, kind: str) -> CallTimeline:
         timeline = self._new_timeline(ev, now_ns, kind)
-        self._open[(timeline.key, timeline.call_id)] = timeline
+        key = timeline.key
+        self._open[(key, timeline.call_id)] = timeline
+        self._open_per_program[key] = self._open_per_program.get(key, 0) + 1
         while len(self._open) > MAX_OPEN_CALLS:
-            self._open.popitem(last=False)
+            self._pop_open(next(iter(self._open)))
         rec = self._count_call(timeline)
         rec.inflight += 1
         self.store.touch(rec)
         self._adopt_current_context(timeline.key)
+        return timeline
+
+    def _pop_open(self, open_key: tuple[str, str]) -> CallTimeline | None:
+        timeline = self._open.pop(open_key, None)
+        if timeline is not None:
+            key = open_key[0]
+            left = self._open_per_program[key] - 1
+            if left:
+                self._open_per_program[key] = left
+            else:
+                del self._open_per_program[key]
         return timeline
 
     def _count_call(self, timeline: CallTimeline) -> Any:
@@ -479,64 +501,88 @@ class Tracing:
         rec.inflight = max(0, rec.inflight - 1)
         if error is not None:
             rec.failed_calls += 1
-        attrs = _call_attributes(timeline, self.instance_id)
         if ev is not None:
             rec.prompt_tokens += ev.prompt_tokens
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
-            attrs.update(_usage_attributes(ev))
-        binding = self.program_trace(timeline.key)
-        self._emit(
-            {
-                "trace_id": f"{binding.trace_id:032x}",
-                "span_id": f"{self._rng.getrandbits(64) or 1:016x}",
-                "parent_id": f"{binding.root_span_id:016x}",
-                "name": _span_name(timeline),
-                "kind": timeline.kind,
-                "program_id": timeline.program_id,
-                "program_key": timeline.key,
-                "tenant": timeline.tenant,
-                "call_id": timeline.call_id,
-                "start_ns": timeline.queued_ns,
-                "end_ns": max(end_ns, timeline.queued_ns),
-                "status": "ok" if error is None else "error",
-                "error": None if error is None else error[:500],
-                "attributes": attrs,
-                "events": _events(timeline),
-            }
-        )
+        key = timeline.key
+        self._keep_span(key, partial(self._call_span, timeline, end_ns, error, ev,
+                                     self._bindings.get(key), self._rng.getrandbits(64) or 1))
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
-        binding = self.program_trace(rec.key)
-        failed = rec.status != "finished"
-        self._emit(
-            {
-                "trace_id": f"{binding.trace_id:032x}",
-                "span_id": f"{binding.root_span_id:016x}",
-                "parent_id": None
-                if binding.parent_span_id is None
-                else f"{binding.parent_span_id:016x}",
-                "name": f"program {ev.program_id}",
-                "kind": "program",
-                "program_id": ev.program_id,
-                "program_key": rec.key,
-                "tenant": ev.tenant,
-                "call_id": None,
-                "start_ns": start_ns,
-                "end_ns": max(end_ns, start_ns),
-                "status": "error" if failed else "ok",
-                "error": (ev.error or rec.status) if failed else None,
-                "attributes": {
-                    PROGRAM_ID: ev.program_id,
-                    _SPAN_KIND: "program",
-                    _TENANT: ev.tenant,
-                    _INSTANCE: self.instance_id,
-                    _PROGRAM_STATUS: rec.status,
-                    _PROGRAM_CALLS: rec.llm_calls + rec.tool_calls,
-                },
-                "events": [],
-            }
-        )
+        self._keep_span(rec.key, partial(
+            self._program_span, ev, start_ns, end_ns, rec.key, rec.status,
+            rec.llm_calls + rec.tool_calls, self._bindings.get(rec.key)))
+
+    def _keep_span(self, key: str, build: Callable[[], SpanDict]) -> None:
+        """A finished span: built now for the exporters, else when something reads it
+        (`TraceStore.add_deferred_span`). Everything it shows is fixed here: the timeline
+        and the event are done with, the program's figures and trace binding are passed
+        as they are now (a program without a binding has its derived trace, the same
+        whenever it is computed)."""
+        if self.processors:
+            self._emit(build())
+        else:
+            self.store.add_deferred_span(key, build)
+
+    def _bound_or_derived(self, key: str, binding: ProgramTrace | None) -> ProgramTrace:
+        return binding if binding is not None else self._derived_trace(key)
+
+    def _call_span(self, timeline: CallTimeline, end_ns: int, error: str | None,
+                   ev: SchedulerEvent | None, binding: ProgramTrace | None,
+                   span_id: int) -> SpanDict:
+        binding = self._bound_or_derived(timeline.key, binding)
+        attrs = _call_attributes(timeline, self.instance_id)
+        if ev is not None:
+            attrs.update(_usage_attributes(ev))
+        return {
+            "trace_id": f"{binding.trace_id:032x}",
+            "span_id": f"{span_id:016x}",
+            "parent_id": f"{binding.root_span_id:016x}",
+            "name": _span_name(timeline),
+            "kind": timeline.kind,
+            "program_id": timeline.program_id,
+            "program_key": timeline.key,
+            "tenant": timeline.tenant,
+            "call_id": timeline.call_id,
+            "start_ns": timeline.queued_ns,
+            "end_ns": max(end_ns, timeline.queued_ns),
+            "status": "ok" if error is None else "error",
+            "error": None if error is None else error[:500],
+            "attributes": attrs,
+            "events": _events(timeline),
+        }
+
+    def _program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, key: str,
+                      status: str, calls: int, binding: ProgramTrace | None) -> SpanDict:
+        binding = self._bound_or_derived(key, binding)
+        failed = status != "finished"
+        return {
+            "trace_id": f"{binding.trace_id:032x}",
+            "span_id": f"{binding.root_span_id:016x}",
+            "parent_id": None
+            if binding.parent_span_id is None
+            else f"{binding.parent_span_id:016x}",
+            "name": f"program {ev.program_id}",
+            "kind": "program",
+            "program_id": ev.program_id,
+            "program_key": key,
+            "tenant": ev.tenant,
+            "call_id": None,
+            "start_ns": start_ns,
+            "end_ns": max(end_ns, start_ns),
+            "status": "error" if failed else "ok",
+            "error": (ev.error or status) if failed else None,
+            "attributes": {
+                PROGRAM_ID: ev.program_id,
+                _SPAN_KIND: "program",
+                _TENANT: ev.tenant,
+                _INSTANCE: self.instance_id,
+                _PROGRAM_STATUS: status,
+                _PROGRAM_CALLS: calls,
+            },
+            "events": [],
+        }
 
     # -- reads for the UI ----------------------------------------------------------------
 
@@ -574,13 +620,29 @@ class Tracing:
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _wall_ns(loop_time: float) -> int:
-    """Wall-clock ns of a loop-time instant (the scheduler stamps events with loop time)."""
-    try:
-        now_loop = asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.time_ns()
-    return time.time_ns() - int(max(0.0, now_loop - loop_time) * 1e9)
+class _WallClock:
+    """Wall-clock ns of a loop-time instant (the scheduler stamps events with loop time):
+    now on the wall clock, less how long ago it was on the loop's.
+
+    A call's half-dozen events carry loop times, which advance once per loop turn, so
+    both clocks are read again only for an event later than the last reading; the
+    others are placed against that reading (the same instants, up to the wall clock's
+    drift against the loop's since)."""
+
+    __slots__ = ("_loop_s", "_wall_ns")
+
+    def __init__(self) -> None:
+        self._loop_s = -1.0
+        self._wall_ns = 0
+
+    def wall_ns(self, loop_time: float) -> int:
+        if loop_time > self._loop_s:
+            try:
+                self._loop_s = asyncio.get_running_loop().time()
+            except RuntimeError:
+                return time.time_ns()
+            self._wall_ns = time.time_ns()
+        return self._wall_ns - int(max(0.0, self._loop_s - loop_time) * 1e9)
 
 
 def _open_key(ev: SchedulerEvent) -> tuple[str, str]:

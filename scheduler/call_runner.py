@@ -24,10 +24,10 @@ client can see an answered call still running.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 from engine_backend.errors import EngineError, EngineStreamEndedError, EngineUnavailableError
 from engine_backend.types import Chunk, FinishType, GenerateRequest
@@ -38,7 +38,7 @@ from .choices import pick_choice
 from .config import SchedulerConfig
 from .errors import CallFailedError, ProgramCancelledError
 from .events import EventBus, EventKind
-from .loop_context import LoopContext
+from .loop_context import LoopContext, run_now
 from .policies import Policy
 from .program import CallNode, CallStatus, VariableSlot
 from .replica import Replica
@@ -49,7 +49,6 @@ from .store import CallRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 
 class AttemptOutcome(Enum):
@@ -85,17 +84,6 @@ class OutputSoFar:
 def engine_rid(call: CallNode, request: GenerateRequest) -> str:
     """The rid of the call's current attempt: each resume is a new engine request."""
     return request.rid if not call.preemptions else f"{request.rid}~{call.preemptions}"
-
-
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends to its end, without a task or a loop turn:
-    the bookkeeping of the in-process state store (see `StateStore.in_process`)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    coro.close()
-    raise RuntimeError(f"{coro!r} suspended; it must run without waiting")
 
 
 class CallRunner:

@@ -117,28 +117,27 @@ class EventBus:
         dispatched = call.dispatched_at
         ttft = call.first_token_at - dispatched if call.first_token_at >= 0 else None
         duration = call.finished_at - dispatched if call.finished_at >= 0 <= dispatched else None
+        spec = call.spec
+        # Positional, in `SchedulerEvent`'s field order: several per call, and keywords
+        # cost a name match each.
         self.emit(
             SchedulerEvent(
-                kind=kind,
-                time=self._clock.time(),
-                program_id=program.id,
-                tenant=program.tenant,
-                call_id=call.id,
-                thread_id=call.thread_id,
-                call_kind=call.kind,
-                tool=call.spec.tool if call.spec is not None else None,
-                priority=call.priority,
-                queue_level=call.level,
-                replica=call.replica if call.replica >= 0 else None,
-                queue_wait_s=queue_wait_s if queue_wait_s is not None else call.wait,
-                ttft_s=ttft,
-                duration_s=duration,
-                prompt_tokens=call.prompt_tokens,
-                completion_tokens=call.completion_tokens,
-                cached_tokens=call.cached_tokens,
-                service=call.service,
-                error=error,
-                parents=call.parents,
+                kind, self._clock.time(), program.id, program.tenant,
+                call.id,  # call_id
+                call.thread_id,
+                call.kind,  # call_kind
+                spec.tool if spec is not None else None,  # tool
+                call.priority,
+                call.level,  # queue_level
+                call.replica if call.replica >= 0 else None,  # replica
+                queue_wait_s if queue_wait_s is not None else call.wait,  # queue_wait_s
+                ttft,  # ttft_s
+                duration,  # duration_s
+                call.prompt_tokens, call.completion_tokens, call.cached_tokens,
+                call.service,
+                None,  # status
+                error,
+                call.parents,
             )
         )
 

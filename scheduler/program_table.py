@@ -11,8 +11,8 @@ it. Ids are namespaced per tenant: another tenant's id is a plain "not found".
 from __future__ import annotations
 
 import itertools
+import os
 import re
-import uuid
 from collections import deque
 from collections.abc import Iterator
 
@@ -21,7 +21,7 @@ from .config import CacheConfig, SchedulerConfig
 from .errors import ProgramCancelledError, ProgramNotFoundError, SchedulerOverloadedError
 from .events import EventBus, EventKind
 from .kv_admission import KvAdmission
-from .loop_context import LoopContext
+from .loop_context import LoopContext, run_now
 from .program import PROGRAM_STATUS_NAMES, CallNode, Program, ProgramStatus
 from .retention import RetentionManager
 from .store import StateStore
@@ -85,7 +85,7 @@ class ProgramTable:
     # ------------------------------------------------------------------ new programs
     @staticmethod
     def new_id() -> str:
-        return f"prog-{uuid.uuid4().hex[:16]}"
+        return f"prog-{os.urandom(8).hex()}"  # uuid4().hex[:16]'s shape, without the UUID
 
     def new_program(
         self,
@@ -226,8 +226,11 @@ class ProgramTable:
             program.idle_timer = None
         self.retention.on_program_end(program)
         self.admission.on_program_end(program, now)
-        self.loop.spawn(
-            self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status]))
+        ending = self.store.end_program(program.tenant, program.id, PROGRAM_STATUS_NAMES[status])
+        if self.store.in_process:  # no task and no loop turn for an update that never waits
+            run_now(ending)
+        else:
+            self.loop.spawn(ending)
         if EventKind.PROGRAM_ENDED in self.bus.wanted:
             self.bus.program_event(EventKind.PROGRAM_ENDED, program)
         self._ended.append(program)

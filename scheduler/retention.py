@@ -31,6 +31,7 @@ section). Hence the default of no pins.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -53,7 +54,7 @@ class RetentionManager:
         self.pinned_tokens = [0] * len(replicas)  # per replica: tokens its slots cover
         self.pins = 0  # retain(True) hints sent
         self.refused = 0  # idle programs left unpinned: their replica's budget was full
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Coroutine[Any, Any, None]] = {}  # task -> its hint
 
     def on_call_finished(
         self, program: Program, replica: Replica, context_tokens: int, now: float
@@ -151,8 +152,11 @@ class RetentionManager:
     def _spawn(self, replica: Replica, hint: Coroutine[Any, Any, None]) -> None:
         """Send a cache hint as a task: it never delays nor fails the program."""
         task = asyncio.get_running_loop().create_task(self._guarded(replica, hint))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = hint
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     @staticmethod
     async def _guarded(replica: Replica, hint: Coroutine[Any, Any, None]) -> None:
@@ -163,6 +167,8 @@ class RetentionManager:
                         replica.index, exc_info=True)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task, hint in list(self._tasks.items()):
             task.cancel()
+            if inspect.getcoroutinestate(hint) == inspect.CORO_CREATED:
+                hint.close()  # its task never started: it will never be awaited
         self._tasks.clear()

@@ -31,6 +31,30 @@ async def test_the_ring_evicts_whole_programs_oldest_first() -> None:
         assert len(await store.program_spans(f"p{p}")) == 5
 
 
+async def test_deferred_spans_are_built_once_when_read_and_never_when_evicted() -> None:
+    store = TraceStore("i1", max_spans=10)
+    built: list[str] = []
+
+    def builder(program_id: str, n: int):  # type: ignore[no-untyped-def]
+        def build() -> dict[str, Any]:
+            built.append(f"{program_id}-{n}")
+            return span(program_id, n)
+        return build
+
+    for p in range(4):
+        for n in range(5):
+            store.add_deferred_span(program_key("default", f"p{p}"), builder(f"p{p}", n))
+    assert built == []  # nothing read yet: nothing built
+    assert [s["span_id"] for s in await store.program_spans("p3")] == [
+        f"p3-{n}" for n in range(5)]
+    assert await store.program_spans("p3") == await store.program_spans("p3")
+    assert built == [f"p3-{n}" for n in range(5)]  # built once, kept built
+    assert await store.program_spans("p0") == []  # evicted with the ring, unbuilt
+    assert not any(b.startswith(("p0", "p1")) for b in built)
+    store.add_span(span("p3", 9))  # built and deferred spans live side by side
+    assert len(await store.program_spans("p3")) == 6
+
+
 def test_summaries_merge_the_parts_each_instance_saw() -> None:
     now = time.time_ns()
     a = ProgramRecord("p", "acme", "i1", "running", started_ns=now - 5_000_000, llm_calls=3,
