@@ -127,21 +127,36 @@ class Client:
         sampling = self._sampling.get(max_new)
         if sampling is None:
             sampling = self._sampling[max_new] = SamplingParams(max_new_tokens=max_new)
-        request = self._template.model_copy(
-            update={"rid": rid, "input_ids": prompt, "sampling": sampling,
-                    "program_id": program_id}
-        )
-        output: list[int] = []
+        request = self._request(rid=rid, input_ids=prompt, sampling=sampling,
+                                program_id=program_id)
+        output: list[int] | None = None
         tokens = 0
         async for chunk in self.scheduler.llm_call(
             program_id, request, tenant=self.tenants.get(program_id, DEFAULT_TENANT),
             thread_id=thread, parent_ids=parents, call_id=call_id
         ):
             if chunk.token_ids:
-                output += chunk.token_ids
+                # A single chunk's list is kept as is (the sim's carries its encoded key,
+                # so the next prompt built from it encodes nothing).
+                output = chunk.token_ids if output is None else output + chunk.token_ids
             if chunk.finish_reason is not None:
                 tokens = chunk.completion_tokens
-        return CallOutcome(output, tokens)
+        return CallOutcome(output if output is not None else [], tokens)
+
+    def _request(self, **fields: Any) -> GenerateRequest:
+        """The validated template with `fields` replaced: what `model_copy(update=...)`
+        does (a shallow copy of the field values, the updated names marked set), without
+        its generic path, which cost the bench 3% of its time."""
+        template = self._template
+        request = GenerateRequest.__new__(GenerateRequest)
+        values = template.__dict__.copy()
+        values.update(fields)
+        object.__setattr__(request, "__dict__", values)
+        object.__setattr__(request, "__pydantic_fields_set__",
+                           template.__pydantic_fields_set__ | fields.keys())
+        object.__setattr__(request, "__pydantic_extra__", None)
+        object.__setattr__(request, "__pydantic_private__", None)
+        return request
 
 
 def _segment(name: str, index: int, tokens: int) -> KeyedTokens:
