@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,8 +93,8 @@ class Client:
         self.scheduler = scheduler
         self.responder = responder
         p = trace.params
-        # Prompts are KeyedTokens built by appending: each piece is encoded for the radix
-        # trees once, not the whole prompt on every call.
+        # Prompts are int64 arrays (`Tokens`) built by appending: an append is a memcpy,
+        # and the engine and router encode an array for their radix trees by one copy.
         self.chat_system = _segment("chat-system", 0, p.chat_system_tokens)
         self.bfcl_header = _segment("bfcl-header", 0, p.bfcl_header_tokens)
         self.bfcl_docs = [
@@ -114,7 +115,7 @@ class Client:
         self,
         program_id: str,
         call_id: str,
-        prompt: list[int],
+        prompt: Sequence[int],
         out_tokens: int,
         max_new: int,
         *,
@@ -159,11 +160,26 @@ class Client:
         return request
 
 
-def _segment(name: str, index: int, tokens: int) -> KeyedTokens:
-    return KeyedTokens.of(shared_segment(name, index, tokens))
+Tokens = array  # of int64 ("q"): a prompt as the client sends it (the engines take any
+# int64 container; its buffer is already the radix trees' key layout)
 
 
-join = KeyedTokens.concat
+def _segment(name: str, index: int, tokens: int) -> Tokens:
+    return array("q", shared_segment(name, index, tokens))
+
+
+def join(*parts: Sequence[int]) -> Tokens:
+    """The parts end to end, as a new array: copies of machine ints, no int objects.
+    A sim reply's tokens bring their encoded key, which is this array's layout."""
+    out = array("q")
+    for part in parts:
+        if type(part) is array:
+            out += part
+        elif type(part) is KeyedTokens and (key := part.key_if_current()) is not None:
+            out.frombytes(key.data)
+        else:
+            out.extend(part)
+    return out
 
 
 class Fresh:
@@ -174,10 +190,10 @@ class Fresh:
     def __init__(self, base: int) -> None:
         self.cursor = base
 
-    def __call__(self, n: int) -> KeyedTokens:
+    def __call__(self, n: int) -> Tokens:
         start = self.cursor
         self.cursor = start + n
-        return KeyedTokens.of(range(start, start + n))
+        return array("q", range(start, start + n))
 
 
 async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> tuple[int, int, int]:
@@ -237,7 +253,7 @@ async def run_swe(client: Client, program: ProgramTrace, shape: SweShape) -> tup
 
 @dataclass(slots=True)
 class _Node:
-    trajectory: KeyedTokens
+    trajectory: Tokens
     depth: int
     eval_call: str | None
     value: int  # the evaluation's length stands in for its score
@@ -249,7 +265,7 @@ async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> t
     question = fresh(shape.question_tokens)
     gen_head = join(client.lats_gen_prefix, question)
     value_head = join(client.lats_value_prefix, question)
-    nodes = [_Node(KeyedTokens.of(()), 0, None, 0)]
+    nodes = [_Node(array("q"), 0, None, 0)]
     last_children: list[_Node] = []
     loop = asyncio.get_running_loop()
     total = 0
@@ -267,8 +283,8 @@ async def run_lats(client: Client, program: ProgramTrace, shape: LatsShape) -> t
         parents = (parent.eval_call,) if parent.eval_call else ()
 
         async def child(j: int, i: int = i, it: Any = it, parent: _Node = parent,
-                        gen_prompt: list[int] = gen_prompt, parents: tuple[str, ...] = parents,
-                        observations: list[KeyedTokens] = observations) -> tuple[_Node, int, int, float]:
+                        gen_prompt: Tokens = gen_prompt, parents: tuple[str, ...] = parents,
+                        observations: list[Tokens] = observations) -> tuple[_Node, int, int, float]:
             gen_id, eval_id = f"g{i}.{j}", f"v{i}.{j}"
             gen = await client.call(pid, gen_id, gen_prompt, it.gen_tokens[j], 256,
                                     thread=f"b{j}", parents=parents)
