@@ -292,10 +292,6 @@ class KeyedTokens(list[int]):
         return key if len(key.data) == len(self) * TOKEN_BYTES else None
 
 
-def _key_bytes(key: Sequence[int] | TokenKey) -> bytes:
-    return key.data if type(key) is TokenKey else encode_tokens(key)
-
-
 @dataclass(slots=True, eq=False)
 class TreeNode:
     key: bytes  # encoded tokens of the edge into this node
@@ -395,9 +391,11 @@ class RadixCache:
     ) -> PrefixMatch:
         """Longest cached prefix of `key` (within `namespace`). Splits the last edge so the
         match ends on a node."""
-        data = _key_bytes(key)
+        # Hot: the common cases inline (a TokenKey, a namespace seen before).
+        data = key.data if type(key) is TokenKey else encode_tokens(key)
         now = self.clock() if touch else 0.0
-        node = self.root if namespace is None else self._namespace_root(namespace)
+        node = self.root if namespace is None else (
+            self._namespace_roots.get(namespace) or self._namespace_root(namespace))
         pos, end = 0, len(data)
         while pos < end:
             # Hot loop: the step is spelled out here and in insert() (no call per node).
@@ -446,12 +444,14 @@ class RadixCache:
         The walk then starts there: its path is updated as the walk from the root would
         (same nodes, same order) by following parent links, with no edge lookups or
         compares."""
-        data = _key_bytes(key)
-        value_list = self._checked_values(len(data) // TOKEN_BYTES, value)
+        data = key.data if type(key) is TokenKey else encode_tokens(key)
+        value_list = (None if value is None and not self.store_values
+                      else self._checked_values(len(data) // TOKEN_BYTES, value))
         now = self.clock()
         if not self.policy.uses_owners:
             owner = None  # nothing reads owners: skip the bookkeeping
-        node = self.root if namespace is None else self._namespace_root(namespace)
+        node = self.root if namespace is None else (
+            self._namespace_roots.get(namespace) or self._namespace_root(namespace))
         pos, end = 0, len(data)
         if below is not None and below is not node:
             node, pos = self._touch_path(node, below, data, now, owner, priority)
@@ -504,7 +504,8 @@ class RadixCache:
 
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Protect the path node..root from eviction; returns tokens that became protected."""
-        self._check_alive(node)
+        if node.evicted:
+            self._check_alive(node)
         moved = 0
         root = self.root
         while node is not root:
@@ -518,7 +519,8 @@ class RadixCache:
 
     def dec_lock_ref(self, node: TreeNode) -> int:
         """Release one lock on the path node..root; returns tokens that became evictable."""
-        self._check_alive(node)
+        if node.evicted:
+            self._check_alive(node)
         moved = 0
         root = self.root
         while node is not root:
