@@ -168,6 +168,12 @@ def _segment(name: str, index: int, tokens: int) -> Tokens:
     return array("q", shared_segment(name, index, tokens))
 
 
+def int64s(ids: list[int]) -> Tokens:
+    """Non-negative token ids as an int64 array: through "Q", which CPython converts about
+    twice as fast as "q" (the bytes are the same for ids below 2**63)."""
+    return array("q", array("Q", ids).tobytes())
+
+
 def join(*parts: Sequence[int]) -> Tokens:
     """The parts end to end, as a new array: copies of machine ints, no int objects.
     A sim reply's tokens bring their encoded key, which is this array's layout."""
@@ -178,7 +184,7 @@ def join(*parts: Sequence[int]) -> Tokens:
         elif type(part) is KeyedTokens and (key := part.key_if_current()) is not None:
             out.frombytes(key.data)
         else:
-            out.extend(part)
+            out += int64s(list(part))
     return out
 
 
@@ -193,7 +199,7 @@ class Fresh:
     def __call__(self, n: int) -> Tokens:
         start = self.cursor
         self.cursor = start + n
-        return array("q", range(start, start + n))
+        return int64s(list(range(start, start + n)))
 
 
 async def run_chat(client: Client, program: ProgramTrace, shape: ChatShape) -> tuple[int, int, int]:
