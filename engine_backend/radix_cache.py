@@ -39,7 +39,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine_backend.radix_eviction import (
-    EvictionKey,
     EvictionPolicy,
     OwnerTable,
     make_eviction_policy,
@@ -143,6 +142,9 @@ def encode_tokens(tokens: Sequence[int] | TokenKey) -> bytes:
         return _encode_list(tokens)
     if type(tokens) is TokenKey:
         return tokens.data
+    if type(tokens) is KeyedTokens:  # e.g. a sim reply's tokens: encoded with its pool
+        key = tokens.key_if_current()
+        return key.data if key is not None else _encode_list(tokens)
     try:
         view = memoryview(tokens)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -225,7 +227,11 @@ class TokenKey:
 def encode_token_ids(tokens: Sequence[int] | TokenKey) -> bytes:
     """Like `encode_tokens`, for token ids, which are never negative: raises ValueError on a
     negative id (its top byte is set, as is that of an id at or above 2**63)."""
-    if type(tokens) is list and _LITTLE_ENDIAN:
+    if type(tokens) is KeyedTokens:
+        key = tokens.key_if_current()  # checked when it was encoded
+        if key is not None:
+            return key.data
+    if isinstance(tokens, list) and _LITTLE_ENDIAN:
         try:
             data = array("Q", tokens).tobytes()  # as in _encode_list, one check below
         except (OverflowError, TypeError):
@@ -256,24 +262,34 @@ class KeyedTokens(list[int]):
         return out
 
     @classmethod
+    def with_key(cls, tokens: list[int], key: TokenKey) -> KeyedTokens:
+        """`tokens` with a key the caller already has for them (e.g. a slice of a longer
+        key's bytes): nothing is encoded."""
+        if len(key.data) != len(tokens) * TOKEN_BYTES:
+            raise ValueError(f"a key of {len(key)} tokens for {len(tokens)} tokens")
+        out = cls(tokens)
+        out.key = key
+        return out
+
+    @classmethod
     def concat(cls, *parts: Sequence[int]) -> KeyedTokens:
         """The parts end to end; only the parts without a key are encoded."""
         out = cls()
         data: list[bytes] = []
         for part in parts:
             out += part
-            data.append(part.key.data if type(part) is KeyedTokens else encode_token_ids(part))
+            key = part.key_if_current() if type(part) is KeyedTokens else None
+            data.append(key.data if key is not None else encode_token_ids(part))
         out.key = TokenKey.from_bytes(b"".join(data))
         return out
 
     def key_if_current(self) -> TokenKey | None:
         """`key`, unless the list was resized since it was built (a cheap staleness check)."""
-        key = self.key
+        try:
+            key = self.key
+        except AttributeError:  # being built (`of`)
+            return None
         return key if len(key.data) == len(self) * TOKEN_BYTES else None
-
-
-def _key_bytes(key: Sequence[int] | TokenKey) -> bytes:
-    return key.data if type(key) is TokenKey else encode_tokens(key)
 
 
 @dataclass(slots=True, eq=False)
@@ -362,7 +378,8 @@ class RadixCache:
         self._evictable_size = 0
         self._protected_size = 0
         self._num_nodes = 0
-        self._heap: list[tuple[EvictionKey, int, TreeNode]] = []
+        # (*EvictionKey, seq, node): every policy's keys have one length.
+        self._heap: list[tuple[object, ...]] = []
         self._seq = itertools.count()
         # Insertion-ordered (dicts as sets): re-pushing an owner's leaves in a fixed order
         # keeps eviction ties, hence runs, independent of memory addresses.
@@ -374,9 +391,11 @@ class RadixCache:
     ) -> PrefixMatch:
         """Longest cached prefix of `key` (within `namespace`). Splits the last edge so the
         match ends on a node."""
-        data = _key_bytes(key)
+        # Hot: the common cases inline (a TokenKey, a namespace seen before).
+        data = key.data if type(key) is TokenKey else encode_tokens(key)
         now = self.clock() if touch else 0.0
-        node = self.root if namespace is None else self._namespace_root(namespace)
+        node = self.root if namespace is None else (
+            self._namespace_roots.get(namespace) or self._namespace_root(namespace))
         pos, end = 0, len(data)
         while pos < end:
             # Hot loop: the step is spelled out here and in insert() (no call per node).
@@ -415,16 +434,27 @@ class RadixCache:
         owner: str | None = None,
         priority: float = 0.0,
         namespace: str | None = None,
+        below: TreeNode | None = None,
     ) -> tuple[int, TreeNode]:
         """`insert`, also returning the node where `key` now ends (to lock it without
-        another walk): (tokens already cached, node)."""
-        data = _key_bytes(key)
-        value_list = self._checked_values(len(data) // TOKEN_BYTES, value)
+        another walk): (tokens already cached, node).
+
+        `below`: a node the caller holds locked whose path (root to it, in `namespace`) is
+        a prefix of `key`, as an engine's request holds the node of its cached prefix.
+        The walk then starts there: its path is updated as the walk from the root would
+        (same nodes, same order) by following parent links, with no edge lookups or
+        compares."""
+        data = key.data if type(key) is TokenKey else encode_tokens(key)
+        value_list = (None if value is None and not self.store_values
+                      else self._checked_values(len(data) // TOKEN_BYTES, value))
         now = self.clock()
         if not self.policy.uses_owners:
             owner = None  # nothing reads owners: skip the bookkeeping
-        node = self.root if namespace is None else self._namespace_root(namespace)
+        node = self.root if namespace is None else (
+            self._namespace_roots.get(namespace) or self._namespace_root(namespace))
         pos, end = 0, len(data)
+        if below is not None and below is not node:
+            node, pos = self._touch_path(node, below, data, now, owner, priority)
         while pos < end:
             child = node.children.get(data[pos : pos + TOKEN_BYTES])
             if child is None:
@@ -445,9 +475,37 @@ class RadixCache:
             node = self._add_leaf(node, data[pos:], tail, now, owner, priority)
         return present, node
 
+    def _touch_path(self, top: TreeNode, below: TreeNode, data: bytes, now: float,
+                    owner: str | None, priority: float) -> tuple[TreeNode, int]:
+        """`insert_path`'s walk from `top` down to the locked node `below`, by parent links:
+        (below, its depth in bytes)."""
+        if below.evicted or not below.lock_ref:
+            raise ValueError(f"insert below {below!r}: it must be locked")
+        path: list[TreeNode] = []
+        pos = 0
+        node = below
+        while node is not top:
+            path.append(node)
+            pos += len(node.key)
+            node = node.parent  # type: ignore[assignment]
+            if node is None:
+                raise ValueError(f"{below!r} is not in the key's namespace")
+        if pos > len(data) or not data.startswith(below.key, pos - len(below.key)):
+            raise ValueError(f"{below!r} is not on the path of the key")
+        for node in reversed(path):
+            node.last_access = now
+            if priority > node.priority:
+                node.priority = priority
+            if owner is not None:
+                owners = node.owners
+                if owners is None or owner not in owners:
+                    self._add_owner(node, owner)
+        return below, pos
+
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Protect the path node..root from eviction; returns tokens that became protected."""
-        self._check_alive(node)
+        if node.evicted:
+            self._check_alive(node)
         moved = 0
         root = self.root
         while node is not root:
@@ -461,7 +519,8 @@ class RadixCache:
 
     def dec_lock_ref(self, node: TreeNode) -> int:
         """Release one lock on the path node..root; returns tokens that became evictable."""
-        self._check_alive(node)
+        if node.evicted:
+            self._check_alive(node)
         moved = 0
         root = self.root
         while node is not root:
@@ -487,12 +546,13 @@ class RadixCache:
         freed_values: list[int] = []
         heap, policy, owners = self._heap, self.policy, self.owners
         while freed < num_tokens and heap:
-            entry_key, _, node = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            node = entry[-1]
             if node.evicted or node.lock_ref or node.children:  # no longer an evictable leaf
                 continue
             current = policy.key(node, owners)
-            if current != entry_key:  # touched or re-prioritised since it was pushed
-                heapq.heappush(heap, (current, next(self._seq), node))
+            if current != entry[:-2]:  # touched or re-prioritised since it was pushed
+                heapq.heappush(heap, (*current, next(self._seq), node))
                 continue
             freed += self._remove_leaf(node, freed_values)
         if freed_values and self.on_evict is not None:
@@ -657,7 +717,8 @@ class RadixCache:
         return not node.evicted and node.lock_ref == 0 and not node.children
 
     def _push(self, node: TreeNode) -> None:
-        heapq.heappush(self._heap, (self.policy.key(node, self.owners), next(self._seq), node))
+        # Flat entries, (*key, seq, node): the heap compares one tuple, not nested ones.
+        heapq.heappush(self._heap, (*self.policy.key(node, self.owners), next(self._seq), node))
 
     def _refresh_owner(self, owner: str) -> None:
         """Re-push an owner's evictable leaves after their keys went down (lazy heap)."""
@@ -670,11 +731,12 @@ class RadixCache:
     def _compact_heap(self) -> None:
         # Stale entries (leaves that grew children, touched leaves) pile up between evictions.
         live: dict[int, TreeNode] = {}
-        for _, _, node in self._heap:
+        for entry in self._heap:
+            node = entry[-1]
             if self._is_evictable_leaf(node):
                 live[id(node)] = node
         policy, owners, seq = self.policy, self.owners, self._seq
-        self._heap = [(policy.key(n, owners), next(seq), n) for n in live.values()]
+        self._heap = [(*policy.key(n, owners), next(seq), n) for n in live.values()]
         heapq.heapify(self._heap)
 
     def _check_alive(self, node: TreeNode) -> None:

@@ -79,6 +79,21 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._virtual.now
 
+    def call_soon(
+        self, callback: Callable[..., object], *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        """`BaseEventLoop.call_soon` in one frame (a simulation schedules a few callbacks
+        per LLM call, every future's done-callbacks included); debug mode keeps the base
+        loop's checks."""
+        if self._debug:  # type: ignore[attr-defined]
+            return super().call_soon(callback, *args, context=context)
+        if self._closed:  # type: ignore[attr-defined]
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)  # type: ignore[attr-defined]
+        return handle
+
     def call_at(
         self, when: float, callback: Callable[..., object], *args: Any,
         context: contextvars.Context | None = None,

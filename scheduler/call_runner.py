@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 
 
+# The request fields the scheduler sets on a call's first attempt (`engine_request`).
+_SET_IN_PLACE = ("priority", "program_id", "cache_salt")
+
+
 class AttemptOutcome(Enum):
     FINISHED = "finished"  # the engine's final chunk came (`Attempt.final`)
     PREEMPTED = "preempted"  # aborted to make room: queued again, resumes later
@@ -244,10 +248,14 @@ class CallRunner:
         # gets any, so engines need not track it.
         owner = None if call.program.single_call else call.program.engine_key
         if not call.preemptions:
-            # Set in place: a copy per call costs more than the rest of dispatch.
-            request.priority = priority
-            request.program_id = owner
-            request.cache_salt = call.program.cache_salt
+            # Set in place: a copy per call costs more than the rest of dispatch. What
+            # pydantic's assignment does for fields without validate_assignment (store,
+            # mark set), without its two Python calls per field.
+            fields = request.__dict__
+            fields["priority"] = priority
+            fields["program_id"] = owner
+            fields["cache_salt"] = call.program.cache_salt
+            request.__pydantic_fields_set__.update(_SET_IN_PLACE)
             return request
         # Resume: the prompt plus the output so far, mostly served from the prefix cache.
         sampling = request.sampling
@@ -263,7 +271,8 @@ class CallRunner:
             }),
         }
         if request.input_ids is not None:
-            update["input_ids"] = request.input_ids + (call.output_ids or [])
+            # Any int container a client sent (a list, an int64 array): a list again.
+            update["input_ids"] = [*request.input_ids, *(call.output_ids or ())]
         else:
             update["text"] = (request.text or "") + "".join(call.output_parts or ())
         if request.chat is not None:  # a chat upstream continues the answer so far

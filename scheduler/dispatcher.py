@@ -114,7 +114,7 @@ class Dispatcher:
         # popped (ranked first) earlier than anything still in the policy queue.
         for replica in self.replicas:
             parked = replica.parked
-            while parked and replica.has_request_room():
+            while parked.live and replica.has_request_room():
                 call = parked.peek()
                 if call is None or not replica.has_room(call):
                     break
@@ -122,7 +122,7 @@ class Dispatcher:
                 self._place(call, replica, now)
         policy = self.policy
         router = self.router
-        while len(policy) and any(r.has_request_room() for r in self.replicas):
+        while len(policy) and self._any_request_room():
             call = policy.pop(now)
             if call is None:
                 break
@@ -138,6 +138,12 @@ class Dispatcher:
             self._place(call, replica, now)
         if self._abort is not None:
             self._schedule_preemption_check()
+
+    def _any_request_room(self) -> bool:
+        for replica in self.replicas:  # a loop, not any(genexpr): once per placed call
+            if replica.has_request_room():
+                return True
+        return False
 
     def _left_queue(self, call: CallNode) -> None:
         program = call.program
@@ -208,4 +214,7 @@ class Dispatcher:
 
     # ---------------------------------------------------------------------- inspection
     def queued(self) -> int:
-        return len(self.policy) + sum(len(r.parked) for r in self.replicas)
+        queued = len(self.policy)
+        for replica in self.replicas:  # asked once per call: no generator
+            queued += replica.parked.live
+        return queued

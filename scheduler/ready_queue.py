@@ -17,15 +17,16 @@ Entry = tuple[tuple[Any, ...], int, int, "CallNode"]
 
 
 class ReadyHeap:
-    __slots__ = ("_entries", "_live", "name")
+    __slots__ = ("_entries", "live", "name")
 
     def __init__(self, name: str = "ready") -> None:
         self._entries: list[Entry] = []
-        self._live = 0
+        # Calls in the heap: read it directly on hot paths (`len` is a Python call here).
+        self.live = 0
         self.name = name
 
     def __len__(self) -> int:
-        return self._live
+        return self.live
 
     def push(self, call: CallNode, key: tuple[Any, ...]) -> None:
         """Insert `call` with `key`, or re-key it if it is already here."""
@@ -33,7 +34,7 @@ class ReadyHeap:
             if call.heap is not None:
                 call.heap.remove(call)
             call.heap = self
-            self._live += 1
+            self.live += 1
         call.version += 1
         call.key = key
         heapq.heappush(self._entries, (key, call.seq, call.version, call))
@@ -42,7 +43,7 @@ class ReadyHeap:
         if call.heap is self:
             call.heap = None
             call.version += 1
-            self._live -= 1
+            self.live -= 1
 
     def peek(self) -> CallNode | None:
         entries = self._entries
@@ -59,7 +60,7 @@ class ReadyHeap:
             heapq.heappop(self._entries)
             call.heap = None
             call.version += 1
-            self._live -= 1
+            self.live -= 1
         return call
 
     def peek_key(self) -> tuple[Any, ...] | None:

@@ -296,10 +296,11 @@ class ContinuousBatcher:
         self._on_finish(r)
 
     def _insert(self, key: TokenKey, r: SimRequest) -> TreeNode:
-        """Cache `key` for `r`; returns the node where it ends."""
+        """Cache `key` for `r`; returns the node where it ends. `r` still holds its lock,
+        on a prefix of `key`: the walk starts there."""
         owner = r.program_id if self.tag_owners else None
         return self.cache.insert_path(key, owner=owner, priority=-r.priority,
-                                      namespace=r.request.cache_salt)[1]
+                                      namespace=r.request.cache_salt, below=r.lock_node)[1]
 
     def _unlock(self, r: SimRequest) -> None:
         if r.lock_node is not None:

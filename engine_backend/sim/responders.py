@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine_backend.errors import InvalidRequestError, UnsupportedError
+from engine_backend.radix_cache import TOKEN_BYTES, KeyedTokens, TokenKey
 from engine_backend.sim.tokenizer import EOS_ID, SimTokenizer, pseudo_word
 from engine_backend.types import FinishReason, FinishType, SamplingParams
 
@@ -110,6 +111,8 @@ class ReplyBuilder:
             words.append(word + "." if i % 13 == 12 else word)
         text = "".join(words)
         self.pool_ids, pieces = tokenizer.encode_pieces(text)
+        # Encoded once for the radix trees: a reply's key is a slice of it.
+        self.pool_key = TokenKey(self.pool_ids)
         self.pool_text = text
         ends, pos = [], 0
         for piece in pieces:
@@ -122,8 +125,10 @@ class ReplyBuilder:
         size = len(self.pool_ids)
         if n <= size:
             start = mix64(seed, 0xC0FFEE) % (size - n + 1)
+            key = self.pool_key.data[start * TOKEN_BYTES : (start + n) * TOKEN_BYTES]
             reply = Reply(
-                token_ids=self.pool_ids[start : start + n],
+                token_ids=KeyedTokens.with_key(self.pool_ids[start : start + n],
+                                               TokenKey.from_bytes(key)),
                 source=self.pool_text,
                 base=self.pool_ends[start - 1] if start else 0,
                 ends=self.pool_ends[start : start + n],
