@@ -16,8 +16,10 @@ requests once that one returns, and the engine serves their prompts from the cac
 the wait for it (one engine step when the engine has room); a failed prefill-only
 request only releases them.
 
-Only calls of one dispatch pass count as siblings: a call sent earlier has its prefill
-under way already, and a call placed later finds the prompt cached. Resumed attempts
+Only calls placed at the same time count as siblings: a call sent earlier has its
+prefill under way already, and a call placed later finds the prompt cached. A fork
+whose first call found the queue empty (placed and sent before its siblings were
+queued) is not deduplicated in real time. Resumed attempts
 (after a preemption or a failover) and chat-form requests (an upstream renders their
 prompt itself) are left alone.
 """
@@ -102,9 +104,12 @@ class ForkPrefill:
             await asyncio.shield(shared)
 
     def _has_unsent_sibling(self, call: CallNode, replica: Replica, prompt: Any) -> bool:
-        """Another call of the program placed on `replica` in the same pass (the
-        dispatcher stamps a pass's placements with one time) with the same prompt. Its
-        runner resumes after this one's, so it has not been sent."""
+        """Another call of the program placed on `replica` at the same time (the
+        dispatcher stamps a pass's placements with one time) with the same prompt. One
+        placed in the same pass resumes after this one, so it has not been sent. In
+        virtual time a call placed and sent at once by an earlier pass at the same
+        instant matches too: then the prefill-only request repeats its prompt's work,
+        and the calls after it still share it."""
         for other in call.program.running:
             if (other is not call and other.replica == replica.index
                     and other.dispatched_at == call.dispatched_at and not other.preemptions
