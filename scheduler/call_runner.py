@@ -38,6 +38,7 @@ from .choices import pick_choice
 from .config import SchedulerConfig
 from .errors import CallFailedError, ProgramCancelledError
 from .events import EventBus, EventKind
+from .fork_prefill import ForkPrefill, fork_prefill_enabled
 from .loop_context import LoopContext, run_now
 from .policies import Policy
 from .program import CallNode, CallStatus, VariableSlot
@@ -128,15 +129,15 @@ class CallRunner:
         # Answered calls not yet booked -> (the replica that answered, their status).
         self.answered: dict[CallNode, tuple[Replica, CallStatus]] = {}
         self._booking_soon = False  # a loop callback will book them
+        self.forks = ForkPrefill(loop) if fork_prefill_enabled(config) else None
 
     # ------------------------------------------------------------------ the call
     async def stream(self, make_call: Callable[[], CallNode]) -> AsyncGenerator[Chunk, None]:
         """The call's chunks, attempt after attempt (the final one's counters cover them
         all). `make_call` returns the queued call: a proxy call is created at the first
         iteration, so a stream nobody iterates never queues one. Closing the stream before
-        its final chunk aborts the call. An attempt is the inner `try`, ended as
-        `_attempt_ended` or `_failed_over` say; inline, as is each chunk's accounting:
-        a generator of its own cost 5% of the scheduler's CPU per call."""
+        its final chunk aborts the call. An attempt is the inner `try`, ended as `_attempt_ended`
+        or `_failed_over` say; inline, as is each chunk's accounting (5% of the CPU else)."""
         call = make_call()
         out = self._output_of(call)
         status: CallStatus = CallStatus.CANCELLED
@@ -149,6 +150,8 @@ class CallRunner:
                     await call.waiter
                 attempt = Attempt(self.replicas[call.replica], self.loop.time())
                 try:
+                    if self.forks is not None:  # a fork's siblings share one prefill
+                        await self.forks.wait_turn(call, attempt.replica, self.engine_request)
                     async for chunk in self._open(call, attempt):
                         attempt.tokens = max(attempt.tokens + len(chunk.token_ids),
                                              chunk.completion_tokens)

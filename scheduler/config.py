@@ -57,6 +57,11 @@ class SchedulerConfig(BaseModel):
         None, description="promote starving calls (starvation_beta); default: on for "
         "mlfq, plas and atlas, off for fcfs and dlpm"
     )
+    fork_prefill: bool | None = Field(
+        None, description="parallel calls of one program on one prompt, placed together, "
+        "share its prefill (a prefill-only request first; fork_prefill.py); default: on "
+        "for the program-aware policies (plas, atlas), off for the others"
+    )
     # DLPM
     dlpm_quantum_tokens: int = Field(4096, gt=0, description="deficit added per tenant per round")
     # Dispatch budget per replica: keeps the engine's own queue short so our order decides.

@@ -346,6 +346,15 @@ RUNNERS: dict[type, Callable[..., Any]] = {
 }
 
 
+def fork_counts(scheduler: Scheduler) -> dict[str, int]:
+    """Fork prefill's work, where it is on (`scheduler/fork_prefill.py`): prefill-only
+    requests sent, and the calls that waited for one instead of prefilling alone."""
+    forks = scheduler.runner.forks
+    if forks is None:
+        return {}
+    return {"fork_prefills": forks.prefills, "fork_shared_calls": forks.deduplicated}
+
+
 DEFAULT_TENANT = "default"
 TENANCIES = ("one", "by-type")
 
@@ -513,6 +522,7 @@ async def _run(
             "preemptions": sched_stats.preemptions,
             "dispatched_per_replica": [r.dispatched for r in sched_stats.replicas],
             "calls_by_tenant": dict(sorted(calls_by_tenant.items())),
+            **fork_counts(scheduler),
         },
         busy_at_arrivals=busy,
     )

@@ -735,7 +735,9 @@ class Bench:
                 "tenants": setup.tenants,
                 "differences": ["the call-ordering policy (and the priority it passes to "
                                 "the engine: fcfs and dlpm pass 0, so the engine orders "
-                                "their calls FCFS)"],
+                                "their calls FCFS)",
+                                "fork prefill (scheduler.fork_prefill): on for plas and "
+                                "atlas, off for the others unless set"],
                 "sim": setup.sim.model_dump(mode="json"),
                 "scheduler": setup.scheduler.model_dump(mode="json", exclude={"policy"}),
             },
