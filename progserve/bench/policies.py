@@ -172,7 +172,8 @@ ABLATION_ROWS: tuple[tuple[str, Configuration], ...] = (
         description="+ progserve's queue and in-flight budget (fcfs)")),
     ("program_aware", Configuration(
         DEFAULT_POLICY, scheduler=(*NO_RETENTION, *SGLANG_ROUTER), sim=LRU_ENGINE,
-        description=f"+ the program-aware policy ({DEFAULT_POLICY}, the default)")),
+        description=f"+ the program-aware policy ({DEFAULT_POLICY}, the default, with its "
+                    "fork prefill: parallel calls on one prompt share one prefill)")),
     ("kv_retention", Configuration(
         DEFAULT_POLICY, scheduler=(("retain_kv", True), ("kv_admission", False),
                                    *SGLANG_ROUTER),
