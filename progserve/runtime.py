@@ -43,8 +43,9 @@ class InflightRequest:
 
     rid: str  # the engine rid, `tenant_rid(tenant, the client's rid)`
     tenant: str
-    task: asyncio.Task[Any] | None = None
+    task: asyncio.Task[Any] | None = None  # the consumer, once it starts (`bind`)
     aborted: bool = False
+    answered: bool = False  # a late abort has nothing left to cut
 
 
 @dataclass(slots=True)
@@ -82,10 +83,14 @@ class RequestRegistry:
 
     @staticmethod
     def _cancel(entry: InflightRequest) -> bool:
-        if entry.aborted or entry.task is None or entry.task.done():
+        if entry.aborted or entry.answered or (entry.task is not None and entry.task.done()):
             return False
         entry.aborted = True
-        entry.task.cancel()
+        # Registered but its consumer not started yet (the program is opening, the first
+        # chunk is on its way): the abort waits on the entry and `bind` acts on it, so an
+        # abort in that window is never lost.
+        if entry.task is not None:
+            entry.task.cancel()
         return True
 
 

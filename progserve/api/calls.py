@@ -125,9 +125,13 @@ class ScheduledCall:
         return {"X-Program-Id": self.program_id, "X-Call-Id": self.call_id}
 
     def bind_to_current_task(self) -> None:
-        """The task that consumes the stream is the one an abort cancels."""
+        """The task that consumes the stream is the one an abort cancels. An abort that
+        came before (the rid was registered, nothing consumed it yet) ends it here: call
+        this inside the `except asyncio.CancelledError` that handles aborts."""
         if self.inflight is not None:
             self.inflight.task = asyncio.current_task()
+            if self.inflight.aborted:
+                raise asyncio.CancelledError
 
     @property
     def aborted(self) -> bool:
@@ -170,9 +174,9 @@ class ScheduledCall:
     async def collect_abortable(self) -> CallOutput:
         """`collect()`, except that an `/abort_request` for this call's rid ends it early
         with finish `abort` (the partial output is kept)."""
-        self.bind_to_current_task()
         out = CallOutput()
         try:
+            self.bind_to_current_task()
             async for chunk in self.chunks():
                 out.add(chunk)
         except asyncio.CancelledError:
@@ -182,7 +186,7 @@ class ScheduledCall:
             out.finish_reason = ABORTED
             await self.close()
         if self.inflight is not None:  # answered: a late abort has nothing left to cut
-            self.inflight.task = None
+            self.inflight.answered = True
         return out
 
     async def close(self) -> None:
@@ -234,8 +238,8 @@ class CallStreams:
             raise
 
     async def _pump(self, index: int, call: ScheduledCall) -> None:
-        call.bind_to_current_task()
         try:
+            call.bind_to_current_task()
             async for chunk in call.chunks():
                 self._put(index, chunk)
         except asyncio.CancelledError:
@@ -277,8 +281,8 @@ class CallStreams:
 
     async def _inline(self) -> AsyncIterator[tuple[int, Chunk | None]]:
         call = self.calls[0]
-        call.bind_to_current_task()
         try:
+            call.bind_to_current_task()
             async for chunk in call.chunks():
                 yield 0, chunk
         except asyncio.CancelledError:
