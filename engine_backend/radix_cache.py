@@ -581,8 +581,11 @@ class RadixCache:
         self.owners.priorities.pop(owner, None)
         self._refresh_owner(owner)
         for node in self._owner_nodes.pop(owner, ()):
-            if node.owners is not None:
-                node.owners.discard(owner)
+            owners = node.owners
+            if owners is not None:
+                owners.discard(owner)
+                if not owners:
+                    node.owners = None  # an empty set still costs 216 bytes a node
 
     def retire_owner(self, owner: str) -> None:
         """The owner is gone for good (its program ended): drop it like `forget_owner`,
@@ -597,6 +600,7 @@ class RadixCache:
                 continue
             owners.discard(owner)
             if not owners:
+                node.owners = None  # an empty set still costs 216 bytes a node
                 node.priority = RETIRED
                 if self._is_evictable_leaf(node):
                     self._push(node)  # its key went down: the heap must see it again
@@ -707,6 +711,9 @@ class RadixCache:
                 if nodes is not None:
                     nodes.pop(leaf, None)
         size = len(leaf.key) // TOKEN_BYTES
+        # Stale heap entries keep an evicted leaf alive until they are popped or compacted
+        # away (up to as many as there are live nodes): it keeps only its shell.
+        leaf.key, leaf.value, leaf.owners = b"", None, None
         self._evictable_size -= size
         self._num_nodes -= 1
         if parent.lock_ref == 0 and not parent.children:

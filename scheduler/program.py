@@ -133,6 +133,8 @@ class VariableSlot:
     def finish(self, value: str | None = None) -> None:
         if value is not None:
             self.parts = [value]
+        elif len(self.parts) > 1:  # one string, not a streamed delta each, while it is kept
+            self.parts = ["".join(self.parts)]
         self.done = True
         self._close()
 
