@@ -432,7 +432,12 @@ class Metrics:
         self._inc(self.tenant_tokens, ev.tenant, "completion", amount=ev.completion_tokens)
         self._snapshot.prompt_tokens += ev.prompt_tokens
         self._snapshot.cached_tokens += ev.cached_tokens
-        first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
+        if ev.with_first_token:  # what CALL_FIRST_TOKEN would have recorded
+            first: float | None = ev.first_token_time()
+            if ev.ttft_s is not None:
+                self._observe(self.ttft, ev.ttft_s)
+        else:
+            first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
         if not failed and first is not None and ev.completion_tokens > 1:
             self._observe(self.tpot, max(0.0, ev.time - first) / (ev.completion_tokens - 1))
         tally = self._programs.get(ev.program_id)

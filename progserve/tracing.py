@@ -413,6 +413,10 @@ class Tracing:
             timeline.replica = ev.replica
         if ev.partial_start_s is not None:
             timeline.partial_start_s = ev.partial_start_s
+        if ev.with_first_token and timeline.first_event("first_token") is None:
+            timeline.ttft_s = ev.ttft_s  # what CALL_FIRST_TOKEN would have recorded
+            timeline.events.append(
+                ("first_token", self._clock.wall_ns(ev.first_token_time()), {}))
         self._finish_call(
             timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
         )

@@ -159,7 +159,11 @@ class CallRunner:
                             call.prompt_tokens = chunk.prompt_tokens
                         if call.first_token_at < 0:
                             call.first_token_at = self.loop.time()
-                            if EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
+                            # A final chunk's end event stands for its first token too
+                            # (`SchedulerEvent.with_first_token`).
+                            if chunk.finish_reason is None \
+                                    and EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
+                                call.first_token_sent = True
                                 self.bus.call_event(EventKind.CALL_FIRST_TOKEN, call)
                         if out.ids is not None and chunk.token_ids:
                             out.ids.extend(chunk.token_ids)

@@ -59,7 +59,20 @@ class SchedulerEvent:
     # Partial tool execution: how long before its arguments were complete the tool started
     # (seconds; None for tools that got their whole input at once).
     partial_start_s: float | None = None
+    # On a call's end event (CALL_FINISHED, CALL_FAILED): its first token came, and no
+    # CALL_FIRST_TOKEN was sent for it (the token came with the final chunk, as a whole
+    # non-streamed answer does): the end event stands for both, one event fewer per call.
+    with_first_token: bool = False
 
+    def first_token_time(self) -> float:
+        """Loop time of the call's first token, read from its end event (`time` less
+        what the call ran after it); the end's own time when it did not run."""
+        if self.duration_s is None or self.ttft_s is None:
+            return self.time
+        return self.time - max(0.0, self.duration_s - self.ttft_s)
+
+
+_END_KINDS = frozenset((EventKind.CALL_FINISHED, EventKind.CALL_FAILED))
 
 Listener = Callable[[SchedulerEvent], None]
 
@@ -138,6 +151,9 @@ class EventBus:
                 None,  # status
                 error,
                 call.parents,
+                None,  # partial_start_s
+                # with_first_token
+                kind in _END_KINDS and call.first_token_at >= 0 and not call.first_token_sent,
             )
         )
 

@@ -192,6 +192,9 @@ class CallNode:
     queued_at: float = -1.0
     dispatched_at: float = -1.0
     first_token_at: float = -1.0
+    # Whether CALL_FIRST_TOKEN was sent: not when the first token came with the final
+    # chunk (a whole answer), where the call's end event stands for it (`with_first_token`).
+    first_token_sent: bool = False
     finished_at: float = -1.0
     wait: float = 0.0
     prompt_tokens: int = 0

@@ -28,6 +28,7 @@ from .store import StateStore
 from .tenant_calls import TenantCalls
 
 PROGRAM_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+MAX_CACHED_SALTS = 1024  # tenants whose cache salt is kept (`ProgramTable._salt_of`)
 
 
 class ProgramTable:
@@ -57,6 +58,10 @@ class ProgramTable:
         self.open_count = 0
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
+        # tenant -> its cache salt: a keyed hash per program was the open's largest cost.
+        # Bounded: past MAX_CACHED_SALTS tenants the oldest is computed again when it
+        # comes back.
+        self._salts: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ lookups
     def get(self, program_id: str, tenant: str) -> Program:
@@ -107,11 +112,20 @@ class ProgramTable:
             arrival=now,
             seq=next(self._program_seq),
             engine_key=program_id if tenant == "default" else f"{tenant}/{program_id}",
-            cache_salt=tenant_cache_salt(self.cache, tenant),
+            cache_salt=self._salt_of(tenant),
             single_call=single_call,
             metadata=dict(metadata or {}),
             idle_since=now,
         )
+
+    def _salt_of(self, tenant: str) -> str | None:
+        salts = self._salts
+        if tenant in salts:
+            return salts[tenant]
+        if len(salts) >= MAX_CACHED_SALTS:
+            del salts[next(iter(salts))]
+        salt = salts[tenant] = tenant_cache_salt(self.cache, tenant)
+        return salt
 
     def register(self, program: Program) -> None:
         self._programs[(program.tenant, program.id)] = program
