@@ -158,14 +158,16 @@ class EventBus:
         )
 
     def program_event(self, kind: EventKind, program: Program) -> None:
+        # Positional, as in `call_event`: two per one-call program.
         self.emit(
             SchedulerEvent(
-                kind=kind,
-                time=self._clock.time(),
-                program_id=program.id,
-                tenant=program.tenant,
-                service=program.history.service,
-                status=PROGRAM_STATUS_NAMES[program.status],
-                error=program.error,
+                kind, self._clock.time(), program.id, program.tenant,
+                None, None, None, None,  # call_id, thread_id, call_kind, tool
+                0.0, 0, None,  # priority, queue_level, replica
+                None, None, None,  # queue_wait_s, ttft_s, duration_s
+                0, 0, 0,  # prompt, completion and cached tokens
+                program.history.service,
+                PROGRAM_STATUS_NAMES[program.status],  # status
+                program.error,
             )
         )
