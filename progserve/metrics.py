@@ -397,6 +397,10 @@ class Metrics:
         if handler is not None:
             handler(self, ev)
 
+    def _call_queued(self, ev: SchedulerEvent) -> None:
+        if ev.with_program_start:  # a one-call program starts with its call
+            self._program_started(ev)
+
     def _call_dispatched(self, ev: SchedulerEvent) -> None:
         if ev.queue_wait_s is not None:
             self._observe(self.queue_wait, ev.queue_wait_s)
@@ -443,6 +447,8 @@ class Metrics:
         tally = self._programs.get(ev.program_id)
         if tally is not None:
             tally.completion_tokens += ev.completion_tokens
+        if ev.with_program_end:  # a one-call program ends with its call
+            self._program_ended(ev)
 
     def _tool_ended(self, ev: SchedulerEvent) -> None:
         tool = ev.tool or "unknown"
@@ -467,6 +473,7 @@ class Metrics:
                           max(0.0, ev.time - tally.started) / tally.completion_tokens)
 
     _HANDLERS: Mapping[EventKind, Callable[[Metrics, SchedulerEvent], None]] = {
+        EventKind.CALL_QUEUED: _call_queued,
         EventKind.CALL_DISPATCHED: _call_dispatched,
         EventKind.CALL_FIRST_TOKEN: _call_first_token,
         EventKind.CALL_FINISHED: _llm_call_ended,

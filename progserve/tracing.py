@@ -364,6 +364,8 @@ class Tracing:
         self._derived.pop(key, None)
 
     def _call_queued(self, ev: SchedulerEvent, now_ns: int) -> None:
+        if ev.with_program_start:  # a one-call program starts with its call
+            self._program_started(ev, now_ns)
         timeline = self._open.get(_open_key(ev))
         if timeline is None:
             self._open_call(ev, now_ns, ev.call_kind or "llm")
@@ -422,6 +424,8 @@ class Tracing:
             timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
         )
         self.store.touch(rec)
+        if ev.with_program_end:  # a one-call program ends with its call
+            self._program_ended(ev, now_ns)
 
     _HANDLERS: Mapping[EventKind, Any] = {
         EventKind.PROGRAM_STARTED: _program_started,

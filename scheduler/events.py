@@ -63,6 +63,11 @@ class SchedulerEvent:
     # CALL_FIRST_TOKEN was sent for it (the token came with the final chunk, as a whole
     # non-streamed answer does): the end event stands for both, one event fewer per call.
     with_first_token: bool = False
+    # A one-call program's start and end ride on its call's events: CALL_QUEUED with
+    # `with_program_start` stands for PROGRAM_STARTED too, and an end event with
+    # `with_program_end` for PROGRAM_ENDED (its `status` is then the program's, "finished").
+    with_program_start: bool = False
+    with_program_end: bool = False
 
     def first_token_time(self) -> float:
         """Loop time of the call's first token, read from its end event (`time` less
@@ -125,8 +130,13 @@ class EventBus:
         *,
         queue_wait_s: float | None = None,
         error: str | None = None,
+        program_end: bool = False,
     ) -> None:
+        """`program_end`: the event stands for its one-call program's end too."""
         program = call.program
+        program_start = kind is EventKind.CALL_QUEUED and not program.start_sent
+        if program_start:
+            program.start_sent = True
         dispatched = call.dispatched_at
         ttft = call.first_token_at - dispatched if call.first_token_at >= 0 else None
         duration = call.finished_at - dispatched if call.finished_at >= 0 <= dispatched else None
@@ -148,12 +158,14 @@ class EventBus:
                 duration,  # duration_s
                 call.prompt_tokens, call.completion_tokens, call.cached_tokens,
                 call.service,
-                None,  # status
+                "finished" if program_end else None,  # status: the program's, if it ends
                 error,
                 call.parents,
                 None,  # partial_start_s
                 # with_first_token
                 kind in _END_KINDS and call.first_token_at >= 0 and not call.first_token_sent,
+                program_start,  # with_program_start
+                program_end,  # with_program_end
             )
         )
 

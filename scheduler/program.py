@@ -226,6 +226,11 @@ class Program:
     history: ProgramHistory = field(default_factory=ProgramHistory)
     status: ProgramStatus = ProgramStatus.IDLE
     single_call: bool = False
+    # Whether PROGRAM_STARTED was sent, and whether the coming close's PROGRAM_ENDED was:
+    # a one-call program's start and end ride on its call's events
+    # (`SchedulerEvent.with_program_start`, `with_program_end`).
+    start_sent: bool = False
+    end_sent: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     ended_at: float | None = None
     error: str | None = None

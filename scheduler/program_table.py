@@ -130,7 +130,11 @@ class ProgramTable:
     def register(self, program: Program) -> None:
         self._programs[(program.tenant, program.id)] = program
         self.open_count += 1
-        if EventKind.PROGRAM_STARTED in self.bus.wanted:
+        wanted = self.bus.wanted
+        if program.single_call and EventKind.CALL_QUEUED in wanted:
+            return  # its call's CALL_QUEUED stands for its start (`with_program_start`)
+        program.start_sent = True
+        if EventKind.PROGRAM_STARTED in wanted:
             self.bus.program_event(EventKind.PROGRAM_STARTED, program)
 
     async def seed_history(self, program: Program) -> None:
@@ -245,11 +249,25 @@ class ProgramTable:
             run_now(ending)
         else:
             self.loop.spawn(ending)
-        if EventKind.PROGRAM_ENDED in self.bus.wanted:
-            self.bus.program_event(EventKind.PROGRAM_ENDED, program)
+        self._announce_end(program)
         self._ended.append(program)
         self._ended_calls += len(program.calls)
         self._forget_old()
+
+    def _announce_end(self, program: Program) -> None:
+        """PROGRAM_ENDED, unless its call's end event stood for it (a one-call program);
+        a one-call program that ends without its call queued (refused) announces its
+        start first."""
+        if program.end_sent:
+            program.end_sent = False
+            return
+        wanted = self.bus.wanted
+        if not program.start_sent:
+            program.start_sent = True
+            if EventKind.PROGRAM_STARTED in wanted:
+                self.bus.program_event(EventKind.PROGRAM_STARTED, program)
+        if EventKind.PROGRAM_ENDED in wanted:
+            self.bus.program_event(EventKind.PROGRAM_ENDED, program)
 
     def _forget_old(self) -> None:
         """Past `keep_finished_programs` ended ones (or `keep_finished_calls` calls of

@@ -1,7 +1,9 @@
-"""A call whose first token comes with its final chunk (a whole, non-streamed answer):
-the scheduler sends no CALL_FIRST_TOKEN, its end event stands for it
-(`SchedulerEvent.with_first_token`), and tracing and metrics record the first token as
-they would have from the separate event. Real scheduler, deterministic fake engine."""
+"""Events that stand for others: a call whose first token comes with its final chunk (a
+whole, non-streamed answer) gets no CALL_FIRST_TOKEN, its end event stands for it
+(`SchedulerEvent.with_first_token`); a one-call (untagged) program's start and end ride on
+its call's CALL_QUEUED and end event (`with_program_start`, `with_program_end`). Tracing
+and metrics record what the separate events gave them. Real scheduler, deterministic
+fake engine."""
 
 from __future__ import annotations
 
@@ -22,18 +24,18 @@ from scheduler.events import EventKind, SchedulerEvent  # noqa: E402
 from scheduler.scheduler import Scheduler  # noqa: E402
 
 
-def _events_of_one_call(tokens: int) -> list[SchedulerEvent]:
+def _events_of_one_call(tokens: int, program_id: str | None = "p") -> list[SchedulerEvent]:
     async def main() -> list[SchedulerEvent]:
         sched = Scheduler([FakeEngine(prefill_s=0.02)], SchedulerConfig())
         await sched.start()
         events: list[SchedulerEvent] = []
         sched.add_listener(events.append)
         try:
-            pid = await sched.open_program("p")
+            pid = await sched.open_program(program_id)
             request = GenerateRequest(rid="r", text="hello",
                                       sampling=SamplingParams(max_new_tokens=tokens))
             [c async for c in sched.llm_call(pid, request, call_id="c")]
-            sched.program_state(pid, tenant="default")  # books the answered call
+            sched.list_programs()  # books the answered call (and ends a one-call program)
         finally:
             await sched.close()
         return events
@@ -85,3 +87,40 @@ def test_listeners_record_the_first_token_of_a_whole_answer() -> None:
             (1 if tokens > 1 else 0)
         names = run_virtual(_first_token_events(events))
         assert names[:2] == ["dispatched", "first_token"], tokens
+
+
+def test_a_one_call_program_starts_and_ends_with_its_call() -> None:
+    events = _events_of_one_call(1, program_id=None)
+    assert [e.kind for e in events] == [EventKind.CALL_QUEUED, EventKind.CALL_DISPATCHED,
+                                        EventKind.CALL_FINISHED]
+    queued, _, end = events
+    assert queued.with_program_start and not queued.with_program_end
+    assert end.with_program_end and end.with_first_token and end.status == "finished"
+    named = _events_of_one_call(1)  # a named program: its own events, as before
+    assert named[0].kind is EventKind.PROGRAM_STARTED
+    assert not any(e.with_program_start or e.with_program_end for e in named)
+
+
+def test_listeners_see_a_one_call_program_start_and_end() -> None:
+    events = _events_of_one_call(3, program_id=None)
+    program_id = events[0].program_id
+    metrics = Metrics()
+    for ev in events:
+        metrics.on_event(ev)
+    metrics._fold()
+    registry = metrics.registry
+    assert registry.get_sample_value("progserve_programs_started_total") == 1
+    assert registry.get_sample_value("progserve_programs_ended_total",
+                                     {"status": "finished"}) == 1
+    assert _histogram_count(metrics, "progserve_program_token_latency_seconds") == 1
+
+    async def spans() -> list[dict]:
+        store = TraceStore("test")
+        tracing = Tracing(store, instance_id="test")
+        for ev in events:
+            tracing.on_event(ev)
+        assert store.record("default", program_id).status == "finished"
+        return await store.program_spans(program_id)
+
+    kinds = sorted(s["kind"] for s in run_virtual(spans()))
+    assert kinds == ["llm", "program"]
