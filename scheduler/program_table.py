@@ -58,7 +58,8 @@ class ProgramTable:
         self.open_count = 0
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
-        # tenant -> its cache salt: a keyed hash per program was the open's largest cost.
+        # tenant -> its cache salt: an HMAC-SHA256 per program open, for the same few
+        # tenants, was work done again and again.
         # Bounded: past MAX_CACHED_SALTS tenants the oldest is computed again when it
         # comes back.
         self._salts: dict[str, str | None] = {}
