@@ -397,6 +397,10 @@ class Metrics:
         if handler is not None:
             handler(self, ev)
 
+    def _call_queued(self, ev: SchedulerEvent) -> None:
+        if ev.with_program_start:  # a one-call program starts with its call
+            self._program_started(ev)
+
     def _call_dispatched(self, ev: SchedulerEvent) -> None:
         if ev.queue_wait_s is not None:
             self._observe(self.queue_wait, ev.queue_wait_s)
@@ -432,12 +436,19 @@ class Metrics:
         self._inc(self.tenant_tokens, ev.tenant, "completion", amount=ev.completion_tokens)
         self._snapshot.prompt_tokens += ev.prompt_tokens
         self._snapshot.cached_tokens += ev.cached_tokens
-        first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
+        if ev.with_first_token:  # what CALL_FIRST_TOKEN would have recorded
+            first: float | None = ev.first_token_time()
+            if ev.ttft_s is not None:
+                self._observe(self.ttft, ev.ttft_s)
+        else:
+            first = self._first_token_at.pop((ev.program_id, ev.call_id), None)
         if not failed and first is not None and ev.completion_tokens > 1:
             self._observe(self.tpot, max(0.0, ev.time - first) / (ev.completion_tokens - 1))
         tally = self._programs.get(ev.program_id)
         if tally is not None:
             tally.completion_tokens += ev.completion_tokens
+        if ev.with_program_end:  # a one-call program ends with its call
+            self._program_ended(ev)
 
     def _tool_ended(self, ev: SchedulerEvent) -> None:
         tool = ev.tool or "unknown"
@@ -462,6 +473,7 @@ class Metrics:
                           max(0.0, ev.time - tally.started) / tally.completion_tokens)
 
     _HANDLERS: Mapping[EventKind, Callable[[Metrics, SchedulerEvent], None]] = {
+        EventKind.CALL_QUEUED: _call_queued,
         EventKind.CALL_DISPATCHED: _call_dispatched,
         EventKind.CALL_FIRST_TOKEN: _call_first_token,
         EventKind.CALL_FINISHED: _llm_call_ended,

@@ -284,10 +284,11 @@ class TraceStore:
 
     def touch(self, rec: ProgramRecord) -> None:
         rec.updated_ns = time.time_ns()
-        self._records.move_to_end(rec.key)
+        key = rec.key
+        self._records.move_to_end(key)
         if self._redis is not None:
             self._ensure_flusher()
-            self._dirty.add(rec.key)
+            self._dirty.add(key)
 
     def local_tenant_of(self, program_id: str) -> str | None:
         """The tenant of a program this instance has seen under that id, if any."""

@@ -351,18 +351,21 @@ class Tracing:
         rec.status = ev.status if ev.status in ("finished", "failed", "cancelled") else "finished"
         rec.ended_ns = now_ns
         rec.started_ns = rec.started_ns or now_ns
-        if self._open_per_program.get(rec.key):
-            for open_key in [k for k in self._open if k[0] == rec.key]:
+        key = rec.key  # a property that builds the key: once here
+        if self._open_per_program.get(key):
+            for open_key in [k for k in self._open if k[0] == key]:
                 left_open = self._pop_open(open_key)
                 if left_open is not None:
                     self._finish_call(left_open, now_ns, error=f"program {rec.status} first",
                                       rec=rec)
-        self._emit_program_span(ev, rec.started_ns, now_ns, rec)
+        self._emit_program_span(ev, rec.started_ns, now_ns, rec, key)
         self.store.touch(rec)
-        self._bindings.pop(rec.key, None)
-        self._derived.pop(rec.key, None)
+        self._bindings.pop(key, None)
+        self._derived.pop(key, None)
 
     def _call_queued(self, ev: SchedulerEvent, now_ns: int) -> None:
+        if ev.with_program_start:  # a one-call program starts with its call
+            self._program_started(ev, now_ns)
         timeline = self._open.get(_open_key(ev))
         if timeline is None:
             self._open_call(ev, now_ns, ev.call_kind or "llm")
@@ -413,10 +416,16 @@ class Tracing:
             timeline.replica = ev.replica
         if ev.partial_start_s is not None:
             timeline.partial_start_s = ev.partial_start_s
+        if ev.with_first_token and timeline.first_event("first_token") is None:
+            timeline.ttft_s = ev.ttft_s  # what CALL_FIRST_TOKEN would have recorded
+            timeline.events.append(
+                ("first_token", self._clock.wall_ns(ev.first_token_time()), {}))
         self._finish_call(
             timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
         )
         self.store.touch(rec)
+        if ev.with_program_end:  # a one-call program ends with its call
+            self._program_ended(ev, now_ns)
 
     _HANDLERS: Mapping[EventKind, Any] = {
         EventKind.PROGRAM_STARTED: _program_started,
@@ -509,10 +518,11 @@ class Tracing:
         self._keep_span(key, partial(self._call_span, timeline, end_ns, error, ev,
                                      self._bindings.get(key), self._rng.getrandbits(64) or 1))
 
-    def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any) -> None:
-        self._keep_span(rec.key, partial(
-            self._program_span, ev, start_ns, end_ns, rec.key, rec.status,
-            rec.llm_calls + rec.tool_calls, self._bindings.get(rec.key)))
+    def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any,
+                           key: str) -> None:
+        self._keep_span(key, partial(
+            self._program_span, ev, start_ns, end_ns, key, rec.status,
+            rec.llm_calls + rec.tool_calls, self._bindings.get(key)))
 
     def _keep_span(self, key: str, build: Callable[[], SpanDict]) -> None:
         """A finished span: built now for the exporters, else when something reads it

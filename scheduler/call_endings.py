@@ -84,8 +84,16 @@ class CallEndings:
                 self.calls_failed += 1
             call.error = str(error) if error is not None else CALL_STATUS_NAMES[status]
             kind = EventKind.CALL_FAILED if call.kind == "llm" else EventKind.TOOL_FAILED
-        if kind in self.bus.wanted:
-            self.bus.call_event(kind, call, error=call.error)
+        wanted = self.bus.wanted
+        if kind in wanted:
+            # A one-call program closes (finished) right after its call's end (`end`):
+            # the call's end event stands for the program's.
+            program_end = (program.single_call and program.open_calls == 0
+                           and not program.is_closed and call.kind == "llm"
+                           and EventKind.PROGRAM_ENDED in wanted)
+            if program_end:
+                program.end_sent = True
+            self.bus.call_event(kind, call, error=call.error, program_end=program_end)
         if call.output is not None:
             slot = program.variables[call.output]
             if status == CallStatus.FINISHED:

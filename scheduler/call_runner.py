@@ -158,9 +158,7 @@ class CallRunner:
                         if not call.prompt_tokens and chunk.prompt_tokens:
                             call.prompt_tokens = chunk.prompt_tokens
                         if call.first_token_at < 0:
-                            call.first_token_at = self.loop.time()
-                            if EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
-                                self.bus.call_event(EventKind.CALL_FIRST_TOKEN, call)
+                            self._first_token(call, chunk)
                         if out.ids is not None and chunk.token_ids:
                             out.ids.extend(chunk.token_ids)
                         if chunk.text:
@@ -212,6 +210,14 @@ class CallRunner:
         finally:
             if not answered and not call.done:
                 self._end(call, None, status, error)
+
+    def _first_token(self, call: CallNode, chunk: Chunk) -> None:
+        """The call's first token came. A final chunk's end event stands for it
+        (`SchedulerEvent.with_first_token`): no CALL_FIRST_TOKEN then."""
+        call.first_token_at = self.loop.time()
+        if chunk.finish_reason is None and EventKind.CALL_FIRST_TOKEN in self.bus.wanted:
+            call.first_token_sent = True
+            self.bus.call_event(EventKind.CALL_FIRST_TOKEN, call)
 
     def _output_of(self, call: CallNode) -> OutputSoFar:
         request = call.request

@@ -59,7 +59,25 @@ class SchedulerEvent:
     # Partial tool execution: how long before its arguments were complete the tool started
     # (seconds; None for tools that got their whole input at once).
     partial_start_s: float | None = None
+    # On a call's end event (CALL_FINISHED, CALL_FAILED): its first token came, and no
+    # CALL_FIRST_TOKEN was sent for it (the token came with the final chunk, as a whole
+    # non-streamed answer does): the end event stands for both, one event fewer per call.
+    with_first_token: bool = False
+    # A one-call program's start and end ride on its call's events: CALL_QUEUED with
+    # `with_program_start` stands for PROGRAM_STARTED too, and an end event with
+    # `with_program_end` for PROGRAM_ENDED (its `status` is then the program's, "finished").
+    with_program_start: bool = False
+    with_program_end: bool = False
 
+    def first_token_time(self) -> float:
+        """Loop time of the call's first token, read from its end event (`time` less
+        what the call ran after it); the end's own time when it did not run."""
+        if self.duration_s is None or self.ttft_s is None:
+            return self.time
+        return self.time - max(0.0, self.duration_s - self.ttft_s)
+
+
+_END_KINDS = frozenset((EventKind.CALL_FINISHED, EventKind.CALL_FAILED))
 
 Listener = Callable[[SchedulerEvent], None]
 
@@ -112,8 +130,13 @@ class EventBus:
         *,
         queue_wait_s: float | None = None,
         error: str | None = None,
+        program_end: bool = False,
     ) -> None:
+        """`program_end`: the event stands for its one-call program's end too."""
         program = call.program
+        program_start = kind is EventKind.CALL_QUEUED and not program.start_sent
+        if program_start:
+            program.start_sent = True
         dispatched = call.dispatched_at
         ttft = call.first_token_at - dispatched if call.first_token_at >= 0 else None
         duration = call.finished_at - dispatched if call.finished_at >= 0 <= dispatched else None
@@ -135,21 +158,28 @@ class EventBus:
                 duration,  # duration_s
                 call.prompt_tokens, call.completion_tokens, call.cached_tokens,
                 call.service,
-                None,  # status
+                "finished" if program_end else None,  # status: the program's, if it ends
                 error,
                 call.parents,
+                None,  # partial_start_s
+                # with_first_token
+                kind in _END_KINDS and call.first_token_at >= 0 and not call.first_token_sent,
+                program_start,  # with_program_start
+                program_end,  # with_program_end
             )
         )
 
     def program_event(self, kind: EventKind, program: Program) -> None:
+        # Positional, as in `call_event`: two per one-call program.
         self.emit(
             SchedulerEvent(
-                kind=kind,
-                time=self._clock.time(),
-                program_id=program.id,
-                tenant=program.tenant,
-                service=program.history.service,
-                status=PROGRAM_STATUS_NAMES[program.status],
-                error=program.error,
+                kind, self._clock.time(), program.id, program.tenant,
+                None, None, None, None,  # call_id, thread_id, call_kind, tool
+                0.0, 0, None,  # priority, queue_level, replica
+                None, None, None,  # queue_wait_s, ttft_s, duration_s
+                0, 0, 0,  # prompt, completion and cached tokens
+                program.history.service,
+                PROGRAM_STATUS_NAMES[program.status],  # status
+                program.error,
             )
         )

@@ -194,6 +194,9 @@ class CallNode:
     queued_at: float = -1.0
     dispatched_at: float = -1.0
     first_token_at: float = -1.0
+    # Whether CALL_FIRST_TOKEN was sent: not when the first token came with the final
+    # chunk (a whole answer), where the call's end event stands for it (`with_first_token`).
+    first_token_sent: bool = False
     finished_at: float = -1.0
     wait: float = 0.0
     prompt_tokens: int = 0
@@ -225,6 +228,11 @@ class Program:
     history: ProgramHistory = field(default_factory=ProgramHistory)
     status: ProgramStatus = ProgramStatus.IDLE
     single_call: bool = False
+    # Whether PROGRAM_STARTED was sent, and whether the coming close's PROGRAM_ENDED was:
+    # a one-call program's start and end ride on its call's events
+    # (`SchedulerEvent.with_program_start`, `with_program_end`).
+    start_sent: bool = False
+    end_sent: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     ended_at: float | None = None
     error: str | None = None

@@ -28,6 +28,7 @@ from .store import StateStore
 from .tenant_calls import TenantCalls
 
 PROGRAM_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+MAX_CACHED_SALTS = 1024  # tenants whose cache salt is kept (`ProgramTable._salt_of`)
 
 
 class ProgramTable:
@@ -57,6 +58,11 @@ class ProgramTable:
         self.open_count = 0
         self._program_seq = itertools.count()
         self._call_seq = itertools.count()
+        # tenant -> its cache salt: an HMAC-SHA256 per program open, for the same few
+        # tenants, was work done again and again.
+        # Bounded: past MAX_CACHED_SALTS tenants the oldest is computed again when it
+        # comes back.
+        self._salts: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ lookups
     def get(self, program_id: str, tenant: str) -> Program:
@@ -107,16 +113,29 @@ class ProgramTable:
             arrival=now,
             seq=next(self._program_seq),
             engine_key=program_id if tenant == "default" else f"{tenant}/{program_id}",
-            cache_salt=tenant_cache_salt(self.cache, tenant),
+            cache_salt=self._salt_of(tenant),
             single_call=single_call,
             metadata=dict(metadata or {}),
             idle_since=now,
         )
 
+    def _salt_of(self, tenant: str) -> str | None:
+        salts = self._salts
+        if tenant in salts:
+            return salts[tenant]
+        if len(salts) >= MAX_CACHED_SALTS:
+            del salts[next(iter(salts))]
+        salt = salts[tenant] = tenant_cache_salt(self.cache, tenant)
+        return salt
+
     def register(self, program: Program) -> None:
         self._programs[(program.tenant, program.id)] = program
         self.open_count += 1
-        if EventKind.PROGRAM_STARTED in self.bus.wanted:
+        wanted = self.bus.wanted
+        if program.single_call and EventKind.CALL_QUEUED in wanted:
+            return  # its call's CALL_QUEUED stands for its start (`with_program_start`)
+        program.start_sent = True
+        if EventKind.PROGRAM_STARTED in wanted:
             self.bus.program_event(EventKind.PROGRAM_STARTED, program)
 
     async def seed_history(self, program: Program) -> None:
@@ -231,11 +250,25 @@ class ProgramTable:
             run_now(ending)
         else:
             self.loop.spawn(ending)
-        if EventKind.PROGRAM_ENDED in self.bus.wanted:
-            self.bus.program_event(EventKind.PROGRAM_ENDED, program)
+        self._announce_end(program)
         self._ended.append(program)
         self._ended_calls += len(program.calls)
         self._forget_old()
+
+    def _announce_end(self, program: Program) -> None:
+        """PROGRAM_ENDED, unless its call's end event stood for it (a one-call program);
+        a one-call program that ends without its call queued (refused) announces its
+        start first."""
+        if program.end_sent:
+            program.end_sent = False
+            return
+        wanted = self.bus.wanted
+        if not program.start_sent:
+            program.start_sent = True
+            if EventKind.PROGRAM_STARTED in wanted:
+                self.bus.program_event(EventKind.PROGRAM_STARTED, program)
+        if EventKind.PROGRAM_ENDED in wanted:
+            self.bus.program_event(EventKind.PROGRAM_ENDED, program)
 
     def _forget_old(self) -> None:
         """Past `keep_finished_programs` ended ones (or `keep_finished_calls` calls of

@@ -167,9 +167,24 @@ class ScheduledCall:
     async def collect(self) -> CallOutput:
         """The whole answer."""
         out = CallOutput()
-        async for chunk in self.chunks():
-            out.add(chunk)
+        await self._fold_into(out)
         return out
+
+    async def _fold_into(self, out: CallOutput) -> None:
+        """Every chunk into `out`, as `chunks()` gives them, up to the one that finishes
+        the call; then the stream is let go of. Reads the stream itself: an async
+        generator fewer per non-streamed call than through `chunks()`."""
+        first, self._first = self._first, None
+        if first is not None:
+            out.add(first)
+            if first.finished:
+                await close_quietly(self._stream)
+                return
+        async for chunk in self._stream:
+            out.add(chunk)
+            if chunk.finished:
+                break
+        await close_quietly(self._stream)
 
     async def collect_abortable(self) -> CallOutput:
         """`collect()`, except that an `/abort_request` for this call's rid ends it early
@@ -177,8 +192,7 @@ class ScheduledCall:
         out = CallOutput()
         try:
             self.bind_to_current_task()
-            async for chunk in self.chunks():
-                out.add(chunk)
+            await self._fold_into(out)
         except asyncio.CancelledError:
             if not self.aborted:
                 raise
