@@ -94,6 +94,9 @@ class CallEndings:
             if program_end:
                 program.end_sent = True
             self.bus.call_event(kind, call, error=call.error, program_end=program_end)
+        call.waiter = None
+        if call.kind == "llm":  # its state shows no more of its spec (a tool's: its name)
+            call.spec = None
         if call.output is not None:
             slot = program.variables[call.output]
             if status == CallStatus.FINISHED:

@@ -144,7 +144,10 @@ class VariableSlot:
 
     def _close(self) -> None:
         if self._event is not None:
+            # Its waiters hold it; a later `event()` makes a set one: an ended program
+            # kept for state queries does not keep an Event and its waiter deque a variable.
             self._event.set()
+            self._event = None
         if self._streams:
             for queue in self._streams:
                 queue.put_nowait(None)

@@ -1,6 +1,7 @@
 """What a server keeps after its programs end must not carry their bulk (issue 18, RSS of
 `progserve bench load --rounds 3`): evicted radix leaves that stale heap entries still
-reference, owner sets emptied by ended programs, and a streamed variable's deltas."""
+reference, owner sets emptied by ended programs, a streamed variable's deltas, and an
+ended call's spec, dispatch future and its variable's Event."""
 
 from __future__ import annotations
 
@@ -49,3 +50,37 @@ def test_a_finished_streamed_variable_keeps_one_string() -> None:
     slot.finish()
     assert slot.parts == ["The answer is 42."]
     assert slot.value == "The answer is 42."
+
+
+async def test_an_ended_program_kept_for_state_queries_drops_its_calls_bulk():
+    """A kept ended graph program: its LLM calls hold no spec (two pydantic models each)
+    and no dispatch future, its variables no Event; its state still answers in full."""
+    import asyncio
+
+    from engine_backend.sim import SimConfig, SimEngine
+    from scheduler.config import SchedulerConfig
+    from scheduler.scheduler import Scheduler
+    from scheduler.spec import ProgramSpec
+
+    scheduler = Scheduler([SimEngine(SimConfig(time_scale=0.001, stream_interval=1))],
+                          SchedulerConfig())
+    await scheduler.start()
+    try:
+        spec = ProgramSpec.model_validate({"calls": [
+            {"id": "c0", "prompt": "plan", "output": "v0", "sampling": {"max_new_tokens": 8}},
+            {"id": "c1", "prompt": "act on {{v0}}", "output": "v1",
+             "sampling": {"max_new_tokens": 8}}]})
+        pid = await scheduler.submit_program(spec)
+        program = scheduler.programs.get(pid, "default")
+        waiter = asyncio.ensure_future(program.variables["v1"].event().wait())
+        await asyncio.wait_for(waiter, 30)
+        await scheduler.end_program(pid)
+        for call in program.calls.values():
+            assert call.spec is None and call.waiter is None
+        for slot in program.variables.values():
+            assert slot._event is None and len(slot.parts) == 1
+        state = scheduler.program_state(pid)
+        assert [c.status for c in state.calls] == ["finished", "finished"]
+        assert state.variables["v1"] == program.variables["v1"].value
+    finally:
+        await scheduler.close()
