@@ -209,7 +209,8 @@ class CallTimeline:
     ttft_s: float | None = None
     partial_start_s: float | None = None
     preemptions: int = 0
-    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    # (name, wall ns, attributes or None): a kept span's events carry no empty dict each
+    events: list[tuple[str, int, dict[str, Any] | None]] = field(default_factory=list)
 
     def first_event(self, name: str) -> int | None:
         return next((ts for n, ts, _ in self.events if n == name), None)
@@ -370,7 +371,7 @@ class Tracing:
         if timeline is None:
             self._open_call(ev, now_ns, ev.call_kind or "llm")
         else:  # re-queued after a preemption
-            timeline.events.append(("requeued", now_ns, {}))
+            timeline.events.append(("requeued", now_ns, None))
 
     def _call_dispatched(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns)
@@ -385,7 +386,7 @@ class Tracing:
         timeline = self._timeline(ev, now_ns)
         if timeline.first_event("first_token") is None:
             timeline.ttft_s = ev.ttft_s
-            timeline.events.append(("first_token", now_ns, {}))
+            timeline.events.append(("first_token", now_ns, None))
 
     def _call_preempted(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._timeline(ev, now_ns)
@@ -402,7 +403,7 @@ class Tracing:
         timeline.tool = ev.tool or timeline.tool
         if ev.partial_start_s is not None:
             timeline.partial_start_s = ev.partial_start_s
-        timeline.events.append(("dispatched", now_ns, {}))
+        timeline.events.append(("dispatched", now_ns, None))
 
     def _call_ended(self, ev: SchedulerEvent, now_ns: int) -> None:
         timeline = self._pop_open(_open_key(ev))
@@ -419,7 +420,7 @@ class Tracing:
         if ev.with_first_token and timeline.first_event("first_token") is None:
             timeline.ttft_s = ev.ttft_s  # what CALL_FIRST_TOKEN would have recorded
             timeline.events.append(
-                ("first_token", self._clock.wall_ns(ev.first_token_time()), {}))
+                ("first_token", self._clock.wall_ns(ev.first_token_time()), None))
         self._finish_call(
             timeline, now_ns, error=(ev.error or "failed") if failed else None, rec=rec, ev=ev
         )
@@ -515,7 +516,8 @@ class Tracing:
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
         key = timeline.key
-        self._keep_span(key, partial(self._call_span, timeline, end_ns, error, ev,
+        self._keep_span(key, partial(self._call_span, timeline, end_ns, error,
+                                     None if ev is None else _usage_of(ev),
                                      self._bindings.get(key), self._rng.getrandbits(64) or 1))
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any,
@@ -539,12 +541,12 @@ class Tracing:
         return binding if binding is not None else self._derived_trace(key)
 
     def _call_span(self, timeline: CallTimeline, end_ns: int, error: str | None,
-                   ev: SchedulerEvent | None, binding: ProgramTrace | None,
+                   usage: Usage | None, binding: ProgramTrace | None,
                    span_id: int) -> SpanDict:
         binding = self._bound_or_derived(timeline.key, binding)
         attrs = _call_attributes(timeline, self.instance_id)
-        if ev is not None:
-            attrs.update(_usage_attributes(ev))
+        if usage is not None:
+            attrs.update(_usage_attributes(usage))
         return {
             "trace_id": f"{binding.trace_id:032x}",
             "span_id": f"{span_id:016x}",
@@ -664,7 +666,8 @@ def _span_name(t: CallTimeline) -> str:
 
 
 def _events(t: CallTimeline) -> list[dict[str, Any]]:
-    return [{"name": n, "time_ns": ts, "attributes": a} for n, ts, a in t.events]
+    return [{"name": n, "time_ns": ts, "attributes": a if a is not None else {}}
+            for n, ts, a in t.events]
 
 
 def _replica(replica: int | None) -> int:
@@ -699,26 +702,36 @@ def _call_attributes(t: CallTimeline, instance_id: str) -> dict[str, Any]:
     return attrs
 
 
-def _usage_attributes(ev: SchedulerEvent) -> dict[str, Any]:
-    prefill = max(0, ev.prompt_tokens - ev.cached_tokens)
+# A call's figures as its span shows them: (prompt, cached, completion tokens, service,
+# queue wait, ttft, duration, replica). A kept span holds these, not its whole event.
+Usage = tuple[int, int, int, float, float | None, float | None, float | None, int | None]
+
+
+def _usage_of(ev: SchedulerEvent) -> Usage:
+    return (ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens, ev.service,
+            ev.queue_wait_s, ev.ttft_s, ev.duration_s, ev.replica)
+
+
+def _usage_attributes(usage: Usage) -> dict[str, Any]:
+    prompt, cached, completion, service, queue_wait_s, ttft_s, duration_s, replica = usage
     attrs: dict[str, Any] = {
-        _PROMPT_TOKENS: ev.prompt_tokens,
-        _PREFILL_TOKENS: prefill,
-        _CACHED_TOKENS: ev.cached_tokens,
-        _DECODE_TOKENS: ev.completion_tokens,
-        _SERVICE: float(ev.service),
+        _PROMPT_TOKENS: prompt,
+        _PREFILL_TOKENS: max(0, prompt - cached),
+        _CACHED_TOKENS: cached,
+        _DECODE_TOKENS: completion,
+        _SERVICE: float(service),
         # OpenTelemetry's GenAI semantic conventions, for tools that know them.
-        "gen_ai.usage.input_tokens": ev.prompt_tokens,
-        "gen_ai.usage.output_tokens": ev.completion_tokens,
+        "gen_ai.usage.input_tokens": prompt,
+        "gen_ai.usage.output_tokens": completion,
     }
-    if ev.queue_wait_s is not None:
-        attrs[_QUEUE_WAIT_S] = float(ev.queue_wait_s)
-    if ev.ttft_s is not None:
-        attrs[_TTFT_S] = float(ev.ttft_s)
-    if ev.duration_s is not None:
-        attrs[_DURATION_S] = float(ev.duration_s)
-    if ev.replica is not None:
-        attrs[_REPLICA] = ev.replica
+    if queue_wait_s is not None:
+        attrs[_QUEUE_WAIT_S] = float(queue_wait_s)
+    if ttft_s is not None:
+        attrs[_TTFT_S] = float(ttft_s)
+    if duration_s is not None:
+        attrs[_DURATION_S] = float(duration_s)
+    if replica is not None:
+        attrs[_REPLICA] = replica
     return attrs
 
 

@@ -74,13 +74,15 @@ def settled_history(url: str, program_id: str, calls: int) -> dict[str, Any]:
 
 
 def settled_view(url: str, program_id: str, calls: int) -> dict[str, Any]:
-    """The UI's view of the program once it shows `calls` calls: spans reach Redis in the
-    trace store's background flush (every 0.2 s), so the other replica's newest call may
-    still be on its way when the answer arrives."""
+    """The UI's view of the program once it shows `calls` calls and counts them: spans
+    and each instance's program record reach Redis in the trace store's background flush
+    (every 0.2 s), so the other replica's newest call may still be on its way when the
+    answer arrives (its span and its record's count need not land in the same read)."""
     deadline = time.monotonic() + 5
     while True:
         view = httpx.get(f"{url}/ui/api/programs/{program_id}", timeout=10).json()
-        if len(view["calls"]) >= calls or time.monotonic() > deadline:
+        settled = len(view["calls"]) >= calls and view["program"]["llm_calls"] >= calls
+        if settled or time.monotonic() > deadline:
             return view
         time.sleep(0.05)
 
