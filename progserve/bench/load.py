@@ -49,6 +49,7 @@ COMPLETED, FAILED, LOST = "completed", "failed", "lost"
 RETRY_AFTER_CAP_S = 5.0
 MAX_RETRIES_429 = 100
 CONNECT_RETRIES = 8
+MAX_LOST_LISTED = 20  # lost programs named in the report
 # Below the server's keep-alive timeout (30 s): the client never reuses a connection the
 # server is closing at that very moment (that race drops a request with a ReadError).
 KEEPALIVE_EXPIRY_S = 5.0
@@ -113,6 +114,8 @@ class LoadReport:
     # growing round after round is a leak; bounded caches filling show as a shrinking step)
     rss_growth_after_first_round_pct: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    # The first lost programs by id, with their error: what a server log is searched by.
+    lost_programs: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,7 +166,9 @@ class ProgramDriver:
                     seen = None if arrived is None else await arrived()
                     if seen is not False:
                         verdict = "saw it" if seen else "cannot tell whether it saw it"
-                        raise type(exc)(f"{exc} (the server {verdict})") from exc
+                        call = (kwargs.get("headers") or {}).get("X-Call-Id")
+                        where = f", call {call}" if call else ""
+                        raise type(exc)(f"{exc} (the server {verdict}{where})") from exc
                 self.resent += 1
                 continue
             self.latencies.append(time.perf_counter() - start)
@@ -551,6 +556,8 @@ def _report(cfg: LoadConfig, results: list[ProgramResult], latencies: list[float
         rss_after_mb=_round(after),
         server_unfinished=stuck,
         errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])[:10]),
+        lost_programs=[{"program_id": r.program_id, "api": r.api, "error": r.error}
+                       for r in results if r.outcome == LOST][:MAX_LOST_LISTED],
         config=asdict(cfg),
     )
 
