@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 from ..auth import SCOPE_CALLER, Caller
 from ..errors import BadRequestError, PayloadTooLargeError, classify, openai_body
@@ -68,6 +69,20 @@ def random_hex(nbytes: int) -> str:
 async def read_json(request: Request) -> Any:
     """The request body as JSON, refusing bodies over `limits.max_request_bytes` (413)
     before reading them whole."""
+    try:
+        body = await _read_body(request)
+    except ClientDisconnect:  # it left mid-body: nothing to answer, nothing gone wrong
+        raise ClientGone() from None
+    if not body:
+        raise BadRequestError("the request needs a JSON body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused past `limits.max_request_bytes` (declared or streamed)."""
     limit = runtime_of(request).settings.limits.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -75,22 +90,15 @@ async def read_json(request: Request) -> Any:
             raise BadRequestError("invalid Content-Length header")
         if int(declared) > limit:
             raise PayloadTooLargeError(f"request body over the {limit}-byte limit")
-        body = await request.body()
-    else:
-        parts: list[bytes] = []
-        size = 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise PayloadTooLargeError(f"request body over the {limit}-byte limit")
-            parts.append(part)
-        body = b"".join(parts)
-    if not body:
-        raise BadRequestError("the request needs a JSON body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+        return await request.body()
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body over the {limit}-byte limit")
+        parts.append(part)
+    return b"".join(parts)
 
 
 async def read_model(request: Request, model: type[M]) -> M:
@@ -264,7 +272,8 @@ DISCONNECT_WATCH_AFTER_S = 0.02
 
 
 class ClientGone(Exception):
-    """The client disconnected before a non-streamed answer was ready."""
+    """The client disconnected before a non-streamed answer was ready (or before its
+    request's body arrived)."""
 
 
 async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]],
