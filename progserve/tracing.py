@@ -40,7 +40,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,6 +56,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from scheduler.events import EventKind, SchedulerEvent
 
+from .call_timeline import CallTimeline, PackedCallSpan, Usage
 from .trace_store import SpanDict, TraceStore, program_key
 
 log = logging.getLogger(__name__)
@@ -187,33 +188,6 @@ def otlp_exporter(endpoint: str) -> SpanExporter:
 
 
 # -- the scheduler listener -------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class CallTimeline:
-    """An open call, as observed so far (wall-clock ns)."""
-
-    key: str  # program_key(tenant, program id)
-    program_id: str
-    call_id: str
-    kind: str  # "llm" | "tool"
-    tenant: str
-    queued_ns: int
-    thread_id: str | None = None
-    tool: str | None = None
-    parents: tuple[str, ...] = ()
-    replica: int | None = None
-    priority: float = 0.0
-    queue_level: int = 0
-    queue_wait_s: float | None = None
-    ttft_s: float | None = None
-    partial_start_s: float | None = None
-    preemptions: int = 0
-    # (name, wall ns, attributes or None): a kept span's events carry no empty dict each
-    events: list[tuple[str, int, dict[str, Any] | None]] = field(default_factory=list)
-
-    def first_event(self, name: str) -> int | None:
-        return next((ts for n, ts, _ in self.events if n == name), None)
 
 
 class Tracing:
@@ -516,15 +490,17 @@ class Tracing:
             rec.completion_tokens += ev.completion_tokens
             rec.cached_tokens += ev.cached_tokens
         key = timeline.key
-        self._keep_span(key, partial(self._call_span, timeline, end_ns, error,
-                                     None if ev is None else _usage_of(ev),
-                                     self._bindings.get(key), self._rng.getrandbits(64) or 1))
+        self._keep_span(key, PackedCallSpan(self._call_span, timeline, end_ns, error,
+                                            None if ev is None else _usage_of(ev),
+                                            self._bindings.get(key),
+                                            self._rng.getrandbits(64) or 1))
 
     def _emit_program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, rec: Any,
                            key: str) -> None:
+        # Its figures, not its event: the span may be kept unbuilt for a long time.
         self._keep_span(key, partial(
-            self._program_span, ev, start_ns, end_ns, key, rec.status,
-            rec.llm_calls + rec.tool_calls, self._bindings.get(key)))
+            self._program_span, ev.program_id, ev.tenant, ev.error, start_ns, end_ns, key,
+            rec.status, rec.llm_calls + rec.tool_calls, self._bindings.get(key)))
 
     def _keep_span(self, key: str, build: Callable[[], SpanDict]) -> None:
         """A finished span: built now for the exporters, else when something reads it
@@ -565,8 +541,9 @@ class Tracing:
             "events": _events(timeline),
         }
 
-    def _program_span(self, ev: SchedulerEvent, start_ns: int, end_ns: int, key: str,
-                      status: str, calls: int, binding: ProgramTrace | None) -> SpanDict:
+    def _program_span(self, program_id: str, tenant: str, error: str | None, start_ns: int,
+                      end_ns: int, key: str, status: str, calls: int,
+                      binding: ProgramTrace | None) -> SpanDict:
         binding = self._bound_or_derived(key, binding)
         failed = status != "finished"
         return {
@@ -575,20 +552,20 @@ class Tracing:
             "parent_id": None
             if binding.parent_span_id is None
             else f"{binding.parent_span_id:016x}",
-            "name": f"program {ev.program_id}",
+            "name": f"program {program_id}",
             "kind": "program",
-            "program_id": ev.program_id,
+            "program_id": program_id,
             "program_key": key,
-            "tenant": ev.tenant,
+            "tenant": tenant,
             "call_id": None,
             "start_ns": start_ns,
             "end_ns": max(end_ns, start_ns),
             "status": "error" if failed else "ok",
-            "error": (ev.error or status) if failed else None,
+            "error": (error or status) if failed else None,
             "attributes": {
-                PROGRAM_ID: ev.program_id,
+                PROGRAM_ID: program_id,
                 _SPAN_KIND: "program",
-                _TENANT: ev.tenant,
+                _TENANT: tenant,
                 _INSTANCE: self.instance_id,
                 _PROGRAM_STATUS: status,
                 _PROGRAM_CALLS: calls,
@@ -700,11 +677,6 @@ def _call_attributes(t: CallTimeline, instance_id: str) -> dict[str, Any]:
     if t.partial_start_s is not None:
         attrs[_TOOL_PARTIAL_START_S] = float(t.partial_start_s)
     return attrs
-
-
-# A call's figures as its span shows them: (prompt, cached, completion tokens, service,
-# queue wait, ttft, duration, replica). A kept span holds these, not its whole event.
-Usage = tuple[int, int, int, float, float | None, float | None, float | None, int | None]
 
 
 def _usage_of(ev: SchedulerEvent) -> Usage:

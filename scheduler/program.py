@@ -291,6 +291,10 @@ class Program:
     def is_closed(self) -> bool:
         return self.status >= ProgramStatus.FINISHED
 
+    @property
+    def call_count(self) -> int:
+        return len(self.calls)
+
     def next_call_id(self, prefix: str = "call") -> str:
         while True:
             self.auto_ids += 1

@@ -6,6 +6,9 @@ A program is new (registered, with any history the state store has for it), open
 says so, when it idles past `program_idle_timeout_s`, or when its single call finishes
 (an untagged request), and forgotten once more than `keep_finished_programs` ended after
 it. Ids are namespaced per tenant: another tenant's id is a plain "not found".
+
+An ended program past the newest `keep_finished_unpacked` is kept packed
+(`packed_program.py`: a fraction of the memory) and unpacked when it is read again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .errors import ProgramCancelledError, ProgramNotFoundError, SchedulerOverlo
 from .events import EventBus, EventKind
 from .kv_admission import KvAdmission
 from .loop_context import LoopContext, run_now
+from .packed_program import PackedProgram, can_pack, pack, unpack
 from .program import PROGRAM_STATUS_NAMES, CallNode, Program, ProgramStatus
 from .retention import RetentionManager
 from .store import StateStore
@@ -51,8 +55,8 @@ class ProgramTable:
         self.store = store
         self.retention = retention
         self.admission = admission
-        self._programs: dict[tuple[str, str], Program] = {}
-        self._ended: deque[Program] = deque()
+        self._programs: dict[tuple[str, str], Program | PackedProgram] = {}
+        self._ended: deque[Program | PackedProgram] = deque()
         self._ended_calls = 0  # calls of the programs in `_ended`
         self._forget_when_done: set[Program] = set()  # past the kept ones, calls open
         self.open_count = 0
@@ -69,15 +73,21 @@ class ProgramTable:
         program = self._programs.get((tenant, program_id))
         if program is None:
             raise ProgramNotFoundError(program_id)
-        return program
+        if type(program) is PackedProgram:
+            return self._unpack(program)
+        return program  # type: ignore[return-value]
 
     def find(self, program_id: str, tenant: str) -> Program | None:
-        return self._programs.get((tenant, program_id))
+        program = self._programs.get((tenant, program_id))
+        if type(program) is PackedProgram:
+            return self._unpack(program)
+        return program  # type: ignore[return-value]
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._programs
 
-    def __iter__(self) -> Iterator[Program]:
+    def __iter__(self) -> Iterator[Program | PackedProgram]:
+        """Every program as kept: a scan reads what both forms have (`PackedProgram`)."""
         return iter(self._programs.values())
 
     def __len__(self) -> int:
@@ -254,6 +264,7 @@ class ProgramTable:
         self._ended.append(program)
         self._ended_calls += len(program.calls)
         self._forget_old()
+        self._pack_one_older()
 
     def _announce_end(self, program: Program) -> None:
         """PROGRAM_ENDED, unless its call's end event stood for it (a one-call program);
@@ -279,7 +290,7 @@ class ProgramTable:
         while len(self._ended) > keep or (self._ended_calls > keep_calls
                                           and len(self._ended) > 1):
             old = self._ended.popleft()
-            self._ended_calls -= len(old.calls)
+            self._ended_calls -= old.call_count
             if old.open_calls:  # calls still ending (a cancel's aborts): forget it after
                 self._forget_when_done.add(old)
             elif old.is_closed:
@@ -292,6 +303,31 @@ class ProgramTable:
             self._forget_when_done.discard(program)
             self._forget(program)
 
-    def _forget(self, program: Program) -> None:
+    def _forget(self, program: Program | PackedProgram) -> None:
         self._programs.pop((program.tenant, program.id), None)
         program.drop_calls()
+
+    # ------------------------------------------------------------------ packing
+    def _pack_one_older(self) -> None:
+        """Pack the ended program `keep_finished_unpacked` places back, if it is at rest:
+        one per close, so the cost is spread. One that still had calls ending then (or
+        that a reopen shifted past) stays unpacked until it is forgotten."""
+        index = len(self._ended) - 1 - self.config.keep_finished_unpacked
+        if index < 0:
+            return
+        program = self._ended[index]
+        if type(program) is PackedProgram or not can_pack(program):  # type: ignore[arg-type]
+            return
+        packed = pack(program)  # type: ignore[arg-type]
+        self._ended[index] = packed
+        self._programs[(packed.tenant, packed.id)] = packed
+
+    def _unpack(self, packed: PackedProgram) -> Program:
+        """A packed program is read: it is a `Program` again, in its place."""
+        program = unpack(packed)
+        self._programs[(program.tenant, program.id)] = program
+        try:
+            self._ended[self._ended.index(packed)] = program  # rare: a linear scan is fine
+        except ValueError:
+            pass
+        return program

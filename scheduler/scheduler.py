@@ -311,6 +311,8 @@ class Scheduler:
 
         def create() -> CallNode:
             # Runs at the first iteration: a stream nobody iterates never queues a call.
+            # Looked up again: an ended program may have been packed since (a new object).
+            program = self.programs.get(program_id, tenant)
             try:
                 self.tenant_calls.admit(program.tenant, 1)
             except Exception:

@@ -20,6 +20,7 @@ from .spec import (
 )
 
 if TYPE_CHECKING:
+    from .packed_program import PackedProgram
     from .program import CallNode, Program
     from .replica import Replica
 
@@ -134,14 +135,14 @@ def call_state(call: CallNode) -> CallState:
     )
 
 
-def program_summary(program: Program) -> ProgramSummary:
+def program_summary(program: Program | PackedProgram) -> ProgramSummary:
     return ProgramSummary(
         id=program.id,
         tenant=program.tenant,
         status=PROGRAM_STATUS_NAMES[program.status],  # type: ignore[arg-type]
         arrival=program.arrival,
         ended_at=program.ended_at,
-        calls=len(program.calls),
+        calls=program.call_count,
         calls_finished=program.history.calls_finished,
         service=program.history.service,
     )

@@ -189,20 +189,21 @@ async def test_console_exporter_prints_spans(capsys) -> None:  # type: ignore[no
 
 
 async def test_a_kept_call_span_holds_its_figures_not_its_event(server) -> None:  # type: ignore[no-untyped-def]
-    """Spans are kept unbuilt (built when read); a kept call span holds the call's usage
-    figures, not the scheduler's whole event, and its events no empty dict each (10,000
-    kept spans were 12 MB; issue 18's RSS rounds)."""
+    """Spans are kept unbuilt (built when read); a kept call span is packed (numbers in
+    one bytes, no scheduler event, no timeline), a kept program span holds its figures,
+    not the program's last event (10,000 kept spans were 12 MB; issue 18's RSS rounds)."""
+    from progserve.call_timeline import PackedCallSpan
     from scheduler.events import SchedulerEvent
 
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         program_id = await run_program(client, mapreduce_spec(2))
     store = _obs(server).store
     builders = [item for item in store._spans[program_id] if not isinstance(item, bytes)]
-    calls = [b for b in builders if b.func.__name__ == "_call_span"]
-    assert calls, "call spans are kept unbuilt"
-    for build in calls:
-        assert not any(isinstance(arg, SchedulerEvent) for arg in build.args)
-        assert all(attrs for _, _, attrs in build.args[0].events if attrs is not None)
+    calls = [b for b in builders if isinstance(b, PackedCallSpan)]
+    assert len(calls) == 3, "call spans are kept unbuilt, packed"
+    for build in builders:
+        if not isinstance(build, PackedCallSpan):
+            assert not any(isinstance(arg, SchedulerEvent) for arg in build.args)
     spans = await store.program_spans(program_id)  # built now: the same attributes
     for span in (s for s in spans if s["kind"] == "llm"):
         assert span["attributes"]["progserve.decode_tokens"] > 0
