@@ -50,9 +50,21 @@ RETRY_AFTER_CAP_S = 5.0
 MAX_RETRIES_429 = 100
 CONNECT_RETRIES = 8
 MAX_LOST_LISTED = 20  # lost programs named in the report
-# Below the server's keep-alive timeout (30 s): the client never reuses a connection the
-# server is closing at that very moment (that race drops a request with a ReadError).
-KEEPALIVE_EXPIRY_S = 5.0
+
+def client_limits(programs: int) -> Any:
+    """The client's connection pool: room for every program at once, and no keep-alive
+    expiry. With an expiry, httpcore's pool (1.0.9; encode/httpcore#1110) can close an
+    expired idle connection it has already handed to a request that has not started yet:
+    when the client's loop stalls past the expiry between the two, another request's
+    sweep closes the socket under the first one after it was sent, and the server's
+    answer is lost (a `ReadError` on a request the server ran: seen as lost chats under
+    2,000 programs on two cores). Without an expiry the pool only drops a connection the
+    server closed (its keep-alive, 30 s), and a request caught by that was never read by
+    the server, so it is resent safely (`ProgramDriver.request`)."""
+    import httpx
+
+    return httpx.Limits(max_connections=programs + 8, max_keepalive_connections=programs + 8,
+                        keepalive_expiry=None)
 
 
 # ----------------------------------------------------------------------------- config
@@ -286,8 +298,7 @@ async def _client_main(url: str, cfg: LoadConfig, jobs: list[tuple[str, str]],
                        ) -> tuple[list[ProgramResult], list[float]]:
     import httpx
 
-    limits = httpx.Limits(max_connections=len(jobs) + 8, max_keepalive_connections=len(jobs) + 8,
-                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    limits = client_limits(len(jobs))
     timeout = httpx.Timeout(cfg.timeout_s + 30, connect=30.0)
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
