@@ -9,6 +9,7 @@ is still ranked by all the service it received. Each finished call is one atomic
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -97,23 +98,29 @@ class StoreDataLostError(StoreError):
     """The backend no longer holds what this instance wrote (it restarted empty)."""
 
 
-# An ended program's history, packed: (service, engine_time_s, weighted_tokens, wait_s,
-# calls_finished, engines used). A tuple of numbers holds no references, so the cycle
-# collector stops tracking it after its first pass: tens of thousands of ended programs
-# then add nothing to the full collections' pauses, as live `HistoryTotals` (each with
-# its set) would.
-PackedTotals = tuple[float, float, float, float, int, tuple[int, ...]]
+# An ended program's history, packed: service, engine_time_s, weighted_tokens, wait_s,
+# calls_finished, then the engines used, in one `bytes` (about 80 bytes, against about 230
+# in a tuple of float objects: up to 100,000 ended programs are kept). Bytes hold no
+# references, so the cycle collector never tracks them: tens of thousands of ended
+# programs add nothing to the full collections' pauses, as live `HistoryTotals` (each
+# with its set) would.
+PackedTotals = bytes
+_TOTALS = struct.Struct("<4dq")
 
 
 def pack_totals(totals: HistoryTotals) -> PackedTotals:
-    return (totals.service, totals.engine_time_s, totals.weighted_tokens, totals.wait_s,
-            totals.calls_finished, tuple(sorted(totals.engines_used)))
+    engines = sorted(totals.engines_used)
+    return _TOTALS.pack(totals.service, totals.engine_time_s, totals.weighted_tokens,
+                        totals.wait_s, totals.calls_finished) + \
+        struct.pack(f"<{len(engines)}q", *engines)
 
 
 def unpack_totals(packed: PackedTotals) -> HistoryTotals:
-    service, engine_time_s, weighted_tokens, wait_s, calls_finished, engines = packed
+    service, engine_time_s, weighted_tokens, wait_s, calls_finished = \
+        _TOTALS.unpack_from(packed)
+    engines = {engine for (engine,) in struct.iter_unpack("<q", packed[_TOTALS.size:])}
     return HistoryTotals(service, engine_time_s, weighted_tokens, wait_s, calls_finished,
-                         set(engines))
+                         engines)
 
 
 class InMemoryStateStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 
 import pytest
 from sched_fake_engine import FakeEngine
@@ -11,7 +12,7 @@ from sched_fake_engine import FakeEngine
 from engine_backend.types import GenerateRequest, SamplingParams
 from scheduler.config import SchedulerConfig
 from scheduler.scheduler import Scheduler
-from scheduler.store import CallRecord, InMemoryStateStore
+from scheduler.store import CallRecord, HistoryTotals, InMemoryStateStore, pack_totals
 from scheduler.store_redis import RedisStateStore
 
 
@@ -62,8 +63,8 @@ async def test_ended_history_resumes_and_stays_out_of_the_cycle_collector(make_s
         assert await store.load("t", "p") is None  # the oldest ended ones are forgotten
         assert await store.load("t", "q0") is None
         assert (await store.load("t", "q2")).service == pytest.approx(1.0)
-        # 1,000 more ended programs add nothing for the collector to walk: their packed
-        # totals are untracked after two passes (the inner tuple first, then the outer)
+        # 1,000 more ended programs add nothing for the collector to walk (their packed
+        # totals are bytes), and each costs under 100 bytes (up to 100,000 are kept)
         store.max_ended = 2_000
         gc.collect()
         before = len(gc.get_objects())
@@ -76,6 +77,13 @@ async def test_ended_history_resumes_and_stays_out_of_the_cycle_collector(make_s
         gc.collect()
         gc.collect()
         assert len(gc.get_objects()) - before < 50
+        tracemalloc.start()
+        before_bytes = tracemalloc.get_traced_memory()[0]
+        packed = [pack_totals(HistoryTotals(1.5 + i, 2.5, 3.5, 0.25, i, {0, 1}))
+                  for i in range(1_000)]
+        per_program = (tracemalloc.get_traced_memory()[0] - before_bytes) / len(packed)
+        tracemalloc.stop()
+        assert per_program < 100, per_program
     await store.close()
 
 
