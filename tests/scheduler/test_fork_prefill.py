@@ -76,3 +76,45 @@ def test_on_by_default_for_the_program_aware_policies_only():
     assert fork_prefill_enabled(SchedulerConfig(policy="fcfs", fork_prefill=True))
     calls, _, s = run_fork(policy="fcfs")
     assert s.runner.forks is None and [c.cached_tokens for c in calls] == [0] * FORKS
+
+
+def test_forks_whose_client_leaves_during_the_shared_prefill_end_and_free_everything():
+    """The forked calls wait (shielded) for their shared prefill-only request; their
+    client leaves meanwhile: each call ends at once, nothing stays queued or in flight,
+    the shared request's bookkeeping is cleared when it returns, and the scheduler serves
+    the next call."""
+    engine = SimEngine(SimConfig(stream_interval=0))
+
+    async def main():
+        s = Scheduler([engine], SchedulerConfig(max_inflight_tokens=1000,
+                                                decode_reserve_tokens=0, policy="plas"))
+        await s.start()
+        try:
+            blocker = await s.open_program("blocker")
+            blocking = asyncio.ensure_future(
+                drain(s.llm_call(blocker, request("b", list(range(5000, 5900)), 50))))
+            await asyncio.sleep(0.01)
+            tree = await s.open_program("tree")
+            forks = [asyncio.ensure_future(drain(s.llm_call(
+                tree, request(f"g{j}", PROMPT, 10), thread_id=f"t{j}"))) for j in range(FORKS)]
+            while not s.runner.forks.prefills:  # the shared prefill is under way
+                await asyncio.sleep(0.001)
+            for task in forks:
+                task.cancel()  # the client leaves
+            await asyncio.gather(*forks, return_exceptions=True)
+            states = [c.status for c in s.program_state(tree).calls]
+            prefill_running = bool(s.runner.forks._inflight)
+            await blocking
+            await asyncio.sleep(1.0)
+            idle = (s.queued(), dict(s.runner.forks._inflight),
+                    sum(r.inflight_requests for r in s.replicas))
+            after = await drain(s.llm_call(tree, request("next", [7, 8, 9], 3)))
+            return states, prefill_running, idle, after
+        finally:
+            await s.close()
+
+    states, prefill_running, idle, after = run_virtual(main())
+    assert prefill_running  # the calls ended while their shared prefill was still running
+    assert states == ["cancelled"] * FORKS
+    assert idle == (0, {}, 0)
+    assert after[-1].completion_tokens == 3
