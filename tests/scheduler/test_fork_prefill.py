@@ -25,6 +25,19 @@ async def drain(stream) -> list:
     return [chunk async for chunk in stream]
 
 
+async def started_with_blocker(engine: SimEngine, **config) -> tuple[Scheduler, asyncio.Future]:
+    """A scheduler whose replica's token budget a blocker fills for a while, so that the
+    calls issued meanwhile queue and are placed together when it ends."""
+    s = Scheduler([engine], SchedulerConfig(max_inflight_tokens=1000,
+                                            decode_reserve_tokens=0, **config))
+    await s.start()
+    blocker = await s.open_program("blocker")
+    blocking = asyncio.ensure_future(
+        drain(s.llm_call(blocker, request("b", list(range(5000, 5900)), 50))))
+    await asyncio.sleep(0.01)
+    return s, blocking
+
+
 def run_fork(**config) -> tuple[list, SimEngine, Scheduler]:
     """A blocker fills the replica's token budget; meanwhile a program issues FORKS calls
     on one fresh prompt. They queue, and the dispatch pass after the blocker ends places
@@ -32,14 +45,8 @@ def run_fork(**config) -> tuple[list, SimEngine, Scheduler]:
     engine = SimEngine(SimConfig(stream_interval=0))
 
     async def main():
-        s = Scheduler([engine], SchedulerConfig(max_inflight_tokens=1000,
-                                                decode_reserve_tokens=0, **config))
-        await s.start()
+        s, blocking = await started_with_blocker(engine, **config)
         try:
-            blocker = await s.open_program("blocker")
-            blocking = asyncio.ensure_future(
-                drain(s.llm_call(blocker, request("b", list(range(5000, 5900)), 50))))
-            await asyncio.sleep(0.01)
             tree = await s.open_program("tree")
             outs = await asyncio.gather(*(
                 drain(s.llm_call(tree, request(f"g{j}", PROMPT, 10), thread_id=f"t{j}"))
@@ -86,14 +93,8 @@ def test_forks_whose_client_leaves_during_the_shared_prefill_end_and_free_everyt
     engine = SimEngine(SimConfig(stream_interval=0))
 
     async def main():
-        s = Scheduler([engine], SchedulerConfig(max_inflight_tokens=1000,
-                                                decode_reserve_tokens=0, policy="plas"))
-        await s.start()
+        s, blocking = await started_with_blocker(engine, policy="plas")
         try:
-            blocker = await s.open_program("blocker")
-            blocking = asyncio.ensure_future(
-                drain(s.llm_call(blocker, request("b", list(range(5000, 5900)), 50))))
-            await asyncio.sleep(0.01)
             tree = await s.open_program("tree")
             forks = [asyncio.ensure_future(drain(s.llm_call(
                 tree, request(f"g{j}", PROMPT, 10), thread_id=f"t{j}"))) for j in range(FORKS)]
