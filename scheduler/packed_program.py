@@ -66,16 +66,11 @@ class PackedProgram:
 
     @property
     def ended_at(self) -> float | None:
-        ended = _PROGRAM.unpack_from(self.numbers)[1]
-        return None if math.isnan(ended) else ended
+        return _ended_at(_PROGRAM.unpack_from(self.numbers))
 
     @property
     def history(self) -> ProgramHistory:
-        numbers = _PROGRAM.unpack_from(self.numbers)
-        return ProgramHistory(service=numbers[4], engine_time_s=numbers[5],
-                              weighted_tokens=numbers[6], wait_s=numbers[7],
-                              wait_wall_s=numbers[8], calls_finished=numbers[12],
-                              engines_used=set(self.engines_used))
+        return _history(_PROGRAM.unpack_from(self.numbers), self.engines_used)
 
     def drop_calls(self) -> None:
         """Nothing to take apart: a packed program holds no call graph."""
@@ -100,9 +95,9 @@ def unpack(packed: PackedProgram) -> Program:
     program = Program(
         id=packed.id, tenant=packed.tenant, arrival=numbers[0], seq=numbers[9],
         engine_key=packed.engine_key, cache_salt=packed.cache_salt,
-        history=packed.history, status=ProgramStatus(packed.status),
+        history=_history(numbers, packed.engines_used), status=ProgramStatus(packed.status),
         single_call=packed.single_call, start_sent=True,
-        metadata=dict(packed.metadata or {}), ended_at=packed.ended_at, error=packed.error,
+        metadata=dict(packed.metadata or {}), ended_at=_ended_at(numbers), error=packed.error,
         home_replica=numbers[10], idle_since=numbers[2], waiting_since=numbers[3],
         auto_ids=numbers[11],
     )
@@ -148,6 +143,17 @@ def _variable_fields(program: Program) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- unpacking
+
+
+def _ended_at(numbers: tuple[Any, ...]) -> float | None:
+    return None if math.isnan(numbers[1]) else numbers[1]
+
+
+def _history(numbers: tuple[Any, ...], engines_used: tuple[int, ...]) -> ProgramHistory:
+    return ProgramHistory(service=numbers[4], engine_time_s=numbers[5],
+                          weighted_tokens=numbers[6], wait_s=numbers[7],
+                          wait_wall_s=numbers[8], calls_finished=numbers[12],
+                          engines_used=set(engines_used))
 
 
 def _unpack_calls(program: Program, packed: PackedProgram) -> None:

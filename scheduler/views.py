@@ -136,6 +136,7 @@ def call_state(call: CallNode) -> CallState:
 
 
 def program_summary(program: Program | PackedProgram) -> ProgramSummary:
+    history = program.history  # a packed program builds it on each read
     return ProgramSummary(
         id=program.id,
         tenant=program.tenant,
@@ -143,8 +144,8 @@ def program_summary(program: Program | PackedProgram) -> ProgramSummary:
         arrival=program.arrival,
         ended_at=program.ended_at,
         calls=program.call_count,
-        calls_finished=program.history.calls_finished,
-        service=program.history.service,
+        calls_finished=history.calls_finished,
+        service=history.service,
     )
 
 
